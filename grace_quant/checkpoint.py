@@ -1,0 +1,93 @@
+"""GRACE checkpoint kinds, told apart by the safetensors metadata (docs/FORMAT.md).
+
+* ``packed`` (what ``save_pretrained`` writes): packed integer ``weight`` + ``scales`` per quantized linear.
+* ``qat-master`` (Trainer checkpoints): full-precision master ``weight`` + learnable ``log_scale``, so that
+  training resumes exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from grace_quant.config import FORMAT_VERSION
+from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+from grace_quant.surgery import grace_layers
+
+FORMAT_KEY = "grace_format"
+KIND_KEY = "grace_checkpoint"
+PACKED = "packed"
+QAT_MASTER = "qat-master"
+KINDS = (PACKED, QAT_MASTER)
+
+
+def metadata_for(kind: str) -> dict[str, str]:
+    """The str->str safetensors header entries that tag a GRACE checkpoint."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown GRACE checkpoint kind {kind!r}; expected one of {KINDS}")
+    return {FORMAT_KEY: str(FORMAT_VERSION), KIND_KEY: kind}
+
+
+def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every QAT layer replaced by its packed ``weight`` and ``scales``."""
+    state = model.state_dict()
+    for name, layer in grace_layers(model, GraceQATLinear):
+        prefix = f"{name}." if name else ""
+        del state[prefix + "log_scale"]
+        for key, tensor in layer.packed_tensors().items():
+            state[prefix + key] = tensor
+    return state
+
+
+def qat_master_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` of a QAT model (master weights and log-scales); packed layers cannot be saved so."""
+    packed = [name for name, _ in grace_layers(model, GraceQuantLinear)]
+    if packed:
+        raise ValueError(
+            f"a qat-master checkpoint needs QAT layers, but {packed[0]!r} (and {len(packed) - 1} more) hold packed "
+            "weights; call grace_quant.prepare_qat(model) first."
+        )
+    return model.state_dict()
+
+
+def checkpoint_kind(checkpoint_files: Sequence[str] | None) -> str:
+    """Kind of a GRACE checkpoint from its safetensors metadata; files without the tag are packed."""
+    for path in checkpoint_files or ():
+        if not str(path).endswith(".safetensors") or not os.path.exists(path):
+            continue
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        version = int(metadata.get(FORMAT_KEY, FORMAT_VERSION))
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} uses GRACE format v{version}, newer than this grace-quant supports (v{FORMAT_VERSION}); "
+                "upgrade with `pip install -U grace-quant`."
+            )
+        kind = metadata.get(KIND_KEY, PACKED)
+        if kind not in KINDS:
+            raise ValueError(f"{path}: unknown GRACE checkpoint kind {kind!r} in its metadata; expected one of {KINDS}")
+        return kind
+    return PACKED
+
+
+_SAVE_KIND: dict[int, str] = {}
+
+
+@contextlib.contextmanager
+def saving_qat_master(model: nn.Module) -> Iterator[None]:
+    """Within this block ``model.save_pretrained`` writes a qat-master checkpoint instead of packed weights."""
+    _SAVE_KIND[id(model)] = QAT_MASTER
+    try:
+        yield
+    finally:
+        _SAVE_KIND.pop(id(model), None)
+
+
+def save_kind(model: nn.Module) -> str:
+    """Which kind ``save_pretrained`` writes for ``model`` right now."""
+    return _SAVE_KIND.get(id(model), PACKED)

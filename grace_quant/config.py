@@ -1,0 +1,101 @@
+"""``GraceConfig``: the quantization config registered with transformers as ``quant_method="grace"``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from grace_quant.kernels import BACKENDS, SUPPORTED_BITS, codes_per_word
+
+FORMAT_VERSION = 1
+MODES = ("qat", "packed")
+
+
+class GraceConfig(QuantizationConfigMixin):
+    """How GRACE quantizes a model's linear layers (weight-only, symmetric, per-group).
+
+    Args:
+        bits: 4 (default) or 8 bits per weight.
+        group_size: consecutive input features sharing one scale (default 128); must divide every
+            quantized layer's ``in_features`` and be a multiple of ``32 // bits``.
+        sym: symmetric codes without zero point. Only ``True`` exists in format v1; the format reserves
+            ``zeros`` tensors for an asymmetric variant.
+        modules_to_not_convert: module names (or dotted suffixes/prefixes of them) kept in full precision.
+            ``None`` (default) resolves, by model structure, to the vision tower, the projector/merger,
+            the embeddings and ``lm_head``; the resolved list is written to ``config.json``. Pass ``[]``
+            to quantize every linear layer, the vision tower included.
+        mode: what loading a full-precision checkpoint produces. ``"qat"`` (default): fake-quant linears
+            with learnable log-scales, MSE-initialised and trainable. ``"packed"``: packed integer weights
+            straight away (round-to-nearest on the MSE grid; memory-light, inference only).
+            Loading a GRACE checkpoint ignores ``mode``: the checkpoint says what it holds.
+        backend: kernel choice for packed layers: ``"auto"``, ``"torch"`` (reference) or ``"triton"``.
+        format_version: version of the packed checkpoint format (see docs/FORMAT.md).
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        modules_to_not_convert: list[str] | None = None,
+        mode: str = "qat",
+        backend: str = "auto",
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = "grace",
+        **kwargs: Any,
+    ):
+        self.quant_method = "grace"
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.mode = mode
+        self.backend = backend
+        self.format_version = format_version
+        # Keys written by a newer grace-quant are kept (so re-saving does not drop them) but not interpreted.
+        self.unknown_keys = {k: v for k, v in kwargs.items() if k != "unknown_keys"}
+        self.unknown_keys.update(kwargs.get("unknown_keys") or {})
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field with an error that says what to change."""
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"GraceConfig: bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
+        per_word = codes_per_word(self.bits)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"GraceConfig: group_size must be a positive integer, got {self.group_size!r}.")
+        if self.group_size % per_word:
+            raise ValueError(
+                f"GraceConfig: group_size={self.group_size} must be a multiple of {per_word} for {self.bits}-bit "
+                f"packing (e.g. 32, 64 or 128)."
+            )
+        if self.sym is not True:
+            raise NotImplementedError(
+                "GraceConfig: asymmetric quantization (sym=False) is not implemented in format v1; use sym=True."
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"GraceConfig: mode={self.mode!r} is unknown; use 'qat' (trainable) or 'packed'.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"GraceConfig: backend={self.backend!r} is unknown; use one of {BACKENDS}.")
+        if not isinstance(self.format_version, int) or self.format_version < 1:
+            raise ValueError(f"GraceConfig: format_version must be a positive integer, got {self.format_version!r}.")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses GRACE format v{self.format_version}, newer than this grace-quant supports "
+                f"(v{FORMAT_VERSION}); upgrade with `pip install -U grace-quant`."
+            )
+        if self.modules_to_not_convert is not None and not all(
+            isinstance(name, str) for name in self.modules_to_not_convert
+        ):
+            raise ValueError("GraceConfig: modules_to_not_convert must be a list of module-name strings.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialisable dict (``config.json``); unknown keys from newer versions are written back unchanged."""
+        out = copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "unknown_keys"})
+        out.update(copy.deepcopy(self.unknown_keys))
+        return out
+
+    def __repr__(self) -> str:
+        return f"GraceConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'quant_method')})"

@@ -1,0 +1,98 @@
+"""GRACE's weight quantizer (METHOD.md section 2): symmetric per-group codes, MSE-grid scale init,
+fake quantization with a straight-through estimator and learnable log-scales (LSQ).
+
+One implementation of each rule: the QAT linear, the packed export and the quantize-on-load path all call
+these functions, so a fake-quant weight and its packed form dequantize to the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grace_quant.kernels import code_range, dequantize_codes
+
+MSE_GRID_POINTS = 20
+MSE_GRID_RANGE = (0.3, 1.2)
+
+
+def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View ``[out, in]`` as ``[out, in / group_size, group_size]`` (groups of consecutive input features)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+    return weight.reshape(out_features, in_features // group_size, group_size)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward: the straight-through estimator on rounding only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _codes_from_ratio(ratio: torch.Tensor, bits: int, straight_through: bool) -> torch.Tensor:
+    """``clamp(round(w / s), -Qn, Qp)``; with ``straight_through`` the rounding passes gradients unchanged."""
+    lo, hi = code_range(bits)
+    rounded = _RoundSTE.apply(ratio) if straight_through else torch.round(ratio)
+    return torch.clamp(rounded, lo, hi)
+
+
+def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """Integer codes ``q = clamp(round(w / s), -Qn, Qp)`` as int8 ``[out, in]``; the ratio is taken in fp32."""
+    ratio = grouped(weight.float(), group_size) / scales.float().unsqueeze(-1)
+    return _codes_from_ratio(ratio, bits, straight_through=False).reshape(weight.shape).to(torch.int8)
+
+
+def fake_quantize(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """``w_hat = s * clamp(round_ste(w / s))`` with ``s = exp(theta)`` rounded to the weight dtype.
+
+    Gradients reach ``weight`` (straight through, zero where clamped) and ``log_scale`` (the LSQ step-size
+    gradient times ``s``). The result equals ``dequantize_codes(quantize_codes(w, s), s)`` bit for bit.
+    """
+    scales = scale_from_log(log_scale, weight.dtype)
+    ratio = grouped(weight.float(), group_size) / scales.float().unsqueeze(-1)
+    codes = _codes_from_ratio(ratio, bits, straight_through=True).reshape(weight.shape)
+    return dequantize_codes(codes, scales, group_size)
+
+
+def scale_from_log(log_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scale a QAT layer uses and exports: ``exp(theta)`` in fp32, then rounded once to ``dtype``."""
+    return torch.exp(log_scale.float()).to(dtype)
+
+
+@torch.no_grad()
+def mse_scales(
+    weight: torch.Tensor,
+    group_size: int,
+    bits: int,
+    grid_points: int = MSE_GRID_POINTS,
+    grid_range: tuple[float, float] = MSE_GRID_RANGE,
+) -> torch.Tensor:
+    """Per-group fp32 scales minimising ``||w - s q(s)||^2`` over ``s in linspace(lo, hi, n) * max|w| / Qp``.
+
+    Ties keep the smallest candidate; an all-zero group gets the scale of a unit group (its codes are 0 anyway).
+    """
+    _, hi_code = code_range(bits)
+    groups = grouped(weight.detach().float(), group_size)
+    absmax = groups.abs().amax(dim=-1)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    best_scale = torch.empty_like(absmax)
+    best_error = torch.full_like(absmax, float("inf"))
+    for factor in torch.linspace(grid_range[0], grid_range[1], grid_points).tolist():
+        scale = absmax * (factor / hi_code)
+        codes = _codes_from_ratio(groups / scale.unsqueeze(-1), bits, straight_through=False)
+        error = (groups - codes * scale.unsqueeze(-1)).square().sum(dim=-1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+def storage_scales(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """MSE-initialised scales rounded to the weight's dtype: what a packed checkpoint stores."""
+    return mse_scales(weight, group_size, bits).to(weight.dtype)

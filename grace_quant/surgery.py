@@ -1,0 +1,125 @@
+"""Model surgery: which linears GRACE quantizes (chosen by model structure) and swapping them in place.
+
+The text decoder is found as the sub-model built from ``config.get_text_config()``; by default everything
+beside it on the way down from the top (vision tower, projector/merger, ``lm_head``) and its input
+embeddings stay in full precision. This works for LLaVA, Qwen2-VL, Qwen2.5-VL and plain decoders alike,
+whatever the module names of the transformers version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from grace_quant.config import GraceConfig
+from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+
+GRACE_LAYERS = (GraceQATLinear, GraceQuantLinear)
+
+
+def text_decoder_name(model: nn.Module) -> str:
+    """Dotted name of the language-model decoder inside ``model`` ('' when the model is the decoder)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config(decoder=True) if config is not None else None
+    for name, module in model.named_modules():
+        if name and getattr(module, "config", None) is text_config and hasattr(module, "get_input_embeddings"):
+            return name
+    return ""
+
+
+def default_modules_to_not_convert(model: nn.Module) -> list[str]:
+    """Vision tower, projector/merger, embeddings and ``lm_head``: every branch that leaves the path to the decoder."""
+    decoder = text_decoder_name(model)
+    skip: list[str] = []
+    path = decoder.split(".") if decoder else []
+    parent, prefix = model, ""
+    for part in path:
+        for child_name, child in parent.named_children():
+            if child_name != part and any(isinstance(m, (nn.Linear, *GRACE_LAYERS)) for m in child.modules()):
+                skip.append(prefix + child_name)
+        parent, prefix = getattr(parent, part), prefix + part + "."
+    for embeddings in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if embeddings is not None:
+            skip.extend(name for name, module in model.named_modules() if module is embeddings)
+    return sorted(set(skip))
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """True when ``name`` is one of ``patterns`` or lies inside one, matching whole dotted segments.
+
+    ``"lm_head"`` matches ``lm_head``; ``"vision_tower"`` matches ``model.vision_tower.encoder.layers.0.fc1``.
+    """
+    padded = f".{name}."
+    return any(pattern and f".{pattern.strip('.')}." in padded for pattern in patterns)
+
+
+def select_linears(model: nn.Module, modules_to_not_convert: Iterable[str]) -> list[str]:
+    """Names of the ``nn.Linear`` (or GRACE) layers to quantize, in model order."""
+    skip = list(modules_to_not_convert)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, *GRACE_LAYERS)) and not matches_any(name, skip)
+    ]
+
+
+def check_group_size(model: nn.Module, names: list[str], group_size: int) -> None:
+    """Refuse, naming the layer, when ``group_size`` does not divide a selected layer's ``in_features``."""
+    for name in names:
+        in_features = model.get_submodule(name).in_features
+        if in_features % group_size:
+            divisors = [g for g in (32, 64, 128) if in_features % g == 0]
+            hint = f"a group_size that divides it (e.g. {divisors[-1]})" if divisors else "another group_size"
+            raise ValueError(
+                f"GraceConfig(group_size={group_size}) does not divide in_features={in_features} of layer "
+                f"'{name}'. Choose {hint}, or add '{name}' to modules_to_not_convert."
+            )
+
+
+def resolve_layers(model: nn.Module, config: GraceConfig) -> list[str]:
+    """Resolve the skip list into ``config.modules_to_not_convert`` and return the layers to quantize."""
+    if config.modules_to_not_convert is None:
+        config.modules_to_not_convert = default_modules_to_not_convert(model)
+    names = select_linears(model, config.modules_to_not_convert)
+    if not names:
+        raise ValueError(
+            f"Nothing to quantize in {type(model).__name__}: no nn.Linear layer is left once "
+            f"modules_to_not_convert={config.modules_to_not_convert} is applied. Pass a shorter "
+            "modules_to_not_convert (or [] to quantize every linear layer)."
+        )
+    check_group_size(model, names, config.group_size)
+    return names
+
+
+def empty_layer(linear: nn.Module, config: GraceConfig, kind: str, dtype=None) -> nn.Module:
+    """A GRACE layer of ``kind`` ("qat" or "packed") shaped like ``linear``, on the meta device."""
+    has_bias = getattr(linear, "bias", None) is not None
+    dtype = dtype or linear.weight.dtype
+    if kind == "qat":
+        return GraceQATLinear(
+            linear.in_features, linear.out_features, has_bias,
+            group_size=config.group_size, bits=config.bits, device="meta", dtype=dtype,
+        )  # fmt: skip
+    return GraceQuantLinear(
+        linear.in_features, linear.out_features, has_bias,
+        group_size=config.group_size, bits=config.bits, backend=config.backend, device="meta", dtype=dtype,
+    )  # fmt: skip
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def replace_with_empty_layers(model: nn.Module, names: list[str], config: GraceConfig, kind: str, dtype=None) -> None:
+    """Swap each named linear for an empty GRACE layer (used on the meta model before weights load)."""
+    for name in names:
+        set_submodule(model, name, empty_layer(model.get_submodule(name), config, kind, dtype))
+
+
+def grace_layers(model: nn.Module, kind: type[nn.Module] | tuple = GRACE_LAYERS) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every GRACE layer of ``kind`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, kind):
+            yield name, module

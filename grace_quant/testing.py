@@ -1,0 +1,104 @@
+"""Tiny random vision-language models and inputs, built from configs (nothing is downloaded).
+
+Used by the tests, examples and benchmarks: LLaVA (tied or untied embeddings), Qwen2-VL and Qwen2.5-VL with
+the real architectures at toy widths.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+TINY_MODELS = ("llava", "llava-untied", "qwen2-vl", "qwen2.5-vl")
+VOCAB = 320
+
+
+def _text(hidden: int, layers: int, tie: bool) -> dict:
+    return dict(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+
+
+def tiny_llava_config(hidden: int = 64, layers: int = 2, tie: bool = True) -> LlavaConfig:
+    """LLaVA-1.5 layout: CLIP tower (28x28 images, patch 14 -> 4 tokens), 2-layer MLP projector, Llama."""
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=28, patch_size=14, projection_dim=32,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision, text_config=LlamaConfig(**_text(hidden, layers, tie)),
+        image_token_index=VOCAB - 1, vision_feature_layer=-1, tie_word_embeddings=tie,
+    )  # fmt: skip
+
+
+def tiny_qwen2_vl_config(hidden: int = 64, layers: int = 2, version: str = "2") -> Qwen2VLConfig:
+    """Qwen2-VL / Qwen2.5-VL layout at toy width (patch 14, merge 2, temporal patch 2)."""
+    text = _text(hidden, layers, tie=False)
+    ids = dict(image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3)
+    rope = {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0}
+    if version == "2.5":
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+        )  # fmt: skip
+        return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
+    vision = dict(
+        depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+    )  # fmt: skip
+    return Qwen2VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
+
+
+def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A randomly initialised tiny model: one of ``TINY_MODELS``."""
+    torch.manual_seed(seed)
+    if name in ("llava", "llava-untied"):
+        model = LlavaForConditionalGeneration(tiny_llava_config(tie=name == "llava"))
+    elif name == "qwen2-vl":
+        model = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(version="2"))
+    elif name == "qwen2.5-vl":
+        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_vl_config(version="2.5"))
+    else:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
+    return model.to(dtype).eval()
+
+
+def tiny_inputs(model: PreTrainedModel, batch: int = 2, text_tokens: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One image per sample plus random text, in the form the model's forward expects (with labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    dtype = model.dtype
+    if config.model_type == "llava":
+        image_token = config.image_token_index
+        vision = config.vision_config
+        image_tokens = (vision.image_size // vision.patch_size) ** 2
+        pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator).to(dtype)
+        extra = {"pixel_values": pixel_values}
+    else:
+        image_token = config.image_token_id
+        vision = config.vision_config
+        grid = (1, 4, 4)  # t, h, w in patches -> h*w/merge^2 = 4 tokens per image
+        image_tokens = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
+        patch_dim = 3 * vision.temporal_patch_size * vision.patch_size**2
+        pixel_values = torch.randn(batch * grid[0] * grid[1] * grid[2], patch_dim, generator=generator).to(dtype)
+        extra = {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([grid] * batch)}
+    text = torch.randint(0, VOCAB - 8, (batch, text_tokens), generator=generator)
+    input_ids = torch.cat([text[:, :1], torch.full((batch, image_tokens), image_token), text[:, 1:]], dim=1)
+    labels = input_ids.clone()
+    labels[:, : 1 + image_tokens] = -100
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, **extra}
+    if config.model_type != "llava":
+        inputs["mm_token_type_ids"] = (input_ids == image_token).long()
+    return inputs

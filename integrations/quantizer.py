@@ -1,0 +1,145 @@
+"""``GraceHfQuantizer``: the transformers ``HfQuantizer`` behind ``quantization_config=GraceConfig(...)``.
+
+Module swapping happens on the meta model before weights load; full-precision linears are quantized one
+tensor at a time while loading (``GraceQuantizeOp``), so the peak memory stays near one fp layer. Module
+tensor names equal their serialized names, so no weight-converter machinery is needed (portable across
+transformers 5.17 and 5.23).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from grace_quant.checkpoint import (
+    PACKED,
+    QAT_MASTER,
+    checkpoint_kind,
+    metadata_for,
+    packed_state_dict,
+    qat_master_state_dict,
+    save_kind,
+)
+from grace_quant.config import GraceConfig
+from grace_quant.kernels import pack
+from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+from grace_quant.quant import mse_scales, quantize_codes
+from grace_quant.surgery import GRACE_LAYERS, grace_layers, replace_with_empty_layers, resolve_layers, set_submodule
+
+
+class GraceHfQuantizer(HfQuantizer):
+    """Quantize on load (QAT or packed), load GRACE checkpoints, and save packed INT4."""
+
+    requires_calibration = False
+    quantization_config: GraceConfig
+
+    def __init__(self, quantization_config: GraceConfig, **kwargs: Any):
+        super().__init__(quantization_config, **kwargs)
+        # "qat" or "packed": which GRACE layer type the model holds (decided before weights load).
+        self.layer_kind = None if self.pre_quantized else quantization_config.mode
+        self.requested_dtype: torch.dtype | None = None
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "GRACE cannot offload quantized layers to disk; give the device_map enough CPU/GPU memory "
+                "(device_map='auto' with max_memory) instead."
+            )
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        self.requested_dtype = dtype if isinstance(dtype, torch.dtype) else None
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+        if self.pre_quantized:
+            self.layer_kind = "qat" if checkpoint_kind(checkpoint_files) == QAT_MASTER else "packed"
+        names = resolve_layers(model, self.quantization_config)
+        replace_with_empty_layers(model, names, self.quantization_config, self.layer_kind)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, GRACE_LAYERS) and tensor_name == "weight"
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return GraceQuantizeOp(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        dtype = self.requested_dtype
+        if self.pre_quantized and dtype is not None and dtype.is_floating_point:
+            # transformers 5.17 keeps a pre-quantized checkpoint in its stored dtype; honour `dtype=` here.
+            cast_floating_tensors(model, dtype)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        kind = save_kind(model)
+        state = qat_master_state_dict(model) if kind == QAT_MASTER else packed_state_dict(model)
+        return state, metadata_for(kind)
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        """True for QAT models (full fine-tuning of the master weights and scales); packed models are frozen."""
+        return self.layer_kind == "qat"
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return self.layer_kind == "qat"
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        for name, layer in list(grace_layers(model)):
+            if isinstance(layer, GraceQATLinear):
+                layer = GraceQuantLinear.from_qat(layer)
+            set_submodule(model, name, layer.to_linear(dtype))
+        self.layer_kind = None
+        return model
+
+
+class GraceQuantizeOp(ConversionOps):
+    """Turns one full-precision ``weight`` into what the layer stores: ``weight`` + ``log_scale`` (QAT) or
+    packed ``weight`` + ``scales`` (packed), with MSE-grid scales."""
+
+    def __init__(self, hf_quantizer: GraceHfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, torch.Tensor]:
+        config = self.hf_quantizer.quantization_config
+        result: dict[str, torch.Tensor] = {}
+        for key, value in input_dict.items():
+            weight = value[0] if isinstance(value, list) else value
+            prefix = key.removesuffix("weight")
+            scales = mse_scales(weight, config.group_size, config.bits)
+            if self.hf_quantizer.layer_kind == "qat":
+                result[key] = weight
+                result[prefix + "log_scale"] = torch.log(scales)
+            else:
+                stored = scales.to(weight.dtype)
+                result[key] = pack(quantize_codes(weight, stored, config.group_size, config.bits), config.bits)
+                result[prefix + "scales"] = stored
+        return result
+
+
+def cast_floating_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters and buffers to ``dtype``, keeping QAT log-scales in fp32."""
+    for module in model.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                continue
+            if isinstance(module, GraceQATLinear) and name == "log_scale":
+                continue
+            tensor.data = tensor.data.to(dtype)
+
+
+__all__ = ["GraceHfQuantizer", "GraceQuantizeOp", "PACKED", "QAT_MASTER"]

@@ -1,0 +1,57 @@
+"""The one packing rule of the GRACE checkpoint format v1 (see docs/FORMAT.md).
+
+Signed codes ``q`` in ``[-2**(bits-1), 2**(bits-1) - 1]`` are stored offset by ``2**(bits-1)`` as unsigned
+``bits``-wide fields, ``32 // bits`` of them per int32 word along the input dimension, least significant
+field first: word ``j`` of row ``r`` holds ``q[r, j*P + i] + offset`` in bits ``[i*bits, (i+1)*bits)``.
+Every writer and reader (save, load, export, kernels, tests) goes through :func:`pack` / :func:`unpack`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (4, 8)
+
+
+def codes_per_word(bits: int) -> int:
+    """How many ``bits``-wide codes one int32 word holds."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return 32 // bits
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """Smallest and largest signed code: (-8, 7) for 4 bits, (-128, 127) for 8 bits."""
+    codes_per_word(bits)
+    half = 1 << (bits - 1)
+    return -half, half - 1
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed integer codes ``[..., in]`` into int32 words ``[..., in * bits / 32]``."""
+    per_word = codes_per_word(bits)
+    lo, hi = code_range(bits)
+    if codes.shape[-1] % per_word:
+        raise ValueError(f"the last dimension ({codes.shape[-1]}) must be a multiple of {per_word} to pack {bits}-bit codes")
+    if codes.is_floating_point():
+        raise TypeError(f"pack expects integer codes, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+        raise ValueError(f"codes must lie in [{lo}, {hi}] for {bits} bits")
+    unsigned = (codes.to(torch.int64) - lo).reshape(*codes.shape[:-1], -1, per_word)
+    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+    words = (unsigned << shifts).sum(dim=-1)  # fields do not overlap, so the sum is a bitwise or
+    # Reinterpret the low 32 bits as a signed int32 (the top field may set the sign bit).
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: int32 words ``[..., n]`` to signed int8 codes ``[..., n * 32 / bits]``."""
+    per_word = codes_per_word(bits)
+    lo, _ = code_range(bits)
+    if words.dtype != torch.int32:
+        raise TypeError(f"unpack expects int32 words, got {words.dtype}")
+    shifts = torch.arange(per_word, device=words.device, dtype=torch.int32) * bits
+    mask = (1 << bits) - 1
+    fields = (words.unsqueeze(-1) >> shifts) & mask  # arithmetic shift, then mask: sign bits drop out
+    return (fields + lo).to(torch.int8).reshape(*words.shape[:-1], -1)
