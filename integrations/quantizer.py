@@ -58,7 +58,15 @@ class GraceHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             self.layer_kind = "qat" if checkpoint_kind(checkpoint_files) == QAT_MASTER else "packed"
         names = resolve_layers(model, self.quantization_config)
+        dense_dtypes = {name: model.get_submodule(name).weight.dtype for name in names}
         replace_with_empty_layers(model, names, self.quantization_config, self.layer_kind)
+        if not self.pre_quantized and self.layer_kind == "packed":
+            # The loader matches checkpoint tensors to module tensors by name and (on transformers 5.17) casts
+            # them to the module tensor's dtype before our op runs: give each packed layer a float placeholder
+            # `weight` of the dense shape, which GraceQuantizeOp replaces by the packed int32 words.
+            for name in names:
+                layer = model.get_submodule(name)
+                layer.weight = torch.empty(layer.out_features, layer.in_features, device="meta", dtype=dense_dtypes[name])
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
@@ -132,9 +140,12 @@ class GraceQuantizeOp(ConversionOps):
 
 
 def cast_floating_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating parameters and buffers to ``dtype``, keeping QAT log-scales in fp32."""
+    """Cast floating parameters and persistent buffers to ``dtype``; QAT log-scales stay fp32 and
+    non-persistent buffers (rotary frequencies) keep the dtype the model computed them in."""
     for module in model.modules():
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        tensors = list(module.named_parameters(recurse=False))
+        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        for name, tensor in tensors:
             if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
                 continue
             if isinstance(module, GraceQATLinear) and name == "log_scale":
