@@ -23,6 +23,11 @@ def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return weight.reshape(out_features, in_features // group_size, group_size)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the ``w / s`` ratio: at least fp32 (fp64 inputs stay fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _RoundSTE(torch.autograd.Function):
     """round() forward, identity backward: the straight-through estimator on rounding only."""
 
@@ -44,7 +49,8 @@ def _codes_from_ratio(ratio: torch.Tensor, bits: int, straight_through: bool) ->
 
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     """Integer codes ``q = clamp(round(w / s), -Qn, Qp)`` as int8 ``[out, in]``; the ratio is taken in fp32."""
-    ratio = grouped(weight.float(), group_size) / scales.float().unsqueeze(-1)
+    dtype = compute_dtype(weight.dtype)
+    ratio = grouped(weight.to(dtype), group_size) / scales.to(dtype).unsqueeze(-1)
     return _codes_from_ratio(ratio, bits, straight_through=False).reshape(weight.shape).to(torch.int8)
 
 
@@ -55,14 +61,15 @@ def fake_quantize(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int
     gradient times ``s``). The result equals ``dequantize_codes(quantize_codes(w, s), s)`` bit for bit.
     """
     scales = scale_from_log(log_scale, weight.dtype)
-    ratio = grouped(weight.float(), group_size) / scales.float().unsqueeze(-1)
+    dtype = compute_dtype(weight.dtype)
+    ratio = grouped(weight.to(dtype), group_size) / scales.to(dtype).unsqueeze(-1)
     codes = _codes_from_ratio(ratio, bits, straight_through=True).reshape(weight.shape)
     return dequantize_codes(codes, scales, group_size)
 
 
 def scale_from_log(log_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The scale a QAT layer uses and exports: ``exp(theta)`` in fp32, then rounded once to ``dtype``."""
-    return torch.exp(log_scale.float()).to(dtype)
+    return torch.exp(log_scale.to(compute_dtype(log_scale.dtype))).to(dtype)
 
 
 @torch.no_grad()
@@ -92,7 +99,3 @@ def mse_scales(
         best_scale = torch.where(better, scale, best_scale)
     return best_scale
 
-
-def storage_scales(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
-    """MSE-initialised scales rounded to the weight's dtype: what a packed checkpoint stores."""
-    return mse_scales(weight, group_size, bits).to(weight.dtype)

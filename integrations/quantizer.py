@@ -26,8 +26,8 @@ from grace_quant.checkpoint import (
 )
 from grace_quant.config import GraceConfig
 from grace_quant.kernels import pack
-from grace_quant.modules import GraceQATLinear, GraceQuantLinear
-from grace_quant.quant import mse_scales, quantize_codes
+from grace_quant.modules import GraceQATLinear, GraceQuantLinear, log_scale_init
+from grace_quant.quant import quantize_codes, scale_from_log
 from grace_quant.surgery import GRACE_LAYERS, grace_layers, replace_with_empty_layers, resolve_layers, set_submodule
 
 
@@ -128,12 +128,12 @@ class GraceQuantizeOp(ConversionOps):
         for key, value in input_dict.items():
             weight = value[0] if isinstance(value, list) else value
             prefix = key.removesuffix("weight")
-            scales = mse_scales(weight, config.group_size, config.bits)
+            log_scale = log_scale_init(weight, config.group_size, config.bits)
             if self.hf_quantizer.layer_kind == "qat":
                 result[key] = weight
-                result[prefix + "log_scale"] = torch.log(scales)
-            else:
-                stored = scales.to(weight.dtype)
+                result[prefix + "log_scale"] = log_scale
+            else:  # exactly what a fresh QAT layer exports
+                stored = scale_from_log(log_scale, weight.dtype)
                 result[key] = pack(quantize_codes(weight, stored, config.group_size, config.bits), config.bits)
                 result[prefix + "scales"] = stored
         return result

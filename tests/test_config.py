@@ -1,0 +1,60 @@
+"""GraceConfig validation, serialisation and registration."""
+
+import json
+
+import pytest
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
+
+import grace_quant
+from grace_quant import GraceConfig
+from grace_quant.integrations import GraceHfQuantizer, register
+
+
+def test_defaults_follow_the_method():
+    config = GraceConfig()
+    assert (config.bits, config.group_size, config.sym, config.mode) == (4, 128, True, "qat")
+    assert config.quant_method == "grace" and config.modules_to_not_convert is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 3}, "bits=3 is not supported"),
+        ({"bits": True}, "bits=True is not supported"),
+        ({"group_size": -32}, "positive integer"),
+        ({"group_size": 0}, "positive integer"),
+        ({"group_size": 12}, "multiple of 8"),
+        ({"bits": 8, "group_size": 6}, "multiple of 4"),
+        ({"backend": "cuda"}, "backend='cuda' is unknown"),
+        ({"mode": "int4"}, "mode='int4' is unknown"),
+        ({"format_version": 99}, "upgrade"),
+        ({"modules_to_not_convert": [3]}, "list of module-name strings"),
+    ],
+)
+def test_bad_values_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GraceConfig(**kwargs)
+
+
+def test_asymmetric_is_reserved():
+    with pytest.raises(NotImplementedError, match="sym=True"):
+        GraceConfig(sym=False)
+
+
+def test_from_dict_accepts_quant_method_and_keeps_unknown_keys():
+    data = {"quant_method": "grace", "bits": 8, "group_size": 64, "from_the_future": {"a": 1}}
+    config = AutoQuantizationConfig.from_dict(data)
+    assert isinstance(config, GraceConfig) and config.bits == 8 and config.group_size == 64
+    written = json.loads(config.to_json_string(use_diff=False))
+    assert written["from_the_future"] == {"a": 1} and written["quant_method"] == "grace"
+    assert GraceConfig.from_dict(written).to_dict() == config.to_dict()
+
+
+def test_registration_is_idempotent_and_public_names_exist():
+    register()
+    register()
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["grace"] is GraceConfig
+    assert AUTO_QUANTIZER_MAPPING["grace"] is GraceHfQuantizer
+    from transformers import AutoModelForImageTextToText
+
+    assert grace_quant.AutoModelForVision2Seq is AutoModelForImageTextToText
