@@ -54,7 +54,11 @@ def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Mo
         raise ValueError("quantize_model: the model is already quantized.")
     names = resolve_layers(model, config)
     for name in names:
-        set_submodule(model, name, GraceQATLinear.from_linear(model.get_submodule(name), group_size=config.group_size, bits=config.bits))
+        set_submodule(
+            model,
+            name,
+            GraceQATLinear.from_linear(model.get_submodule(name), group_size=config.group_size, bits=config.bits),
+        )
     quantizer = GraceHfQuantizer(config, pre_quantized=False)
     model.hf_quantizer = quantizer
     model.config.quantization_config = config

@@ -84,18 +84,19 @@ def mse_scales(
 
     Ties keep the smallest candidate; an all-zero group gets the scale of a unit group (its codes are 0 anyway).
     """
-    _, hi_code = code_range(bits)
+    lo_code, hi_code = code_range(bits)
     groups = grouped(weight.detach().float(), group_size)
     absmax = groups.abs().amax(dim=-1)
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     best_scale = torch.empty_like(absmax)
     best_error = torch.full_like(absmax, float("inf"))
+    work = torch.empty_like(groups)  # one reused buffer: in-place ops keep the pass cheap and allocation-free
     for factor in torch.linspace(grid_range[0], grid_range[1], grid_points).tolist():
         scale = absmax * (factor / hi_code)
-        codes = _codes_from_ratio(groups / scale.unsqueeze(-1), bits, straight_through=False)
-        error = (groups - codes * scale.unsqueeze(-1)).square().sum(dim=-1)
+        torch.div(groups, scale.unsqueeze(-1), out=work)
+        work.round_().clamp_(lo_code, hi_code).mul_(scale.unsqueeze(-1))  # s * q(s)
+        error = torch.sub(groups, work, out=work).square_().sum(dim=-1)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better, scale, best_scale)
     return best_scale
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from grace_quant.kernels import pack
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
@@ -25,7 +26,6 @@ from grace_quant.checkpoint import (
     save_kind,
 )
 from grace_quant.config import GraceConfig
-from grace_quant.kernels import pack
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear, log_scale_init
 from grace_quant.quant import quantize_codes, scale_from_log
 from grace_quant.surgery import GRACE_LAYERS, grace_layers, replace_with_empty_layers, resolve_layers, set_submodule
@@ -66,7 +66,9 @@ class GraceHfQuantizer(HfQuantizer):
             # `weight` of the dense shape, which GraceQuantizeOp replaces by the packed int32 words.
             for name in names:
                 layer = model.get_submodule(name)
-                layer.weight = torch.empty(layer.out_features, layer.in_features, device="meta", dtype=dense_dtypes[name])
+                layer.weight = torch.empty(
+                    layer.out_features, layer.in_features, device="meta", dtype=dense_dtypes[name]
+                )
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
@@ -144,7 +146,9 @@ def cast_floating_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
     non-persistent buffers (rotary frequencies) keep the dtype the model computed them in."""
     for module in model.modules():
         tensors = list(module.named_parameters(recurse=False))
-        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        tensors += [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+        ]
         for name, tensor in tensors:
             if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
                 continue

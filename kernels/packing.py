@@ -32,7 +32,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = codes_per_word(bits)
     lo, hi = code_range(bits)
     if codes.shape[-1] % per_word:
-        raise ValueError(f"the last dimension ({codes.shape[-1]}) must be a multiple of {per_word} to pack {bits}-bit codes")
+        raise ValueError(
+            f"the last dimension ({codes.shape[-1]}) must be a multiple of {per_word} to pack {bits}-bit codes"
+        )
     if codes.is_floating_point():
         raise TypeError(f"pack expects integer codes, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):

@@ -3,11 +3,15 @@
 import json
 
 import pytest
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
+from grace_quant.integrations import GraceHfQuantizer, register
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    AutoQuantizationConfig,
+)
 
 import grace_quant
 from grace_quant import GraceConfig
-from grace_quant.integrations import GraceHfQuantizer, register
 
 
 def test_defaults_follow_the_method():

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from grace_quant.kernels import code_range
 from torch import nn
 
 import grace_quant
 from grace_quant import AutoModelForVision2Seq, GraceConfig, GraceQATLinear, GraceQuantLinear
 from grace_quant.checkpoint import saving_qat_master
-from grace_quant.kernels import code_range
 from grace_quant.surgery import grace_layers
 from grace_quant.testing import TINY_MODELS, tiny_inputs
 
@@ -123,7 +123,9 @@ def test_skip_list_defaults_and_user_choice(fp_checkpoint):
         "lm_head", "model.language_model.embed_tokens", "model.multi_modal_projector", "model.vision_tower",
     ]  # fmt: skip
     for name in ("model.vision_tower", "model.multi_modal_projector"):
-        for (n, mod), (_, ref) in zip(default.get_submodule(name).named_modules(), fp_model.get_submodule(name).named_modules()):
+        for (n, mod), (_, ref) in zip(
+            default.get_submodule(name).named_modules(), fp_model.get_submodule(name).named_modules(), strict=True
+        ):
             if isinstance(ref, nn.Linear):
                 assert type(mod) is nn.Linear and torch.equal(mod.weight, ref.weight), n
     assert type(default.lm_head) is nn.Linear
@@ -140,7 +142,9 @@ def test_skip_list_defaults_and_user_choice(fp_checkpoint):
 
 
 def test_group_size_error_names_the_layer(fp_checkpoint):
-    with pytest.raises(ValueError, match=r"in_features=64 of layer 'model\.language_model\.layers\.0\.self_attn\.q_proj'"):
+    with pytest.raises(
+        ValueError, match=r"in_features=64 of layer 'model\.language_model\.layers\.0\.self_attn\.q_proj'"
+    ):
         load(fp_checkpoint("llava"), quantization_config=GraceConfig(group_size=128))
 
 
@@ -174,7 +178,7 @@ def test_qat_master_checkpoint_restores_master_weights_and_scales(fp_checkpoint,
         student.save_pretrained(tmp_path / "master")
     restored, info = load(tmp_path / "master")
     assert_clean_report(info)
-    for (name, layer), (_, ref) in zip(grace_layers(restored), grace_layers(student)):
+    for (name, layer), (_, ref) in zip(grace_layers(restored), grace_layers(student), strict=True):
         assert isinstance(layer, GraceQATLinear), name
         assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.log_scale, ref.log_scale)
     assert restored.hf_quantizer.is_trainable

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from grace_quant.kernels import code_range, pack, unpack
 
 
