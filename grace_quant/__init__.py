@@ -22,8 +22,22 @@ _register()
 #: ``transformers.AutoModelForImageTextToText``, under the old name for code that still uses it.
 AutoModelForVision2Seq = AutoModelForVision2Seq
 
+_LAZY = {"GraceTrainer": "trainer", "GraceTrainingArguments": "training_args"}
+
+
+def __getattr__(name: str):
+    """``GraceTrainer`` / ``GraceTrainingArguments`` import the Trainer stack only when first used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"grace_quant.integrations.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'grace_quant' has no attribute {name!r}")
+
+
 __all__ = [
     "AutoModelForVision2Seq",
+    "GraceTrainer",
+    "GraceTrainingArguments",
     "GraceConfig",
     "GraceQATLinear",
     "GraceQuantLinear",

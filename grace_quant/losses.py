@@ -55,7 +55,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 def _kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``sum_v p (log p - log q)`` over the last dim; entries with ``p == 0`` add exactly 0 (no 0*inf NaN)."""
-    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    return torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)  # NaN p propagates: callers must see it
 
 
 def _target_split(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ def entropy_gate(teacher_logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"entropy_gate needs a vocabulary of at least 2 entries, got {vocab}")
     log_p = F.log_softmax(_upcast(teacher_logits), dim=-1)
     p = log_p.exp()
-    entropy = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    entropy = -torch.where(p == 0, 0.0, p * log_p).sum(-1)
     return torch.exp(-entropy / math.log(vocab))
 
 

@@ -47,7 +47,8 @@ def tiny_qwen2_vl_config(hidden: int = 64, layers: int = 2, version: str = "2") 
     """Qwen2-VL / Qwen2.5-VL layout at toy width (patch 14, merge 2, temporal patch 2)."""
     text = _text(hidden, layers, tie=False)
     ids = dict(image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3)
-    rope = {"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0}
+    half = hidden // 4 // 2  # head_dim / 2 with 4 heads: the rotary sections (t, h, w) must sum to it
+    rope = {"rope_type": "default", "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)], "rope_theta": 1e4}
     if version == "2.5":
         vision = dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
@@ -61,15 +62,17 @@ def tiny_qwen2_vl_config(hidden: int = 64, layers: int = 2, version: str = "2") 
     return Qwen2VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
 
 
-def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A randomly initialised tiny model: one of ``TINY_MODELS``."""
+def tiny_model(
+    name: str, seed: int = 0, dtype: torch.dtype = torch.float32, hidden: int = 64, layers: int = 2
+) -> PreTrainedModel:
+    """A randomly initialised tiny model: one of ``TINY_MODELS`` (``hidden``/``layers`` size its language model)."""
     torch.manual_seed(seed)
     if name in ("llava", "llava-untied"):
-        model = LlavaForConditionalGeneration(tiny_llava_config(tie=name == "llava"))
+        model = LlavaForConditionalGeneration(tiny_llava_config(hidden, layers, tie=name == "llava"))
     elif name == "qwen2-vl":
-        model = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(version="2"))
+        model = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(hidden, layers, version="2"))
     elif name == "qwen2.5-vl":
-        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_vl_config(version="2.5"))
+        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_vl_config(hidden, layers, version="2.5"))
     else:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
     return model.to(dtype).eval()
@@ -102,3 +105,28 @@ def tiny_inputs(model: PreTrainedModel, batch: int = 2, text_tokens: int = 6, se
     if config.model_type != "llava":
         inputs["mm_token_type_ids"] = (input_ids == image_token).long()
     return inputs
+
+
+def tiny_dataset(model: PreTrainedModel, size: int = 8, seed: int = 0, with_images: bool = True) -> list[dict]:
+    """``size`` single-sample examples (tensors without the batch dimension) for Trainer tests."""
+    examples = []
+    for index in range(size):
+        batch = tiny_inputs(model, batch=1, seed=seed * 100_003 + index)
+        example = {k: (v if k in ("pixel_values", "image_grid_thw") else v[0]) for k, v in batch.items()}
+        if not with_images:
+            image = (
+                model.config.image_token_index if model.config.model_type == "llava" else model.config.image_token_id
+            )
+            keep = example["input_ids"] != image
+            example = {k: example[k][keep] for k in ("input_ids", "attention_mask", "labels")}
+        examples.append(example)
+    return examples
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack equal-length examples; Qwen2-VL patches and grids are concatenated along the first dimension."""
+    batch = {}
+    for key in examples[0]:
+        values = [example[key] for example in examples]
+        batch[key] = torch.cat(values) if key in ("pixel_values", "image_grid_thw") else torch.stack(values)
+    return batch

@@ -1,0 +1,351 @@
+"""``GraceTrainer``: a ``transformers.Trainer`` that runs GRACE's QAT distillation.
+
+``L = L_CE + beta * L_GDKD + omega * L_RCKA`` (METHOD.md section 3): cross-entropy on answer tokens, confidence-
+gated decoupled KD from a frozen teacher, relational CKA between visual-token Grams, and a Lagrangian controller
+that moves ``beta`` once per optimizer step. Trainer checkpoints hold master weights and scales (exact resume);
+``save_model`` writes the packed INT4 model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from grace_quant.checkpoint import KIND_KEY, QAT_MASTER, saving_qat_master
+from grace_quant.controller import FixedBeta, LagrangianController
+from grace_quant.losses import (
+    gated_dkd_loss,
+    kd_loss,
+    llava_tokens_per_image,
+    qwen2vl_tokens_per_image,
+    relational_cka_loss,
+)
+
+from .training_args import GraceTrainingArguments
+
+CONTROLLER_FILE = "grace_controller.json"
+TRAINING_ARGS_NAME = "training_args.bin"
+LOGGED = ("ce", "gdkd", "tckd", "nckd", "rcka", "gate")
+
+
+def text_vocab_size(model: nn.Module) -> int:
+    return model.config.get_text_config(decoder=True).vocab_size
+
+
+def image_token_id(config) -> int | None:
+    return (
+        getattr(config, "image_token_id", None)
+        if getattr(config, "image_token_id", None) is not None
+        else getattr(config, "image_token_index", None)
+    )
+
+
+def tokens_per_image(model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor | None, list[int]]:
+    """Image-token mask ``[B, L]`` and the visual-token count of each image, row-major (LLaVA or Qwen2-VL)."""
+    token = image_token_id(model.config)
+    if token is None or "pixel_values" not in inputs or inputs.get("pixel_values") is None:
+        return None, []
+    mask = inputs["input_ids"] == token
+    if inputs.get("image_grid_thw") is not None:
+        merge = model.config.vision_config.spatial_merge_size
+        return mask, qwen2vl_tokens_per_image(inputs["image_grid_thw"], merge)
+    return mask, llava_tokens_per_image(inputs["input_ids"], token)
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over supervised positions (fp32 on those rows only), and their count."""
+    shifted = labels[..., 1:]
+    keep = shifted != -100
+    rows = logits[..., :-1, :][keep]
+    return F.cross_entropy(rows.float(), shifted[keep], reduction="sum"), int(keep.sum())
+
+
+class _ControllerStep(TrainerCallback):
+    """Steps the controller once per optimizer step, after gradient accumulation."""
+
+    def __init__(self, trainer: GraceTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._controller_step()
+
+
+class GraceTrainer(Trainer):
+    """Trainer for GRACE: pass the QAT student as ``model`` and a frozen larger model as ``teacher_model``.
+
+    The teacher stays outside accelerate's wrapping (no DDP/FSDP gradients, never checkpointed); it runs on the
+    student's device unless you placed it elsewhere (then inputs travel to it and logits travel back).
+    """
+
+    loss_is_scaled_for_ga = True  # transformers >= 5.23: compute_loss normalises by num_items_in_batch
+
+    def __init__(
+        self, model=None, args: GraceTrainingArguments | None = None, teacher_model: nn.Module | None = None, **kwargs
+    ):
+        if args is None:
+            raise ValueError("GraceTrainer needs args=GraceTrainingArguments(output_dir=...).")
+        if not isinstance(args, GraceTrainingArguments):
+            raise TypeError(f"GraceTrainer needs GraceTrainingArguments, got {type(args).__name__}.")
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # transformers 5.17: the loss is already normalised, do not divide by GA
+        self.teacher_model = self._prepare_teacher(teacher_model)
+        if args.controller == "lagrangian":
+            self.controller = LagrangianController(
+                tau=args.tau, eta=args.ib_eta, beta0=args.beta_init, beta_min=args.beta_min,
+                beta_max=args.beta_max, ema_decay=args.ib_ema_decay,
+            )  # fmt: skip
+        else:
+            self.controller = FixedBeta(beta=args.beta_init, ema_decay=args.ib_ema_decay)
+        self._step_gdkd: list[torch.Tensor] = []
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.nonfinite_steps = 0
+        self._writing_checkpoint = False
+        self.add_callback(_ControllerStep(self))
+
+    # ----------------------------------------------------------------------------------------------- teacher
+    def _prepare_teacher(self, teacher: nn.Module | None) -> nn.Module | None:
+        if teacher is None:
+            if self.args.uses_teacher:
+                raise ValueError(
+                    "GraceTrainer: teacher_model is required for kd_loss/rcka; pass teacher_model=..., or set "
+                    "kd_loss='none' and rcka_weight=0 for QAT without distillation."
+                )
+            return None
+        student_vocab, teacher_vocab = text_vocab_size(self.model), text_vocab_size(teacher)
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"Teacher and student vocabularies differ ({teacher_vocab} vs {student_vocab}): GRACE distils token "
+                "distributions, so both must share one tokenizer (e.g. LLaVA-1.5-13B -> 7B, Qwen2-VL-7B -> 2B)."
+            )
+        teacher.eval()
+        teacher.requires_grad_(False)
+        device = next(teacher.parameters()).device
+        if getattr(teacher, "hf_device_map", None) is None and device.type == "cpu" and self.args.device.type != "cpu":
+            teacher.to(self.args.device)
+        return teacher
+
+    def _teacher_forward(self, inputs: dict[str, Any], hidden: bool):
+        device = next(self.teacher_model.parameters()).device
+        dtype = self.teacher_model.dtype
+        moved = {
+            k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+            if torch.is_tensor(v)
+            else v
+            for k, v in inputs.items()
+        }
+        with torch.no_grad():
+            return self.teacher_model(**moved, output_hidden_states=hidden, return_dict=True)
+
+    # ------------------------------------------------------------------------------------------- optimizer
+    def create_optimizer(self, model=None):
+        """Three parameter groups: decayed weights, undecayed weights, and log-scales (LR x multiplier, WD 0)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "scales": []}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            key = "scales" if name.endswith("log_scale") else ("decay" if name in decay else "no_decay")
+            groups[key].append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        lr = optimizer_kwargs.pop("lr", self.args.learning_rate)
+        param_groups = [
+            {"params": groups["decay"], "weight_decay": self.args.weight_decay, "lr": lr},
+            {"params": groups["no_decay"], "weight_decay": 0.0, "lr": lr},
+            {"params": groups["scales"], "weight_decay": 0.0, "lr": lr * self.args.scale_lr_multiplier},
+        ]
+        self.optimizer = optimizer_cls([g for g in param_groups if g["params"]], lr=lr, **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def rcka_weight_now(self) -> float:
+        """omega, ramped linearly from 0 over ``rcka_warmup_steps`` optimizer steps."""
+        warmup = self.args.rcka_warmup_steps
+        ramp = 1.0 if warmup == 0 else min(1.0, self.state.global_step / warmup)
+        return self.args.rcka_weight * ramp
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(
+                "GraceTrainer needs `labels` in every batch (answer tokens; -100 elsewhere): the collator must add them."
+            )
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        use_rcka = args.rcka_weight > 0
+        outputs = model(**model_inputs, output_hidden_states=use_rcka, return_dict=True)
+        ce_sum, local_tokens = cross_entropy_sum(outputs.logits, labels)
+
+        teacher_out = self._teacher_forward(model_inputs, hidden=use_rcka) if args.uses_teacher else None
+        zero = outputs.logits.new_zeros((), dtype=torch.float32)
+        gdkd, gdkd_logged = zero, {}
+        if args.kd_loss != "none":
+            teacher_logits = teacher_out.logits.to(outputs.logits.device)
+            if args.kd_loss == "gdkd":
+                result = gated_dkd_loss(
+                    outputs.logits, teacher_logits, labels, temperature=args.kd_temperature, alpha=args.dkd_alpha,
+                    beta_dkd=args.dkd_beta, gate=args.confidence_gate, chunk_size=args.kd_chunk_size,
+                )  # fmt: skip
+                gdkd = result.loss
+                gdkd_logged = {"tckd": result.tckd, "nckd": result.nckd, "gate": result.gate_mean}
+            else:
+                keep = labels[..., 1:] != -100
+                per_token = kd_loss(
+                    outputs.logits[..., :-1, :][keep], teacher_logits[..., :-1, :][keep], args.kd_temperature
+                )
+                gdkd = per_token.sum() / max(local_tokens, 1)
+        rcka = zero
+        if use_rcka:
+            mask, sizes = tokens_per_image(model, model_inputs)
+            if mask is not None and sizes:
+                student_hidden = outputs.hidden_states[args.rcka_layer]
+                teacher_hidden = teacher_out.hidden_states[args.rcka_layer].to(student_hidden.device)
+                rcka, _ = relational_cka_loss(student_hidden, teacher_hidden, mask, sizes)
+
+        ce, gdkd, rcka = self._drop_nonfinite(ce_sum, gdkd, rcka)
+        beta, omega = self.controller.beta, self.rcka_weight_now()
+        if num_items_in_batch is not None:
+            # sums over this micro-batch / tokens of the whole accumulated (and, if averaged, global) batch
+            items = float(num_items_in_batch)
+            world = self.accelerator.num_processes if args.average_tokens_across_devices else 1
+            accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+            loss = (ce + beta * gdkd * local_tokens) * (world / items) + omega * rcka / accumulation
+            self.loss_is_scaled_for_ga = True
+        else:  # the Trainer divides by the accumulation steps itself
+            loss = (ce + beta * gdkd * local_tokens) / max(local_tokens, 1) + omega * rcka
+            self.loss_is_scaled_for_ga = False
+
+        if model.training:
+            self._step_gdkd.append(gdkd.detach().float())
+            self._record(ce=ce.detach() / max(local_tokens, 1), gdkd=gdkd.detach(), rcka=rcka.detach(), **gdkd_logged)
+        return (loss, outputs) if return_outputs else loss
+
+    def _drop_nonfinite(self, *components: torch.Tensor) -> list[torch.Tensor]:
+        """Replace non-finite loss components by 0 for this step and count the step (one host sync)."""
+        finite = torch.stack([c.detach().float() for c in components]).isfinite().tolist()
+        if all(finite):
+            return list(components)
+        self.nonfinite_steps += 1
+        warnings.warn(
+            f"GraceTrainer: non-finite loss component(s) {[n for n, ok in zip(('ce', 'gdkd', 'rcka'), finite, strict=True) if not ok]} "
+            f"skipped at step {self.state.global_step} ({self.nonfinite_steps} step(s) so far).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return [c if ok else c.new_zeros(()) for c, ok in zip(components, finite, strict=True)]
+
+    def _record(self, **values: torch.Tensor | float) -> None:
+        for name, value in values.items():
+            self._metrics[name].append(float(value))
+
+    # ------------------------------------------------------------------------------------------ controller
+    def _controller_step(self) -> None:
+        """Feed the GDKD averaged over this step's micro-batches (and ranks) to the controller."""
+        if not self._step_gdkd or self.args.kd_loss == "none":
+            self._step_gdkd.clear()
+            return
+        mean = torch.stack(self._step_gdkd).mean()
+        if self.accelerator.num_processes > 1:
+            mean = self.accelerator.reduce(mean.to(self.accelerator.device), reduction="mean")
+        self._step_gdkd.clear()
+        value = float(mean)
+        if math.isfinite(value):
+            self.controller.update(value)
+
+    # --------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # training logs: add the means since the last log
+            for name in LOGGED:
+                values = self._metrics.pop(name, [])
+                if values:
+                    logs[name] = sum(values) / len(values)
+            logs["beta"] = self.controller.beta
+            if self.controller.ema is not None:
+                logs["gdkd_ema"] = self.controller.ema
+            logs["omega"] = self.rcka_weight_now()
+            if self.optimizer is not None:
+                groups = self.optimizer.param_groups
+                logs["lr_weights"] = groups[0]["lr"]
+                logs["lr_scales"] = groups[-1]["lr"]
+            if self.nonfinite_steps:
+                logs["nonfinite_steps"] = self.nonfinite_steps
+        if start_time is None:
+            super().log(logs)
+        else:
+            super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------ saving / resume
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """User calls write the packed INT4 model; the Trainer's own checkpoints write qat-master weights."""
+        self._writing_checkpoint = _internal_call
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            self._writing_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if self._writing_checkpoint:
+            with saving_qat_master(model):
+                model.save_pretrained(output_dir, save_original_format=False)
+            with open(os.path.join(output_dir, CONTROLLER_FILE), "w") as handle:
+                json.dump({"controller": self.controller.state_dict(), "nonfinite_steps": self.nonfinite_steps}, handle)
+        else:
+            model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Restore master weights, log-scales and the controller exactly (strict; keys as in memory)."""
+        model = model if model is not None else self.model
+        state = load_qat_master(resume_from_checkpoint)
+        result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+        tied = set(getattr(self.accelerator.unwrap_model(model), "all_tied_weights_keys", {}) or {})
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"Checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}."
+            )
+        path = os.path.join(resume_from_checkpoint, CONTROLLER_FILE)
+        if os.path.exists(path):
+            with open(path) as handle:
+                saved = json.load(handle)
+            self.controller.load_state_dict(saved["controller"])
+            self.nonfinite_steps = saved.get("nonfinite_steps", 0)
+
+
+def load_qat_master(folder: str) -> dict[str, torch.Tensor]:
+    """All tensors of a qat-master checkpoint folder (one file or shards); refuses other kinds."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors file to resume from.")
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        with safe_open(path, framework="pt") as handle:
+            kind = (handle.metadata() or {}).get(KIND_KEY)
+        if kind != QAT_MASTER:
+            raise ValueError(
+                f"{path} is not a GRACE Trainer checkpoint (kind {kind!r}); resume needs the qat-master checkpoints "
+                "that GraceTrainer writes under output_dir/checkpoint-*."
+            )
+        state.update(load_file(path))
+    return state

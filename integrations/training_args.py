@@ -1,0 +1,86 @@
+"""``GraceTrainingArguments``: ``TrainingArguments`` plus GRACE's knobs, with the reference defaults of METHOD.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+KD_LOSSES = ("gdkd", "kd", "none")
+CONTROLLERS = ("lagrangian", "fixed")
+
+
+@dataclass
+class GraceTrainingArguments(TrainingArguments):
+    """Every GRACE component can be switched off, so the paper's ablations are runs of the same trainer:
+    QAT only (``kd_loss="none", rcka_weight=0``), QAT + naive KD (``kd_loss="kd", rcka_weight=0,
+    controller="fixed"``), or GRACE with one component removed."""
+
+    kd_loss: str = field(
+        default="gdkd", metadata={"help": "Distillation loss: 'gdkd' (decoupled, GRACE), 'kd' (plain KL) or 'none'."}
+    )
+    kd_temperature: float = field(default=2.0, metadata={"help": "Temperature T of the distillation softmax."})
+    dkd_alpha: float = field(default=1.0, metadata={"help": "Weight of the target-class term (TCKD)."})
+    dkd_beta: float = field(default=4.0, metadata={"help": "Weight of the non-target-class term (NCKD)."})
+    confidence_gate: bool = field(
+        default=True, metadata={"help": "Weight tokens by the teacher-entropy gate exp(-H/log|V|)."}
+    )
+    kd_chunk_size: int = field(
+        default=1024, metadata={"help": "Tokens per chunk of the KD loss (bounds its memory at large vocabularies)."}
+    )
+    rcka_weight: float = field(
+        default=3.0, metadata={"help": "omega: weight of relational CKA on visual tokens (0 turns it off)."}
+    )
+    rcka_warmup_steps: int = field(
+        default=400, metadata={"help": "Optimizer steps over which omega ramps linearly from 0."}
+    )
+    rcka_layer: int = field(
+        default=-2, metadata={"help": "hidden_states index used for RCKA (-2: output of the penultimate layer)."}
+    )
+    controller: str = field(
+        default="lagrangian", metadata={"help": "'lagrangian' (adaptive beta, GRACE) or 'fixed' (beta = beta_init)."}
+    )
+    ib_tau: str = field(
+        default="3.0",
+        metadata={"help": "GDKD budget tau of the controller: a number, or 'auto' (calibrated on the first steps)."},
+    )
+    ib_eta: float = field(default=0.003, metadata={"help": "Dual step size of the controller."})
+    beta_init: float = field(default=0.5, metadata={"help": "Initial (or fixed) distillation weight beta."})
+    beta_min: float = field(default=0.1, metadata={"help": "Lower clip of beta."})
+    beta_max: float = field(default=1.0, metadata={"help": "Upper clip of beta."})
+    ib_ema_decay: float = field(default=0.99, metadata={"help": "EMA decay of the GDKD fed to the controller."})
+    scale_lr_multiplier: float = field(
+        default=10.0, metadata={"help": "Learning-rate multiplier of the quantizer log-scales (weight decay 0)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep pixel_values and friends (VLM batches)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss={self.kd_loss!r} is unknown; use one of {KD_LOSSES}.")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"controller={self.controller!r} is unknown; use one of {CONTROLLERS}.")
+        self.ib_tau = str(self.ib_tau)
+        if self.ib_tau != "auto":
+            try:
+                tau = float(self.ib_tau)
+            except ValueError:
+                raise ValueError(f"ib_tau={self.ib_tau!r} must be a positive number or 'auto'.") from None
+            if tau <= 0:
+                raise ValueError(f"ib_tau={self.ib_tau!r} must be a positive number or 'auto'.")
+        for name in ("kd_temperature", "kd_chunk_size", "scale_lr_multiplier"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.rcka_weight < 0 or self.rcka_warmup_steps < 0:
+            raise ValueError("rcka_weight and rcka_warmup_steps must be >= 0.")
+
+    @property
+    def tau(self) -> float | str:
+        """``ib_tau`` as the controller takes it: a float or ``"auto"``."""
+        return "auto" if self.ib_tau == "auto" else float(self.ib_tau)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd_loss != "none" or self.rcka_weight > 0

@@ -1,0 +1,198 @@
+"""GraceTrainer on tiny teacher/student pairs (CPU, deterministic)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import grace_quant
+from grace_quant import AutoModelForVision2Seq, GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+from grace_quant.controller import LagrangianController
+from grace_quant.surgery import grace_layers
+from grace_quant.testing import collate, tiny_dataset, tiny_model
+
+LOG_KEYS = {"loss", "ce", "gdkd", "tckd", "nckd", "rcka", "gate", "beta", "gdkd_ema", "lr_weights", "lr_scales"}
+
+
+def make_args(tmp_path, **overrides) -> GraceTrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=3,
+        logging_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+        rcka_warmup_steps=2, dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    settings.update(overrides)
+    return GraceTrainingArguments(**settings)
+
+
+def make_pair(name: str, seed: int = 0):
+    student = quantize_model(tiny_model(name, seed=seed), GraceConfig(group_size=32))
+    teacher = tiny_model(name, seed=seed + 1, hidden=96)  # a wider teacher: RCKA compares different widths
+    return student, teacher
+
+
+def train(tmp_path, name="llava", dataset_size=8, resume=None, student=None, teacher=None, **overrides):
+    if student is None:
+        student, teacher = make_pair(name)
+    args = make_args(tmp_path, **overrides)
+    trainer = GraceTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=tiny_dataset(student, dataset_size),
+        data_collator=collate,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
+def test_all_components_train_and_log_finite_values(name, tmp_path):
+    trainer = train(tmp_path, name, max_steps=3)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert LOG_KEYS <= set(entry), set(entry)
+        assert all(math.isfinite(v) for k, v in entry.items() if isinstance(v, float)), entry
+        assert entry["lr_scales"] == pytest.approx(10 * entry["lr_weights"])
+        assert math.exp(-1) - 1e-6 <= entry["gate"] <= 1 + 1e-6
+    assert logs[-1]["rcka"] > 0  # visual tokens were compared
+    assert trainer.controller.step == 3  # one controller update per optimizer step
+    assert trainer.nonfinite_steps == 0
+
+
+def test_controller_is_fed_the_step_mean_of_gdkd(tmp_path):
+    trainer = train(tmp_path, max_steps=2, gradient_accumulation_steps=2, ib_tau="0.01", ib_eta=0.5)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    reference = LagrangianController(tau=0.01, eta=0.5, beta0=0.5, beta_min=0.1, beta_max=1.0)
+    for entry in logs:
+        reference.update(entry["gdkd"])  # the logged gdkd is the mean over the step's micro-batches
+        assert entry["beta"] == pytest.approx(reference.beta, rel=1e-6)
+        assert entry["gdkd_ema"] == pytest.approx(reference.ema, rel=1e-6)
+    assert logs[-1]["beta"] > 0.5  # GDKD above tau pushes beta up
+
+
+def test_optimizer_groups_scale_learning_rate_and_no_decay(tmp_path):
+    student, teacher = make_pair("llava")
+    args = make_args(tmp_path, weight_decay=0.1, scale_lr_multiplier=10.0)
+    trainer = GraceTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=tiny_dataset(student, 4), data_collator=collate
+    )
+    optimizer = trainer.create_optimizer()
+    scales = {id(layer.log_scale) for _, layer in grace_layers(student)}
+    scale_groups = [g for g in optimizer.param_groups if any(id(p) in scales for p in g["params"])]
+    assert len(scale_groups) == 1 and all(id(p) in scales for p in scale_groups[0]["params"])
+    assert scale_groups[0]["lr"] == pytest.approx(10 * args.learning_rate) and scale_groups[0]["weight_decay"] == 0
+    assert len(scale_groups[0]["params"]) == len(scales)
+    assert not any(id(p) in scales for g in optimizer.param_groups if g is not scale_groups[0] for p in g["params"])
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = train(tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2, ib_tau="auto")
+    expected = weights(full.model)
+    resumed = train(
+        tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2, ib_tau="auto",
+        resume=str(tmp_path / "full" / "checkpoint-2"),
+    )  # fmt: skip
+    got = weights(resumed.model)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert resumed.controller.state_dict() == full.controller.state_dict()
+
+
+def test_resume_refuses_a_packed_folder(tmp_path):
+    trainer = train(tmp_path / "a", max_steps=1)
+    trainer.save_model(str(tmp_path / "packed"))
+    with pytest.raises(ValueError, match="not a GRACE Trainer checkpoint"):
+        trainer._load_from_checkpoint(str(tmp_path / "packed"))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """With the gate off, CE and KD normalised by num_items_in_batch make 2 x 2 micro-batches equal 1 x 4."""
+    # SGD without clipping: the update is linear in the gradient (Adam would amplify float noise on zero-gradient
+    # parameters, clipping would hide a wrong loss scale)
+    common = dict(
+        max_steps=1,
+        confidence_gate=False,
+        rcka_weight=0.0,
+        learning_rate=0.1,
+        controller="fixed",
+        optim="sgd",
+        max_grad_norm=0.0,
+    )
+    big = train(tmp_path / "big", per_device_train_batch_size=4, gradient_accumulation_steps=1, **common)
+    small = train(tmp_path / "small", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
+    a, b = weights(big.model), weights(small.model)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_save_model_writes_int4_that_reloads_with_identical_logits(tmp_path):
+    trainer = train(tmp_path, max_steps=2)
+    student = trainer.model.eval()
+    batch = collate(tiny_dataset(student, 2, seed=5))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = student(**inputs).logits
+    trainer.save_model(str(tmp_path / "int4"))
+    model = AutoModelForVision2Seq.from_pretrained(str(tmp_path / "int4"))
+    assert all(isinstance(layer, grace_quant.GraceQuantLinear) for _, layer in grace_layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_batches_without_images_skip_rcka(tmp_path):
+    student, teacher = make_pair("llava")
+    args = make_args(tmp_path, max_steps=2)
+    trainer = GraceTrainer(
+        model=student, teacher_model=teacher, args=args,
+        train_dataset=tiny_dataset(student, 4, with_images=False), data_collator=collate,
+    )  # fmt: skip
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["rcka"] == 0.0 and math.isfinite(entry["loss"]) for entry in logs)
+
+
+def test_nonfinite_component_is_skipped_and_counted(tmp_path):
+    student, teacher = make_pair("llava")
+    with torch.no_grad():
+        teacher.lm_head.weight[0, 0] = float("nan")  # teacher logits (hence GDKD) become NaN
+    with pytest.warns(RuntimeWarning, match="non-finite loss component"):
+        trainer = train(tmp_path, student=student, teacher=teacher, max_steps=2, rcka_weight=0.0)
+    assert trainer.nonfinite_steps == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_ablations_run_without_teacher_when_nothing_needs_it(tmp_path):
+    student = quantize_model(tiny_model("llava"), GraceConfig(group_size=32))
+    trainer = train(tmp_path, student=student, teacher=None, kd_loss="none", rcka_weight=0.0, max_steps=2)
+    assert trainer.controller.step == 0
+    naive = train(tmp_path / "kd", kd_loss="kd", rcka_weight=0.0, controller="fixed", max_steps=2)
+    logs = [entry for entry in naive.state.log_history if "loss" in entry]
+    assert all(entry["beta"] == 0.5 and entry["gdkd"] > 0 for entry in logs)
+
+
+def test_clear_errors(tmp_path):
+    student = quantize_model(tiny_model("llava"), GraceConfig(group_size=32))
+    with pytest.raises(ValueError, match="teacher_model is required"):
+        GraceTrainer(model=student, args=make_args(tmp_path))
+    other_vocab = tiny_model("llava", hidden=96)
+    other_vocab.resize_token_embeddings(400)
+    with pytest.raises(ValueError, match=r"vocabularies differ \(400 vs 320\)"):
+        GraceTrainer(model=student, teacher_model=other_vocab, args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="kd_loss='kdd' is unknown"):
+        make_args(tmp_path, kd_loss="kdd")
+    with pytest.raises(ValueError, match="positive number or 'auto'"):
+        make_args(tmp_path, ib_tau="soon")
+    student, teacher = make_pair("llava")
+    trainer = GraceTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path))
+    batch = collate(tiny_dataset(student, 2))
+    batch.pop("labels")
+    with pytest.raises(ValueError, match="needs `labels`"):
+        trainer.compute_loss(student, batch)
