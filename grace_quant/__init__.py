@@ -6,13 +6,23 @@ Importing this package registers ``quant_method="grace"`` with transformers, so 
 
 from __future__ import annotations
 
-from transformers import AutoModelForImageTextToText as AutoModelForVision2Seq
+import os as _os
 
-from grace_quant.checkpoint import saving_qat_master
-from grace_quant.config import GraceConfig
-from grace_quant.convert import convert_to_packed, prepare_qat, quantize_model
-from grace_quant.integrations import register as _register
-from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+# A source checkout keeps kernels/ and integrations/ at the repository root (pyproject maps them into this
+# package when installed); let `grace_quant.kernels` resolve there too, so a plain checkout on PYTHONPATH works.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and all(
+    _os.path.exists(_os.path.join(_root, name)) for name in ("pyproject.toml", "kernels", "integrations")
+):
+    __path__.append(_root)
+
+from transformers import AutoModelForImageTextToText as AutoModelForVision2Seq  # noqa: E402
+
+from grace_quant.checkpoint import saving_qat_master  # noqa: E402
+from grace_quant.config import GraceConfig  # noqa: E402
+from grace_quant.convert import convert_to_packed, prepare_qat, quantize_model  # noqa: E402
+from grace_quant.integrations import register as _register  # noqa: E402
+from grace_quant.modules import GraceQATLinear, GraceQuantLinear  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -26,7 +26,7 @@ class GraceTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Weight tokens by the teacher-entropy gate exp(-H/log|V|)."}
     )
     kd_chunk_size: int = field(
-        default=1024, metadata={"help": "Tokens per chunk of the KD loss (bounds its memory at large vocabularies)."}
+        default=256, metadata={"help": "Tokens per chunk of the KD loss (bounds its memory at large vocabularies)."}
     )
     rcka_weight: float = field(
         default=3.0, metadata={"help": "omega: weight of relational CKA on visual tokens (0 turns it off)."}
