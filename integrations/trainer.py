@@ -80,9 +80,12 @@ class _ControllerStep(TrainerCallback):
         self.trainer._controller_step()
 
 
-class GraceTrainer(Trainer):
-    """Trainer for GRACE: pass the QAT student as ``model`` and a frozen larger model as ``teacher_model``.
+class GraceTrainerMixin:
+    """GRACE's loss, controller, optimizer groups and checkpointing for any ``transformers.Trainer`` subclass.
 
+    Put it first in the bases (``class MyTrainer(GraceTrainerMixin, SFTTrainer)``) with arguments that are also
+    ``GraceTrainingArguments``. A ``TrainerCallback`` cannot do this job: callbacks see no inputs and cannot
+    change the loss, and the teacher forward needs both.
     The teacher stays outside accelerate's wrapping (no DDP/FSDP gradients, never checkpointed); it runs on the
     student's device unless you placed it elsewhere (then inputs travel to it and logits travel back).
     """
@@ -328,6 +331,10 @@ class GraceTrainer(Trainer):
                 saved = json.load(handle)
             self.controller.load_state_dict(saved["controller"])
             self.nonfinite_steps = saved.get("nonfinite_steps", 0)
+
+
+class GraceTrainer(GraceTrainerMixin, Trainer):
+    """Trainer for GRACE: pass the QAT student as ``model`` and a frozen larger model as ``teacher_model``."""
 
 
 def load_qat_master(folder: str) -> dict[str, torch.Tensor]:

@@ -196,3 +196,27 @@ def test_clear_errors(tmp_path):
     batch.pop("labels")
     with pytest.raises(ValueError, match="needs `labels`"):
         trainer.compute_loss(student, batch)
+
+
+def test_mixin_brings_grace_to_another_trainer_subclass(tmp_path):
+    from grace_quant.integrations.trainer import GraceTrainerMixin
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):  # stands in for a third-party Trainer such as TRL's SFTTrainer
+        calls = 0
+
+        def training_step(self, *args, **kwargs):
+            CountingTrainer.calls += 1
+            return super().training_step(*args, **kwargs)
+
+    class GraceCounting(GraceTrainerMixin, CountingTrainer):
+        pass
+
+    student, teacher = make_pair("llava")
+    trainer = GraceCounting(
+        model=student, teacher_model=teacher, args=make_args(tmp_path, max_steps=2),
+        train_dataset=tiny_dataset(student, 4), data_collator=collate,
+    )  # fmt: skip
+    trainer.train()
+    assert CountingTrainer.calls == 2 and trainer.controller.step == 2
+    assert all(math.isfinite(e["gdkd"]) and e["gdkd"] > 0 for e in trainer.state.log_history if "loss" in e)
