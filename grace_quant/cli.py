@@ -1,0 +1,262 @@
+"""The ``grace-quant`` command line (also ``python -m grace_quant``).
+
+One small ``add_<command>(subparsers)`` + ``run_<command>(args)`` pair per subcommand, registered in
+:func:`build_parser`; new commands (``demo``, ``eval``...) plug in the same way. User mistakes end with a
+one-line message on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+
+DESCRIPTION = """\
+Quantize vision-language models to INT4 with GRACE, convert GRACE checkpoints to serving formats, and publish
+them on the Hugging Face Hub. Every command reads a model folder (config.json + *.safetensors, as written by
+save_pretrained) and writes a new folder; nothing is written under OUT until the command has succeeded."""
+
+EPILOG = """\
+examples:
+  grace-quant quantize ./llava-1.5-7b ./llava-int4 --group-size 128
+  grace-quant export ./llava-int4 ./llava-int4-ct --format compressed-tensors
+  grace-quant import-awq ./qwen2-vl-awq ./qwen2-vl-grace
+  grace-quant push ./llava-int4 my-org/llava-1.5-7b-grace-int4 --private
+
+run 'grace-quant COMMAND --help' for the details of one command."""
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (printed as one line, exit code 2)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from grace_quant.integrations.checkpoint_files import CheckpointError
+    from grace_quant.integrations.hub import GraceHubError
+
+    # ValueError / NotImplementedError: GraceConfig and layer-selection checks; OSError: unreadable/full disks.
+    return (UserError, CheckpointError, GraceHubError, ValueError, NotImplementedError, OSError)
+
+
+def _command(
+    subparsers: argparse._SubParsersAction, name: str, summary: str, description: str, example: str
+) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+
+
+# ---------------------------------------------------------------------------------------------------- quantize
+def add_quantize(subparsers: argparse._SubParsersAction) -> None:
+    parser = _command(
+        subparsers,
+        "quantize",
+        "full-precision model folder -> packed GRACE INT4 folder (no training)",
+        "Read the full-precision model in SRC, quantize its text-decoder linear layers (symmetric per-group\n"
+        "codes, scales chosen on GRACE's MSE grid) and write a packed GRACE checkpoint to OUT. Load it with\n"
+        "grace_quant.AutoModelForVision2Seq.from_pretrained(OUT). For accuracy, distil with GraceTrainer instead.",
+        "grace-quant quantize ./llava-1.5-7b ./llava-int4 --bits 4 --group-size 128",
+    )
+    parser.add_argument("src", metavar="SRC", help="full-precision model folder (config.json + *.safetensors)")
+    parser.add_argument("out", metavar="OUT", help="output folder for the GRACE checkpoint (must not exist)")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default: 4)")
+    parser.add_argument("--group-size", type=int, default=128, help="input features sharing one scale (default: 128)")
+    parser.add_argument(
+        "--skip",
+        metavar="NAME",
+        action="append",
+        help="keep this module in full precision (repeatable); replaces the default skip list (vision tower, "
+        "projector, embeddings, lm_head), so list those too if you want them kept",
+    )
+    parser.add_argument("--quantize-all", action="store_true", help="no skip list at all (except --skip names)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float16", "bfloat16", "float32"),
+        default="auto",
+        help="dtype to load and save in (default: the checkpoint's)",
+    )
+    _add_overwrite(parser)
+    parser.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from grace_quant.config import GraceConfig
+    from grace_quant.integrations.checkpoint_files import quantize_folder
+
+    skip = args.skip if args.skip or not args.quantize_all else []
+    config = GraceConfig(bits=args.bits, group_size=args.group_size, modules_to_not_convert=skip, mode="packed")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    quantize_folder(args.src, args.out, config, overwrite=args.overwrite, dtype=dtype)
+    print(f"wrote GRACE INT{args.bits} checkpoint to {args.out}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------ export
+FORMATS = ("compressed-tensors", "awq")
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = _command(
+        subparsers,
+        "export",
+        "GRACE INT4 folder -> compressed-tensors or AutoAWQ GEMM folder (for vLLM & co.)",
+        "Read the packed 4-bit GRACE checkpoint in SRC and write the same weights to OUT in a serving format:\n"
+        "  compressed-tensors  pack-quantized W4A16 (bit-identical weights; transformers/vLLM load it without\n"
+        "                      grace-quant, with compressed-tensors installed)\n"
+        "  awq                 AutoAWQ GEMM layout with zero point 8 and fp16 scales",
+        "grace-quant export ./llava-int4 ./llava-int4-ct --format compressed-tensors",
+    )
+    parser.add_argument("src", metavar="SRC", help="packed GRACE checkpoint folder (4 bits)")
+    parser.add_argument("out", metavar="OUT", help="output folder (must not exist)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="target format")
+    _add_overwrite(parser)
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.format == "awq":
+        from grace_quant.integrations.awq import export_awq as export
+    else:
+        from grace_quant.integrations.export_compressed_tensors import export_compressed_tensors as export
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(args.src, args.out, overwrite=args.overwrite)
+    for warning in caught:
+        print(f"grace-quant export: warning: {_one_line(warning.message)}", file=sys.stderr)
+    print(f"wrote {args.format} checkpoint to {args.out}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------- import-awq
+def add_import_awq(subparsers: argparse._SubParsersAction) -> None:
+    parser = _command(
+        subparsers,
+        "import-awq",
+        "AutoAWQ GEMM 4-bit folder -> packed GRACE folder",
+        "Read an AutoAWQ GEMM checkpoint (4 bits, every zero point equal to 8, i.e. symmetric) from SRC and write\n"
+        "the same weights as a packed GRACE checkpoint to OUT, loadable with grace_quant and trainable further\n"
+        "with grace_quant.prepare_qat. Checkpoints with other zero points are refused (the error names the layer).",
+        "grace-quant import-awq ./qwen2-vl-awq ./qwen2-vl-grace",
+    )
+    parser.add_argument("src", metavar="SRC", help="AutoAWQ GEMM checkpoint folder")
+    parser.add_argument("out", metavar="OUT", help="output folder for the GRACE checkpoint (must not exist)")
+    _add_overwrite(parser)
+    parser.set_defaults(func=run_import_awq)
+
+
+def run_import_awq(args: argparse.Namespace) -> int:
+    from grace_quant.integrations.awq import import_awq
+
+    import_awq(args.src, args.out, overwrite=args.overwrite)
+    print(f"wrote GRACE checkpoint to {args.out}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------------- push
+def add_push(subparsers: argparse._SubParsersAction) -> None:
+    parser = _command(
+        subparsers,
+        "push",
+        "upload a GRACE folder to the Hugging Face Hub (with a model card)",
+        "Upload the GRACE checkpoint folder SRC to the Hub repository REPO (created if needed), adding a model\n"
+        "card (README.md) that documents the quantization settings and how to load the model, unless SRC has\n"
+        "one. Authentication: `hf auth login`, the HF_TOKEN variable, or --token-env NAME.",
+        "grace-quant push ./llava-int4 my-org/llava-1.5-7b-grace-int4 --private --base-model llava-hf/llava-1.5-7b-hf",
+    )
+    parser.add_argument("src", metavar="SRC", help="packed GRACE checkpoint folder")
+    parser.add_argument("repo", metavar="REPO", help="Hub repository id, e.g. my-org/my-model-grace-int4")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument(
+        "--token-env", metavar="NAME", help="read the Hub token from this environment variable (never from argv)"
+    )
+    parser.add_argument("--base-model", metavar="REPO", help="the full-precision model, for the model card")
+    parser.add_argument("--teacher", metavar="REPO", help="the distillation teacher, for the model card")
+    parser.add_argument("--commit-message", metavar="TEXT", help="commit message on the Hub")
+    parser.set_defaults(func=run_push)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from grace_quant.integrations.hub import push_folder_to_hub
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise UserError(f"environment variable {args.token_env} (from --token-env) is not set or empty")
+    url = push_folder_to_hub(
+        args.src,
+        args.repo,
+        token=token,
+        private=True if args.private else None,
+        commit_message=args.commit_message,
+        base_model=args.base_model,
+        teacher=args.teacher,
+    )
+    print(f"pushed {args.src} to {args.repo}: {url}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------------- main
+COMMANDS = (add_quantize, add_export, add_import_awq, add_push)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``grace-quant`` parser; each ``add_*`` in :data:`COMMANDS` registers one subcommand."""
+    from grace_quant import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="grace-quant",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"grace-quant {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split()) or "unknown error"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``grace-quant`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse already reported (code 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror and exc.filename else exc
+        suffix = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        print(f"grace-quant {args.command}: error: {_one_line(message)}{suffix}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"grace-quant {args.command}: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
