@@ -1,13 +1,17 @@
 """W4A16 / W8A16 compute for GRACE's packed format. Knows nothing of transformers.
 
 ``quant_linear`` is the single entry point the INT4 linear calls; it picks an implementation by backend
-and device. The torch reference (dequantize + matmul) is always available and is what CPUs run.
+and device. The torch reference (dequantize + matmul) is always available and is what CPUs run; on CUDA, 4-bit
+weights go through the ``grace_quant::w4a16_linear`` custom op and its Triton kernels (``triton_w4a16``).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from .custom_op import w4a16_linear_op
 from .packing import SUPPORTED_BITS, code_range, codes_per_word, pack, unpack
 from .reference import dequantize, dequantize_codes, quant_linear_reference
 
@@ -24,6 +28,7 @@ __all__ = [
     "quant_linear",
     "quant_linear_reference",
     "unpack",
+    "w4a16_linear_op",
 ]
 
 
@@ -39,9 +44,48 @@ def quant_linear(
 ) -> torch.Tensor:
     """``y = x @ W^T + b`` with ``W`` given as packed ``bits``-bit codes and per-group ``scales``.
 
-    ``backend="torch"`` always runs the reference; ``"auto"`` and ``"triton"`` use the Triton kernels
-    where they exist for the device and fall back to the reference otherwise.
+    ``backend="torch"`` always runs the reference; ``"auto"`` runs the ``grace_quant::w4a16_linear`` custom op
+    (Triton kernels) for 4-bit weights on CUDA and the reference otherwise; ``"triton"`` insists on the Triton
+    kernels and raises if they cannot run (not CUDA and not ``TRITON_INTERPRET=1``, bits != 4, unsupported
+    dtype or group size).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    return quant_linear_reference(x, packed, scales, bias, group_size, bits)
+    if backend == "torch":
+        return quant_linear_reference(x, packed, scales, bias, group_size, bits)
+    if backend == "auto":
+        if bits == 4 and x.is_cuda and packed.is_cuda and scales.is_cuda:
+            return w4a16_linear_op(x, packed, scales, bias, group_size)
+        return quant_linear_reference(x, packed, scales, bias, group_size, bits)
+    return _quant_linear_triton(x, packed, scales, bias, group_size, bits)
+
+
+def _quant_linear_triton(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    bits: int,
+) -> torch.Tensor:
+    """``backend="triton"``: the custom op on CUDA, the kernels themselves under Triton's CPU interpreter."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if bits != 4:
+        raise ValueError(f'backend="triton" implements bits=4 only, got bits={bits}; use backend="torch"')
+    if not (x.is_cuda or interpreting):
+        raise RuntimeError(
+            f'backend="triton" needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before triton is '
+            'imported; use backend="auto" or "torch" on CPU'
+        )
+    from . import triton_w4a16
+
+    if not triton_w4a16.supports(x, packed, scales, group_size):
+        raise ValueError(
+            f'backend="triton" cannot run x {tuple(x.shape)} {x.dtype} on {x.device} with packed '
+            f"{tuple(packed.shape)} on {packed.device}, scales {tuple(scales.shape)} {scales.dtype}, group_size "
+            f"{group_size}: needs fp16/bf16 activations, group_size in {triton_w4a16.SUPPORTED_GROUPS}, "
+            "all tensors on one device"
+        )
+    if x.is_cuda:
+        return w4a16_linear_op(x, packed, scales, bias, group_size)
+    return triton_w4a16.w4a16_linear(x, packed, scales, bias, group_size)

@@ -1,0 +1,57 @@
+"""``torch.ops.grace_quant.w4a16_linear``: the INT4 linear as an opaque PyTorch custom op.
+
+Being a custom op with a fake (meta) implementation keeps ``torch.compile(fullgraph=True)`` from tracing into the
+Triton launcher, and its CUDA implementation only makes shape-based choices, so it is safe to capture in CUDA
+graphs. CPUs (and any unsupported case) run the torch reference: dequantize, then matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import quant_linear_reference
+
+OP_NAME = "grace_quant::w4a16_linear"
+
+__all__ = ["OP_NAME", "w4a16_linear_op"]
+
+
+def _fake(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _cuda(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    from . import triton_w4a16
+
+    if triton_w4a16.supports(x, packed, scales, group_size):
+        return triton_w4a16.w4a16_linear(x, packed, scales, bias, group_size)
+    return quant_linear_reference(x, packed, scales, bias, group_size, 4)
+
+
+def _define():
+    @torch.library.custom_op(OP_NAME, mutates_args=())
+    def w4a16_linear(
+        x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+    ) -> torch.Tensor:
+        """``x @ W^T + bias`` for INT4 ``W`` (packed int32 ``[N, K/8]``, ``scales [N, K/group]``)."""
+        return quant_linear_reference(x, packed, scales, bias, group_size, 4)
+
+    w4a16_linear.register_kernel("cuda")(_cuda)
+    w4a16_linear.register_fake(_fake)
+    return torch.ops.grace_quant.w4a16_linear
+
+
+def _lookup():
+    """The op if some import of this module (``kernels`` or ``grace_quant.kernels``) already defined it."""
+    try:
+        return torch.ops.grace_quant.w4a16_linear
+    except (AttributeError, RuntimeError):
+        return None
+
+
+w4a16_linear_op = _lookup() or _define()
+"""The registered op packet; call as ``w4a16_linear_op(x, packed, scales, bias, group_size)``."""

@@ -1,0 +1,189 @@
+"""W4A16 Triton kernels on CPU under Triton's interpreter, checked against an fp64 reference.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, so the kernels run in a subprocess that executes
+this file as a script; the tests read its per-case results. The custom op's CPU implementation is checked with
+``torch.library.opcheck`` in the test process itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {"float16": 1e-3, "bfloat16": 5e-3}
+
+
+def import_kernels():
+    """The repo's ``kernels`` package from a checkout, else the installed ``grace_quant.kernels``."""
+    if (ROOT / "kernels" / "triton_w4a16.py").exists():
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        return importlib.import_module("kernels")
+    return importlib.import_module("grace_quant.kernels")
+
+
+# (id, entry, M, N, K, group, dtype, bias, extra keyword arguments)
+_DISPATCH = [
+    (1, 72, 640, 32, True),
+    (1, 200, 384, 128, False),
+    (2, 72, 256, 128, False),
+    (3, 200, 640, 64, True),
+    (4, 72, 384, 32, True),
+    (16, 200, 384, 64, False),
+    (16, 72, 256, 128, True),
+    (40, 72, 384, 32, False),
+    (65, 200, 384, 128, True),
+    (70, 72, 640, 64, False),
+]
+CASES = [
+    (f"auto-{dt}-m{m}-n{n}-k{k}-g{g}-{'bias' if b else 'nobias'}", "dispatch", m, n, k, g, dt, b, {})
+    for dt in ("float16", "bfloat16")
+    for m, n, k, g, b in _DISPATCH
+] + [
+    ("gemv-nosplit-fp16", "gemv", 3, 200, 640, 128, "float16", True, {"splits": 1}),
+    ("gemv-split4-bn8-bf16", "gemv", 1, 72, 512, 32, "bfloat16", False, {"splits": 4, "block_n": 8}),
+    ("gemv-step256-fp16", "gemv", 2, 200, 384, 64, "float16", True, {"step_k": 256}),
+    ("gemv-m4-split3-bf16", "gemv", 4, 200, 1152, 128, "bfloat16", True, {"splits": 3}),
+    ("gemv-step1024-g32-bf16", "gemv", 1, 72, 1152, 32, "bfloat16", True, {"step_k": 1024, "splits": 2}),
+    ("gemv-step1024-g64-fp16", "gemv", 1, 200, 1152, 64, "float16", False, {"step_k": 1024}),
+    ("tc-nosplit-bf16", "tc", 16, 200, 384, 128, "bfloat16", False, {"splits": 1}),
+    ("tc-split3-bm64-fp16", "tc", 33, 72, 384, 32, "float16", True, {"splits": 3, "block_m": 64}),
+    ("tc-m5-bn128-bf16", "tc", 5, 200, 256, 64, "bfloat16", True, {"block_n": 128}),
+    ("batched-3d-bf16", "batched", 6, 72, 384, 64, "bfloat16", True, {}),
+    ("quant-linear-triton-fp16", "quant_linear", 2, 200, 384, 128, "float16", True, {}),
+]
+
+
+def _reference_fp64(kmod, x, packed, scales, bias, group):
+    q = kmod.unpack(packed, 4).double()
+    w = (q.view(q.shape[0], -1, group) * scales.double().unsqueeze(-1)).view(q.shape[0], -1)
+    y = x.double() @ w.T
+    return y if bias is None else y + bias.double()
+
+
+def _run_case(kmod, tw, case) -> dict:
+    _, entry, m, n, k, group, dtype_name, has_bias, extra = case
+    dtype = getattr(torch, dtype_name)
+    packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
+    scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(dtype)
+    bias = torch.randn(n).to(dtype) if has_bias else None
+    x = torch.randn(m, k).to(dtype)
+    if entry == "dispatch":
+        y = tw.w4a16_linear(x, packed, scales, bias, group)
+    elif entry == "gemv":
+        y = tw.gemv_w4a16(x, packed, scales, bias, group, **extra)
+    elif entry == "tc":
+        y = tw.tc_gemm_w4a16(x, packed, scales, bias, group, **extra)
+    elif entry == "batched":
+        y = tw.w4a16_linear(x.view(2, m // 2, k), packed, scales, bias, group).view(m, n)
+    else:
+        y = kmod.quant_linear(x, packed, scales, bias, group_size=group, bits=4, backend="triton")
+    assert y.shape == (m, n) and y.dtype == dtype, (y.shape, y.dtype)
+    ref = _reference_fp64(kmod, x, packed, scales, bias, group)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    return {"err": err if err == err else float("inf")}
+
+
+def _run_dequant(kmod, tw) -> dict:
+    """The Triton dequantize kernel vs the torch dequantize: fp16 bit for bit (same single rounding); bf16 within
+    one bf16 step, since the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest."""
+    out = {}
+    for dtype, group, n, k in ((torch.bfloat16, 32, 200, 384), (torch.float16, 128, 72, 640)):
+        packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
+        scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(dtype)
+        got = tw.dequantize_w4(packed, scales, group, dtype).float()
+        ref = kmod.dequantize(packed, scales, group, 4).float()
+        name = str(dtype).removeprefix("torch.")
+        out[name + "_mismatches"] = int((got != ref).sum())
+        out[name + "_max_rel"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+    return out
+
+
+def _main() -> None:
+    """Subprocess entry: run every case under the interpreter and print one JSON line per result."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    kmod = import_kernels()
+    tw = importlib.import_module(kmod.__name__ + ".triton_w4a16")
+    assert tw.INTERPRET
+    torch.manual_seed(1234)
+    for case in CASES:
+        try:
+            result = _run_case(kmod, tw, case)
+        except Exception as exc:  # noqa: BLE001  (report, let the test fail with the message)
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        print("RESULT " + json.dumps({"id": case[0], **result}), flush=True)
+    print("RESULT " + json.dumps({"id": "dequant", **_run_dequant(kmod, tw)}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, dict]:
+    pytest.importorskip("triton")
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            rec = json.loads(line[len("RESULT ") :])
+            results[rec.pop("id")] = rec
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_fp64_reference(interpreted, case):
+    rec = interpreted.get(case[0])
+    assert rec is not None, f"no result for {case[0]}"
+    assert "error" not in rec, rec.get("error")
+    assert rec["err"] < TOL[case[6]], f"{case[0]}: relative L2 error {rec['err']:.3e} >= {TOL[case[6]]}"
+
+
+def test_dequantize_kernel_matches_torch_dequantize(interpreted):
+    rec = interpreted["dequant"]
+    assert rec["float16_mismatches"] == 0, rec
+    assert rec["bfloat16_max_rel"] <= 2.0**-7, rec
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_custom_op_opcheck_cpu(has_bias):
+    kmod = import_kernels()
+    torch.manual_seed(0)
+    packed = kmod.pack(torch.randint(-8, 8, (48, 256), dtype=torch.int8), 4)
+    scales = (torch.rand(48, 2) * 0.05).to(torch.bfloat16)
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    bias = torch.randn(48, dtype=torch.bfloat16) if has_bias else None
+    torch.library.opcheck(kmod.w4a16_linear_op.default, (x, packed, scales, bias, 128))
+    y = kmod.w4a16_linear_op(x, packed, scales, bias, 128)
+    ref = kmod.quant_linear_reference(x, packed, scales, bias, 128, 4)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_quant_linear_backends_on_cpu():
+    kmod = import_kernels()
+    packed = kmod.pack(torch.randint(-8, 8, (16, 128), dtype=torch.int8), 4)
+    scales = torch.rand(16, 4) * 0.05
+    x = torch.randn(3, 128)
+    ref = kmod.quant_linear_reference(x, packed, scales, None, 32, 4)
+    for backend in ("auto", "torch"):
+        torch.testing.assert_close(kmod.quant_linear(x, packed, scales, group_size=32, backend=backend), ref)
+    with pytest.raises(ValueError, match="unknown backend"):
+        kmod.quant_linear(x, packed, scales, group_size=32, backend="cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            kmod.quant_linear(x, packed, scales, group_size=32, backend="triton")
+
+
+if __name__ == "__main__":
+    _main()
