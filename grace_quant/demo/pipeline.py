@@ -1,0 +1,358 @@
+"""``grace-quant demo``: the whole offline experiment, stage by stage, with cached artifacts.
+
+data -> vision tower -> teacher -> fp student -> INT4 students (RTN, QAT, QAT+KD, GRACE; optionally the outlier
+stress setting) -> evaluation of every saved model through ``from_pretrained`` + ``generate`` -> report.
+Each stage writes a folder with ``stage.json`` (its settings); a rerun with the same settings skips it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from grace_quant.config import GraceConfig
+
+METHOD_ORDER = ("teacher", "fp_student", "rtn", "qat", "qat_kd", "grace")
+STRESS_ORDER = ("fp_student_stress", "rtn_stress", "grace_stress")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and step counts of one demo run (see PRESETS)."""
+
+    train_size: int = 8000
+    test_size: int = 1000
+    vision_steps: int = 600
+    teacher_steps: int = 3000
+    student_steps: int = 2500
+    qat_steps: int = 400
+    batch_size: int = 32
+    fp_lr: float = 2e-3
+    qat_lr: float = 2e-4
+    group_size: int = 32
+    bits: int = 4
+    seeds: list[int] = field(default_factory=lambda: [0])
+    stress: bool = False
+    outlier_fraction: float = 0.05
+    outlier_scale: float = 30.0
+    eval_batch_size: int = 100
+
+    def key(self, *names: str) -> dict:
+        return {name: getattr(self, name) for name in names}
+
+
+PRESETS = {
+    "quick": DemoSettings(
+        train_size=400,
+        test_size=80,
+        vision_steps=40,
+        teacher_steps=40,
+        student_steps=40,
+        qat_steps=10,
+        batch_size=16,
+        seeds=[0],
+    ),  # fmt: skip
+    "default": DemoSettings(),
+    "full": DemoSettings(
+        train_size=8000,
+        test_size=2000,
+        teacher_steps=1200,
+        student_steps=1000,
+        qat_steps=300,
+        seeds=[0, 1, 2],
+        stress=True,
+    ),  # fmt: skip
+}
+
+
+class Stage:
+    """A cached step: ``done`` is true when its folder holds ``stage.json`` with the same settings."""
+
+    def __init__(self, root: str, name: str, settings: dict):
+        self.path = os.path.join(root, name)
+        self.settings = json.loads(json.dumps(settings, default=str))
+
+    @property
+    def done(self) -> bool:
+        marker = os.path.join(self.path, "stage.json")
+        if not os.path.exists(marker):
+            return False
+        with open(marker) as handle:
+            return json.load(handle) == self.settings
+
+    def begin(self) -> str:
+        """A fresh temporary folder to write into; ``finish`` renames it into place (never half-written)."""
+        self.tmp = self.path + ".partial"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        return self.tmp
+
+    def finish(self) -> None:
+        with open(os.path.join(self.tmp, "stage.json"), "w") as handle:
+            json.dump(self.settings, handle)
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.replace(self.tmp, self.path)
+
+
+def say(message: str) -> None:
+    print(f"[grace-quant demo] {message}", flush=True)
+
+
+def inject_outliers(model, fraction: float, scale: float, seed: int) -> list[int]:
+    """Function-preserving outliers: scale a few RMSNorm channels up by ``scale`` and the input columns of the
+    linears that read them down by ``scale`` (mimics the massive activations of pretrained LLMs)."""
+    generator = torch.Generator().manual_seed(seed)
+    channels_per_layer = []
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            hidden = layer.input_layernorm.weight.numel()
+            count = max(1, round(fraction * hidden))
+            for norm, consumers in (
+                (layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+                (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)),
+            ):
+                channels = torch.randperm(hidden, generator=generator)[:count]
+                norm.weight[channels] *= scale
+                for linear in consumers:
+                    linear.weight[:, channels] /= scale
+            channels_per_layer.append(count)
+    return channels_per_layer
+
+
+class Demo:
+    """Runs the stages of one demo under ``workdir``."""
+
+    def __init__(self, settings: DemoSettings, workdir: str, device: str | None = None):
+        self.settings = settings
+        self.workdir = workdir
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        os.makedirs(workdir, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ data, tokenizer, vision tower
+    def data_stage(self) -> Stage:
+        return Stage(self.workdir, "data", self.settings.key("train_size", "test_size"))
+
+    def prepare_data(self) -> None:
+        stage = self.data_stage()
+        if stage.done:
+            return
+        from .data import build_dataset
+        from .models import build_processor, prompt, train_tokenizer
+
+        say("building the dataset (MNIST digit grids) and training the tokenizer")
+        path = stage.begin()
+        dataset = build_dataset(self.settings.train_size, self.settings.test_size, seed=0)
+        dataset.save_to_disk(os.path.join(path, "dataset"))
+        texts = [
+            prompt(q) + " " + a[0]
+            for q, a in zip(dataset["train"]["question"], dataset["train"]["answers"], strict=True)
+        ]
+        build_processor(train_tokenizer(texts)).save_pretrained(os.path.join(path, "processor"))
+        stage.finish()
+
+    def load_data(self):
+        from datasets import load_from_disk
+        from transformers import AutoProcessor
+
+        path = self.data_stage().path
+        return load_from_disk(os.path.join(path, "dataset")), AutoProcessor.from_pretrained(
+            os.path.join(path, "processor")
+        )
+
+    def vision_stage(self) -> Stage:
+        return Stage(self.workdir, "vision", {**self.settings.key("train_size", "vision_steps"), "seed": 0})
+
+    def pretrain_vision(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
+
+        stage = self.vision_stage()
+        if not stage.done:
+            from .data import load_mnist
+            from .models import pretrain_vision
+
+            say(f"pretraining the vision tower to read digits ({self.settings.vision_steps} steps)")
+            dataset, processor = self.load_data()
+            _, labels = load_mnist()
+            pixels = processor.image_processor(list(dataset["train"]["image"]), return_tensors="pt")["pixel_values"]
+            digits = torch.tensor([[int(labels[j]) for j in ids] for ids in dataset["train"]["digit_ids"]])
+            state, losses = pretrain_vision(pixels, digits, self.settings.vision_steps, seed=0)
+            path = stage.begin()
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "tower.safetensors"))
+            with open(os.path.join(path, "losses.json"), "w") as handle:
+                json.dump(losses, handle)
+            stage.finish()
+        return load_file(os.path.join(stage.path, "tower.safetensors"))
+
+    # ------------------------------------------------------------------------------ fp models
+    def fp_stage(self, role: str) -> Stage:
+        steps = self.settings.teacher_steps if role == "teacher" else self.settings.student_steps
+        keys = self.settings.key("train_size", "vision_steps", "batch_size", "fp_lr")
+        return Stage(self.workdir, role if role == "teacher" else "fp_student", {**keys, "steps": steps, "role": role})
+
+    def train_fp_model(self, role: str) -> str:
+        stage = self.fp_stage(role)
+        if stage.done:
+            return stage.path
+        from .models import build_llava
+        from .train import Collator, encode, train_fp
+
+        steps = self.settings.teacher_steps if role == "teacher" else self.settings.student_steps
+        say(f"training the {role} ({steps} steps)")
+        dataset, processor = self.load_data()
+        model = build_llava(role, processor.tokenizer, self.pretrain_vision(), seed=1 if role == "teacher" else 2)
+        path = stage.begin()
+        examples = encode(dataset["train"], processor)
+        train_fp(model, examples, Collator(processor.tokenizer.pad_token_id), os.path.join(path, "run"), steps,
+                 self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device)  # fmt: skip
+        shutil.rmtree(os.path.join(path, "run"), ignore_errors=True)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        stage.finish()
+        return stage.path
+
+    def stress_student(self) -> str:
+        """The fp student with function-preserving outliers (the synthetic stress setting)."""
+        from transformers import AutoModelForImageTextToText
+
+        keys = self.settings.key("outlier_fraction", "outlier_scale")
+        stage = Stage(self.workdir, "fp_student_stress", {**self.fp_stage("student").settings, **keys})
+        if not stage.done:
+            say("injecting function-preserving outliers into the fp student (synthetic stress setting)")
+            model = AutoModelForImageTextToText.from_pretrained(self.fp_stage("student").path)
+            inject_outliers(model, self.settings.outlier_fraction, self.settings.outlier_scale, seed=0)
+            path = stage.begin()
+            model.save_pretrained(path)
+            _, processor = self.load_data()
+            processor.save_pretrained(path)
+            stage.finish()
+        return stage.path
+
+    # ---------------------------------------------------------------------------- INT4 models
+    def grace_config(self, mode: str) -> GraceConfig:
+        return GraceConfig(bits=self.settings.bits, group_size=self.settings.group_size, mode=mode)
+
+    def rtn(self, fp_path: str, name: str) -> str:
+        """Round-to-nearest (MSE-grid scales) INT4 straight from the fp checkpoint: INT4 on load, then saved."""
+        from transformers import AutoModelForImageTextToText
+
+        stage = Stage(self.workdir, name, {"from": fp_path, **self.settings.key("bits", "group_size")})
+        if not stage.done:
+            say(f"{name}: INT4 on load (round to nearest)")
+            model = AutoModelForImageTextToText.from_pretrained(
+                fp_path, quantization_config=self.grace_config("packed")
+            )
+            path = stage.begin()
+            model.save_pretrained(path)
+            self.load_data()[1].save_pretrained(path)
+            stage.finish()
+        return stage.path
+
+    def qat(self, fp_path: str, method: str, seed: int, name: str) -> str:
+        from transformers import AutoModelForImageTextToText
+
+        from .train import Collator, encode, train_qat
+
+        keys = self.settings.key("qat_steps", "qat_lr", "batch_size", "bits", "group_size", "train_size")
+        stage = Stage(self.workdir, name, {"from": fp_path, "method": method, "seed": seed, **keys})
+        if stage.done:
+            return stage.path
+        say(f"{name}: {method} QAT, seed {seed} ({self.settings.qat_steps} steps)")
+        dataset, processor = self.load_data()
+        torch.manual_seed(seed)
+        student = AutoModelForImageTextToText.from_pretrained(fp_path, quantization_config=self.grace_config("qat"))
+        teacher = AutoModelForImageTextToText.from_pretrained(self.fp_stage("teacher").path)
+        path = stage.begin()
+        examples = encode(dataset["train"], processor)
+        train_qat(student.to(self.device), teacher.to(self.device), method, examples,
+                  Collator(processor.tokenizer.pad_token_id), path, self.settings.qat_steps,
+                  self.settings.batch_size, self.settings.qat_lr, seed, self.device)  # fmt: skip
+        processor.save_pretrained(path)
+        stage.finish()
+        return stage.path
+
+    # ------------------------------------------------------------------------------- evaluation
+    def evaluate(self, name: str, path: str, teacher_answers: list[str] | None) -> dict:
+        from transformers import AutoModelForImageTextToText
+
+        from grace_quant.evaluation import answer_token_kl, generate_answers, load_metric, same_answer_rate
+
+        from .models import prompt
+
+        cache = os.path.join(path, "eval.json")
+        stamp = {"test_size": self.settings.test_size, "train_size": self.settings.train_size}
+        if os.path.exists(cache):
+            with open(cache) as handle:
+                saved = json.load(handle)
+            if saved.get("stamp") == stamp and (teacher_answers is None or "same_answer" in saved):
+                return saved
+        say(f"evaluating {name} through from_pretrained + generate")
+        dataset, processor = self.load_data()
+        test = dataset["test"]
+        model = AutoModelForImageTextToText.from_pretrained(path).to(self.device)
+        images, questions = list(test["image"]), list(test["question"])
+        template = "<image>" + prompt("{question}")
+        answers = generate_answers(model, processor, images, questions, batch_size=self.settings.eval_batch_size,
+                                   max_new_tokens=12, template=template)  # fmt: skip
+        references = [a[0] for a in test["answers"]]
+        exact = load_metric("exact_match")
+        result = {
+            "stamp": stamp,
+            "answers": answers,
+            "exact_match": exact.compute(predictions=answers, references=references)["exact_match"],
+        }
+        result["per_type"] = {}
+        for kind in sorted(set(test["kind"])):
+            rows = [i for i, k in enumerate(test["kind"]) if k == kind]
+            hits = exact.compute(predictions=[answers[i] for i in rows], references=[references[i] for i in rows])
+            result["per_type"][kind] = hits["exact_match"]
+        result["hits"] = [int(a.strip() == r.strip()) for a, r in zip(answers, references, strict=True)]
+        result["bytes"] = sum(
+            os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")
+        )
+        if teacher_answers is not None:
+            teacher = AutoModelForImageTextToText.from_pretrained(self.fp_stage("teacher").path).to(self.device)
+            result["token_kl"] = answer_token_kl(model, teacher, processor, images, questions, teacher_answers,
+                                                 batch_size=self.settings.eval_batch_size, template=template)  # fmt: skip
+            result["same_answer"] = same_answer_rate(answers, teacher_answers)
+        with open(cache, "w") as handle:
+            json.dump(result, handle)
+        return result
+
+    # ---------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self.prepare_data()
+        self.pretrain_vision()
+        teacher_path = self.train_fp_model("teacher")
+        student_path = self.train_fp_model("student")
+        models: dict[str, list[str]] = {"teacher": [teacher_path], "fp_student": [student_path]}
+        models["rtn"] = [self.rtn(student_path, "rtn")]
+        for method in ("qat", "qat_kd", "grace"):
+            models[method] = [
+                self.qat(student_path, method, seed, f"{method}_seed{seed}") for seed in self.settings.seeds
+            ]
+        if self.settings.stress:
+            stressed = self.stress_student()
+            models["fp_student_stress"] = [stressed]
+            models["rtn_stress"] = [self.rtn(stressed, "rtn_stress")]
+            models["grace_stress"] = [
+                self.qat(stressed, "grace", s, f"grace_stress_seed{s}") for s in self.settings.seeds
+            ]
+        teacher_eval = self.evaluate("teacher", teacher_path, None)
+        results = {"settings": dataclasses.asdict(self.settings), "device": self.device, "methods": {}}
+        for name, paths in models.items():
+            runs = [self.evaluate(name, p, None if name == "teacher" else teacher_eval["answers"]) for p in paths]
+            results["methods"][name] = {
+                "paths": paths,
+                "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs],
+            }
+        results["seconds"] = time.perf_counter() - start
+        return copy.deepcopy(results)

@@ -1,0 +1,162 @@
+"""The offline demo: its task data, metrics, outlier injection, and a quick end-to-end run (structure only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from grace_quant.demo.data import POSITIONS, build_dataset, grid_image, load_mnist, split_pools
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist()
+
+
+def test_mnist_pools_are_disjoint_and_balanced(mnist):
+    images, labels = mnist
+    assert images.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    train, test = split_pools(labels)
+    assert not set(train.tolist()) & set(test.tolist())
+    assert np.bincount(labels[train]).tolist() == [400] * 10 and np.bincount(labels[test]).tolist() == [100] * 10
+
+
+def test_dataset_is_deterministic_and_test_digits_never_train(mnist):
+    a, b = build_dataset(40, 12, seed=3), build_dataset(40, 12, seed=3)
+    for split in ("train", "test"):
+        assert a[split]["question"] == b[split]["question"] and a[split]["answers"] == b[split]["answers"]
+        assert a[split]["digit_ids"] == b[split]["digit_ids"]
+        assert np.array_equal(np.asarray(a[split][0]["image"]), np.asarray(b[split][0]["image"]))
+    train_digits = {i for ids in a["train"]["digit_ids"] for i in ids}
+    test_digits = {i for ids in a["test"]["digit_ids"] for i in ids}
+    assert not train_digits & test_digits
+    assert build_dataset(40, 12, seed=4)["train"]["digit_ids"] != a["train"]["digit_ids"]
+
+
+def test_answers_and_images_match_the_digits(mnist):
+    images, labels = mnist
+    data = build_dataset(60, 4, seed=0)["train"]
+    for row in data:
+        digits = [int(labels[i]) for i in row["digit_ids"]]
+        question, answer = row["question"], row["answers"][0]
+        if row["kind"] == "read":
+            expected = " ".join(map(str, digits))
+        elif row["kind"] == "max":
+            expected = str(max(digits))
+        elif row["kind"] == "count":
+            expected = str(len([d for d in digits if d >= 5]))
+        else:
+            slot = [i for i, p in enumerate(POSITIONS) if f"the {p}?" in question]
+            assert len(slot) == 1
+            expected = str(digits[slot[0]])
+        assert answer == expected, (question, digits)
+        pixels = np.asarray(row["image"].convert("L"))
+        assert np.array_equal(pixels[:28, 28:], images[row["digit_ids"][1]])  # top right
+        assert np.array_equal(pixels[28:, :28], images[row["digit_ids"][2]])  # bottom left
+    assert np.asarray(grid_image(images, np.array([0, 1, 2, 3]))).shape == (56, 56, 3)
+
+
+def test_shipped_metrics_on_hand_worked_cases(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    from grace_quant.evaluation import load_metric
+
+    exact = load_metric("exact_match")
+    assert exact.compute(predictions=["7", " 1  2 3 4", "x"], references=[["7"], ["1 2 3 4"], ["y"]])[
+        "exact_match"
+    ] == pytest.approx(2 / 3)
+    vqa = load_metric("vqa_accuracy")
+    # 'Two' normalises to '2' (10/10 annotators); 'yes' has 2 of 10: leave-one-out mean = (2*(1/3) + 8*(2/3)) / 10
+    result = vqa.compute(predictions=["Two", "yes"], references=[["2"] * 10, ["yes", "yes"] + ["no"] * 8])
+    assert result["vqa_accuracy"] == pytest.approx((1.0 + 0.6) / 2)
+    assert vqa.compute(predictions=["the cat."], references=[["cat"]])["vqa_accuracy"] == 1.0  # article, period
+    with pytest.raises(ValueError, match="unknown metric"):
+        load_metric("bleu")
+
+
+def test_outlier_injection_preserves_the_function():
+    from grace_quant.demo.pipeline import inject_outliers
+    from grace_quant.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("llava-untied").double()
+    inputs = tiny_inputs(model)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    with torch.no_grad():
+        before = model(**inputs).logits
+        counts = inject_outliers(model, 0.05, 30.0, seed=0)
+        after = model(**inputs).logits
+    assert counts == [3, 3]  # 5% of 64 channels, per layer
+    assert model.model.language_model.layers[0].input_layernorm.weight.abs().max() > 10
+    assert torch.allclose(before, after, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    from grace_quant.demo.pipeline import PRESETS, Demo
+    from grace_quant.demo.report import write_report
+
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    settings = PRESETS["quick"]
+    results = Demo(settings, workdir, device="cpu").run()
+    report = write_report(results, workdir)
+    return workdir, results, report
+
+
+def test_quick_demo_runs_the_whole_pipeline(quick_demo):
+    from grace_quant import AutoModelForVision2Seq, GraceQuantLinear
+    from grace_quant.surgery import grace_layers
+
+    workdir, results, report = quick_demo
+    assert set(results["methods"]) == {"teacher", "fp_student", "rtn", "qat", "qat_kd", "grace"}
+    for name, entry in results["methods"].items():
+        for run in entry["runs"]:
+            assert 0.0 <= run["exact_match"] <= 1.0 and set(run["per_type"]) == {"count", "max", "position", "read"}
+            if name != "teacher":
+                assert math.isfinite(run["token_kl"]) and run["token_kl"] >= 0 and 0 <= run["same_answer"] <= 1
+    for name in ("rtn", "qat", "qat_kd", "grace"):
+        path = results["methods"][name]["paths"][0]
+        model = AutoModelForVision2Seq.from_pretrained(path)  # the deployment path the demo evaluated
+        layers = dict(grace_layers(model))
+        assert layers and all(isinstance(layer, GraceQuantLinear) for layer in layers.values())
+        assert results["methods"][name]["runs"][0]["bytes"] < results["methods"]["fp_student"]["runs"][0]["bytes"]
+    with open(os.path.join(workdir, "results.json")) as handle:
+        saved = json.load(handle)
+    assert set(saved["summary"]) == set(results["methods"]) and len(saved["targets"]) == 3
+    assert all(os.path.getsize(os.path.join(workdir, p)) > 0 for p in ("accuracy.png", "grace_training.png"))
+    assert "GRACE INT4" in report
+    logs = json.load(open(os.path.join(results["methods"]["grace"]["paths"][0], "trainer_log.json")))
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["beta"]) for e in logs if "loss" in e)
+
+
+def test_second_run_reuses_finished_stages(quick_demo):
+    from grace_quant.demo.pipeline import PRESETS, Demo
+
+    workdir, results, _ = quick_demo
+    stamp = {
+        name: os.path.getmtime(os.path.join(p, "model.safetensors"))
+        for name, e in results["methods"].items()
+        for p in e["paths"]
+    }
+    again = Demo(PRESETS["quick"], workdir, device="cpu").run()
+    assert again["methods"]["grace"]["runs"] == results["methods"]["grace"]["runs"]
+    for name, entry in again["methods"].items():
+        for p in entry["paths"]:
+            assert os.path.getmtime(os.path.join(p, "model.safetensors")) == stamp[name]
+
+
+def test_eval_command_scores_a_saved_model(quick_demo, capsys):
+    from grace_quant.cli import main
+
+    workdir, results, _ = quick_demo
+    out = os.path.join(workdir, "eval.json")
+    code = main(["eval", results["methods"]["grace"]["paths"][0], "--dataset", os.path.join(workdir, "data", "dataset"),
+                 "--limit", "8", "--template", "<image>Q: {question} A:", "--output", out])  # fmt: skip
+    assert code == 0
+    saved = json.load(open(out))
+    assert len(saved["predictions"]) == 8 and 0 <= saved["scores"]["vqa_accuracy"] <= 1
+    assert "8 questions: exact match" in capsys.readouterr().out
+    assert main(["eval", workdir, "--dataset", workdir]) == 2  # not a model folder: one-line error
