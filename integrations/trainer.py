@@ -211,7 +211,8 @@ class GraceTrainerMixin:
                 gdkd = per_token.sum() / max(local_tokens, 1)
         rcka = zero
         if use_rcka:
-            mask, sizes = tokens_per_image(model, model_inputs)
+            # `model` may be wrapped (DDP, FSDP): the config lives on the unwrapped model
+            mask, sizes = tokens_per_image(self.accelerator.unwrap_model(model), model_inputs)
             if mask is not None and sizes:
                 student_hidden = outputs.hidden_states[args.rcka_layer]
                 teacher_hidden = teacher_out.hidden_states[args.rcka_layer].to(student_hidden.device)
@@ -290,13 +291,36 @@ class GraceTrainerMixin:
             super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------ saving / resume
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """User calls write the packed INT4 model; the Trainer's own checkpoints write qat-master weights."""
-        self._writing_checkpoint = _internal_call
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's own checkpoints (checkpoint-N) hold qat-master weights and the controller: exact resume.
+
+        Every other save (``save_model``, ``push_to_hub``) writes the packed INT4 model.
+        """
+        self._writing_checkpoint = True
         try:
-            super().save_model(output_dir, _internal_call=_internal_call)
+            super()._save_checkpoint(model, trial)
         finally:
             self._writing_checkpoint = False
+
+    def create_model_card(self, *args: Any, finetuned_from: str | None = None, **kwargs: Any) -> None:
+        """README.md for ``push_to_hub``: the GRACE model card (settings, teacher, final beta, how to load)."""
+        if not self.is_world_process_zero():
+            return
+        from grace_quant.integrations.hub import grace_model_card
+
+        model = self.accelerator.unwrap_model(self.model)
+        knobs = ("kd_loss", "kd_temperature", "dkd_alpha", "dkd_beta", "confidence_gate", "rcka_weight",
+                 "rcka_warmup_steps", "controller", "ib_tau", "ib_eta", "scale_lr_multiplier", "learning_rate")  # fmt: skip
+        settings = {name: getattr(self.args, name) for name in knobs}
+        settings.update({"optimizer steps": self.state.global_step, "final beta": round(self.controller.beta, 6)})
+        teacher = getattr(getattr(self.teacher_model, "config", None), "_name_or_path", None) or None
+        base = finetuned_from or getattr(model.config, "_name_or_path", None) or None
+        card = grace_model_card(model, base_model=base, teacher=teacher, training_settings=settings,
+                                repo_id=self.hub_model_id)  # fmt: skip
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path + ".tmp", "w") as handle:
+            handle.write(card)
+        os.replace(path + ".tmp", path)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -359,3 +359,57 @@ def test_from_pretrained_reads_a_hub_cache_offline(grace_dir, grace_model, tmp_p
     )
     _run(CACHE_SCRIPT, env, str(tmp_path / "logits.pt"))
     assert torch.equal(torch.load(tmp_path / "logits.pt"), _logits(grace_model))
+
+
+TRAINER_PUSH_SCRIPT = """
+import json, sys
+args = json.loads(sys.argv[1])
+import torch
+from safetensors.torch import save_file
+from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+from grace_quant.testing import collate, tiny_dataset, tiny_inputs, tiny_model
+
+student = quantize_model(tiny_model("llava"), GraceConfig(group_size=32))
+teacher = tiny_model("llava", seed=1, hidden=96)
+targs = GraceTrainingArguments(
+    output_dir=args["out"], max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+    save_strategy="no", push_to_hub=True, hub_model_id="org/trainer-tiny", hub_token=args["token"],
+    disable_tqdm=True,
+)
+trainer = GraceTrainer(model=student, teacher_model=teacher, args=targs, train_dataset=tiny_dataset(student, 4),
+                       data_collator=collate)
+trainer.train()
+trainer.push_to_hub()
+student.eval()
+with torch.no_grad():
+    save_file({"logits": student(**tiny_inputs(student)).logits}, args["logits"])
+print("RESULT " + json.dumps({"beta": trainer.controller.beta}))
+"""
+
+
+def test_grace_trainer_push_uploads_packed_int4_and_the_grace_card(tmp_path):
+    """Trainer.push_to_hub saves through save_model (packed INT4), never the qat-master checkpoint format."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from grace_quant import GraceQuantLinear
+    from grace_quant.surgery import grace_layers
+
+    hub = FakeHub(tmp_path / "server", TOKEN)
+    try:
+        env = _subprocess_env(tmp_path, HF_ENDPOINT=hub.url)
+        args = {"out": str(tmp_path / "run"), "token": TOKEN, "logits": str(tmp_path / "logits.safetensors")}
+        process = _run(TRAINER_PUSH_SCRIPT, env, json.dumps(args))
+        beta = json.loads(process.stdout.split("RESULT ", 1)[1])["beta"]
+        files = hub.files("org/trainer-tiny")
+        assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+        with safe_open(str(hub.root / "org/trainer-tiny" / "model.safetensors"), framework="pt") as handle:
+            assert handle.metadata()["grace_checkpoint"] == "packed"
+        card = files["README.md"].decode()
+        assert "import grace_quant" in card and f"{round(beta, 6)}" in card
+        model = AutoModelForVision2Seq.from_pretrained(hub.root / "org/trainer-tiny")
+        assert all(isinstance(layer, GraceQuantLinear) for _, layer in grace_layers(model))
+        assert torch.equal(_logits(model), load_file(args["logits"])["logits"])
+        assert TOKEN not in process.stdout + process.stderr
+    finally:
+        hub.close()

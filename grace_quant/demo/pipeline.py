@@ -60,15 +60,7 @@ PRESETS = {
         seeds=[0],
     ),  # fmt: skip
     "default": DemoSettings(),
-    "full": DemoSettings(
-        train_size=8000,
-        test_size=2000,
-        teacher_steps=1200,
-        student_steps=1000,
-        qat_steps=300,
-        seeds=[0, 1, 2],
-        stress=True,
-    ),  # fmt: skip
+    "full": DemoSettings(test_size=2000, seeds=[0, 1, 2], stress=True),
 }
 
 
@@ -243,7 +235,7 @@ class Demo:
         """Round-to-nearest (MSE-grid scales) INT4 straight from the fp checkpoint: INT4 on load, then saved."""
         from transformers import AutoModelForImageTextToText
 
-        stage = Stage(self.workdir, name, {"from": fp_path, **self.settings.key("bits", "group_size")})
+        stage = Stage(self.workdir, name, {"from": os.path.relpath(fp_path, self.workdir), **self.settings.key("bits", "group_size")})
         if not stage.done:
             say(f"{name}: INT4 on load (round to nearest)")
             model = AutoModelForImageTextToText.from_pretrained(
@@ -261,7 +253,7 @@ class Demo:
         from .train import Collator, encode, train_qat
 
         keys = self.settings.key("qat_steps", "qat_lr", "batch_size", "bits", "group_size", "train_size")
-        stage = Stage(self.workdir, name, {"from": fp_path, "method": method, "seed": seed, **keys})
+        stage = Stage(self.workdir, name, {"from": os.path.relpath(fp_path, self.workdir), "method": method, "seed": seed, **keys})
         if stage.done:
             return stage.path
         say(f"{name}: {method} QAT, seed {seed} ({self.settings.qat_steps} steps)")
