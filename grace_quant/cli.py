@@ -229,11 +229,13 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workdir", default="grace_demo_artifacts", help="folder for models, results and plots")
     parser.add_argument(
         "--preset",
-        choices=("quick", "default", "full"),
+        choices=("quick", "default", "full", "gpu"),
         default="default",
-        help="quick: a CI-sized smoke run (~2 min); default: one seed (~10 min on 2 CPU cores); full: 3 seeds, "
-        "2,000 test questions and the outlier stress setting (the numbers the README quotes)",
+        help="quick: a CI-sized smoke run (under a minute); default: one seed (~6 min on 2 CPU cores); full: 3 "
+        "seeds, 2,000 test questions and the outlier stress setting (the numbers the README quotes); gpu: a "
+        "wider/deeper teacher and student and harder questions (digit sums), for a GPU",
     )
+    parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--seeds", type=int, nargs="+", help="QAT seeds (overrides the preset)")
     parser.add_argument("--stress", action="store_true", help="also run the synthetic outlier stress setting")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -246,7 +248,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from grace_quant.demo.pipeline import PRESETS, Demo
     from grace_quant.demo.report import write_report
 
-    settings = dataclasses.replace(PRESETS[args.preset])
+    settings = dataclasses.replace(PRESETS["quick" if args.quick else args.preset])
     if args.seeds:
         settings.seeds = args.seeds
     if args.stress:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from grace_quant.demo.data import POSITIONS, build_dataset, grid_image, load_mnist, split_pools
+from grace_quant.demo.data import HARD_QUESTION_TYPES, POSITIONS, build_dataset, grid_image, load_mnist, split_pools
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_dataset_is_deterministic_and_test_digits_never_train(mnist):
 
 def test_answers_and_images_match_the_digits(mnist):
     images, labels = mnist
-    data = build_dataset(60, 4, seed=0)["train"]
+    data = build_dataset(60, 4, seed=0, kinds=HARD_QUESTION_TYPES)["train"]
+    assert set(data["kind"]) == set(HARD_QUESTION_TYPES)
     for row in data:
         digits = [int(labels[i]) for i in row["digit_ids"]]
         question, answer = row["question"], row["answers"][0]
@@ -50,6 +51,8 @@ def test_answers_and_images_match_the_digits(mnist):
             expected = str(max(digits))
         elif row["kind"] == "count":
             expected = str(len([d for d in digits if d >= 5]))
+        elif row["kind"] == "sum":
+            expected = str(digits[0] + digits[1] + digits[2] + digits[3])
         else:
             slot = [i for i, p in enumerate(POSITIONS) if f"the {p}?" in question]
             assert len(slot) == 1
@@ -160,3 +163,39 @@ def test_eval_command_scores_a_saved_model(quick_demo, capsys):
     assert len(saved["predictions"]) == 8 and 0 <= saved["scores"]["vqa_accuracy"] <= 1
     assert "8 questions: exact match" in capsys.readouterr().out
     assert main(["eval", workdir, "--dataset", workdir]) == 2  # not a model folder: one-line error
+
+
+def test_gpu_preset_models_build_and_answer_shapes():
+    """The GPU preset's wider models and harder questions go through the same code (not trained here)."""
+    from transformers import CLIPVisionModel
+
+    from grace_quant.demo.models import (
+        VISUAL_TOKENS,
+        build_llava,
+        build_processor,
+        prompt,
+        train_tokenizer,
+        vision_config,
+    )
+    from grace_quant.demo.pipeline import PRESETS
+    from grace_quant.demo.train import Collator, encode
+
+    settings = PRESETS["gpu"]
+    data = build_dataset(8, 2, seed=0, kinds=settings.question_types)
+    processor = build_processor(
+        train_tokenizer(
+            [prompt(q) + " " + a[0] for q, a in zip(data["train"]["question"], data["train"]["answers"], strict=True)]
+        )
+    )
+    examples = encode(data["train"], processor)
+    tower = CLIPVisionModel(vision_config()).state_dict()
+    batch = Collator(processor.tokenizer.pad_token_id)(examples[:2])
+    for size in (settings.teacher_lm, settings.student_lm):
+        model = build_llava(size, processor.tokenizer, tower, seed=0)
+        text = model.config.text_config
+        assert (text.hidden_size, text.num_hidden_layers) == size and text.hidden_size // text.num_attention_heads == 16
+        out = model(**batch)
+        assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.loss)
+    assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum(1).tolist() == [
+        VISUAL_TOKENS
+    ] * 2

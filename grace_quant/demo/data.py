@@ -17,6 +17,7 @@ from PIL import Image
 
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_TYPES = ("position", "read", "max", "count")
+HARD_QUESTION_TYPES = (*QUESTION_TYPES, "sum")  # the GPU preset adds arithmetic over all four digits
 TRAIN_PER_CLASS = 400
 IMAGE_SIZE = 56
 
@@ -69,6 +70,8 @@ def ask(kind: str, digits: list[int], rng: np.random.Generator) -> tuple[str, st
         return "What is the largest digit?", str(max(digits))
     if kind == "count":
         return "How many digits are greater than four?", str(sum(d > 4 for d in digits))
+    if kind == "sum":
+        return "What is the sum of the four digits?", str(sum(digits))
     raise ValueError(f"unknown question type {kind!r}")
 
 
@@ -81,20 +84,22 @@ class Example:
     digit_ids: list[int]
 
 
-def make_examples(count: int, pool: np.ndarray, images: np.ndarray, labels: np.ndarray, seed: int) -> list[Example]:
-    """``count`` examples with question types in equal shares, digits drawn from ``pool``."""
+def make_examples(
+    count: int, pool: np.ndarray, images: np.ndarray, labels: np.ndarray, seed: int, kinds=QUESTION_TYPES
+) -> list[Example]:
+    """``count`` examples with question ``kinds`` in equal shares, digits drawn from ``pool``."""
     rng = np.random.default_rng(seed)
     examples = []
     for i in range(count):
         chosen = rng.choice(pool, size=4, replace=False)
         digits = [int(labels[j]) for j in chosen]
-        kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        kind = kinds[i % len(kinds)]
         question, answer = ask(kind, digits, rng)
         examples.append(Example(grid_image(images, chosen), question, answer, kind, [int(j) for j in chosen]))
     return examples
 
 
-def build_dataset(train_size: int, test_size: int, seed: int = 0):
+def build_dataset(train_size: int, test_size: int, seed: int = 0, kinds: tuple[str, ...] = QUESTION_TYPES):
     """The task as a ``datasets.DatasetDict`` with columns image / question / answers / kind / digit_ids."""
     from datasets import Dataset, DatasetDict, Features, Sequence, Value
     from datasets import Image as ImageFeature
@@ -115,6 +120,6 @@ def build_dataset(train_size: int, test_size: int, seed: int = 0):
         return Dataset.from_dict(columns, features=features)
 
     return DatasetDict(
-        train=to_dataset(make_examples(train_size, train_pool, images, labels, seed)),
-        test=to_dataset(make_examples(test_size, test_pool, images, labels, seed + 1)),
+        train=to_dataset(make_examples(train_size, train_pool, images, labels, seed, tuple(kinds))),
+        test=to_dataset(make_examples(test_size, test_pool, images, labels, seed + 1, tuple(kinds))),
     )

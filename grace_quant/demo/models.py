@@ -28,10 +28,13 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 PATCH = 14
 VISUAL_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 16, the CLS token is dropped
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-LANGUAGE = {
-    "teacher": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
-    "student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4),
-}
+# (hidden size, layers) of the Llama language models; the MLP is 3x wide, heads are 16-d (at least 4)
+LANGUAGE = {"teacher": (128, 4), "student": (64, 2)}
+
+
+def language_config(hidden: int, layers: int) -> dict:
+    heads = max(4, hidden // 16)
+    return dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads)
 
 
 def prompt(question: str) -> str:
@@ -73,10 +76,12 @@ def vision_config() -> CLIPVisionConfig:
     return CLIPVisionConfig(**VISION, image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=VISION["hidden_size"])
 
 
-def llava_config(role: str, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
-    """Teacher or student configuration; both share the tokenizer (GRACE distils token distributions)."""
+def llava_config(size: tuple[int, int], tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    """Teacher or student configuration of LM ``size`` (hidden, layers); both share the tokenizer (GRACE
+    distils token distributions)."""
+    language = language_config(*size)
     text = LlamaConfig(
-        **LANGUAGE[role], num_key_value_heads=LANGUAGE[role]["num_attention_heads"], vocab_size=len(tokenizer),
+        **language, num_key_value_heads=language["num_attention_heads"], vocab_size=len(tokenizer),
         max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip

@@ -43,6 +43,9 @@ class DemoSettings:
     outlier_fraction: float = 0.05
     outlier_scale: float = 30.0
     eval_batch_size: int = 100
+    teacher_lm: tuple[int, int] = (128, 4)  # (hidden size, layers) of the language model
+    student_lm: tuple[int, int] = (64, 2)
+    question_types: tuple[str, ...] = ("position", "read", "max", "count")
 
     def key(self, *names: str) -> dict:
         return {name: getattr(self, name) for name in names}
@@ -61,6 +64,22 @@ PRESETS = {
     ),  # fmt: skip
     "default": DemoSettings(),
     "full": DemoSettings(test_size=2000, seeds=[0, 1, 2], stress=True),
+    # for a GPU: a wider and deeper teacher and student, and harder questions (the sum of the four digits)
+    "gpu": DemoSettings(
+        train_size=20000,
+        test_size=2000,
+        vision_steps=1500,
+        teacher_steps=8000,
+        student_steps=6000,
+        qat_steps=1500,
+        batch_size=64,
+        teacher_lm=(512, 8),
+        student_lm=(256, 4),
+        group_size=64,
+        seeds=[0, 1, 2],
+        stress=True,
+        question_types=("position", "read", "max", "count", "sum"),
+    ),  # fmt: skip
 }
 
 
@@ -130,7 +149,7 @@ class Demo:
 
     # ------------------------------------------------------------------ data, tokenizer, vision tower
     def data_stage(self) -> Stage:
-        return Stage(self.workdir, "data", self.settings.key("train_size", "test_size"))
+        return Stage(self.workdir, "data", self.settings.key("train_size", "test_size", "question_types"))
 
     def prepare_data(self) -> None:
         stage = self.data_stage()
@@ -141,7 +160,7 @@ class Demo:
 
         say("building the dataset (MNIST digit grids) and training the tokenizer")
         path = stage.begin()
-        dataset = build_dataset(self.settings.train_size, self.settings.test_size, seed=0)
+        dataset = build_dataset(self.settings.train_size, self.settings.test_size, 0, self.settings.question_types)
         dataset.save_to_disk(os.path.join(path, "dataset"))
         texts = [
             prompt(q) + " " + a[0]
@@ -160,7 +179,8 @@ class Demo:
         )
 
     def vision_stage(self) -> Stage:
-        return Stage(self.workdir, "vision", {**self.settings.key("train_size", "vision_steps"), "seed": 0})
+        keys = self.settings.key("train_size", "vision_steps", "question_types")
+        return Stage(self.workdir, "vision", {**keys, "seed": 0})
 
     def pretrain_vision(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save_file
@@ -186,8 +206,10 @@ class Demo:
     # ------------------------------------------------------------------------------ fp models
     def fp_stage(self, role: str) -> Stage:
         steps = self.settings.teacher_steps if role == "teacher" else self.settings.student_steps
-        keys = self.settings.key("train_size", "vision_steps", "batch_size", "fp_lr")
-        return Stage(self.workdir, role if role == "teacher" else "fp_student", {**keys, "steps": steps, "role": role})
+        keys = self.settings.key("train_size", "vision_steps", "batch_size", "fp_lr", "question_types")
+        size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
+        settings = {**keys, "steps": steps, "role": role, "size": list(size)}
+        return Stage(self.workdir, role if role == "teacher" else "fp_student", settings)
 
     def train_fp_model(self, role: str) -> str:
         stage = self.fp_stage(role)
@@ -199,7 +221,8 @@ class Demo:
         steps = self.settings.teacher_steps if role == "teacher" else self.settings.student_steps
         say(f"training the {role} ({steps} steps)")
         dataset, processor = self.load_data()
-        model = build_llava(role, processor.tokenizer, self.pretrain_vision(), seed=1 if role == "teacher" else 2)
+        size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
+        model = build_llava(size, processor.tokenizer, self.pretrain_vision(), seed=1 if role == "teacher" else 2)
         path = stage.begin()
         examples = encode(dataset["train"], processor)
         train_fp(model, examples, Collator(processor.tokenizer.pad_token_id), os.path.join(path, "run"), steps,
@@ -235,7 +258,11 @@ class Demo:
         """Round-to-nearest (MSE-grid scales) INT4 straight from the fp checkpoint: INT4 on load, then saved."""
         from transformers import AutoModelForImageTextToText
 
-        stage = Stage(self.workdir, name, {"from": os.path.relpath(fp_path, self.workdir), **self.settings.key("bits", "group_size")})
+        stage = Stage(
+            self.workdir,
+            name,
+            {"from": os.path.relpath(fp_path, self.workdir), **self.settings.key("bits", "group_size")},
+        )
         if not stage.done:
             say(f"{name}: INT4 on load (round to nearest)")
             model = AutoModelForImageTextToText.from_pretrained(
@@ -253,7 +280,9 @@ class Demo:
         from .train import Collator, encode, train_qat
 
         keys = self.settings.key("qat_steps", "qat_lr", "batch_size", "bits", "group_size", "train_size")
-        stage = Stage(self.workdir, name, {"from": os.path.relpath(fp_path, self.workdir), "method": method, "seed": seed, **keys})
+        stage = Stage(
+            self.workdir, name, {"from": os.path.relpath(fp_path, self.workdir), "method": method, "seed": seed, **keys}
+        )
         if stage.done:
             return stage.path
         say(f"{name}: {method} QAT, seed {seed} ({self.settings.qat_steps} steps)")
