@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import quant_linear_reference
+from .reference import dequantize, quant_linear_reference
 
 OP_NAME = "grace_quant::w4a16_linear"
 
@@ -42,7 +42,24 @@ def _define():
 
     w4a16_linear.register_kernel("cuda")(_cuda)
     w4a16_linear.register_fake(_fake)
+    w4a16_linear.register_autograd(_backward, setup_context=_setup_context)
     return torch.ops.grace_quant.w4a16_linear
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, packed, scales, bias, group_size = inputs
+    ctx.save_for_backward(packed, scales)
+    ctx.group_size = group_size
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """``dL/dx = dL/dy @ W`` and ``dL/db = sum dL/dy``; the packed weights and scales are frozen buffers."""
+    packed, scales = ctx.saved_tensors
+    weight = dequantize(packed, scales, ctx.group_size, 4).to(grad.dtype)
+    grad_x = grad @ weight
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, grad_bias, None
 
 
 def _lookup():
