@@ -129,7 +129,7 @@ def test_usage_errors_exit_2(capsys):
 def test_parser_has_one_subcommand_per_function():
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if a.dest == "command"]
-    assert set(subparsers.choices) == {"quantize", "export", "import-awq", "push"}
+    assert set(subparsers.choices) == {"quantize", "export", "import-awq", "push", "demo", "eval"}
     for name, sub in subparsers.choices.items():
         assert sub.get_default("func").__name__ == f"run_{name.replace('-', '_')}"
         assert "example:" in sub.format_help()
