@@ -101,9 +101,12 @@ def plot(results: dict, rows: dict[str, dict], workdir: str) -> list[str]:
     ax.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], rotation=30, ha="right")
     ax.set_ylabel("exact match (%)")
     seeds = max(r["seeds"] for r in rows.values())
-    ax.set_title(
-        f"MNIST-grid VQA, {results['settings']['test_size']} test questions; 95% CI ({'over seeds' if seeds > 1 else 'binomial'})"
+    bars = (
+        "95% CI: t over seeds for multi-seed runs, binomial over questions otherwise"
+        if seeds > 1
+        else "95% CI (binomial)"
     )
+    ax.set_title(f"MNIST-grid VQA, {results['settings']['test_size']} test questions; {bars}", fontsize=10)
     low = min(v - e for v, e in zip(values, errors, strict=True))
     ax.set_ylim(max(0, low - 5), 100)
     fig.tight_layout()
