@@ -147,7 +147,7 @@ def main() -> None:
     ]
     for row in rows:
         lines.append(f"| {row['arm']} | {row['median_s'] * 1e3:.1f} | {row['median_s'] / plain['median_s']:.2f}x | "
-                     f"{row['peak_bytes'] / 2**30:.2f} |")  # fmt: skip
+                     f"{row['peak_bytes'] / 2**30:.2f} |" if device.type == "cuda" else "n/a (CPU) |")  # fmt: skip
     if device.type == "cuda":
         kd_extra = (grace["peak_bytes"] - nokd["peak_bytes"]) / grace["peak_bytes"]
         lines += ["", f"KD loss extra memory (grace - no-kd) / grace peak: {kd_extra:.1%} (target < 10%).",
