@@ -323,9 +323,13 @@ class GraceTrainerMixin:
         os.replace(path + ".tmp", path)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:  # transformers >= 5.23 calls _save on every rank; only the writer may write
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        if state_dict is not None and is_sharded(model):  # FSDP2: the Trainer gathered the full weights for us
+            model = unsharded_copy(model, state_dict)
         if self._writing_checkpoint:
             with saving_qat_master(model):
                 model.save_pretrained(output_dir, save_original_format=False)
@@ -355,6 +359,45 @@ class GraceTrainerMixin:
                 saved = json.load(handle)
             self.controller.load_state_dict(saved["controller"])
             self.nonfinite_steps = saved.get("nonfinite_steps", 0)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model``'s parameters are FSDP2 shards (DTensors) rather than whole tensors."""
+    return any(type(param).__name__ == "DTensor" for param in model.parameters())
+
+
+def unsharded_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain copy of an FSDP2-sharded GRACE student that holds the gathered full ``state_dict``.
+
+    Each FSDP2 rank holds DTensor shards, which can be neither packed nor written as one checkpoint. The Trainer
+    gathers the full weights on the writer (``accelerator.get_state_dict``); this rebuilds the same modules on the
+    meta device and assigns those tensors (no second copy), so ``save_pretrained`` packs and writes as usual.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from grace_quant.modules import GraceQATLinear
+    from grace_quant.surgery import grace_layers, set_submodule
+
+    base = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))  # FSDP2 subclasses the model
+    with torch.device("meta"):
+        plain = base(model.config)
+        for name, layer in grace_layers(model, GraceQATLinear):
+            bias = layer.bias is not None
+            qat = GraceQATLinear(
+                layer.in_features, layer.out_features, bias, group_size=layer.group_size, bits=layer.bits
+            )
+            set_submodule(plain, name, qat)
+    result = plain.load_state_dict(state_dict, strict=False, assign=True)
+    plain.tie_weights()
+    tied = set(getattr(plain, "all_tied_weights_keys", {}) or {})
+    missing = [key for key in result.missing_keys if key not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"Gathered FSDP state dict does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}.")  # fmt: skip
+    for attribute in ("hf_quantizer", "is_quantized", "quantization_method"):
+        if hasattr(model, attribute):
+            setattr(plain, attribute, getattr(model, attribute))
+    return plain
 
 
 class GraceTrainer(GraceTrainerMixin, Trainer):
