@@ -4,6 +4,7 @@ Arms (fp32 master weights, bf16 autocast on CUDA, AdamW, one micro-batch per ste
   plain   - the full-precision student fine-tuned with cross-entropy (transformers.Trainer.training_step)
   grace   - QAT student + frozen teacher forward + gated DKD + RCKA + controller (GraceTrainer.training_step)
   no-kd   - as grace with kd_loss="none": the difference to grace is the KD loss's own memory
+  qat     - QAT alone (no teacher, no KD, no RCKA): the cost of fake quantization itself
 Sizes: --size small (CPU: tiny Qwen2-VL pair) or --size 1b (GPU: ~1.4B Qwen2-VL-layout student, ~2.8B teacher,
 vocabulary 151,936, random weights). Medians over --steps timed steps after warm-up.
 
@@ -87,10 +88,12 @@ def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int)
         trainer = Trainer(model=student, args=TrainingArguments(**common))
     else:
         quantize_model(student, GraceConfig(group_size=128 if size["vocab"] > 1000 else 32))
-        teacher = build(size, "teacher").to(
-            device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-        )
-        args = GraceTrainingArguments(**common, kd_loss="none" if arm == "no-kd" else "gdkd", rcka_warmup_steps=0)
+        teacher = None
+        if arm != "qat":
+            with torch.device(device):
+                teacher = build(size, "teacher").to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        knobs = {"no-kd": {"kd_loss": "none"}, "qat": {"kd_loss": "none", "rcka_weight": 0.0}}.get(arm, {})
+        args = GraceTrainingArguments(**common, **knobs, rcka_warmup_steps=0)
         trainer = GraceTrainer(model=student, teacher_model=teacher, args=args)
     trainer.create_optimizer()
     batch = batch_for(student, size, device)
@@ -102,7 +105,9 @@ def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        trainer.training_step(student, batch, num_items_in_batch=num_items)
+        # training_step on an unprepared model gets no autocast from accelerate: apply bf16 autocast explicitly
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            trainer.training_step(student, batch, num_items_in_batch=num_items)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         if arm != "plain":
@@ -129,10 +134,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[args.size]
-    rows = [run_arm(arm, size, device, args.steps, args.warmup) for arm in ("plain", "grace", "no-kd")]
+    rows = [run_arm(arm, size, device, args.steps, args.warmup) for arm in ("plain", "grace", "no-kd", "qat")]
     for row in rows:
         print(row["arm"], "step times (ms):", [round(t * 1e3, 1) for t in row["times"]])
-    plain, grace, nokd = rows
+    plain, grace, nokd, _ = rows
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     lines = [
         f"# GRACE step vs plain fine-tuning step ({args.size})",
@@ -146,8 +151,9 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['arm']} | {row['median_s'] * 1e3:.1f} | {row['median_s'] / plain['median_s']:.2f}x | "
-                     f"{row['peak_bytes'] / 2**30:.2f} |" if device.type == "cuda" else "n/a (CPU) |")  # fmt: skip
+        memory = f"{row['peak_bytes'] / 2**30:.2f}" if device.type == "cuda" else "n/a (CPU)"
+        ratio = row["median_s"] / plain["median_s"]
+        lines.append(f"| {row['arm']} | {row['median_s'] * 1e3:.1f} | {ratio:.2f}x | {memory} |")
     if device.type == "cuda":
         kd_extra = (grace["peak_bytes"] - nokd["peak_bytes"]) / grace["peak_bytes"]
         lines += ["", f"KD loss extra memory (grace - no-kd) / grace peak: {kd_extra:.1%} (target < 10%).",
