@@ -28,30 +28,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class _RoundSTE(torch.autograd.Function):
-    """round() forward, identity backward: the straight-through estimator on rounding only."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-def _codes_from_ratio(ratio: torch.Tensor, bits: int, straight_through: bool) -> torch.Tensor:
-    """``clamp(round(w / s), -Qn, Qp)``; with ``straight_through`` the rounding passes gradients unchanged."""
+def _codes_from_ratio(ratio: torch.Tensor, bits: int) -> torch.Tensor:
+    """``clamp(round(w / s), -Qn, Qp)`` (the straight-through gradient lives in ``_FakeQuantize.backward``)."""
     lo, hi = code_range(bits)
-    rounded = _RoundSTE.apply(ratio) if straight_through else torch.round(ratio)
-    return torch.clamp(rounded, lo, hi)
+    return torch.clamp(torch.round(ratio), lo, hi)
 
 
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     """Integer codes ``q = clamp(round(w / s), -Qn, Qp)`` as int8 ``[out, in]``; the ratio is taken in fp32."""
     dtype = compute_dtype(weight.dtype)
     ratio = grouped(weight.to(dtype), group_size) / scales.to(dtype).unsqueeze(-1)
-    return _codes_from_ratio(ratio, bits, straight_through=False).reshape(weight.shape).to(torch.int8)
+    return _codes_from_ratio(ratio, bits).reshape(weight.shape).to(torch.int8)
 
 
 def fake_quantize(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
@@ -60,11 +47,43 @@ def fake_quantize(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int
     Gradients reach ``weight`` (straight through, zero where clamped) and ``log_scale`` (the LSQ step-size
     gradient times ``s``). The result equals ``dequantize_codes(quantize_codes(w, s), s)`` bit for bit.
     """
-    scales = scale_from_log(log_scale, weight.dtype)
-    dtype = compute_dtype(weight.dtype)
-    ratio = grouped(weight.to(dtype), group_size) / scales.to(dtype).unsqueeze(-1)
-    codes = _codes_from_ratio(ratio, bits, straight_through=True).reshape(weight.shape)
-    return dequantize_codes(codes, scales, group_size)
+    return _FakeQuantize.apply(weight, log_scale, group_size, bits)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """Fake quantization whose backward recomputes ``w / s`` instead of saving it.
+
+    Plain autograd would keep several full-size fp32 intermediates per quantized weight alive from forward to
+    backward; this keeps only ``weight`` and ``log_scale``, which the layer holds anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+        scales = scale_from_log(log_scale, weight.dtype)
+        ratio = grouped(weight.to(compute_dtype(weight.dtype)), group_size) / scales.to(
+            compute_dtype(weight.dtype)
+        ).unsqueeze(-1)
+        codes = _codes_from_ratio(ratio, bits).reshape(weight.shape)
+        ctx.save_for_backward(weight, log_scale)
+        ctx.group_size, ctx.bits = group_size, bits
+        return dequantize_codes(codes, scales, group_size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        """``dw = g`` inside the code range, 0 outside; ``dtheta = s * sum_group g * (q - w/s inside | q outside)``."""
+        weight, log_scale = ctx.saved_tensors
+        lo, hi = code_range(ctx.bits)
+        dtype = compute_dtype(weight.dtype)
+        scales = scale_from_log(log_scale, weight.dtype).to(dtype).unsqueeze(-1)
+        ratio = grouped(weight.to(dtype), ctx.group_size) / scales
+        rounded = torch.round(ratio)
+        inside = (rounded >= lo) & (rounded <= hi)
+        g = grouped(grad.to(dtype), ctx.group_size)
+        grad_weight = torch.where(inside, g, 0.0).reshape(weight.shape).to(weight.dtype)
+        step = torch.where(inside, rounded - ratio, rounded.clamp(lo, hi))  # d w_hat / d s
+        grad_scale = (g * step).sum(dim=-1)
+        grad_log_scale = (grad_scale * torch.exp(log_scale.to(dtype))).to(log_scale.dtype)
+        return grad_weight, grad_log_scale, None, None
 
 
 def scale_from_log(log_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

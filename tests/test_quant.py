@@ -96,3 +96,27 @@ def test_qat_and_packed_linears_compute_the_same_function():
 def test_group_size_must_divide_in_features():
     with pytest.raises(ValueError, match="does not divide in_features=48"):
         fake_quantize(torch.randn(2, 48), torch.zeros(2, 1), 32, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_plain_autograd_through_a_detach_ste(dtype):
+    """The custom backward (which recomputes w/s) equals autograd through the textbook STE composition."""
+    torch.manual_seed(5)
+    base = (torch.randn(8, 64) * 0.4).to(dtype)
+    theta0 = torch.full((8, 2), -2.3)
+    upstream = torch.randn(8, 64).to(dtype)
+
+    def textbook(w, theta):
+        s = torch.exp(theta).to(w.dtype).float().repeat_interleave(32, dim=1)
+        x = w.float() / s
+        q = torch.clamp(x + (torch.round(x) - x).detach(), -8, 7)  # round straight through, clamp ordinary
+        return (q * s).to(w.dtype)
+
+    grads = []
+    for fn in (lambda w, t: fake_quantize(w, t, 32, 4), textbook):
+        w, t = base.clone().requires_grad_(), theta0.clone().requires_grad_()
+        (fn(w, t).float() * upstream.float()).sum().backward()
+        grads.append((w.grad.float(), t.grad))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(grads[0][0], grads[1][0], atol=tol)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=tol, atol=tol)
