@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 import grace_quant
 from grace_quant import AutoModelForVision2Seq, GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+from grace_quant.collate import pad_tokens
 from grace_quant.surgery import grace_layers
 
 
@@ -122,14 +123,8 @@ class PadCollator:
         self.pad, self.image_token, self.qwen = pad_token_id, image_token_id, qwen
 
     def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), self.pad)
-        labels = torch.full((len(examples), width), -100)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = example["input_ids"], example["labels"], 1
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = pad_tokens(examples, self.pad)
+        ids = batch["input_ids"]
         if self.qwen:
             batch["pixel_values"] = torch.cat([e["pixel_values"] for e in examples])
             batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in examples])

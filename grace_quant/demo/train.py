@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from grace_quant.collate import pad_tokens
 from grace_quant.integrations.training_args import GraceTrainingArguments
 
 from .models import VISUAL_TOKENS, prompt
@@ -52,15 +53,8 @@ class Collator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), self.pad_token_id)
-        labels = torch.full((len(examples), width), -100)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = example["input_ids"], example["labels"], 1
         pixels = torch.stack([e["pixel_values"] for e in examples])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+        return {**pad_tokens(examples, self.pad_token_id), "pixel_values": pixels}
 
 
 def common_arguments(output_dir: str, steps: int, batch_size: int, lr: float, seed: int, device: str) -> dict:
