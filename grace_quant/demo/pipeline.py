@@ -146,6 +146,7 @@ class Demo:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         os.makedirs(workdir, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self._cache: dict[str, object] = {}  # dataset + processor, encoded training set, teacher: load once per run
 
     # ------------------------------------------------------------------ data, tokenizer, vision tower
     def data_stage(self) -> Stage:
@@ -168,15 +169,36 @@ class Demo:
         ]
         build_processor(train_tokenizer(texts)).save_pretrained(os.path.join(path, "processor"))
         stage.finish()
+        self._cache.clear()
 
     def load_data(self):
-        from datasets import load_from_disk
-        from transformers import AutoProcessor
+        """The dataset and processor of the data stage (read from disk once per run)."""
+        if "data" not in self._cache:
+            from datasets import load_from_disk
+            from transformers import AutoProcessor
 
-        path = self.data_stage().path
-        return load_from_disk(os.path.join(path, "dataset")), AutoProcessor.from_pretrained(
-            os.path.join(path, "processor")
-        )
+            path = self.data_stage().path
+            processor = AutoProcessor.from_pretrained(os.path.join(path, "processor"))
+            self._cache["data"] = (load_from_disk(os.path.join(path, "dataset")), processor)
+        return self._cache["data"]
+
+    def train_examples(self) -> list[dict[str, torch.Tensor]]:
+        """The tokenised training set with preprocessed images, shared by every training stage of the run."""
+        if "examples" not in self._cache:
+            from .train import encode
+
+            dataset, processor = self.load_data()
+            self._cache["examples"] = encode(dataset["train"], processor)
+        return self._cache["examples"]
+
+    def teacher(self):
+        """The trained, frozen teacher on the run's device (loaded once; distillation and evaluation share it)."""
+        if "teacher" not in self._cache:
+            from transformers import AutoModelForImageTextToText
+
+            path = self.fp_stage("teacher").path
+            self._cache["teacher"] = AutoModelForImageTextToText.from_pretrained(path).to(self.device).eval()
+        return self._cache["teacher"]
 
     def vision_stage(self) -> Stage:
         keys = self.settings.key("train_size", "vision_steps", "question_types")
@@ -216,16 +238,15 @@ class Demo:
         if stage.done:
             return stage.path
         from .models import build_llava
-        from .train import Collator, encode, train_fp
+        from .train import Collator, train_fp
 
         steps = self.settings.teacher_steps if role == "teacher" else self.settings.student_steps
         say(f"training the {role} ({steps} steps)")
-        dataset, processor = self.load_data()
+        _, processor = self.load_data()
         size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
         model = build_llava(size, processor.tokenizer, self.pretrain_vision(), seed=1 if role == "teacher" else 2)
         path = stage.begin()
-        examples = encode(dataset["train"], processor)
-        train_fp(model, examples, Collator(processor.tokenizer.pad_token_id), os.path.join(path, "run"), steps,
+        train_fp(model, self.train_examples(), Collator(processor.tokenizer.pad_token_id), os.path.join(path, "run"), steps,
                  self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device)  # fmt: skip
         shutil.rmtree(os.path.join(path, "run"), ignore_errors=True)
         model.save_pretrained(path)
@@ -277,7 +298,7 @@ class Demo:
     def qat(self, fp_path: str, method: str, seed: int, name: str) -> str:
         from transformers import AutoModelForImageTextToText
 
-        from .train import Collator, encode, train_qat
+        from .train import Collator, train_qat
 
         keys = self.settings.key("qat_steps", "qat_lr", "batch_size", "bits", "group_size", "train_size")
         stage = Stage(
@@ -286,13 +307,11 @@ class Demo:
         if stage.done:
             return stage.path
         say(f"{name}: {method} QAT, seed {seed} ({self.settings.qat_steps} steps)")
-        dataset, processor = self.load_data()
+        _, processor = self.load_data()
         torch.manual_seed(seed)
         student = AutoModelForImageTextToText.from_pretrained(fp_path, quantization_config=self.grace_config("qat"))
-        teacher = AutoModelForImageTextToText.from_pretrained(self.fp_stage("teacher").path)
         path = stage.begin()
-        examples = encode(dataset["train"], processor)
-        train_qat(student.to(self.device), teacher.to(self.device), method, examples,
+        train_qat(student.to(self.device), self.teacher(), method, self.train_examples(),
                   Collator(processor.tokenizer.pad_token_id), path, self.settings.qat_steps,
                   self.settings.batch_size, self.settings.qat_lr, seed, self.device)  # fmt: skip
         processor.save_pretrained(path)
@@ -339,8 +358,7 @@ class Demo:
             os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")
         )
         if teacher_answers is not None:
-            teacher = AutoModelForImageTextToText.from_pretrained(self.fp_stage("teacher").path).to(self.device)
-            result["token_kl"] = answer_token_kl(model, teacher, processor, images, questions, teacher_answers,
+            result["token_kl"] = answer_token_kl(model, self.teacher(), processor, images, questions, teacher_answers,
                                                  batch_size=self.settings.eval_batch_size, template=template)  # fmt: skip
             result["same_answer"] = same_answer_rate(answers, teacher_answers)
         with open(cache, "w") as handle:
