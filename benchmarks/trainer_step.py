@@ -5,6 +5,8 @@ Arms (fp32 master weights, bf16 autocast on CUDA, AdamW, one micro-batch per ste
   grace   - QAT student + frozen teacher forward + gated DKD + RCKA + controller (GraceTrainer.training_step)
   no-kd   - as grace with kd_loss="none": the difference to grace is the KD loss's own memory
   qat     - QAT alone (no teacher, no KD, no RCKA): the cost of fake quantization itself
+  plain+teacher - the plain step plus the teacher's forward (hidden states on, no loss): the floor any
+            online-distillation step of this pair pays, whatever its losses cost
 Sizes: --size small (CPU: tiny Qwen2-VL pair) or --size 1b (GPU: ~1.4B Qwen2-VL-layout student, ~2.8B teacher,
 vocabulary 151,936, random weights). Medians over --steps timed steps after warm-up.
 
@@ -84,11 +86,15 @@ def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int)
         student = build(size, "student")
     common = dict(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=device.type == "cpu", bf16=device.type == "cuda",
                   learning_rate=1e-5, per_device_train_batch_size=size["batch"], disable_tqdm=True)  # fmt: skip
-    if arm == "plain":
+    teacher = None
+    if arm in ("plain", "plain+teacher"):
         trainer = Trainer(model=student, args=TrainingArguments(**common))
+        if arm == "plain+teacher":
+            with torch.device(device):
+                teacher = build(size, "teacher").to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+            teacher.eval().requires_grad_(False)
     else:
         quantize_model(student, GraceConfig(group_size=128 if size["vocab"] > 1000 else 32))
-        teacher = None
         if arm != "qat":
             with torch.device(device):
                 teacher = build(size, "teacher").to(torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -108,9 +114,12 @@ def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int)
         # training_step on an unprepared model gets no autocast from accelerate: apply bf16 autocast explicitly
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             trainer.training_step(student, batch, num_items_in_batch=num_items)
+            if arm == "plain+teacher":
+                with torch.no_grad():
+                    teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
-        if arm != "plain":
+        if arm not in ("plain", "plain+teacher"):
             trainer._controller_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -118,7 +127,7 @@ def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int)
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
     result = {"arm": arm, "median_s": statistics.median(times), "peak_bytes": peak, "times": times}
-    del trainer, student, batch
+    del trainer, student, batch, teacher
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -134,10 +143,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[args.size]
-    rows = [run_arm(arm, size, device, args.steps, args.warmup) for arm in ("plain", "grace", "no-kd", "qat")]
+    arms = ("plain", "grace", "no-kd", "qat", "plain+teacher")
+    rows = [run_arm(arm, size, device, args.steps, args.warmup) for arm in arms]
     for row in rows:
         print(row["arm"], "step times (ms):", [round(t * 1e3, 1) for t in row["times"]])
-    plain, grace, nokd, _ = rows
+    plain, grace, nokd, _, floor = rows
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     lines = [
         f"# GRACE step vs plain fine-tuning step ({args.size})",
@@ -157,7 +167,8 @@ def main() -> None:
     if device.type == "cuda":
         kd_extra = (grace["peak_bytes"] - nokd["peak_bytes"]) / grace["peak_bytes"]
         lines += ["", f"KD loss extra memory (grace - no-kd) / grace peak: {kd_extra:.1%} (target < 10%).",
-                  f"GRACE step / plain step: {grace['median_s'] / plain['median_s']:.2f}x (target <= 1.6x)."]  # fmt: skip
+                  f"GRACE step / plain step: {grace['median_s'] / plain['median_s']:.2f}x (target <= 1.6x).",
+                  f"Floor, plain step + teacher forward alone: {floor['median_s'] / plain['median_s']:.2f}x."]  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -21,6 +21,7 @@ from transformers import AutoModelForImageTextToText as AutoModelForVision2Seq  
 from grace_quant.checkpoint import saving_qat_master  # noqa: E402
 from grace_quant.config import GraceConfig  # noqa: E402
 from grace_quant.convert import convert_to_packed, prepare_qat, quantize_model  # noqa: E402
+from grace_quant.fusion import fuse_projections, unfuse_projections  # noqa: E402
 from grace_quant.integrations import register as _register  # noqa: E402
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear  # noqa: E402
 
@@ -52,7 +53,9 @@ __all__ = [
     "GraceQATLinear",
     "GraceQuantLinear",
     "convert_to_packed",
+    "fuse_projections",
     "prepare_qat",
     "quantize_model",
     "saving_qat_master",
+    "unfuse_projections",
 ]

@@ -32,6 +32,9 @@ class GraceConfig(QuantizationConfigMixin):
             Loading a GRACE checkpoint ignores ``mode``: the checkpoint says what it holds.
         backend: kernel choice for packed layers: ``"auto"``, ``"torch"`` (reference) or ``"triton"``.
         format_version: version of the packed checkpoint format (see docs/FORMAT.md).
+        fuse_projections: when a model is loaded (or converted) to packed layers for inference, run ``q|k|v``
+            and ``gate|up`` as one matmul each (7 kernel launches per decoder layer -> 4). In memory only: the
+            checkpoint keeps the separate layers. Default ``True``.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class GraceConfig(QuantizationConfigMixin):
         mode: str = "qat",
         backend: str = "auto",
         format_version: int = FORMAT_VERSION,
+        fuse_projections: bool = True,
         quant_method: str = "grace",
         **kwargs: Any,
     ):
@@ -54,6 +58,7 @@ class GraceConfig(QuantizationConfigMixin):
         self.mode = mode
         self.backend = backend
         self.format_version = format_version
+        self.fuse_projections = fuse_projections
         # Keys written by a newer grace-quant are kept (so re-saving does not drop them) but not interpreted.
         self.unknown_keys = {k: v for k, v in kwargs.items() if k != "unknown_keys"}
         self.unknown_keys.update(kwargs.get("unknown_keys") or {})
@@ -79,6 +84,8 @@ class GraceConfig(QuantizationConfigMixin):
             raise ValueError(f"GraceConfig: mode={self.mode!r} is unknown; use 'qat' (trainable) or 'packed'.")
         if self.backend not in BACKENDS:
             raise ValueError(f"GraceConfig: backend={self.backend!r} is unknown; use one of {BACKENDS}.")
+        if not isinstance(self.fuse_projections, bool):
+            raise ValueError(f"GraceConfig: fuse_projections must be True or False, got {self.fuse_projections!r}.")
         if not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(f"GraceConfig: format_version must be a positive integer, got {self.format_version!r}.")
         if self.format_version > FORMAT_VERSION:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from grace_quant.config import GraceConfig
+from grace_quant.fusion import fuse_projections, unfuse_projections
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
 from grace_quant.surgery import grace_layers, resolve_layers, set_submodule
 
@@ -22,6 +23,7 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     training continues from exactly the stored codes (``from_pretrained`` ignores a ``quantization_config``
     passed for an already-quantized checkpoint; this is the call to use instead).
     """
+    unfuse_projections(model)
     layers = list(grace_layers(model, GraceQuantLinear))
     if not layers and not any(True for _ in grace_layers(model, GraceQATLinear)):
         raise ValueError("prepare_qat: the model has no GRACE layers; load it with quantization_config=GraceConfig().")
@@ -31,13 +33,19 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     return model
 
 
-def convert_to_packed(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Replace every QAT layer by its packed equivalent, in place (what ``save_pretrained`` writes, without I/O)."""
+def convert_to_packed(model: nn.Module, backend: str | None = None, fuse: bool | None = None) -> nn.Module:
+    """Replace every QAT layer by its packed equivalent, in place (what ``save_pretrained`` writes, without I/O).
+
+    ``fuse`` (default: the model's ``GraceConfig.fuse_projections``) then fuses ``q|k|v`` and ``gate|up`` for
+    inference, as loading a packed checkpoint does.
+    """
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     backend = backend or getattr(config, "backend", "auto")
     for name, layer in list(grace_layers(model, GraceQATLinear)):
         set_submodule(model, name, GraceQuantLinear.from_qat(layer, backend=backend))
     _set_layer_kind(model, "packed")
+    if getattr(config, "fuse_projections", True) if fuse is None else fuse:
+        fuse_projections(model)
     return model
 
 

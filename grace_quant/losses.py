@@ -10,6 +10,7 @@ All maths is at least fp32 whatever the input dtype (fp64 stays fp64); only the 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -163,17 +164,51 @@ def _chunk_terms(
     return loss, tckd, nckd, g
 
 
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused_dkd_kernels(student_flat: torch.Tensor, teacher_flat: torch.Tensor):
+    """The fused Triton module ``grace_quant.kernels.triton_dkd`` when it can run these logits, else None.
+
+    It runs CUDA students (or any under ``TRITON_INTERPRET=1``) with fp32/fp16/bf16 logits; fp64 keeps the torch
+    path. Triton is imported only here, never on the CPU path.
+    """
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not (student_flat.is_cuda or interpreting):
+        return None
+    if student_flat.dtype not in _FUSED_DTYPES or teacher_flat.dtype not in _FUSED_DTYPES:
+        return None
+    try:
+        from grace_quant.kernels import triton_dkd
+    except ImportError:  # no triton on this platform
+        return None
+    # the teacher may live elsewhere: its rows are then gathered onto the student's device chunk by chunk
+    teacher_here = torch.empty((0, teacher_flat.shape[1]), dtype=teacher_flat.dtype, device=student_flat.device)
+    return triton_dkd if triton_dkd.supports(student_flat, teacher_here) else None
+
+
 class _ChunkedGatedDKD(torch.autograd.Function):
     """``sum_i g_i L_i`` over the selected rows, chunk by chunk.
 
     Each chunk's gradient w.r.t. its student logits is taken in the forward and written into one buffer
-    of the student's dtype, so no fp32 ``[chunk, vocab]`` tensor outlives its chunk.
+    of the student's dtype, so no fp32 ``[chunk, vocab]`` tensor outlives its chunk. On CUDA (fp32/fp16/bf16)
+    a fused Triton kernel computes each row's terms and analytic gradient in two passes over the vocabulary,
+    with no ``[chunk, vocab]`` temporaries at all; elsewhere the torch maths below runs with autograd.
     """
 
     @staticmethod
     def forward(
         ctx, student_flat, teacher_flat, rows, target, temperature, alpha, beta_dkd, gate, chunk_size, needs_grad
     ):
+        kernels = _fused_dkd_kernels(student_flat, teacher_flat)
+        if kernels is not None:
+            grad, stats = _fused_forward(
+                kernels, student_flat, teacher_flat, rows, target, temperature, alpha, beta_dkd, gate, chunk_size,
+                needs_grad,
+            )  # fmt: skip
+            ctx.save_for_backward(grad)
+            ctx.mark_non_differentiable(stats)
+            return stats[0].clone(), stats
         grad = torch.zeros_like(student_flat) if needs_grad else None
         # stats: sum g L, sum g TCKD, sum g NCKD, sum g
         stats = torch.zeros(4, dtype=_upcast(student_flat[:0]).dtype, device=student_flat.device)
@@ -198,6 +233,42 @@ class _ChunkedGatedDKD(torch.autograd.Function):
     def backward(ctx, grad_weighted, _grad_stats):
         (grad,) = ctx.saved_tensors
         return grad * grad_weighted, None, None, None, None, None, None, None, None, None
+
+
+def _fused_forward(
+    kernels,
+    student_flat: torch.Tensor,
+    teacher_flat: torch.Tensor,
+    rows: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    beta_dkd: float,
+    gate: bool,
+    chunk_size: int,
+    needs_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The fused kernel over ``rows`` in chunks: the gradient buffer (or None) and the stats vector
+    ``(sum g L, sum g TCKD, sum g NCKD, sum g)``, reduced on the device from per-row ``(L, TCKD, NCKD, g)``."""
+    if student_flat.stride(-1) != 1:
+        student_flat = student_flat.contiguous()
+    grad = torch.zeros(student_flat.shape, dtype=student_flat.dtype, device=student_flat.device) if needs_grad else None
+    per_row = torch.empty((rows.numel(), 4), dtype=torch.float32, device=student_flat.device)
+    same_device = teacher_flat.device == student_flat.device
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start : start + chunk_size]
+        if same_device:
+            teacher, teacher_rows = teacher_flat, idx
+        else:  # only this chunk's teacher rows come over
+            teacher = teacher_flat.index_select(0, idx.to(teacher_flat.device)).to(student_flat.device)
+            teacher_rows = torch.arange(idx.numel(), device=student_flat.device)
+        kernels.gated_dkd_rows(
+            student_flat, teacher, idx, target[start : start + chunk_size], temperature, alpha, beta_dkd, gate, grad,
+            teacher_rows=teacher_rows, out=per_row[start : start + chunk_size],
+        )  # fmt: skip
+    g = per_row[:, 3:]
+    stats = torch.cat([(per_row[:, :3] * g).sum(0), g.sum(0)])
+    return grad, stats
 
 
 def _supervised_rows(labels: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,6 +117,7 @@ class GraceQuantLinear(_GraceLinearBase):
         self.register_buffer("weight", torch.zeros(out_features, words, device=device, dtype=torch.int32))
         self.register_buffer("scales", torch.ones(out_features, self.num_groups, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._fusion: tuple[nn.Module, int] | None = None  # (FusedProjection, slot) once fused
 
     @classmethod
     def from_qat(cls, layer: GraceQATLinear, backend: str = "auto") -> GraceQuantLinear:
@@ -145,6 +146,9 @@ class GraceQuantLinear(_GraceLinearBase):
         return unpack(self.weight, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusion is not None:  # a member of a fused group (grace_quant.fusion)
+            holder, slot = self._fusion
+            return holder.project(x, slot)
         return quant_linear(
             x, self.weight, self.scales, self.bias, group_size=self.group_size, bits=self.bits, backend=self.backend
         )

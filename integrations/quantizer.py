@@ -26,6 +26,7 @@ from grace_quant.checkpoint import (
     save_kind,
 )
 from grace_quant.config import GraceConfig
+from grace_quant.fusion import fuse_projections, unfuse_projections
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear, log_scale_init
 from grace_quant.quant import quantize_codes, scale_from_log
 from grace_quant.surgery import GRACE_LAYERS, grace_layers, replace_with_empty_layers, resolve_layers, set_submodule
@@ -85,6 +86,8 @@ class GraceHfQuantizer(HfQuantizer):
         if self.pre_quantized and dtype is not None and dtype.is_floating_point:
             # transformers 5.17 keeps a pre-quantized checkpoint in its stored dtype; honour `dtype=` here.
             cast_floating_tensors(model, dtype)
+        if self.layer_kind == "packed" and getattr(self.quantization_config, "fuse_projections", True):
+            fuse_projections(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -109,6 +112,7 @@ class GraceHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
+        unfuse_projections(model)
         for name, layer in list(grace_layers(model)):
             if isinstance(layer, GraceQATLinear):
                 layer = GraceQuantLinear.from_qat(layer)

@@ -1,0 +1,404 @@
+"""End-to-end generation on the GPU: bf16 vs GRACE INT4 (vs torch's tinygemm INT4), all compiled.
+
+Models are built from the published configuration values of LLaVA-1.5-7B and Qwen2-VL-2B with random weights
+(nothing is downloaded); every arm rebuilds the model from the same seed, so the INT4 arms quantize exactly the
+bf16 arm's weights. Inputs: one random image per sample and a short text prompt; greedy decoding of
+``--new-tokens`` tokens with ``cache_implementation="static"`` (transformers then compiles the decode step with
+CUDA graphs). cuDNN attention is switched off for every arm (its per-KV-length host graph build distorts decode
+on torch 2.11), so all arms run SDPA's flash/efficient kernels. Every arm is warmed up over the full length.
+
+Per arm and batch size: decode tokens/s (all sequences of the batch), time to first token (prefill + first
+token, eager as transformers runs it), peak GPU memory (``torch.cuda.max_memory_allocated``) and weight memory.
+``--profile`` adds a profile of the INT4 decode step (kernel time by stage against the step's wall time).
+
+    python benchmarks/e2e.py --out benchmarks/results/e2e_h200.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+import grace_quant
+from grace_quant import GraceConfig, quantize_model
+from grace_quant.surgery import resolve_layers, set_submodule
+
+PROMPT_TOKENS = 20
+CHECK_TOKENS = 32  # greedy tokens compared between the compiled and the eager run
+QWEN_GRID = (1, 24, 24)  # a 336 x 336 image: 576 patches -> 144 visual tokens after the 2x2 merge
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models and inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def llava_config() -> LlavaConfig:
+    """llava-hf/llava-1.5-7b-hf: Vicuna-7B (LLaMA) language model, CLIP ViT-L/14 at 336 px."""
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=32001,
+    )  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+        patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+    )  # fmt: skip
+    return LlavaConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=32000,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )  # fmt: skip
+
+
+def qwen2vl_config() -> Qwen2VLConfig:
+    """Qwen/Qwen2-VL-2B-Instruct: 28-layer 1536-wide Qwen2 decoder (tied lm_head), 32-layer ViT with 2x2 merge."""
+    text = dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=151643, eos_token_id=151645,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+    )  # fmt: skip
+    vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3)  # fmt: skip
+    return Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+        vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+MODELS = {"llava-1.5-7b": llava_config, "qwen2-vl-2b": qwen2vl_config}
+
+
+def build(name: str) -> nn.Module:
+    """The model with seed-0 random weights, initialised on the GPU in bf16 (same weights for every arm)."""
+    config = MODELS[name]()
+    config._attn_implementation = "sdpa"
+    cls = LlavaForConditionalGeneration if name.startswith("llava") else Qwen2VLForConditionalGeneration
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = cls(config).to(torch.bfloat16)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def inputs_for(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
+    """One random image and ``PROMPT_TOKENS`` random text tokens per sample."""
+    generator = torch.Generator().manual_seed(1)
+    config = model.config
+    text = torch.randint(3, 30000, (batch, PROMPT_TOKENS), generator=generator)
+    if config.model_type == "llava":
+        vision = config.vision_config
+        n_image = (vision.image_size // vision.patch_size) ** 2
+        pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+        image = torch.full((batch, n_image), config.image_token_index)
+        extra = {"pixel_values": pixels.to(torch.bfloat16)}
+    else:
+        t, h, w = QWEN_GRID
+        n_image = t * h * w // 4
+        pixels = torch.randn(batch * t * h * w, 3 * 2 * 14 * 14, generator=generator)
+        image = torch.cat(
+            [
+                torch.full((batch, 1), config.vision_start_token_id),
+                torch.full((batch, n_image), config.image_token_id),
+                torch.full((batch, 1), config.vision_end_token_id),
+            ],
+            dim=1,
+        )
+        extra = {"pixel_values": pixels.to(torch.bfloat16), "image_grid_thw": torch.tensor([QWEN_GRID] * batch)}
+    ids = torch.cat([text[:, :2], image, text[:, 2:]], dim=1)
+    batch_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
+    return {k: v.cuda() for k, v in batch_inputs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# INT4 arms
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TinyGemmLinear(nn.Module):
+    """torch's tinygemm INT4 kernel (``_weight_int4pack_mm``, asymmetric g128, bf16) in place of a linear."""
+
+    def __init__(self, linear: nn.Linear, group: int = 128):
+        super().__init__()
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        g = w.reshape(n, k // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        q = torch.clamp(torch.round((g - lo[..., None]) / scale[..., None]), 0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * scale  # tinygemm dequantizes (q - 8) * scale + zero
+        self.packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        self.scale_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.group, self.out_features = group, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.packed, self.group, self.scale_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def to_tinygemm(model: nn.Module) -> nn.Module:
+    """Swap exactly the linears GRACE quantizes (the language model's projections) for tinygemm layers."""
+    for name in resolve_layers(model, GraceConfig()):
+        set_submodule(model, name, TinyGemmLinear(model.get_submodule(name)))
+        torch.cuda.empty_cache()
+    return model
+
+
+def make_arm(name: str, arm: str) -> nn.Module:
+    model = build(name)
+    if arm == "grace":
+        quantize_model(model, GraceConfig(mode="packed", group_size=128))
+    elif arm == "grace-unfused":
+        quantize_model(model, GraceConfig(mode="packed", group_size=128, fuse_projections=False))
+    elif arm == "tinygemm":
+        to_tinygemm(model)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of distinct parameter and buffer storages (fused views and tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def generate(model: nn.Module, inputs: dict, new_tokens: int) -> torch.Tensor:
+    return model.generate(
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        cache_implementation="static",
+    )  # fmt: skip
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict:
+    inputs = inputs_for(model, batch)
+    prompt = inputs["input_ids"].shape[1]
+    generate(model, inputs, new_tokens)  # compile + CUDA-graph capture, then a warm-up over the full length
+    compiled_tokens = generate(model, inputs, new_tokens)[:, prompt:].cpu()
+    torch.cuda.reset_peak_memory_stats()
+    full = timed(lambda: generate(model, inputs, new_tokens), repeats)
+    peak = torch.cuda.max_memory_allocated()
+    first = timed(lambda: generate(model, inputs, 1), repeats)  # prefill + first token: no decode step runs
+    decode_s = (full - first) / (new_tokens - 1)  # one decode step (all sequences of the batch)
+    row = {
+        "batch": batch, "ttft_ms": first * 1e3, "decode_ms_per_step": decode_s * 1e3,
+        "decode_tok_s": batch / decode_s, "peak_gib": peak / 2**30,
+    }  # fmt: skip
+    if batch == 1:  # greedy tokens of the compiled static-cache run against eager generation (dynamic cache)
+        n = min(CHECK_TOKENS, new_tokens)
+        compiled = compiled_tokens[0, :n].tolist()
+        eager = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, prompt:].tolist()
+        row["same_tokens_as_eager"] = compiled == eager
+        row["first_mismatch"] = next((i for i, (a, b) in enumerate(zip(compiled, eager, strict=True)) if a != b), None)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# profile of one decode step
+# ----------------------------------------------------------------------------------------------------------------
+
+STAGES = (
+    ("INT4 linears (ours)", ("_gemv_kernel", "_tc_kernel", "_dequant_kernel")),
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
+    ("dense GEMM (lm_head, bf16)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitkreduce")),
+    ("norms (fused)", ("rsqrt", "norm", "mean_pow")),
+    ("memset / copies", ("memset", "memcpy", "copy", "fill")),
+)
+
+
+def _stage(kernel: str) -> str:
+    low = kernel.lower()
+    for stage, keys in STAGES:
+        if any(key in low for key in keys):
+            return stage
+    return "other (rotary, activations, cache updates, ...)"
+
+
+def profile_decode(model: nn.Module, batch: int, steps: int, log_dir: Path) -> dict:
+    """Kernel time by stage over ``steps`` decode steps: a run of ``steps + 1`` new tokens minus a run of 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = inputs_for(model, batch)
+    generate(model, inputs, steps + 1)
+
+    def kernels(new_tokens: int) -> tuple[dict[str, float], float, dict[str, float]]:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            generate(model, inputs, new_tokens)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        per_stage: dict[str, float] = defaultdict(float)
+        per_kernel: dict[str, float] = defaultdict(float)
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                per_stage[_stage(event.name)] += event.device_time * 1e-3  # us -> ms
+                per_kernel[event.name] += event.device_time * 1e-3
+        return per_stage, wall * 1e3, per_kernel
+
+    long_stages, long_wall, long_kernels = kernels(steps + 1)
+    short_stages, short_wall, short_kernels = kernels(1)
+    stages = {k: (long_stages[k] - short_stages.get(k, 0.0)) / steps for k in long_stages}
+    top = sorted(((long_kernels[k] - short_kernels.get(k, 0.0)) / steps, k) for k in long_kernels)[::-1][:25]
+    (log_dir / "profile_top_kernels.json").write_text(json.dumps(top, indent=1))
+    return {"stages_ms": stages, "step_wall_ms": (long_wall - short_wall) / steps}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--arms", nargs="+", default=["bf16", "grace", "tinygemm"],
+                        choices=["bf16", "grace", "grace-unfused", "tinygemm"])  # fmt: skip
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--peer-batches", nargs="+", type=int, default=[1], help="batch sizes for the tinygemm arm")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--profile", action="store_true", help="profile the GRACE INT4 decode step at batch 1")
+    parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
+    parser.add_argument("--out", help="markdown results file")
+    parser.add_argument("--log-dir", default=".", help="folder for the raw JSON results and the profile")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/e2e.py needs a CUDA GPU.")
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"models": {}}
+    began = time.perf_counter()
+
+    def late() -> bool:
+        return args.deadline_s is not None and time.perf_counter() - began > args.deadline_s
+
+    for name in args.models:
+        per_arm: dict = {}
+        for arm in args.arms:
+            if late():
+                print(f"deadline reached: {name} {arm} skipped", flush=True)
+                continue
+            torch._dynamo.reset()
+            started = time.perf_counter()
+            model = make_arm(name, arm)
+            rows = {"weight_gib": weight_bytes(model) / 2**30, "batches": []}
+            per_arm[arm] = rows
+            results["models"][name] = per_arm
+            for batch in args.peer_batches if arm == "tinygemm" else args.batches:
+                if late():
+                    print(f"deadline reached: {name} {arm} batch {batch} skipped", flush=True)
+                    continue
+                try:
+                    rows["batches"].append(measure(model, batch, args.new_tokens, args.repeats))
+                except Exception as exc:  # noqa: BLE001  (report the failure, keep the other arms)
+                    rows["batches"].append({"batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                print(name, arm, rows["batches"][-1], flush=True)
+                if args.out:  # a partial report survives a killed run
+                    Path(args.out).write_text(report(results, args))
+            if args.profile and arm == "grace" and not late():
+                rows["profile"] = profile_decode(model, 1, 64, log_dir)
+                print(name, "profile", rows["profile"], flush=True)
+            rows["total_s"] = time.perf_counter() - started
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            (log_dir / "e2e_raw.json").write_text(json.dumps(results, indent=1))
+    text = report(results, args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def report(results: dict, args: argparse.Namespace) -> str:
+    gpu = torch.cuda.get_device_name()
+    lines = [
+        "# End-to-end generation, bf16 vs GRACE INT4 (compiled decode)",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- GPU: {gpu}; torch {torch.__version__}, triton {__import__('triton').__version__}, transformers "
+        f"{transformers.__version__}, grace_quant {grace_quant.__version__}",
+        f"- random weights at the published configs; one image + {PROMPT_TOKENS} text tokens per sample; "
+        f'{args.new_tokens} new tokens, greedy, `cache_implementation="static"` (compiled decode step with CUDA '
+        f"graphs) for every arm; cuDNN SDPA off for every arm; median of {args.repeats} runs after 2 full-length "
+        "warm-ups. Decode tok/s counts all sequences of the batch; TTFT is prefill + first token.",
+        "",
+        "| model | arm | batch | decode tok/s | vs bf16 | TTFT ms | vs bf16 | peak GiB | vs bf16 | weights GiB | "
+        f"compiled = eager greedy ({CHECK_TOKENS} tokens, batch 1)? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per_arm in results["models"].items():
+        base = {r["batch"]: r for r in per_arm.get("bf16", {}).get("batches", []) if "error" not in r}
+        for arm, rows in per_arm.items():
+            for r in rows["batches"]:
+                if "error" in r:
+                    lines.append(f"| {name} | {arm} | {r['batch']} | error: {r['error'][:80]} | | | | | | | |")
+                    continue
+                b = base.get(r["batch"])
+                speed = f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}x" if b else ""
+                ttft = f"{r['ttft_ms'] / b['ttft_ms']:.2f}x" if b else ""
+                saved = 1 - r["peak_gib"] / b["peak_gib"] if b else None
+                peak = "" if saved is None else f"{abs(saved):.0%} {'lower' if saved >= 0 else 'higher'}"
+                same = {True: "yes", False: f"no (from token {r.get('first_mismatch')})"}.get(
+                    r.get("same_tokens_as_eager"), ""
+                )
+                lines.append(
+                    f"| {name} | {arm} | {r['batch']} | {r['decode_tok_s']:.1f} | {speed} | {r['ttft_ms']:.1f} | "
+                    f"{ttft} | {r['peak_gib']:.2f} | {peak} | {rows['weight_gib']:.2f} | {same} |"
+                )
+        profile = per_arm.get("grace", {}).get("profile")
+        if profile:
+            lines += ["", f"Profile of one GRACE INT4 decode step, {name}, batch 1 (kernel time per step, ms):", ""]
+            lines += ["| stage | ms per step | share of step |", "|---|---|---|"]
+            wall = profile["step_wall_ms"]
+            busy = 0.0
+            for stage, ms in sorted(profile["stages_ms"].items(), key=lambda kv: -kv[1]):
+                busy += ms
+                lines.append(f"| {stage} | {ms:.3f} | {ms / wall:.0%} |")
+            lines.append(f"| idle / launch gaps | {max(wall - busy, 0.0):.3f} | {max(wall - busy, 0.0) / wall:.0%} |")
+            lines.append(f"| **step wall time** | {wall:.3f} | 100% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
