@@ -253,34 +253,59 @@ def _stage(kernel: str) -> str:
     return "other (rotary, activations, cache updates, ...)"
 
 
-def profile_decode(model: nn.Module, batch: int, steps: int, log_dir: Path) -> dict:
-    """Kernel time by stage over ``steps`` decode steps: a run of ``steps + 1`` new tokens minus a run of 1."""
+def _profiled(model: nn.Module, inputs: dict, new_tokens: int) -> dict:
+    """One generate call under the profiler: wall time, GPU kernel time by stage and by kernel, host-side counts."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        generate(model, inputs, new_tokens)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    stages: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
+    host: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            stages[_stage(event.name)] += event.device_time * 1e-3  # us -> ms
+            kernels[event.name] += event.device_time * 1e-3
+        else:
+            host[event.name] += event.self_cpu_time_total * 1e-3
+    counts = {
+        name: sum(1 for e in prof.events() if e.name == name)
+        for name in ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+    }
+    return {"wall_ms": wall * 1e3, "stages": stages, "kernels": kernels, "host": host, "counts": counts}
+
+
+def _difference(long: dict, short: dict, steps: int) -> dict:
+    """Per-decode-step averages: a run of ``steps + 1`` new tokens minus a run of 1 (which is prefill only)."""
+
+    def per_step(key: str) -> dict[str, float]:
+        return {k: (v - short[key].get(k, 0.0)) / steps for k, v in long[key].items()}
+
+    top = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:25]  # noqa: E731
+    return {
+        "step_wall_ms": (long["wall_ms"] - short["wall_ms"]) / steps,
+        "stages_ms": per_step("stages"),
+        "top_kernels_ms": top(per_step("kernels")),
+        "top_host_ops_ms": top(per_step("host")),
+        "launches_per_step": {k: (v - short["counts"][k]) / steps for k, v in long["counts"].items()},
+    }
+
+
+def profile_generate(model: nn.Module, batch: int, steps: int) -> dict:
+    """Profiles of one decode step (averaged over ``steps``) and of the prefill (time to first token)."""
     inputs = inputs_for(model, batch)
     generate(model, inputs, steps + 1)
-
-    def kernels(new_tokens: int) -> tuple[dict[str, float], float, dict[str, float]]:
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            generate(model, inputs, new_tokens)
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - start
-        per_stage: dict[str, float] = defaultdict(float)
-        per_kernel: dict[str, float] = defaultdict(float)
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                per_stage[_stage(event.name)] += event.device_time * 1e-3  # us -> ms
-                per_kernel[event.name] += event.device_time * 1e-3
-        return per_stage, wall * 1e3, per_kernel
-
-    long_stages, long_wall, long_kernels = kernels(steps + 1)
-    short_stages, short_wall, short_kernels = kernels(1)
-    stages = {k: (long_stages[k] - short_stages.get(k, 0.0)) / steps for k in long_stages}
-    top = sorted(((long_kernels[k] - short_kernels.get(k, 0.0)) / steps, k) for k in long_kernels)[::-1][:25]
-    (log_dir / "profile_top_kernels.json").write_text(json.dumps(top, indent=1))
-    return {"stages_ms": stages, "step_wall_ms": (long_wall - short_wall) / steps}
+    long, short = _profiled(model, inputs, steps + 1), _profiled(model, inputs, 1)
+    top = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:25]  # noqa: E731
+    prefill = {
+        "wall_ms": short["wall_ms"], "stages_ms": short["stages"], "top_kernels_ms": top(short["kernels"]),
+        "top_host_ops_ms": top(short["host"]), "launches": short["counts"],
+    }  # fmt: skip
+    return {"decode": _difference(long, short, steps), "prefill": prefill}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +322,8 @@ def main() -> None:
     parser.add_argument("--peer-batches", nargs="+", type=int, default=[1], help="batch sizes for the tinygemm arm")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    parser.add_argument("--profile", action="store_true", help="profile the GRACE INT4 decode step at batch 1")
+    parser.add_argument("--profile", nargs="*", default=None, metavar="ARM",
+                        help="profile decode step and prefill at batch 1 for these arms (no names: grace)")  # fmt: skip
     parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
     parser.add_argument("--out", help="markdown results file")
     parser.add_argument("--log-dir", default=".", help="folder for the raw JSON results and the profile")
@@ -336,9 +362,14 @@ def main() -> None:
                 print(name, arm, rows["batches"][-1], flush=True)
                 if args.out:  # a partial report survives a killed run
                     Path(args.out).write_text(report(results, args))
-            if args.profile and arm == "grace" and not late():
-                rows["profile"] = profile_decode(model, 1, 64, log_dir)
-                print(name, "profile", rows["profile"], flush=True)
+            if args.profile is not None and arm in (args.profile or ["grace"]) and not late():
+                profile = profile_generate(model, 1, 64)
+                (log_dir / f"profile_{name}_{arm}.json").write_text(json.dumps(profile, indent=1))
+                rows["profile"] = {
+                    "step_wall_ms": profile["decode"]["step_wall_ms"],
+                    "stages_ms": profile["decode"]["stages_ms"],
+                }
+                print(name, arm, "profile", rows["profile"], flush=True)
             rows["total_s"] = time.perf_counter() - started
             del model
             gc.collect()
@@ -386,16 +417,19 @@ def report(results: dict, args: argparse.Namespace) -> str:
                     f"| {name} | {arm} | {r['batch']} | {r['decode_tok_s']:.1f} | {speed} | {r['ttft_ms']:.1f} | "
                     f"{ttft} | {r['peak_gib']:.2f} | {peak} | {rows['weight_gib']:.2f} | {same} |"
                 )
-        profile = per_arm.get("grace", {}).get("profile")
-        if profile:
-            lines += ["", f"Profile of one GRACE INT4 decode step, {name}, batch 1 (kernel time per step, ms):", ""]
+        for arm, rows in per_arm.items():
+            profile = rows.get("profile")
+            if not profile:
+                continue
+            lines += ["", f"Profile of one {arm} decode step, {name}, batch 1 (GPU kernel time per step, ms):", ""]
             lines += ["| stage | ms per step | share of step |", "|---|---|---|"]
             wall = profile["step_wall_ms"]
             busy = 0.0
             for stage, ms in sorted(profile["stages_ms"].items(), key=lambda kv: -kv[1]):
                 busy += ms
                 lines.append(f"| {stage} | {ms:.3f} | {ms / wall:.0%} |")
-            lines.append(f"| idle / launch gaps | {max(wall - busy, 0.0):.3f} | {max(wall - busy, 0.0) / wall:.0%} |")
+            idle = max(wall - busy, 0.0)
+            lines.append(f"| GPU idle (host work between steps, launch gaps) | {idle:.3f} | {idle / wall:.0%} |")
             lines.append(f"| **step wall time** | {wall:.3f} | 100% |")
     return "\n".join(lines) + "\n"
 

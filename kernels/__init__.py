@@ -45,7 +45,8 @@ def quant_linear(
     """``y = x @ W^T + b`` with ``W`` given as packed ``bits``-bit codes and per-group ``scales``.
 
     ``backend="torch"`` always runs the reference; ``"auto"`` runs the ``grace_quant::w4a16_linear`` custom op
-    (Triton kernels) for 4-bit weights on CUDA and the reference otherwise; ``"triton"`` insists on the Triton
+    (Triton kernels) for 4-bit weights on CUDA (the same kernels directly, without the op's dispatch, in eager
+    code that needs no gradient) and the reference otherwise; ``"triton"`` insists on the Triton
     kernels and raises if they cannot run (not CUDA and not ``TRITON_INTERPRET=1``, bits != 4, unsupported
     dtype or group size).
     """
@@ -55,9 +56,31 @@ def quant_linear(
         return quant_linear_reference(x, packed, scales, bias, group_size, bits)
     if backend == "auto":
         if bits == 4 and x.is_cuda and packed.is_cuda and scales.is_cuda:
+            if _eager_inference(x, bias):
+                return _triton_eager(x, packed, scales, bias, group_size)
             return w4a16_linear_op(x, packed, scales, bias, group_size)
         return quant_linear_reference(x, packed, scales, bias, group_size, bits)
     return _quant_linear_triton(x, packed, scales, bias, group_size, bits)
+
+
+def _eager_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Eager call that needs no gradient: the custom op's dispatch (tens of us per call on the host, which
+    eager prefill pays for every layer) buys nothing here, so the kernels are called directly. Under
+    ``torch.compile`` the op stays, opaque to the tracer."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _triton_eager(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """What the custom op's CUDA implementation does, without the op's dispatch."""
+    from . import triton_w4a16
+
+    if triton_w4a16.supports(x, packed, scales, group_size):
+        return triton_w4a16.linear_unchecked(x, packed, scales, bias, group_size)
+    return quant_linear_reference(x, packed, scales, bias, group_size, 4)
 
 
 def _quant_linear_triton(

@@ -28,7 +28,7 @@ def _cuda(
     from . import triton_w4a16
 
     if triton_w4a16.supports(x, packed, scales, group_size):
-        return triton_w4a16.w4a16_linear(x, packed, scales, bias, group_size)
+        return triton_w4a16.linear_unchecked(x, packed, scales, bias, group_size)
     return quant_linear_reference(x, packed, scales, bias, group_size, 4)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "TC_MAX_M",
     "dequantize_w4",
     "gemv_w4a16",
+    "linear_unchecked",
     "supports",
     "tc_gemm_w4a16",
     "w4a16_linear",
@@ -479,6 +480,13 @@ def w4a16_linear(
 ) -> torch.Tensor:
     """``x @ W^T + bias`` for INT4 ``W`` in the packed format; dispatches on the token count alone."""
     _check(x, packed, scales, group_size)
+    return linear_unchecked(x, packed, scales, bias, group_size)
+
+
+def linear_unchecked(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """:func:`w4a16_linear` for callers that already checked :func:`supports` (one check per call on the host)."""
     k = x.shape[-1]
     n = packed.shape[0]
     x2 = x.reshape(-1, k)

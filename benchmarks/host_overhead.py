@@ -1,0 +1,69 @@
+"""Host cost of one eager INT4 linear call on the GPU (what prefill and eager decode pay per layer).
+
+A small layer (1536 x 1536) keeps the GPU work short, so back-to-back calls measure the host path: cuBLAS
+``F.linear`` (bf16) against the ``grace_quant::w4a16_linear`` custom op, the Triton entry point called directly,
+and ``GraceQuantLinear`` (the module users run). Medians of 5 rounds of 300 calls; GPU time from CUDA events.
+
+    python benchmarks/host_overhead.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from grace_quant.kernels import pack, triton_w4a16, w4a16_linear_op
+
+from grace_quant.modules import GraceQuantLinear
+
+N = K = 1536
+GROUP = 128
+CALLS = 300
+
+
+def per_call_us(fn) -> tuple[float, float]:
+    """(wall us per call, GPU us per call) for ``CALLS`` back-to-back calls, median of 5 rounds."""
+    fn()
+    torch.cuda.synchronize()
+    walls, gpus = [], []
+    for _ in range(5):
+        start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        start_event.record()
+        for _ in range(CALLS):
+            fn()
+        end_event.record()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - start) / CALLS * 1e6)
+        gpus.append(start_event.elapsed_time(end_event) / CALLS * 1e3)
+    return statistics.median(walls), statistics.median(gpus)
+
+
+def main() -> None:
+    dense = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed = pack(torch.randint(-8, 8, (N, K), dtype=torch.int8, device="cuda"), 4)
+    scales = (torch.rand(N, K // GROUP, device="cuda") * 0.01).to(torch.bfloat16)
+    layer = GraceQuantLinear(K, N, bias=False, group_size=GROUP, device="cuda", dtype=torch.bfloat16)
+    layer.weight, layer.scales = packed, scales
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {K}x{N}, eager, no grad")
+    print("| M | arm | wall us/call | GPU us/call |")
+    print("|---|---|---|---|")
+    with torch.no_grad():
+        for m in (1, 16, 597):
+            x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+            arms = {
+                "F.linear bf16": lambda x=x: F.linear(x, dense),
+                "custom op": lambda x=x: w4a16_linear_op(x, packed, scales, None, GROUP),
+                "triton_w4a16.w4a16_linear": lambda x=x: triton_w4a16.w4a16_linear(x, packed, scales, None, GROUP),
+                "GraceQuantLinear (eager fast path)": lambda x=x: layer(x),
+            }
+            for arm, fn in arms.items():
+                wall, gpu = per_call_us(fn)
+                print(f"| {m} | {arm} | {wall:.1f} | {gpu:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
