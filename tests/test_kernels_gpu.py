@@ -241,16 +241,20 @@ def test_fused_int4_model_generates_like_eager_when_compiled():
 
 def test_eager_fast_path_equals_the_custom_op_and_keeps_autograd():
     """``quant_linear(backend="auto")`` calls the kernels directly in eager no-grad code (no op dispatch on the
-    host) and goes through the custom op when a gradient is needed: both give the op's exact result."""
+    host) and goes through the custom op when a gradient is needed: both agree with the op (split-K sums with
+    fp32 atomics, so only to the order of the partial sums) and with the fp64 reference."""
     packed, scales, bias = make(384, 512, 64, torch.bfloat16, True)
     for m in (1, 16, 200):
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         expected = KM.w4a16_linear_op(x, packed, scales, bias, 64)
+        reference = ref_fp64(x, packed, scales, bias, 64)
         with torch.no_grad():
-            assert torch.equal(KM.quant_linear(x, packed, scales, bias, group_size=64), expected)
+            fast = KM.quant_linear(x, packed, scales, bias, group_size=64)
+        assert fast.grad_fn is None and rel_err(fast, expected.double()) < 1e-3
+        assert rel_err(fast, reference) < TOL[torch.bfloat16]
         xg = x.clone().requires_grad_(True)
         y = KM.quant_linear(xg, packed, scales, bias, group_size=64)
-        assert torch.equal(y.detach(), expected) and y.grad_fn is not None
+        assert y.grad_fn is not None and rel_err(y.detach(), expected.double()) < 1e-3
         y.float().sum().backward()
         w = KM.dequantize(packed, scales, 64, 4).to(torch.bfloat16)
         torch.testing.assert_close(xg.grad, torch.ones_like(y) @ w)
