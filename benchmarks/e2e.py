@@ -145,9 +145,10 @@ class TinyGemmLinear(nn.Module):
         scale = ((hi - lo) / 15).clamp_min(1e-8)
         q = torch.clamp(torch.round((g - lo[..., None]) / scale[..., None]), 0, 15).to(torch.int32).reshape(n, k)
         zero = lo + 8 * scale  # tinygemm dequantizes (q - 8) * scale + zero
-        self.packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-        self.scale_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         self.group, self.out_features = group, n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +240,10 @@ def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict
 STAGES = (
     ("INT4 linears (ours)", ("_gemv_kernel", "_tc_kernel", "_dequant_kernel")),
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
-    ("dense GEMM (lm_head, bf16)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitkreduce")),
+    (
+        "cuBLAS GEMMs (every linear in bf16; lm_head only in INT4)",
+        ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitkreduce"),
+    ),
     ("norms (fused)", ("rsqrt", "norm", "mean_pow")),
     ("memset / copies", ("memset", "memcpy", "copy", "fill")),
 )
