@@ -74,12 +74,14 @@ class GraceQATLinear(_GraceLinearBase):
         layer.log_scale = nn.Parameter(log_scale_init(linear.weight, group_size, bits))
         return layer
 
-    def quantized_weight(self) -> torch.Tensor:
-        """The fake-quant weight the forward uses (differentiable in ``weight`` and ``log_scale``)."""
-        return fake_quantize(self.weight, self.log_scale, self.group_size, self.bits)
+    def quantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The fake-quant weight the forward uses (differentiable in ``weight`` and ``log_scale``), in ``dtype``
+        (default the weight's): ``fake_quantize(...).to(dtype)``, written directly in ``dtype`` on CUDA."""
+        return fake_quantize(self.weight, self.log_scale, self.group_size, self.bits, out_dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        weight = self.quantized_weight(_matmul_dtype(x))
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
     def packed_tensors(self) -> dict[str, torch.Tensor]:
@@ -87,6 +89,15 @@ class GraceQATLinear(_GraceLinearBase):
         scales = scale_from_log(self.log_scale, self.weight.dtype)
         codes = quantize_codes(self.weight, scales, self.group_size, self.bits)
         return {"weight": pack(codes, self.bits), "scales": scales}
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(x, w)`` computes in: the autocast dtype when autocast is on for ``x``'s device (it
+    casts fp32/fp16/bf16 operands, not fp64), else ``x.dtype``."""
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def log_scale_init(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:

@@ -7,11 +7,16 @@ these functions, so a fake-quant weight and its packed form dequantize to the sa
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from grace_quant.kernels import code_range, dequantize_codes
 
 MSE_GRID_POINTS = 20
+FUSED_FAKE_QUANT_ENV = "GRACE_FUSED_FAKE_QUANT"
+"""Set to ``1`` to run fake quantization through the fused Triton kernels on CUDA. Opt-in until they have been
+checked and timed on a GPU (they are verified bit for bit against the torch path under Triton's interpreter)."""
 MSE_GRID_RANGE = (0.3, 1.2)
 
 
@@ -41,37 +46,99 @@ def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, group_size: int, 
     return _codes_from_ratio(ratio, bits).reshape(weight.shape).to(torch.int8)
 
 
-def fake_quantize(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+def fake_quantize(
+    weight: torch.Tensor,
+    log_scale: torch.Tensor,
+    group_size: int,
+    bits: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """``w_hat = s * clamp(round_ste(w / s))`` with ``s = exp(theta)`` rounded to the weight dtype.
 
     Gradients reach ``weight`` (straight through, zero where clamped) and ``log_scale`` (the LSQ step-size
     gradient times ``s``). The result equals ``dequantize_codes(quantize_codes(w, s), s)`` bit for bit.
+    ``out_dtype`` (e.g. the autocast dtype of the matmul that consumes ``w_hat``) returns
+    ``w_hat.to(out_dtype)``, written directly in that dtype by the fused kernels on CUDA.
+
+    With ``GRACE_FUSED_FAKE_QUANT=1``, fp32/bf16/fp16 weights with fp32 log-scales on CUDA (or under
+    ``TRITON_INTERPRET=1``) run one Triton kernel forward and one backward
+    (``grace_quant.kernels.triton_fake_quant``); everything else runs torch ops.
     """
-    return _FakeQuantize.apply(weight, log_scale, group_size, bits)
+    return _FakeQuantize.apply(weight, log_scale, group_size, bits, out_dtype)
+
+
+def _fused_fake_quant_kernels(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int):
+    """The Triton module ``grace_quant.kernels.triton_fake_quant`` when it can run these tensors, else None.
+
+    Triton is imported only for CUDA tensors or under ``TRITON_INTERPRET=1``, never on the CPU path.
+    """
+    if os.environ.get(FUSED_FAKE_QUANT_ENV, "0") != "1":
+        return None
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not (weight.is_cuda or interpreting):
+        return None
+    if weight.dtype == torch.float64 or log_scale.dtype != torch.float32:
+        return None
+    try:
+        from grace_quant.kernels import triton_fake_quant
+    except ImportError:  # no triton on this platform
+        return None
+    return triton_fake_quant if triton_fake_quant.supports(weight, log_scale, group_size) else None
 
 
 class _FakeQuantize(torch.autograd.Function):
     """Fake quantization whose backward recomputes ``w / s`` instead of saving it.
 
     Plain autograd would keep several full-size fp32 intermediates per quantized weight alive from forward to
-    backward; this keeps only ``weight`` and ``log_scale``, which the layer holds anyway.
+    backward; this keeps only ``weight`` and ``log_scale`` (plus, on the fused path, the per-group
+    ``exp(log_scale)``, 1/group of the weight), which the layer holds anyway.
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        weight: torch.Tensor,
+        log_scale: torch.Tensor,
+        group_size: int,
+        bits: int,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        if weight.shape[-1] % group_size:  # the check grouped() makes, without reshaping on the fused path
+            raise ValueError(f"group_size={group_size} does not divide in_features={weight.shape[-1]}")
+        ctx.group_size, ctx.bits = group_size, bits
+        kernels = _fused_fake_quant_kernels(weight, log_scale, group_size)
+        ctx.fused = kernels is not None
+        if kernels is not None:
+            # exp in torch, exactly as scale_from_log takes it: the kernel rounds it to the weight dtype
+            exp_log_scale = torch.exp(log_scale)
+            ctx.save_for_backward(weight, log_scale, exp_log_scale)
+            direct = out_dtype is None or out_dtype in kernels.SUPPORTED_DTYPES
+            w_hat = kernels.fake_quant_forward(weight, exp_log_scale, group_size, bits, out_dtype if direct else None)
+            return w_hat if direct else w_hat.to(out_dtype)
         scales = scale_from_log(log_scale, weight.dtype)
         ratio = grouped(weight.to(compute_dtype(weight.dtype)), group_size) / scales.to(
             compute_dtype(weight.dtype)
         ).unsqueeze(-1)
         codes = _codes_from_ratio(ratio, bits).reshape(weight.shape)
         ctx.save_for_backward(weight, log_scale)
-        ctx.group_size, ctx.bits = group_size, bits
-        return dequantize_codes(codes, scales, group_size)
+        w_hat = dequantize_codes(codes, scales, group_size)
+        return w_hat if out_dtype is None else w_hat.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         """``dw = g`` inside the code range, 0 outside; ``dtheta = s * sum_group g * (q - w/s inside | q outside)``."""
+        if ctx.fused:
+            weight, _, exp_log_scale = ctx.saved_tensors
+            from grace_quant.kernels import triton_fake_quant
+
+            if grad.dtype not in triton_fake_quant.SUPPORTED_DTYPES:
+                grad = grad.to(weight.dtype)
+            grad_weight, grad_log_scale = triton_fake_quant.fake_quant_backward(
+                weight, exp_log_scale, grad, ctx.group_size, ctx.bits
+            )
+            return grad_weight, grad_log_scale, None, None, None
         weight, log_scale = ctx.saved_tensors
+        grad = grad.to(weight.dtype)  # the gradient of w_hat.to(out_dtype)
         lo, hi = code_range(ctx.bits)
         dtype = compute_dtype(weight.dtype)
         scales = scale_from_log(log_scale, weight.dtype).to(dtype).unsqueeze(-1)
@@ -83,7 +150,7 @@ class _FakeQuantize(torch.autograd.Function):
         step = torch.where(inside, rounded - ratio, rounded.clamp(lo, hi))  # d w_hat / d s
         grad_scale = (g * step).sum(dim=-1)
         grad_log_scale = (grad_scale * torch.exp(log_scale.to(dtype))).to(log_scale.dtype)
-        return grad_weight, grad_log_scale, None, None
+        return grad_weight, grad_log_scale, None, None, None
 
 
 def scale_from_log(log_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

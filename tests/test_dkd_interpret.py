@@ -9,30 +9,19 @@ the fused and torch paths of ``gated_dkd_loss`` at Qwen's vocabulary size.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter_harness import import_kernels, result_for, run_interpreted, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 # relative L2 error of the gradient: fp32 maths, rounded once to the gradient's dtype (the interpreter
 # truncates fp32 -> bf16 where the GPU rounds to nearest, hence bf16's looser bound)
 GRAD_TOL = {"float32": 2e-5, "float16": 1e-3, "bfloat16": 1e-2}
 TERM_RTOL, TERM_ATOL = 1e-5, 1e-6  # per-row L, TCKD, NCKD, g: fp32 maths on inputs that are exact in fp64
-
-
-def import_kernels():
-    """The repo's ``kernels`` package from a checkout, else the installed ``grace_quant.kernels``."""
-    if (ROOT / "kernels" / "triton_dkd.py").exists():
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        return importlib.import_module("kernels")
-    return importlib.import_module("grace_quant.kernels")
 
 
 # (id, vocab, student dtype, teacher dtype, temperature, gate, block_v, special)
@@ -205,52 +194,24 @@ def _run_loss_case(case) -> dict:
 def _main() -> None:
     """Subprocess entry: run every case under the interpreter and print one JSON line per result."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    kmod = import_kernels()
+    kmod = import_kernels("triton_dkd")
     td = importlib.import_module(kmod.__name__ + ".triton_dkd")
     assert td.INTERPRET
     jobs = [(case[0], lambda case=case: _run_kernel_case(td, case)) for case in KERNEL_CASES]
     jobs += [("nan-teacher-row", lambda: _run_nan_case(td))]
     jobs += [(case[0], lambda case=case: _run_loss_case(case)) for case in LOSS_CASES]
-    for name, job in jobs:
-        try:
-            result = job()
-        except Exception as exc:  # noqa: BLE001  (report, let the test fail with the message)
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        print("RESULT " + json.dumps({"id": name, **result}), flush=True)
+    run_jobs(jobs)
 
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, dict]:
     pytest.importorskip("triton")
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore::RuntimeWarning", str(Path(__file__).resolve())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            rec = json.loads(line[len("RESULT ") :])
-            results[rec.pop("id")] = rec
-    return results
-
-
-def _get(interpreted: dict, name: str) -> dict:
-    rec = interpreted.get(name)
-    assert rec is not None, f"no result for {name}"
-    assert "error" not in rec, rec.get("error")
-    return rec
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
 def test_rows_kernel_matches_fp64_reference(interpreted, case):
-    rec = _get(interpreted, case[0])
+    rec = result_for(interpreted, case[0])
     assert rec["shape_ok"], rec
     assert rec["term_err"] <= 1.0, f"per-row terms off by {rec['term_err']:.3g} x tolerance: {rec}"
     assert rec["grad_rows_written"] and rec["other_rows_untouched"], rec
@@ -259,7 +220,7 @@ def test_rows_kernel_matches_fp64_reference(interpreted, case):
 
 
 def test_nan_teacher_row_is_nonfinite_for_that_row_only(interpreted):
-    rec = _get(interpreted, "nan-teacher-row")
+    rec = result_for(interpreted, "nan-teacher-row")
     # L, TCKD, NCKD and the gate all see the NaN
     assert rec["nan_row_outputs_nonfinite"] == [True, True, True, True], rec
     assert rec["nan_row_grad_nonfinite"], rec
@@ -269,7 +230,7 @@ def test_nan_teacher_row_is_nonfinite_for_that_row_only(interpreted):
 
 @pytest.mark.parametrize("case", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
 def test_gated_dkd_loss_fused_path_matches_torch_path(interpreted, case):
-    rec = _get(interpreted, case[0])
+    rec = result_for(interpreted, case[0])
     assert rec["fused_launches"] == rec["expected_launches"] > 0, rec
     assert rec["num_tokens_equal"] and rec["loss_dtype"] == "torch.float32", rec
     assert rec["loss_requires_grad"] == rec["expected_requires_grad"], rec
@@ -338,7 +299,7 @@ def test_fused_matches_torch_path_on_cuda_at_qwen_vocab(monkeypatch, gate):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rows_kernel_replays_in_a_cuda_graph():
     """No host syncs: the launch captures into a CUDA graph and replays on new inputs."""
-    td = importlib.import_module(import_kernels().__name__ + ".triton_dkd")
+    td = importlib.import_module(import_kernels("triton_dkd").__name__ + ".triton_dkd")
     vocab = 32000
     s = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16)
     t = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16)

@@ -8,26 +8,15 @@ this file as a script; the tests read its per-case results. The custom op's CPU 
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter_harness import import_kernels, run_interpreted, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {"float16": 1e-3, "bfloat16": 5e-3}
-
-
-def import_kernels():
-    """The repo's ``kernels`` package from a checkout, else the installed ``grace_quant.kernels``."""
-    if (ROOT / "kernels" / "triton_w4a16.py").exists():
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        return importlib.import_module("kernels")
-    return importlib.import_module("grace_quant.kernels")
 
 
 # (id, entry, M, N, K, group, dtype, bias, extra keyword arguments)
@@ -110,36 +99,18 @@ def _run_dequant(kmod, tw) -> dict:
 def _main() -> None:
     """Subprocess entry: run every case under the interpreter and print one JSON line per result."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    kmod = import_kernels()
+    kmod = import_kernels("triton_w4a16")
     tw = importlib.import_module(kmod.__name__ + ".triton_w4a16")
     assert tw.INTERPRET
     torch.manual_seed(1234)
-    for case in CASES:
-        try:
-            result = _run_case(kmod, tw, case)
-        except Exception as exc:  # noqa: BLE001  (report, let the test fail with the message)
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        print("RESULT " + json.dumps({"id": case[0], **result}), flush=True)
-    print("RESULT " + json.dumps({"id": "dequant", **_run_dequant(kmod, tw)}), flush=True)
+    jobs = [(case[0], lambda case=case: _run_case(kmod, tw, case)) for case in CASES]
+    run_jobs([*jobs, ("dequant", lambda: _run_dequant(kmod, tw))])
 
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, dict]:
     pytest.importorskip("triton")
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            rec = json.loads(line[len("RESULT ") :])
-            results[rec.pop("id")] = rec
-    return results
+    return run_interpreted(__file__, TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -158,7 +129,7 @@ def test_dequantize_kernel_matches_torch_dequantize(interpreted):
 
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_custom_op_opcheck_cpu(has_bias):
-    kmod = import_kernels()
+    kmod = import_kernels("triton_w4a16")
     torch.manual_seed(0)
     packed = kmod.pack(torch.randint(-8, 8, (48, 256), dtype=torch.int8), 4)
     scales = (torch.rand(48, 2) * 0.05).to(torch.bfloat16)
@@ -171,7 +142,7 @@ def test_custom_op_opcheck_cpu(has_bias):
 
 
 def test_quant_linear_backends_on_cpu():
-    kmod = import_kernels()
+    kmod = import_kernels("triton_w4a16")
     packed = kmod.pack(torch.randint(-8, 8, (16, 128), dtype=torch.int8), 4)
     scales = torch.rand(16, 4) * 0.05
     x = torch.randn(3, 128)

@@ -1,0 +1,75 @@
+"""Shared plumbing of the ``*_interpret`` tests: kernel cases run under Triton's CPU interpreter in a child process.
+
+``TRITON_INTERPRET=1`` has to be set before triton is imported, so each test file runs itself as a script in a
+child process with the variable set; the child prints one ``RESULT {json}`` line per case and the tests read them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_kernels(module: str) -> ModuleType:
+    """The repo's ``kernels`` package from a checkout (when it has ``module``), else ``grace_quant.kernels``."""
+    if (ROOT / "kernels" / f"{module}.py").exists():
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        return importlib.import_module("kernels")
+    return importlib.import_module("grace_quant.kernels")
+
+
+def emit(case_id: str, result: dict) -> None:
+    """Report one case from the child process."""
+    print("RESULT " + json.dumps({"id": case_id, **result}), flush=True)
+
+
+def run_jobs(jobs: list[tuple[str, Callable[[], dict]]]) -> None:
+    """In the child: run each ``(case id, job)`` and report its result, or the error it raised (the test then
+    fails with that message instead of the whole child dying at the first failing case)."""
+    for case_id, job in jobs:
+        try:
+            result = job()
+        except Exception as exc:  # noqa: BLE001
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        emit(case_id, result)
+
+
+def run_interpreted(test_file: str, **extra_env: str) -> dict[str, dict]:
+    """Run ``test_file`` as a script under the interpreter; ``{case id: result}`` from its ``RESULT`` lines."""
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **extra_env,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::RuntimeWarning", str(Path(test_file).resolve())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            record = json.loads(line[len("RESULT ") :])
+            results[record.pop("id")] = record
+    return results
+
+
+def result_for(results: dict[str, dict], case_id: str) -> dict:
+    """One case's result; fails with the child's error message if the case raised."""
+    record = results.get(case_id)
+    assert record is not None, f"no result for {case_id}"
+    assert "error" not in record, record.get("error")
+    return record
