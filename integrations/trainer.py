@@ -110,7 +110,7 @@ class GraceTrainerMixin:
         else:
             self.controller = FixedBeta(beta=args.beta_init, ema_decay=args.ib_ema_decay)
         self._step_gdkd: list[torch.Tensor] = []
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)  # per micro-batch, on device
         self.nonfinite_steps = 0
         self._writing_checkpoint = False
         self.add_callback(_ControllerStep(self))
@@ -251,8 +251,30 @@ class GraceTrainerMixin:
         return [c if ok else c.new_zeros(()) for c, ok in zip(components, finite, strict=True)]
 
     def _record(self, **values: torch.Tensor | float) -> None:
+        """Keep this micro-batch's loss components as detached device scalars: no host sync per micro-batch."""
         for name, value in values.items():
-            self._metrics[name].append(float(value))
+            self._metrics[name].append(value.detach().float() if torch.is_tensor(value) else torch.tensor(value))
+
+    def _logged_means(self) -> dict[str, float]:
+        """Means of the recorded components since the last log, over micro-batches and (averaged) ranks.
+
+        Every rank logs training steps (the Trainer gathers the loss on all of them), so one all-reduce of
+        (sum, count) per component gives each rank the all-rank mean; one host sync per log.
+        """
+        device = self.accelerator.device
+        sums = torch.zeros(len(LOGGED), device=device)
+        counts = torch.zeros(len(LOGGED), device=device)
+        for i, name in enumerate(LOGGED):
+            values = self._metrics.pop(name, [])
+            if values:
+                sums[i] = torch.stack([v.to(device) for v in values]).sum()
+                counts[i] = len(values)
+        totals = torch.cat([sums, counts])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        totals = totals.tolist()
+        n = len(LOGGED)
+        return {name: totals[i] / totals[n + i] for i, name in enumerate(LOGGED) if totals[n + i] > 0}
 
     # ------------------------------------------------------------------------------------------ controller
     def _controller_step(self) -> None:
@@ -271,10 +293,7 @@ class GraceTrainerMixin:
     # --------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs: add the means since the last log
-            for name in LOGGED:
-                values = self._metrics.pop(name, [])
-                if values:
-                    logs[name] = sum(values) / len(values)
+            logs.update(self._logged_means())
             logs["beta"] = self.controller.beta
             if self.controller.ema is not None:
                 logs["gdkd_ema"] = self.controller.ema

@@ -108,6 +108,14 @@ def assert_same_run(ranks: list[dict], single: dict) -> None:
     assert first["controller"]["beta"] == pytest.approx(single["controller"]["beta"], rel=1e-5, abs=0)
     assert single["controller"]["beta"] > BETA0 + 0.1  # beta did move, so a wrong GDKD reduction would show
 
+    # logged loss components are all-rank means: identical on every rank and equal to the single process's (every
+    # rank holds the same number of answer tokens and images, so the mean of rank means is the global mean)
+    assert len(single["logs"]) == steps and all(len(r["logs"]) == steps for r in ranks)
+    for name in ("ce", "gdkd", "tckd", "nckd", "rcka"):
+        per_rank = [[entry[name] for entry in r["logs"]] for r in ranks]
+        assert per_rank[0] == per_rank[1], name
+        assert per_rank[0] == pytest.approx([entry[name] for entry in single["logs"]], rel=1e-4, abs=1e-7), name
+
 
 def assert_int4_export(out: Path, ranks: list[dict]) -> None:
     """rank 0 alone wrote a packed INT4 folder, and it reloads with the trained QAT student's exact logits."""
