@@ -7,6 +7,8 @@ Arms (fp32 master weights, bf16 autocast on CUDA, AdamW, one micro-batch per ste
   qat     - QAT alone (no teacher, no KD, no RCKA): the cost of fake quantization itself
   plain+teacher - the plain step plus the teacher's forward (hidden states on, no loss): the floor any
             online-distillation step of this pair pays, whatever its losses cost
+  grace+ffq, qat+ffq - grace / qat with the fused Triton fake-quantization kernels (GRACE_FUSED_FAKE_QUANT=1),
+            with --fused-fake-quant (CUDA only)
 Sizes: --size small (CPU: tiny Qwen2-VL pair) or --size 1b (GPU: ~1.4B Qwen2-VL-layout student, ~2.8B teacher,
 vocabulary 151,936, random weights). Medians over --steps timed steps after warm-up.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -28,6 +31,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Trainer
 
 import grace_quant
 from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+from grace_quant.quant import FUSED_FAKE_QUANT_ENV
 
 SIZES = {
     # name: (student hidden, layers, intermediate, heads, kv), teacher (...), vocab, vision depth/width, seq, batch
@@ -81,6 +85,18 @@ def batch_for(model, size: dict, device) -> dict[str, torch.Tensor]:
 
 
 def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int) -> dict:
+    """One arm; a ``+ffq`` suffix runs it with the fused fake-quantization kernels switched on."""
+    if arm.endswith("+ffq"):
+        previous = os.environ.get(FUSED_FAKE_QUANT_ENV)
+        os.environ[FUSED_FAKE_QUANT_ENV] = "1"
+        try:
+            result = run_arm(arm.removesuffix("+ffq"), size, device, steps, warmup)
+        finally:
+            if previous is None:
+                os.environ.pop(FUSED_FAKE_QUANT_ENV)
+            else:
+                os.environ[FUSED_FAKE_QUANT_ENV] = previous
+        return {**result, "arm": arm}
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: random init of billions of weights on CPU is slow
         student = build(size, "student")
@@ -139,15 +155,19 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per arm (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--fused-fake-quant", action="store_true",
+                        help="add grace/qat arms with the fused Triton fake-quantization kernels (CUDA)")  # fmt: skip
     parser.add_argument("--out", help="markdown results file to write")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[args.size]
-    arms = ("plain", "grace", "no-kd", "qat", "plain+teacher")
+    arms = ["plain", "grace", "no-kd", "qat", "plain+teacher"]
+    if args.fused_fake_quant:
+        arms += ["grace+ffq", "qat+ffq"]
     rows = [run_arm(arm, size, device, args.steps, args.warmup) for arm in arms]
     for row in rows:
         print(row["arm"], "step times (ms):", [round(t * 1e3, 1) for t in row["times"]])
-    plain, grace, nokd, _, floor = rows
+    plain, grace, nokd, _, floor = rows[:5]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     lines = [
         f"# GRACE step vs plain fine-tuning step ({args.size})",

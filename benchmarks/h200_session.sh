@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One GPU session's checks and measurements in a single command (the device machine has no pip: the checkout runs
+# from PYTHONPATH). Writes logs and result tables under OUT (default ./gpu_out), at most 8 files.
+#
+#   bash benchmarks/h200_session.sh            # GPU tests, trainer step (with fused fake quant), e2e batch 1
+#   STAGES="tests kernels" bash benchmarks/h200_session.sh
+#
+# Stages (in this order; each has its own time limit, so a slow one cannot starve the rest):
+#   tests    every GPU-marked test (kernels, fused KD, fused fake quantization, fusion + compiled generate)
+#   trainer  benchmarks/trainer_step.py --size 1b --fused-fake-quant   (~3 min)
+#   e2e      benchmarks/e2e.py, both models, bf16 / GRACE / tinygemm, batch 1, one process   (~5 min)
+#   kernels  benchmarks/bench_kernels.py   (~6 min)
+# Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
+# never beside another GPU job on the same host.
+set -u
+OUT="${OUT:-gpu_out}"
+STAGES="${STAGES:-tests trainer e2e}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
+
+for stage in $STAGES; do
+  start=$(date +%s)
+  case "$stage" in
+    tests)
+      timeout 240 python -m pytest -q -m gpu tests/test_kernels_gpu.py tests/test_dkd_interpret.py \
+        tests/test_fake_quant_interpret.py > "$OUT/gpu_tests.log" 2>&1 ;;
+    trainer)
+      timeout 300 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 --fused-fake-quant \
+        --out "$OUT/trainer_step.md" > "$OUT/trainer_step.log" 2>&1 ;;
+    e2e)
+      timeout 330 python benchmarks/e2e.py --batches 1 --repeats 5 --deadline-s 290 \
+        --out "$OUT/e2e.md" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
+    kernels)
+      timeout 420 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>      timeout 420 python benchmarks/bench_kernels.py --out "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1 ;;1 ;;
+    *)
+      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels)" >&2; exit 2 ;;
+  esac
+  echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"
+done
