@@ -32,7 +32,7 @@ for stage in $STAGES; do
         --out "$OUT/e2e.md" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
     kernels)
-      timeout 420 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>      timeout 420 python benchmarks/bench_kernels.py --out "$OUT/kernels.md" > "$OUT/kernels.log" 2>&1 ;;1 ;;
+      timeout 420 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
     *)
       echo "unknown stage '$stage' (choose from: tests trainer e2e kernels)" >&2; exit 2 ;;
   esac
