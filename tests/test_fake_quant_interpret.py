@@ -320,14 +320,15 @@ def test_unsupported_inputs_take_the_torch_path(interpreted):
 
 
 def test_cpu_path_does_not_import_triton():
-    """Without CUDA and without the interpreter, fake_quantize runs torch ops and never imports triton."""
+    """Without CUDA and without the interpreter, fake_quantize runs torch ops and never imports the Triton kernels
+    module (whether ``triton`` itself gets imported is up to torch and transformers, not us)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
         "import sys, torch\n"
         "from grace_quant.quant import fake_quantize\n"
         "w = torch.randn(4, 64, requires_grad=True)\n"
         "fake_quantize(w, torch.zeros(4, 2, requires_grad=True), 32, 4, out_dtype=torch.bfloat16).sum().backward()\n"
-        "print('triton' in sys.modules)\n"
+        "print(any(name.endswith('kernels.triton_fake_quant') for name in sys.modules))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
