@@ -189,9 +189,10 @@ class GraceTrainerMixin:
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         use_rcka = args.rcka_weight > 0
         outputs = model(**model_inputs, output_hidden_states=use_rcka, return_dict=True)
-        ce_sum, local_tokens = cross_entropy_sum(outputs.logits, labels)
-
+        # queue the teacher's forward before anything that waits for the GPU (the CE's supervised-row count): the
+        # host launches it while the GPU still runs the student's forward
         teacher_out = self._teacher_forward(model_inputs, hidden=use_rcka) if args.uses_teacher else None
+        ce_sum, local_tokens = cross_entropy_sum(outputs.logits, labels)
         zero = outputs.logits.new_zeros((), dtype=torch.float32)
         gdkd, gdkd_logged = zero, {}
         if args.kd_loss != "none":
