@@ -210,6 +210,16 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure_ttft(model: nn.Module, batch: int, repeats: int) -> dict:
+    """Time to first token and the prefill's peak memory only (no decode step, so nothing is compiled)."""
+    inputs = inputs_for(model, batch)
+    for _ in range(2):
+        generate(model, inputs, 1)
+    torch.cuda.reset_peak_memory_stats()
+    first = timed(lambda: generate(model, inputs, 1), repeats)
+    return {"batch": batch, "ttft_ms": first * 1e3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict:
     inputs = inputs_for(model, batch)
     prompt = inputs["input_ids"].shape[1]
@@ -257,12 +267,13 @@ def _stage(kernel: str) -> str:
     return "other (rotary, activations, cache updates, ...)"
 
 
-def _profiled(model: nn.Module, inputs: dict, new_tokens: int) -> dict:
-    """One generate call under the profiler: wall time, GPU kernel time by stage and by kernel, host-side counts."""
+def _profiled(model: nn.Module, inputs: dict, new_tokens: int, stacks: bool = False) -> dict:
+    """One generate call under the profiler: wall time, GPU kernel time by stage and by kernel, host-side counts
+    (and, with ``stacks``, the host's self time grouped by Python call stack)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=stacks) as prof:
         start = time.perf_counter()
         generate(model, inputs, new_tokens)
         torch.cuda.synchronize()
@@ -280,7 +291,11 @@ def _profiled(model: nn.Module, inputs: dict, new_tokens: int) -> dict:
         name: sum(1 for e in prof.events() if e.name == name)
         for name in ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
     }
-    return {"wall_ms": wall * 1e3, "stages": stages, "kernels": kernels, "host": host, "counts": counts}
+    result = {"wall_ms": wall * 1e3, "stages": stages, "kernels": kernels, "host": host, "counts": counts}
+    if stacks:
+        table = prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=40)
+        result["host_by_stack"] = table
+    return result
 
 
 def _difference(long: dict, short: dict, steps: int) -> dict:
@@ -299,15 +314,16 @@ def _difference(long: dict, short: dict, steps: int) -> dict:
     }
 
 
-def profile_generate(model: nn.Module, batch: int, steps: int) -> dict:
+def profile_generate(model: nn.Module, batch: int, steps: int, stacks: bool = False) -> dict:
     """Profiles of one decode step (averaged over ``steps``) and of the prefill (time to first token)."""
     inputs = inputs_for(model, batch)
     generate(model, inputs, steps + 1)
-    long, short = _profiled(model, inputs, steps + 1), _profiled(model, inputs, 1)
+    long, short = _profiled(model, inputs, steps + 1), _profiled(model, inputs, 1, stacks)
     top = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:25]  # noqa: E731
     prefill = {
         "wall_ms": short["wall_ms"], "stages_ms": short["stages"], "top_kernels_ms": top(short["kernels"]),
         "top_host_ops_ms": top(short["host"]), "launches": short["counts"],
+        "host_by_stack": short.get("host_by_stack"),
     }  # fmt: skip
     return {"decode": _difference(long, short, steps), "prefill": prefill}
 
@@ -328,6 +344,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--profile", nargs="*", default=None, metavar="ARM",
                         help="profile decode step and prefill at batch 1 for these arms (no names: grace)")  # fmt: skip
+    parser.add_argument(
+        "--profile-stacks",
+        action="store_true",
+        help="with --profile: also group the prefill's host time by Python call stack",
+    )
+    parser.add_argument(
+        "--ttft-only",
+        action="store_true",
+        help="measure time to first token and prefill memory only (no decode, nothing compiled)",
+    )
     parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
     parser.add_argument("--out", help="markdown results file")
     parser.add_argument("--log-dir", default=".", help="folder for the raw JSON results and the profile")
@@ -360,14 +386,17 @@ def main() -> None:
                     print(f"deadline reached: {name} {arm} batch {batch} skipped", flush=True)
                     continue
                 try:
-                    rows["batches"].append(measure(model, batch, args.new_tokens, args.repeats))
+                    if args.ttft_only:
+                        rows["batches"].append(measure_ttft(model, batch, args.repeats))
+                    else:
+                        rows["batches"].append(measure(model, batch, args.new_tokens, args.repeats))
                 except Exception as exc:  # noqa: BLE001  (report the failure, keep the other arms)
                     rows["batches"].append({"batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 print(name, arm, rows["batches"][-1], flush=True)
                 if args.out:  # a partial report survives a killed run
                     Path(args.out).write_text(report(results, args))
             if args.profile is not None and arm in (args.profile or ["grace"]) and not late():
-                profile = profile_generate(model, 1, 64)
+                profile = profile_generate(model, 1, 64, args.profile_stacks)
                 (log_dir / f"profile_{name}_{arm}.json").write_text(json.dumps(profile, indent=1))
                 rows["profile"] = {
                     "step_wall_ms": profile["decode"]["step_wall_ms"],
@@ -410,7 +439,9 @@ def report(results: dict, args: argparse.Namespace) -> str:
                     lines.append(f"| {name} | {arm} | {r['batch']} | error: {r['error'][:80]} | | | | | | | |")
                     continue
                 b = base.get(r["batch"])
-                speed = f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}x" if b else ""
+                decoded = "decode_tok_s" in r and b is not None and "decode_tok_s" in b
+                speed = f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}x" if decoded else ""
+                tok_s = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "(not measured)"
                 ttft = f"{r['ttft_ms'] / b['ttft_ms']:.2f}x" if b else ""
                 saved = 1 - r["peak_gib"] / b["peak_gib"] if b else None
                 peak = "" if saved is None else f"{abs(saved):.0%} {'lower' if saved >= 0 else 'higher'}"
@@ -418,7 +449,7 @@ def report(results: dict, args: argparse.Namespace) -> str:
                     r.get("same_tokens_as_eager"), ""
                 )
                 lines.append(
-                    f"| {name} | {arm} | {r['batch']} | {r['decode_tok_s']:.1f} | {speed} | {r['ttft_ms']:.1f} | "
+                    f"| {name} | {arm} | {r['batch']} | {tok_s} | {speed} | {r['ttft_ms']:.1f} | "
                     f"{ttft} | {r['peak_gib']:.2f} | {peak} | {rows['weight_gib']:.2f} | {same} |"
                 )
         for arm, rows in per_arm.items():

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements in a single command (the device machine has no pip: the checkout runs
-# from PYTHONPATH). Writes logs and result tables under OUT (default ./gpu_out), at most 8 files.
+# from PYTHONPATH). Writes logs and result tables under OUT (default ./gpu_out): 1-4 files per stage (the device
+# tool brings back at most 8, so pick the stages of one call accordingly).
 #
 #   bash benchmarks/h200_session.sh            # GPU tests, trainer step (with fused fake quant), e2e batch 1
 #   STAGES="tests kernels" bash benchmarks/h200_session.sh
 #
-# Stages (in this order; each has its own time limit, so a slow one cannot starve the rest):
+# Stages, run in the order STAGES lists them (each has its own time limit, so a slow one cannot starve the rest):
 #   tests    every GPU-marked test (kernels, fused KD, fused fake quantization, fusion + compiled generate)
 #   trainer  benchmarks/trainer_step.py --size 1b --fused-fake-quant   (~3 min)
 #   e2e      benchmarks/e2e.py, both models, bf16 / GRACE / tinygemm, batch 1, one process   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min)
+#   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
+#   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 set -u
@@ -33,8 +36,16 @@ for stage in $STAGES; do
       rm -f "$OUT/e2e_raw.json" ;;
     kernels)
       timeout 420 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
+    ttft)
+      timeout 240 python benchmarks/e2e.py --ttft-only --batches 1 8 32 --peer-batches 1 --repeats 5 \
+        --out "$OUT/ttft.md" --log-dir "$OUT" > "$OUT/ttft.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
+    qwen-profile)
+      timeout 300 python benchmarks/e2e.py --models qwen2-vl-2b --arms bf16 grace --batches 1 --profile bf16 grace \
+        --profile-stacks --out "$OUT/qwen_profile.md" --log-dir "$OUT" > "$OUT/qwen_profile.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels ttft qwen-profile)" >&2; exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"
 done
