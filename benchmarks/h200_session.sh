@@ -11,6 +11,7 @@
 #   trainer  benchmarks/trainer_step.py --size 1b --fused-fake-quant   (~3 min)
 #   e2e      benchmarks/e2e.py, both models, bf16 / GRACE / tinygemm, batch 1, one process   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min)
+#   tune     tune the kernels for the LLaVA-7B / Qwen2-VL-2B shapes; OUT/kernels/<GPU>.json goes to kernels/configs/
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
@@ -36,6 +37,8 @@ for stage in $STAGES; do
       rm -f "$OUT/e2e_raw.json" ;;
     kernels)
       timeout 420 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
+    tune)
+      GRACE_QUANT_CACHE="$OUT" timeout 480 python benchmarks/tune_kernels.py > "$OUT/tune.log" 2>&1 ;;
     ttft)
       timeout 240 python benchmarks/e2e.py --ttft-only --batches 1 8 32 --peer-batches 1 --repeats 5 \
         --out "$OUT/ttft.md" --log-dir "$OUT" > "$OUT/ttft.log" 2>&1
@@ -45,7 +48,7 @@ for stage in $STAGES; do
         --profile-stacks --out "$OUT/qwen_profile.md" --log-dir "$OUT" > "$OUT/qwen_profile.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels ttft qwen-profile)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels tune ttft qwen-profile)" >&2; exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"
 done

@@ -7,7 +7,9 @@ Three paths, chosen from the token count ``M`` alone (no host syncs, CUDA-graph 
 * ``2 < M <= 64``: tensor-core GEMM (``tl.dot``, weights as the wide MMA operand) with split-K;
 * larger ``M``: a Triton dequantize kernel to the activation dtype, then cuBLAS.
 
-All kernels read the checkpoint layout directly (``packed`` int32 ``[N, K/8]``, ``scales`` ``[N, K/group]``), so
+Launch parameters come from this GPU's tuned table (``kernels.autotune``: per M bucket, N, K, group and dtype,
+filled ahead of time by ``tune_model``) where it has an entry, and from fixed heuristics otherwise; nothing is
+tuned during a call. All kernels read the checkpoint layout directly (``packed`` int32 ``[N, K/8]``, ``scales`` ``[N, K/group]``), so
 no repack is needed. A 4-bit code becomes an exact fp32 in two instructions: the nibble, left in place, is OR'd
 into the mantissa of ``2**23`` and one FMA rescales it and removes the offset (``2**23`` and the ``+8``).
 """
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from . import autotune
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Running under Triton's CPU interpreter: dot operands are upcast to fp32 there (bf16 dot is wrong in it)."""
@@ -460,6 +464,19 @@ def tc_gemm_w4a16(
     return y
 
 
+def _tuned(x2: torch.Tensor, n: int, group_size: int, gemv: bool) -> dict[str, int]:
+    """Keyword overrides from this GPU's tuned configuration table (``kernels.autotune``), or none."""
+    config = autotune.config_for(x2, n, group_size)
+    if config is None:
+        return {}
+    per_sm = config.get("target_programs_per_sm", 0)
+    if gemv:
+        split = {"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1}
+        return {"block_n": config["block_n"], "step_k": config["step_k"], "num_warps": config["num_warps"], **split}
+    return {"block_n": config["block_n"], "num_warps": config["num_warps"], "num_stages": config["num_stages"],
+            "target_programs": per_sm * _sms(x2)}  # fmt: skip
+
+
 def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype`` from the packed format, with the Triton dequantize kernel."""
     n, kw = packed.shape
@@ -500,9 +517,9 @@ def linear_unchecked(
     if m == 0:
         y = x2.new_empty((0, n))
     elif m <= GEMV_DISPATCH_MAX_M:
-        y = gemv_w4a16(x2, packed, scales, bias, group_size)
+        y = gemv_w4a16(x2, packed, scales, bias, group_size, **_tuned(x2, n, group_size, gemv=True))
     elif m <= TC_MAX_M:
-        y = tc_gemm_w4a16(x2, packed, scales, bias, group_size)
+        y = tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_tuned(x2, n, group_size, gemv=False))
     else:
         weight = dequantize_w4(packed, scales, group_size, x2.dtype)
         y = F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))

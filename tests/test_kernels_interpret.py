@@ -96,6 +96,28 @@ def _run_dequant(kmod, tw) -> dict:
     return out
 
 
+def _run_tuned(kmod, tw) -> dict:
+    """Dispatch with configurations filed in the tuning table (not the heuristic's): same results."""
+    autotune = importlib.import_module(kmod.__name__ + ".autotune")
+    table = autotune.table(autotune.INTERPRETER_DEVICE)
+    configs = {
+        1: {"block_n": 4, "step_k": 256, "num_warps": 2, "target_programs_per_sm": 4},  # split-K GEMV
+        5: {"block_n": 32, "num_warps": 4, "num_stages": 2, "target_programs_per_sm": 2},
+    }
+    out = {}
+    for m, config in configs.items():
+        n, k, group, dtype = 72, 384, 64, torch.float16
+        table.put(autotune.key_for(m, n, k, group, dtype), config)
+        packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
+        scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(dtype)
+        x = torch.randn(m, k).to(dtype)
+        used = autotune.config_for(x, n, group) == config
+        y = tw.w4a16_linear(x, packed, scales, None, group)
+        ref = _reference_fp64(kmod, x, packed, scales, None, group)
+        out[f"m{m}"] = {"used": used, "err": ((y.double() - ref).norm() / ref.norm()).item()}
+    return out
+
+
 def _main() -> None:
     """Subprocess entry: run every case under the interpreter and print one JSON line per result."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
@@ -104,7 +126,7 @@ def _main() -> None:
     assert tw.INTERPRET
     torch.manual_seed(1234)
     jobs = [(case[0], lambda case=case: _run_case(kmod, tw, case)) for case in CASES]
-    run_jobs([*jobs, ("dequant", lambda: _run_dequant(kmod, tw))])
+    run_jobs([*jobs, ("dequant", lambda: _run_dequant(kmod, tw)), ("tuned", lambda: _run_tuned(kmod, tw))])
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +141,13 @@ def test_kernel_matches_fp64_reference(interpreted, case):
     assert rec is not None, f"no result for {case[0]}"
     assert "error" not in rec, rec.get("error")
     assert rec["err"] < TOL[case[6]], f"{case[0]}: relative L2 error {rec['err']:.3e} >= {TOL[case[6]]}"
+
+
+def test_tuned_configs_reach_the_kernels_and_keep_results(interpreted):
+    rec = interpreted.get("tuned")
+    assert rec is not None and "error" not in rec, rec
+    for m in ("m1", "m5"):
+        assert rec[m]["used"] and rec[m]["err"] < TOL["float16"], rec
 
 
 def test_dequantize_kernel_matches_torch_dequantize(interpreted):

@@ -1,0 +1,142 @@
+"""Tuned W4A16 kernel configurations: keys, per-GPU tables (shipped + user cache), tuning ahead of time, dispatch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from grace_quant.kernels import autotune  # noqa: E402
+from grace_quant.kernels import triton_w4a16 as tw  # noqa: E402
+
+from grace_quant import GraceConfig, quantize_model  # noqa: E402
+from grace_quant.testing import tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_tables(tmp_path, monkeypatch):
+    """Every test gets an empty user cache and re-reads the tables."""
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "cache"))
+    autotune.reset()
+    yield
+    autotune.reset()
+
+
+def test_buckets_paths_and_keys():
+    assert [autotune.m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 32, 64]
+    assert [autotune.path_for(m) for m in (1, 2, 3, 64)] == ["gemv", "gemv", "tc", "tc"]
+    assert autotune.key_for(3, 4096, 11008, 128, torch.bfloat16) == "tc|4|4096|11008|128|bfloat16"
+    with pytest.raises(ValueError, match="above the tuned range"):
+        autotune.m_bucket(65)
+
+
+def test_user_cache_overrides_shipped_configs_and_saves_atomically(tmp_path):
+    shipped, user = tmp_path / "shipped", tmp_path / "user"
+    shipped.mkdir()
+    key_a, key_b = "gemv|1|64|64|32|float16", "tc|4|64|64|32|float16"
+    payload = {"device": "NVIDIA Test GPU", "configs": {key_a: {"block_n": 8}, key_b: {"block_n": 64}}}
+    (shipped / "NVIDIA_Test_GPU.json").write_text(json.dumps(payload))
+    table = autotune.ConfigTable("NVIDIA Test GPU", shipped_dir=shipped, user_dir=user)
+    table.put(key_b, {"block_n": 32})
+    path = table.save()
+    assert path == user / "NVIDIA_Test_GPU.json" and [p.name for p in user.iterdir()] == [path.name]  # no temp left
+    again = autotune.ConfigTable("NVIDIA Test GPU", shipped_dir=shipped, user_dir=user)
+    assert again.get(key_a) == {"block_n": 8} and again.get(key_b) == {"block_n": 32}
+    # another GPU name finds nothing: names are matched exactly, never by substring
+    assert autotune.ConfigTable("NVIDIA Test", shipped_dir=shipped, user_dir=user).configs == {}
+
+
+def test_a_corrupt_cache_names_the_file_and_the_fix(tmp_path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "GPU_X.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match="GPU_X.json.*delete the file to re-tune"):
+        autotune.ConfigTable("GPU X", shipped_dir=tmp_path, user_dir=user)
+
+
+def test_tune_key_files_the_fastest_runnable_candidate():
+    table = autotune.table("fake")
+    candidates = [{"block_n": 4}, {"block_n": 8}, {"block_n": 16}, {"block_n": 32}]
+    times = {4: 3.0, 8: 1.0, 16: 2.0}
+
+    def measure(config):
+        if config["block_n"] not in times:
+            raise RuntimeError("out of resources")  # a config the GPU rejects is skipped
+        return times[config["block_n"]]
+
+    best, seconds = autotune.tune_key("k", candidates, measure, table)
+    assert best == {"block_n": 8} and seconds == 1.0 and table.get("k") == {"block_n": 8}
+    with pytest.raises(RuntimeError, match="no candidate config ran for k2: .*out of resources"):
+        autotune.tune_key("k2", [{"block_n": 32}], measure, table)
+
+
+def test_tune_model_covers_every_fused_matmul_and_bucket_once(tmp_path):
+    model = quantize_model(tiny_model("qwen2-vl"), GraceConfig(mode="packed", group_size=32))
+    text = model.config.get_text_config()
+    head = text.hidden_size // text.num_attention_heads
+    expected_shapes = {
+        ((text.num_attention_heads + 2 * text.num_key_value_heads) * head, text.hidden_size),  # q|k|v fused
+        (text.hidden_size, text.num_attention_heads * head),  # o_proj
+        (2 * text.intermediate_size, text.hidden_size),  # gate|up fused
+        (text.hidden_size, text.intermediate_size),  # down_proj
+    }
+    timed = []
+
+    def factory(m, n, k, group, dtype, device):
+        timed.append((m, n, k))
+        return lambda config: float(sum(config.values()))  # deterministic: the smallest values win
+
+    tuned = autotune.tune_model(model, m_values=(1, 3, 16), measure_factory=factory)
+    assert {(n, k) for _, n, k in timed} == expected_shapes
+    assert sorted({m for m, _, _ in timed}) == [1, 3, 16] and len(timed) == 3 * len(expected_shapes)
+    assert len(tuned) == len(timed)
+    best_gemv = min(autotune.GEMV_SPACE, key=lambda c: sum(c.values()))
+    n, k = next(iter(expected_shapes))
+    assert tuned[autotune.key_for(1, n, k, 32, torch.float32)] == best_gemv
+    saved = json.loads((tmp_path / "cache" / "kernels" / "triton-interpreter.json").read_text())
+    assert saved["configs"] == tuned
+
+    timed.clear()
+    assert autotune.tune_model(model, m_values=(1, 3, 16), measure_factory=factory) == {} and not timed  # cached
+    autotune.reset()  # a new process reads the user's cache
+    assert autotune.tune_model(model, m_values=(1,), measure_factory=factory) == {} and not timed
+    assert len(autotune.tune_model(model, m_values=(1,), measure_factory=factory, retune=True)) == 4
+
+
+def test_tune_model_refuses_a_cpu_model_without_a_timer():
+    model = quantize_model(tiny_model("llava"), GraceConfig(mode="packed", group_size=32))
+    with pytest.raises(RuntimeError, match="needs the model on a CUDA GPU"):
+        autotune.tune_model(model)
+
+
+def test_dispatch_passes_the_tuned_config_to_the_kernel(monkeypatch):
+    calls = []
+
+    def fake_kernel(name):
+        def run(x2, packed, scales, bias, group_size, **overrides):
+            calls.append((name, overrides))
+            return torch.zeros(x2.shape[0], packed.shape[0], dtype=x2.dtype)
+
+        return run
+
+    monkeypatch.setattr(tw, "gemv_w4a16", fake_kernel("gemv"))
+    monkeypatch.setattr(tw, "tc_gemm_w4a16", fake_kernel("tc"))
+    packed = torch.zeros(48, 8, dtype=torch.int32)
+    scales = torch.ones(48, 2, dtype=torch.float16)
+    table = autotune.table(autotune.INTERPRETER_DEVICE)
+    table.put(autotune.key_for(1, 48, 64, 32, torch.float16), {"block_n": 4, "step_k": 512, "num_warps": 2,
+                                                               "target_programs_per_sm": 0})  # fmt: skip
+    table.put(autotune.key_for(5, 48, 64, 32, torch.float16), {"block_n": 32, "num_warps": 8, "num_stages": 2,
+                                                               "target_programs_per_sm": 2})  # fmt: skip
+    for m in (1, 2, 5, 40):
+        tw.linear_unchecked(torch.zeros(m, 64, dtype=torch.float16), packed, scales, None, 32)
+    sms = tw._sms(torch.zeros(1))
+    assert calls == [
+        ("gemv", {"block_n": 4, "step_k": 512, "num_warps": 2, "splits": 1}),  # bucket 1: tuned
+        ("gemv", {}),  # bucket 2: nothing tuned, the heuristic decides
+        ("tc", {"block_n": 32, "num_warps": 8, "num_stages": 2, "target_programs": 2 * sms}),  # bucket 8
+        ("tc", {}),  # bucket 64
+    ]
