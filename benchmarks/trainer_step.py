@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import os
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Trainer
 
 import grace_quant
 from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
-from grace_quant.quant import FUSED_FAKE_QUANT_ENV
+from grace_quant.quant import fused_fake_quant
 
 SIZES = {
     # name: (student hidden, layers, intermediate, heads, kv), teacher (...), vocab, vision depth/width, seq, batch
@@ -87,15 +86,8 @@ def batch_for(model, size: dict, device) -> dict[str, torch.Tensor]:
 def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int) -> dict:
     """One arm; a ``+ffq`` suffix runs it with the fused fake-quantization kernels switched on."""
     if arm.endswith("+ffq"):
-        previous = os.environ.get(FUSED_FAKE_QUANT_ENV)
-        os.environ[FUSED_FAKE_QUANT_ENV] = "1"
-        try:
+        with fused_fake_quant():
             result = run_arm(arm.removesuffix("+ffq"), size, device, steps, warmup)
-        finally:
-            if previous is None:
-                os.environ.pop(FUSED_FAKE_QUANT_ENV)
-            else:
-                os.environ[FUSED_FAKE_QUANT_ENV] = previous
         return {**result, "arm": arm}
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: random init of billions of weights on CPU is slow

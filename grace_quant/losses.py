@@ -10,12 +10,13 @@ All maths is at least fp32 whatever the input dtype (fp64 stays fp64); only the 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from grace_quant.kernels import kernels_can_run
 
 IGNORE_INDEX = -100
 MIN_CKA_TOKENS = 4
@@ -173,8 +174,7 @@ def _fused_dkd_kernels(student_flat: torch.Tensor, teacher_flat: torch.Tensor):
     It runs CUDA students (or any under ``TRITON_INTERPRET=1``) with fp32/fp16/bf16 logits; fp64 keeps the torch
     path. Triton is imported only here, never on the CPU path.
     """
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if not (student_flat.is_cuda or interpreting):
+    if not kernels_can_run(student_flat):
         return None
     if student_flat.dtype not in _FUSED_DTYPES or teacher_flat.dtype not in _FUSED_DTYPES:
         return None

@@ -7,11 +7,13 @@ these functions, so a fake-quant weight and its packed form dequantize to the sa
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
-from grace_quant.kernels import code_range, dequantize_codes
+from grace_quant.kernels import code_range, dequantize_codes, kernels_can_run
 
 MSE_GRID_POINTS = 20
 FUSED_FAKE_QUANT_ENV = "GRACE_FUSED_FAKE_QUANT"
@@ -67,6 +69,21 @@ def fake_quantize(
     return _FakeQuantize.apply(weight, log_scale, group_size, bits, out_dtype)
 
 
+@contextlib.contextmanager
+def fused_fake_quant(enabled: bool = True) -> Iterator[None]:
+    """Within this block fake quantization runs on the fused Triton kernels (``enabled``) or on torch ops: sets
+    ``GRACE_FUSED_FAKE_QUANT`` for the block and restores what it was."""
+    previous = os.environ.get(FUSED_FAKE_QUANT_ENV)
+    os.environ[FUSED_FAKE_QUANT_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FUSED_FAKE_QUANT_ENV, None)
+        else:
+            os.environ[FUSED_FAKE_QUANT_ENV] = previous
+
+
 def _fused_fake_quant_kernels(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int):
     """The Triton module ``grace_quant.kernels.triton_fake_quant`` when it can run these tensors, else None.
 
@@ -74,8 +91,7 @@ def _fused_fake_quant_kernels(weight: torch.Tensor, log_scale: torch.Tensor, gro
     """
     if os.environ.get(FUSED_FAKE_QUANT_ENV, "0") != "1":
         return None
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if not (weight.is_cuda or interpreting):
+    if not kernels_can_run(weight):
         return None
     if weight.dtype == torch.float64 or log_scale.dtype != torch.float32:
         return None

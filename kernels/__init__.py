@@ -7,13 +7,12 @@ weights go through the ``grace_quant::w4a16_linear`` custom op and its Triton ke
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .custom_op import w4a16_linear_op
 from .packing import SUPPORTED_BITS, code_range, codes_per_word, pack, unpack
 from .reference import dequantize, dequantize_codes, quant_linear_reference
+from .runtime import interpreting, kernels_can_run
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -24,6 +23,8 @@ __all__ = [
     "codes_per_word",
     "dequantize",
     "dequantize_codes",
+    "interpreting",
+    "kernels_can_run",
     "pack",
     "quant_linear",
     "quant_linear_reference",
@@ -92,10 +93,9 @@ def _quant_linear_triton(
     bits: int,
 ) -> torch.Tensor:
     """``backend="triton"``: the custom op on CUDA, the kernels themselves under Triton's CPU interpreter."""
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if bits != 4:
         raise ValueError(f'backend="triton" implements bits=4 only, got bits={bits}; use backend="torch"')
-    if not (x.is_cuda or interpreting):
+    if not kernels_can_run(x):
         raise RuntimeError(
             f'backend="triton" needs CUDA tensors (got {x.device}) or TRITON_INTERPRET=1 set before triton is '
             'imported; use backend="auto" or "torch" on CPU'

@@ -30,13 +30,14 @@ row's outputs as a non-finite value. No host syncs: the launch is CUDA-graph saf
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .runtime import interpreting
+
+INTERPRET = interpreting()
 """Running under Triton's CPU interpreter (programs run one after another; keep blocks small there)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

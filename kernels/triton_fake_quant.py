@@ -27,15 +27,14 @@ values only.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .packing import code_range
+from .runtime import interpreting
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = interpreting()
 """Running under Triton's CPU interpreter (programs run one after another; keep blocks small there)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -17,7 +17,6 @@ into the mantissa of ``2**23`` and one FMA rescales it and removes the offset (`
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +24,9 @@ import triton
 import triton.language as tl
 
 from . import autotune
+from .runtime import interpreting
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = interpreting()
 """Running under Triton's CPU interpreter: dot operands are upcast to fp32 there (bf16 dot is wrong in it)."""
 
 SUPPORTED_GROUPS = (32, 64, 128)

@@ -112,18 +112,13 @@ def _run_fake_quant(w, log_scale, upstream, group, bits, out_dtype, fused: bool)
     tfq.fake_quant_backward = counted("backward", originals[2])
     if not fused:
         quant._fused_fake_quant_kernels = lambda *args: None
-    switch = os.environ.get(quant.FUSED_FAKE_QUANT_ENV)
-    os.environ[quant.FUSED_FAKE_QUANT_ENV] = "1"  # the fused kernels are opt-in
     try:
-        w_leaf, ls_leaf = w.clone().requires_grad_(), log_scale.clone().requires_grad_()
-        out = quant.fake_quantize(w_leaf, ls_leaf, group, bits, out_dtype=out_dtype)
-        (out * upstream).sum().backward()
+        with quant.fused_fake_quant():  # the fused kernels are opt-in
+            w_leaf, ls_leaf = w.clone().requires_grad_(), log_scale.clone().requires_grad_()
+            out = quant.fake_quantize(w_leaf, ls_leaf, group, bits, out_dtype=out_dtype)
+            (out * upstream).sum().backward()
     finally:
         quant._fused_fake_quant_kernels, tfq.fake_quant_forward, tfq.fake_quant_backward = originals
-        if switch is None:
-            os.environ.pop(quant.FUSED_FAKE_QUANT_ENV)
-        else:
-            os.environ[quant.FUSED_FAKE_QUANT_ENV] = switch
     return out.detach(), w_leaf.grad, ls_leaf.grad, calls
 
 
@@ -252,21 +247,17 @@ def _run_support_case() -> dict:
         "shape_mismatch": tfq.supports(w, torch.zeros(3, 2)),
         "dispatch_fp64": quant._fused_fake_quant_kernels(w64, ls64, 32) is None,
         "dispatch_fp32": quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32) is not None,
-        "dispatch_off_without_opt_in": _without_opt_in(
-            lambda: quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32)
-        ),
+        "dispatch_off_without_opt_in": _switched_off(lambda: quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32)),
         "fp64_matches_definition": torch.allclose(quant.fake_quantize(w64, ls64, 32, 4), expected, rtol=0, atol=1e-12),
     }
 
 
-def _without_opt_in(fn):
-    """``fn()`` with ``GRACE_FUSED_FAKE_QUANT`` unset (the default: fused kernels off)."""
-    saved = os.environ.pop("GRACE_FUSED_FAKE_QUANT", None)
-    try:
+def _switched_off(fn):
+    """``fn()`` with the fused kernels switched off, as they are by default."""
+    from grace_quant import quant
+
+    with quant.fused_fake_quant(False):
         return fn()
-    finally:
-        if saved is not None:
-            os.environ["GRACE_FUSED_FAKE_QUANT"] = saved
 
 
 def _main() -> None:
