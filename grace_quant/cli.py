@@ -334,7 +334,44 @@ def run_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = (add_quantize, add_export, add_import_awq, add_push, add_demo, add_eval)
+# -------------------------------------------------------------------------------------------------------- tune
+def add_tune(subparsers: argparse._SubParsersAction) -> None:
+    parser = _command(
+        subparsers,
+        "tune",
+        "time the INT4 kernels on this GPU for a model's shapes and keep the fastest configs",
+        "Load the packed GRACE checkpoint SRC on the GPU, time the W4A16 kernel's launch configurations for every\n"
+        "INT4 matmul shape of the model and every token-count bucket up to 64, and write the fastest to this GPU's\n"
+        "table ($GRACE_QUANT_CACHE or ~/.cache/grace_quant/kernels/). Later processes use it without tuning;\n"
+        "shapes already in the table are skipped unless --retune. Needs a CUDA GPU; takes a few minutes.",
+        "grace-quant tune ./llava-int4",
+    )
+    parser.add_argument("src", metavar="SRC", help="packed GRACE checkpoint folder (4 bits)")
+    parser.add_argument("--retune", action="store_true", help="time shapes that already have a configuration too")
+    parser.set_defaults(func=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("tuning times the kernels on a CUDA GPU and none is available here; run it on the GPU "
+                        "that will serve the model")  # fmt: skip
+    from grace_quant import AutoModelForVision2Seq
+    from grace_quant.kernels import autotune
+
+    if not os.path.isfile(os.path.join(args.src, "config.json")):
+        raise UserError(f"{args.src} is not a model folder (no config.json)")
+    model = AutoModelForVision2Seq.from_pretrained(args.src, device_map="cuda")
+    if not autotune.matmul_shapes(model):
+        raise UserError(f"{args.src} has no packed INT4 layers to tune; make one with `grace-quant quantize` first")
+    tuned = autotune.tune_model(model, retune=args.retune)
+    device = autotune.device_name(torch.device("cuda"))
+    print(f"{len(tuned)} new kernel configurations for {device} in {autotune.table(device).user_path}")
+    return EXIT_OK
+
+
+COMMANDS = (add_quantize, add_export, add_import_awq, add_push, add_demo, add_eval, add_tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,6 +58,7 @@ __all__ = [
     "config_for",
     "device_name",
     "key_for",
+    "matmul_shapes",
     "m_bucket",
     "table",
     "tune_key",
@@ -196,7 +197,7 @@ def tune_key(
     return best
 
 
-def _shapes(model: torch.nn.Module) -> set[tuple[int, int, int, torch.dtype, torch.device]]:
+def matmul_shapes(model: torch.nn.Module) -> set[tuple[int, int, int, torch.dtype, torch.device]]:
     """(N, K, group, scales dtype, device) of every 4-bit matmul the model runs (fused groups, not their members)."""
     from grace_quant.fusion import FusedProjection
     from grace_quant.modules import GraceQuantLinear
@@ -266,7 +267,7 @@ def tune_model(
     factory = measure_factory or _cuda_measure
     tuned: dict[str, Config] = {}
     tables = set()
-    for n, k, group, dtype, device in sorted(_shapes(model), key=str):
+    for n, k, group, dtype, device in sorted(matmul_shapes(model), key=str):
         if measure_factory is None and device.type != "cuda":
             raise RuntimeError(f"tune_model needs the model on a CUDA GPU; its INT4 layers are on {device}")
         table_ = table(device_name(device))

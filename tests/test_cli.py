@@ -120,6 +120,30 @@ def test_user_mistakes_exit_2_with_one_line(case, folders, tmp_path, capsys, mon
     assert {p.name for p in tmp_path.iterdir()} == before  # nothing written, no temp folder left
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
+def test_tune_without_a_gpu_says_where_to_run_it(folders, capsys):
+    assert main(["tune", folders["int4"]]) == EXIT_USER_ERROR
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("grace-quant tune: error: ") and "CUDA GPU" in line and "serve the model" in line
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tune_fills_this_gpus_table_once(folders, tmp_path, monkeypatch, capsys):
+    from grace_quant.kernels import autotune
+
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "cache"))
+    autotune.reset()
+    assert main(["tune", folders["fp"]]) == EXIT_USER_ERROR  # nothing to tune in a full-precision folder
+    assert "no packed INT4 layers" in capsys.readouterr().err
+    assert main(["tune", folders["int4"]]) == 0
+    first = capsys.readouterr().out
+    table = json.loads(next((tmp_path / "cache" / "kernels").glob("*.json")).read_text())
+    assert table["configs"] and str(len(table["configs"])) in first
+    assert main(["tune", folders["int4"]]) == 0 and capsys.readouterr().out.startswith("0 new kernel configurations")
+    autotune.reset()
+
+
 def test_usage_errors_exit_2(capsys):
     assert main(["export", "a", "b"]) == EXIT_USER_ERROR  # --format missing: argparse's own message
     assert "--format" in capsys.readouterr().err
@@ -129,7 +153,7 @@ def test_usage_errors_exit_2(capsys):
 def test_parser_has_one_subcommand_per_function():
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if a.dest == "command"]
-    assert set(subparsers.choices) == {"quantize", "export", "import-awq", "push", "demo", "eval"}
+    assert set(subparsers.choices) == {"quantize", "export", "import-awq", "push", "demo", "eval", "tune"}
     for name, sub in subparsers.choices.items():
         assert sub.get_default("func").__name__ == f"run_{name.replace('-', '_')}"
         assert "example:" in sub.format_help()
