@@ -298,18 +298,22 @@ def _profiled(model: nn.Module, inputs: dict, new_tokens: int, stacks: bool = Fa
     return result
 
 
+def _top(values: dict[str, float], n: int = 25) -> list[tuple[str, float]]:
+    """The ``n`` largest entries, largest first."""
+    return sorted(values.items(), key=lambda kv: -kv[1])[:n]
+
+
 def _difference(long: dict, short: dict, steps: int) -> dict:
     """Per-decode-step averages: a run of ``steps + 1`` new tokens minus a run of 1 (which is prefill only)."""
 
     def per_step(key: str) -> dict[str, float]:
         return {k: (v - short[key].get(k, 0.0)) / steps for k, v in long[key].items()}
 
-    top = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:25]  # noqa: E731
     return {
         "step_wall_ms": (long["wall_ms"] - short["wall_ms"]) / steps,
         "stages_ms": per_step("stages"),
-        "top_kernels_ms": top(per_step("kernels")),
-        "top_host_ops_ms": top(per_step("host")),
+        "top_kernels_ms": _top(per_step("kernels")),
+        "top_host_ops_ms": _top(per_step("host")),
         "launches_per_step": {k: (v - short["counts"][k]) / steps for k, v in long["counts"].items()},
     }
 
@@ -319,10 +323,9 @@ def profile_generate(model: nn.Module, batch: int, steps: int, stacks: bool = Fa
     inputs = inputs_for(model, batch)
     generate(model, inputs, steps + 1)
     long, short = _profiled(model, inputs, steps + 1), _profiled(model, inputs, 1, stacks)
-    top = lambda d: sorted(d.items(), key=lambda kv: -kv[1])[:25]  # noqa: E731
     prefill = {
-        "wall_ms": short["wall_ms"], "stages_ms": short["stages"], "top_kernels_ms": top(short["kernels"]),
-        "top_host_ops_ms": top(short["host"]), "launches": short["counts"],
+        "wall_ms": short["wall_ms"], "stages_ms": short["stages"], "top_kernels_ms": _top(short["kernels"]),
+        "top_host_ops_ms": _top(short["host"]), "launches": short["counts"],
         "host_by_stack": short.get("host_by_stack"),
     }  # fmt: skip
     return {"decode": _difference(long, short, steps), "prefill": prefill}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .custom_op import w4a16_linear_op
+from .custom_op import cuda_linear, w4a16_linear_op
 from .packing import SUPPORTED_BITS, code_range, codes_per_word, pack, unpack
 from .reference import dequantize, dequantize_codes, quant_linear_reference
 from .runtime import interpreting, kernels_can_run
@@ -58,7 +58,7 @@ def quant_linear(
     if backend == "auto":
         if bits == 4 and x.is_cuda and packed.is_cuda and scales.is_cuda:
             if _eager_inference(x, bias):
-                return _triton_eager(x, packed, scales, bias, group_size)
+                return cuda_linear(x, packed, scales, bias, group_size)
             return w4a16_linear_op(x, packed, scales, bias, group_size)
         return quant_linear_reference(x, packed, scales, bias, group_size, bits)
     return _quant_linear_triton(x, packed, scales, bias, group_size, bits)
@@ -71,17 +71,6 @@ def _eager_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad))
-
-
-def _triton_eager(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
-) -> torch.Tensor:
-    """What the custom op's CUDA implementation does, without the op's dispatch."""
-    from . import triton_w4a16
-
-    if triton_w4a16.supports(x, packed, scales, group_size):
-        return triton_w4a16.linear_unchecked(x, packed, scales, bias, group_size)
-    return quant_linear_reference(x, packed, scales, bias, group_size, 4)
 
 
 def _quant_linear_triton(

@@ -202,15 +202,11 @@ def matmul_shapes(model: torch.nn.Module) -> set[tuple[int, int, int, torch.dtyp
     from grace_quant.fusion import FusedProjection
     from grace_quant.modules import GraceQuantLinear
 
-    shapes = set()
-    for module in model.modules():
-        if isinstance(module, FusedProjection) and module.bits == 4:
-            shapes.add((module.out_features, module.in_features, module.group_size, module.scales.dtype,
-                        module.scales.device))  # fmt: skip
-        elif isinstance(module, GraceQuantLinear) and module.bits == 4 and module._fusion is None:
-            shapes.add((module.out_features, module.in_features, module.group_size, module.scales.dtype,
-                        module.scales.device))  # fmt: skip
-    return shapes
+    return {
+        (m.out_features, m.in_features, m.group_size, m.scales.dtype, m.scales.device)
+        for m in model.modules()
+        if (isinstance(m, FusedProjection) or (isinstance(m, GraceQuantLinear) and m._fusion is None)) and m.bits == 4
+    }
 
 
 def _cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device):

@@ -13,7 +13,7 @@ from .reference import dequantize, quant_linear_reference
 
 OP_NAME = "grace_quant::w4a16_linear"
 
-__all__ = ["OP_NAME", "w4a16_linear_op"]
+__all__ = ["OP_NAME", "cuda_linear", "w4a16_linear_op"]
 
 
 def _fake(
@@ -22,9 +22,11 @@ def _fake(
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
-def _cuda(
+def cuda_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
+    """The op's CUDA implementation: the Triton kernels where they apply, the torch reference otherwise (also
+    called directly by eager code that needs no gradient, without the op's dispatch)."""
     from . import triton_w4a16
 
     if triton_w4a16.supports(x, packed, scales, group_size):
@@ -40,7 +42,7 @@ def _define():
         """``x @ W^T + bias`` for INT4 ``W`` (packed int32 ``[N, K/8]``, ``scales [N, K/group]``)."""
         return quant_linear_reference(x, packed, scales, bias, group_size, 4)
 
-    w4a16_linear.register_kernel("cuda")(_cuda)
+    w4a16_linear.register_kernel("cuda")(cuda_linear)
     w4a16_linear.register_fake(_fake)
     w4a16_linear.register_autograd(_backward, setup_context=_setup_context)
     return torch.ops.grace_quant.w4a16_linear

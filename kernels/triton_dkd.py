@@ -81,6 +81,15 @@ def _kl_term(p, log_p, log_q):
 
 
 @triton.jit
+def _vocab_block(s_base, t_base, offs, V, y):
+    """One block of a row: ``(offs, inside, s, t, is_y)`` with the logits in fp32 and ``-inf`` past the vocabulary."""
+    inside = offs < V
+    s = tl.load(s_base + offs, mask=inside, other=float("-inf")).to(tl.float32)
+    t = tl.load(t_base + offs, mask=inside, other=float("-inf")).to(tl.float32)
+    return offs, inside, s, t, offs == y
+
+
+@triton.jit
 def _dkd_rows_kernel(
     s_ptr, t_ptr, rows_ptr, t_rows_ptr, y_ptr, out_ptr, grad_ptr,
     V, stride_s, stride_t, stride_g,
@@ -107,11 +116,7 @@ def _dkd_rows_kernel(
     m_t = t_y  # teacher with y, temperature 1
     e_zn, e_un, e_t, w_t = zero, zero, zero, zero
     for start in range(0, V, BLOCK):
-        offs = start + offs0
-        inside = offs < V
-        s = tl.load(s_base + offs, mask=inside, other=neg_inf).to(tl.float32)
-        t = tl.load(t_base + offs, mask=inside, other=neg_inf).to(tl.float32)
-        is_y = offs == y
+        offs, inside, s, t, is_y = _vocab_block(s_base, t_base, start + offs0, V, y)
         zn = tl.where(is_y, neg_inf, s * inv_t)
         tn = tl.where(is_y, neg_inf, t)
 
@@ -161,11 +166,7 @@ def _dkd_rows_kernel(
     g_base = grad_ptr + row * stride_g
     nckd_acc = zero
     for start in range(0, V, BLOCK):
-        offs = start + offs0
-        inside = offs < V
-        s = tl.load(s_base + offs, mask=inside, other=neg_inf).to(tl.float32)
-        t = tl.load(t_base + offs, mask=inside, other=neg_inf).to(tl.float32)
-        is_y = offs == y
+        offs, inside, s, t, is_y = _vocab_block(s_base, t_base, start + offs0, V, y)
         log_hat_s = s * inv_t - lse_zn
         log_hat_t = t * inv_t - lse_un
         hat_s = tl.where(is_y, 0.0, tl.exp(log_hat_s))

@@ -92,15 +92,26 @@ def _tile(pid, num_groups, BLOCK_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD
 
 
 @triton.jit
+def _weight_tile(
+    w_ptr, e_ptr, num_groups, W_KIND: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+):  # fmt: skip
+    """This program's tile: offsets, masks and group indices (as :func:`_tile`), ``e = exp(theta)`` per group, the
+    scales ``s = e`` rounded to the weight dtype ``[BLOCK_G, 1]`` and the weights in fp32."""
+    offs, mask, gid, g_mask = _tile(tl.program_id(0), num_groups, BLOCK_G, GROUP, GROUP_PAD)
+    e = tl.load(e_ptr + gid, mask=g_mask, other=1.0).to(tl.float32)
+    s = _round_to(e, W_KIND)[:, None]
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, gid, g_mask, e, s, w
+
+
+@triton.jit
 def _fake_quant_fwd_kernel(
     w_ptr, e_ptr, out_ptr, num_groups,
     LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
-    offs, mask, gid, g_mask = _tile(tl.program_id(0), num_groups, BLOCK_G, GROUP, GROUP_PAD)
-    e = tl.load(e_ptr + gid, mask=g_mask, other=1.0).to(tl.float32)
-    s = _round_to(e, W_KIND)[:, None]
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, gid, g_mask, e, s, w = _weight_tile(w_ptr, e_ptr, num_groups, W_KIND, BLOCK_G, GROUP, GROUP_PAD)
     _, _, q = _quantize(w, s, LO, HI)
     w_hat = _round_to(q * s, W_KIND)
     if OUT_KIND != W_KIND:
@@ -114,10 +125,7 @@ def _fake_quant_bwd_kernel(
     LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, G_KIND: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
-    offs, mask, gid, g_mask = _tile(tl.program_id(0), num_groups, BLOCK_G, GROUP, GROUP_PAD)
-    e = tl.load(e_ptr + gid, mask=g_mask, other=1.0).to(tl.float32)
-    s = _round_to(e, W_KIND)[:, None]
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, gid, g_mask, e, s, w = _weight_tile(w_ptr, e_ptr, num_groups, W_KIND, BLOCK_G, GROUP, GROUP_PAD)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if G_KIND != W_KIND:
         g = _round_to(g, W_KIND)  # the gradient of w_hat.to(out_dtype) arrives in the weight dtype

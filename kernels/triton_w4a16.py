@@ -357,10 +357,17 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_si
         )
 
 
-def _workspace(m: int, n: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One zeroed buffer: fp32 split-K accumulators ``[m * n]`` and int32 arrival counters ``[tiles]``."""
-    buf = torch.zeros(m * n + tiles, dtype=torch.int32, device=device)
-    return buf[: m * n].view(torch.float32), buf[m * n :]
+def _outputs(
+    x2: torch.Tensor, packed: torch.Tensor, tiles: int, splits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output ``[M, N]`` and, when K is split, one zeroed buffer holding the fp32 split-K accumulators
+    ``[M * N]`` and the int32 arrival counters ``[tiles]`` (without a split both are unused placeholders)."""
+    m, n = x2.shape[0], packed.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if splits == 1:
+        return y, y, packed
+    buf = torch.zeros(m * n + tiles, dtype=torch.int32, device=x2.device)
+    return y, buf[: m * n].view(torch.float32), buf[m * n :]
 
 
 def gemv_w4a16(
@@ -399,11 +406,7 @@ def gemv_w4a16(
     else:
         per = triton.cdiv(triton.cdiv(kg, splits), ng) * ng
     splits = triton.cdiv(kg, per)
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if splits > 1:
-        ws, cnt = _workspace(m, n, tiles, x2.device)
-    else:
-        ws, cnt = y, packed  # unused
+    y, ws, cnt = _outputs(x2, packed, tiles, splits)
     _gemv_kernel[(tiles, splits)](
         x2, packed, scales, bias if bias is not None else scales, y, ws, cnt,
         n, k // 8, kg, x2.stride(0), y.stride(0), per, _MAGIC,
@@ -450,11 +453,7 @@ def tc_gemm_w4a16(
     target = per_sm * _sms(x2) if target_programs is None else target_programs
     per = _split_groups(kg, tiles, target, 1) if splits is None else triton.cdiv(kg, splits)
     splits = triton.cdiv(kg, per)
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if splits > 1:
-        ws, cnt = _workspace(m, n, tiles, x2.device)
-    else:
-        ws, cnt = y, packed  # unused
+    y, ws, cnt = _outputs(x2, packed, tiles, splits)
     _tc_kernel[(tiles, splits)](
         x2, packed, scales, bias if bias is not None else scales, y, ws, cnt,
         m, n, k // 8, kg, x2.stride(0), y.stride(0), per, _MAGIC,
