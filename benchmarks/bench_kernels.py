@@ -1,7 +1,7 @@
 """GPU benchmark of the W4A16 kernels against cuBLAS bf16/fp16, torch's tinygemm and dequantize + cuBLAS.
 
-Every arm is timed the same way: a CUDA graph of one call per weight copy, with enough copies (> ~128 MB) that the
-weights come from HBM rather than L2; the per-call time is the median over graph replays. Writes a markdown report
+Every arm is timed the same way: a CUDA graph of one call per weight copy, with enough copies (~128 MB, `kernels.timing`) that
+the weights come from HBM rather than L2; the per-call time is the median over graph replays. Writes a markdown report
 (``--out``/kernels_h200.md) and prints it. Run from the repository root: ``python benchmarks/bench_kernels.py --out DIR``.
 """
 
@@ -11,7 +11,6 @@ import argparse
 import datetime
 import importlib
 import math
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,8 @@ def _import_kernels():
 
 K = _import_kernels()
 TW = importlib.import_module(K.__name__ + ".triton_w4a16")
+TIMING = importlib.import_module(K.__name__ + ".timing")
+graph_time_us, copies_for = TIMING.graph_time_us, TIMING.copies_for
 
 SHAPES = {  # (K, N) per model, with how many times each appears in one decoder layer
     "LLaVA-1.5-7B": [((4096, 4096), 4), ((4096, 11008), 2), ((11008, 4096), 1)],
@@ -40,7 +41,6 @@ SHAPES = {  # (K, N) per model, with how many times each appears in one decoder 
 }
 MS = (1, 2, 4, 8, 16, 32, 64, 256, 2048)
 GROUP = 128
-ROTATE_BYTES = 128 * 2**20
 TARGETS = {1: 3.0, 16: 1.8, 64: 1.2}  # layer-sum ratio to cuBLAS bf16; M >= 256: 0.95 (per-layer sums too)
 
 
@@ -49,42 +49,11 @@ TARGETS = {1: 3.0, 16: 1.8, 64: 1.2}  # layer-sum ratio to cuBLAS bf16; M >= 256
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def graph_time_us(calls: list[Callable[[], object]], replays: int = 15) -> float:
-    """Median per-call time (us) of a CUDA graph that runs every call in ``calls`` once."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls:  # warm-up: compiles, cuBLAS handles, allocator pools
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [fn() for fn in calls]
-    del outs
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
-
-
 def copy_tbps() -> float:
     """Measured copy bandwidth, the memory ceiling the W4 kernels are judged against."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() / graph_time_us([lambda: dst.copy_(src)] * 4) / 1e6
-
-
-def copies_for(bytes_per_copy: int) -> int:
-    return max(2, math.ceil(ROTATE_BYTES / max(1, bytes_per_copy)))
 
 
 def random_w4(n: int, k: int, dtype: torch.dtype, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,8 +234,8 @@ def main() -> None:
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
         f"triton {triton.__version__}, CUDA {torch.version.cuda}",
-        f"- method: CUDA-graph replay of one call per weight copy, copies rotated past L2 (> {ROTATE_BYTES >> 20} MB "
-        "per arm), median of 15 replays; weights are INT4 g128 with bf16 scales; 'ours' is the "
+        "- method: CUDA-graph replay of one call per weight copy, copies rotated past L2 "
+        f"({TIMING.ROTATE_BYTES >> 20} MB per arm, at most {TIMING.MAX_COPIES} copies), median of 15 replays; weights are INT4 g128 with bf16 scales; 'ours' is the "
         "`grace_quant::w4a16_linear` custom op (bf16); ratios are to cuBLAS bf16 `F.linear` in the same run.",
     ]
     lines.append(f"- device-to-device copy: {copy_tbps():.2f} TB/s (1 GiB, read + write counted)\n")

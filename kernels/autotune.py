@@ -17,12 +17,12 @@ import functools
 import json
 import os
 import re
-import statistics
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 """Token counts with their own configuration; larger M runs dequantize + cuBLAS, which needs none."""
@@ -30,7 +30,7 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 GEMV_SPACE: tuple[dict[str, int], ...] = tuple(
     {"block_n": bn, "step_k": sk, "num_warps": nw, "target_programs_per_sm": tp}
     for bn in (4, 8, 16)
-    for sk in (512, 1024)
+    for sk in (512, 1024, 2048)
     for nw in (2, 4)
     for tp in (0, 4)
 )
@@ -210,36 +210,33 @@ def matmul_shapes(model: torch.nn.Module) -> set[tuple[int, int, int, torch.dtyp
 
 
 def _cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device):
-    """A ``measure(config)`` timing the kernel with CUDA events (median of 20 runs after 3 warm-ups)."""
+    """A ``measure(config)`` timing the kernel as a decode step runs it: CUDA-graph replay of one call per weight
+    copy, copies cycled past L2 (``kernels.timing``); returns seconds per call."""
     from . import pack
     from . import triton_w4a16 as tw
+    from .timing import copies_for, graph_time_us
 
     x = torch.randn(m, k, device=device, dtype=dtype)
-    packed = pack(torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device), 4)
-    scales = (torch.rand(n, k // group, device=device) * 0.01).to(dtype)
+    weight_bytes = n * k // 2 + n * (k // group) * torch.empty((), dtype=dtype).element_size()
+    copies = [
+        (
+            pack(torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device), 4),
+            (torch.rand(n, k // group, device=device) * 0.01).to(dtype),
+        )
+        for _ in range(copies_for(weight_bytes))
+    ]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
 
-    def run(config: Config) -> None:
+    def run(config: Config, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         per_sm = config.get("target_programs_per_sm", 0)
         if path_for(m) == "gemv":
-            tw.gemv_w4a16(x, packed, scales, None, group, block_n=config["block_n"], step_k=config["step_k"],
-                          num_warps=config["num_warps"], **({"target_programs": per_sm * sms} if per_sm else {"splits": 1}))  # fmt: skip
-        else:
-            tw.tc_gemm_w4a16(x, packed, scales, None, group, block_n=config["block_n"], num_warps=config["num_warps"],
-                             num_stages=config["num_stages"], target_programs=per_sm * sms)  # fmt: skip
+            return tw.gemv_w4a16(x, packed, scales, None, group, block_n=config["block_n"], step_k=config["step_k"],
+                                 num_warps=config["num_warps"], **({"target_programs": per_sm * sms} if per_sm else {"splits": 1}))  # fmt: skip
+        return tw.tc_gemm_w4a16(x, packed, scales, None, group, block_n=config["block_n"], num_warps=config["num_warps"],
+                                num_stages=config["num_stages"], target_programs=per_sm * sms)  # fmt: skip
 
     def measure(config: Config) -> float:
-        for _ in range(3):
-            run(config)
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(config)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
-        return statistics.median(times)
+        return graph_time_us([lambda p=p, s=s: run(config, p, s) for p, s in copies], replays=10) * 1e-6
 
     return measure
 
@@ -261,20 +258,21 @@ def tune_model(
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("tune_model cannot run during CUDA graph capture: call it before capturing")
     factory = measure_factory or _cuda_measure
+    shapes = sorted(matmul_shapes(model), key=str)
+    if measure_factory is None:
+        for *_, device in shapes:
+            if device.type != "cuda":
+                raise RuntimeError(f"tune_model needs the model on a CUDA GPU; its INT4 layers are on {device}")
+    keyed = [(m, shape, key_for(m, *shape[:4])) for shape in shapes for m in sorted(set(m_values))]
+    todo = [(m, shape, key) for m, shape, key in keyed if retune or table(device_name(shape[4])).get(key) is None]
     tuned: dict[str, Config] = {}
     tables = set()
-    for n, k, group, dtype, device in sorted(matmul_shapes(model), key=str):
-        if measure_factory is None and device.type != "cuda":
-            raise RuntimeError(f"tune_model needs the model on a CUDA GPU; its INT4 layers are on {device}")
+    for m, (n, k, group, dtype, device), key in tqdm(todo, desc="tuning W4A16 kernels", unit="shape", disable=not todo):
         table_ = table(device_name(device))
         tables.add(table_.device)
-        for m in sorted(set(m_values)):
-            key = key_for(m, n, k, group, dtype)
-            if not retune and table_.get(key) is not None:
-                continue
-            candidates = GEMV_SPACE if path_for(m) == "gemv" else TC_SPACE
-            config, _ = tune_key(key, candidates, factory(m, n, k, group, dtype, device), table_)
-            tuned[key] = config
+        candidates = GEMV_SPACE if path_for(m) == "gemv" else TC_SPACE
+        config, _ = tune_key(key, candidates, factory(m, n, k, group, dtype, device), table_)
+        tuned[key] = config
     if save and tuned:
         for device in tables:
             table(device).save()

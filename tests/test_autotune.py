@@ -140,3 +140,16 @@ def test_dispatch_passes_the_tuned_config_to_the_kernel(monkeypatch):
         ("tc", {"block_n": 32, "num_warps": 8, "num_stages": 2, "target_programs": 2 * sms}),  # bucket 8
         ("tc", {}),  # bucket 64
     ]
+
+
+@pytest.mark.parametrize("bytes_per_copy", [1, 100_000, 8_650_752, 128 * 2**20, 10**9])
+def test_timing_copies_cover_l2_rotation_within_the_cap(bytes_per_copy):
+    from grace_quant.kernels import timing
+
+    copies = timing.copies_for(bytes_per_copy)
+    assert 2 <= copies <= timing.MAX_COPIES
+    # enough copies to cycle past ROTATE_BYTES, unless the cap stops it; never one more than needed
+    assert copies * bytes_per_copy >= timing.ROTATE_BYTES or copies == timing.MAX_COPIES
+    assert copies == 2 or (copies - 1) * bytes_per_copy < timing.ROTATE_BYTES
+    with pytest.raises(ValueError, match="positive"):
+        timing.copies_for(0)
