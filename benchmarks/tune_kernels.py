@@ -1,6 +1,7 @@
 """Tune the W4A16 kernels on this GPU for the LLaVA-1.5-7B and Qwen2-VL-2B language-model shapes.
 
-Every M bucket (1..64) of every linear shape, fused (q|k|v, gate|up) and unfused, bf16 activations, group 128.
+Every M bucket (1..2048: GEMV, tensor-core kernel, and above M = 64 the race of dequantize + cuBLAS against the
+tensor-core kernel) of every linear shape, fused (q|k|v, gate|up) and unfused, bf16 activations, group 128.
 The result is the JSON table ``kernels.autotune`` reads; commit it to ``kernels/configs/`` to ship it (a cold
 start on this GPU then tunes nothing):
 

@@ -1,7 +1,8 @@
 """Tuned launch configurations for the W4A16 kernels, per exact GPU name, never tuned behind the caller's back.
 
 A configuration is chosen per key ``(path, M bucket, N, K, group, dtype)``: ``path`` is the kernel (``gemv`` for
-M <= 2, ``tc`` up to M = 64), the M bucket the smallest of :data:`M_BUCKETS` that holds the token count. Lookups
+M <= 2, ``tc`` up to M = 64, ``large`` above, where dequantize + cuBLAS races the tensor-core kernel), the M bucket
+the smallest of :data:`M_BUCKETS` that holds the token count (the last one holds every larger M). Lookups
 are dictionary reads on the host (safe under CUDA graphs and ``torch.compile``: shapes only, no syncs); a key
 without an entry runs the built-in heuristic. Configurations come from two JSON files named after the exact GPU
 name (``torch.cuda.get_device_name``; no substring matching): the one shipped in ``kernels/configs/`` and the
@@ -24,8 +25,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-"""Token counts with their own configuration; larger M runs dequantize + cuBLAS, which needs none."""
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+"""Token counts with their own configuration; M above the last bucket shares its entry (compute-bound alike)."""
+GEMV_MAX_M = 2
+"""Rows served by the GEMV: on the H200 the tensor-core kernel wins from M = 3 (see benchmarks/bench_kernels.py)."""
+TC_MAX_M = 64
+"""Rows served by the split-K tensor-core kernel; above, dequantize + cuBLAS unless a tuned entry says otherwise."""
 
 GEMV_SPACE: tuple[dict[str, int], ...] = tuple(
     {"block_n": bn, "step_k": sk, "num_warps": nw, "target_programs_per_sm": tp}
@@ -45,14 +50,27 @@ TC_SPACE: tuple[dict[str, int], ...] = tuple(
 )
 """Candidates for the split-K tensor-core kernel (its ``block_m`` follows the M bucket)."""
 
+LARGE_SPACE: tuple[dict[str, int], ...] = ({"tc": 0},) + tuple(
+    {"tc": 1, "block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns}
+    for bm in (64, 128)
+    for bn in (64, 128)
+    for nw in (4, 8)
+    for ns in (2, 3)
+)
+"""The race above ``TC_MAX_M``: dequantize + cuBLAS (``tc`` 0, the fallback) against the tensor-core kernel's tiles
+(no split-K: large M has tiles enough)."""
+
 Config = dict[str, int]
 SHIPPED_DIR = Path(__file__).with_name("configs")
 CACHE_ENV = "GRACE_QUANT_CACHE"
 INTERPRETER_DEVICE = "triton-interpreter"
 
 __all__ = [
+    "GEMV_MAX_M",
     "GEMV_SPACE",
+    "LARGE_SPACE",
     "M_BUCKETS",
+    "TC_MAX_M",
     "TC_SPACE",
     "ConfigTable",
     "config_for",
@@ -67,16 +85,20 @@ __all__ = [
 
 
 def m_bucket(m: int) -> int:
-    """The smallest bucket of :data:`M_BUCKETS` that holds ``m`` tokens (``m`` between 1 and 64)."""
-    for bucket in M_BUCKETS:
-        if m <= bucket:
-            return bucket
-    raise ValueError(f"m={m} is above the tuned range (M <= {M_BUCKETS[-1]}); larger M needs no kernel config")
+    """The smallest bucket of :data:`M_BUCKETS` that holds ``m`` tokens; the last bucket for larger ``m``."""
+    if m < 1:
+        raise ValueError(f"m must be at least 1 token, got {m}")
+    return next((bucket for bucket in M_BUCKETS if m <= bucket), M_BUCKETS[-1])
 
 
 def path_for(m: int) -> str:
-    """The kernel that serves ``m`` tokens: ``gemv`` (M <= 2) or ``tc`` (M <= 64)."""
-    return "gemv" if m <= 2 else "tc"
+    """The kernel that serves ``m`` tokens: ``gemv`` (M <= 2), ``tc`` (M <= 64) or the ``large`` race."""
+    return "gemv" if m <= GEMV_MAX_M else "tc" if m <= TC_MAX_M else "large"
+
+
+def space_for(m: int) -> tuple[Config, ...]:
+    """The candidate configurations of ``m``'s path."""
+    return {"gemv": GEMV_SPACE, "tc": TC_SPACE, "large": LARGE_SPACE}[path_for(m)]
 
 
 def key_for(m: int, n: int, k: int, group: int, dtype: torch.dtype) -> str:
@@ -167,8 +189,6 @@ def reset() -> None:
 def config_for(x2: torch.Tensor, n: int, group: int) -> Config | None:
     """The tuned configuration for this call, or None (the kernel's heuristic then decides)."""
     m, k = x2.shape
-    if m > M_BUCKETS[-1]:
-        return None
     return table(device_name(x2.device)).get(key_for(m, n, k, group, x2.dtype))
 
 
@@ -225,15 +245,9 @@ def _cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device
         )
         for _ in range(copies_for(weight_bytes))
     ]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
 
     def run(config: Config, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        per_sm = config.get("target_programs_per_sm", 0)
-        if path_for(m) == "gemv":
-            return tw.gemv_w4a16(x, packed, scales, None, group, block_n=config["block_n"], step_k=config["step_k"],
-                                 num_warps=config["num_warps"], **({"target_programs": per_sm * sms} if per_sm else {"splits": 1}))  # fmt: skip
-        return tw.tc_gemm_w4a16(x, packed, scales, None, group, block_n=config["block_n"], num_warps=config["num_warps"],
-                                num_stages=config["num_stages"], target_programs=per_sm * sms)  # fmt: skip
+        return tw.linear_with_config(x, packed, scales, None, group, path_for(m), config)
 
     def measure(config: Config) -> float:
         return graph_time_us([lambda p=p, s=s: run(config, p, s) for p, s in copies], replays=10) * 1e-6
@@ -270,8 +284,7 @@ def tune_model(
     for m, (n, k, group, dtype, device), key in tqdm(todo, desc="tuning W4A16 kernels", unit="shape", disable=not todo):
         table_ = table(device_name(device))
         tables.add(table_.device)
-        candidates = GEMV_SPACE if path_for(m) == "gemv" else TC_SPACE
-        config, _ = tune_key(key, candidates, factory(m, n, k, group, dtype, device), table_)
+        config, _ = tune_key(key, space_for(m), factory(m, n, k, group, dtype, device), table_)
         tuned[key] = config
     if save and tuned:
         for device in tables:

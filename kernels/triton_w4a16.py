@@ -5,7 +5,8 @@ Three paths, chosen from the token count ``M`` alone (no host syncs, CUDA-graph 
 * ``M <= 2``: CUDA-core GEMV with split-K (fp32 atomics + a last-arriving-program epilogue); it takes up to 4
   rows, but from 3 rows on the tensor-core kernel is faster on the H200;
 * ``2 < M <= 64``: tensor-core GEMM (``tl.dot``, weights as the wide MMA operand) with split-K;
-* larger ``M``: a Triton dequantize kernel to the activation dtype, then cuBLAS.
+* larger ``M``: a Triton dequantize kernel to the activation dtype, then cuBLAS (the robust fallback), unless this
+  GPU's tuned table says the tensor-core kernel won the race for that shape and M bucket.
 
 Launch parameters come from this GPU's tuned table (``kernels.autotune``: per M bucket, N, K, group and dtype,
 filled ahead of time by ``tune_model``) where it has an entry, and from fixed heuristics otherwise; nothing is
@@ -31,8 +32,8 @@ INTERPRET = interpreting()
 
 SUPPORTED_GROUPS = (32, 64, 128)
 GEMV_MAX_M = 4  # rows the GEMV kernel accepts
-GEMV_DISPATCH_MAX_M = 2  # rows routed to it: on the H200 the tensor-core kernel wins from M = 3 (see the benchmark)
-TC_MAX_M = 64
+GEMV_DISPATCH_MAX_M = autotune.GEMV_MAX_M  # rows routed to it (the tensor-core kernel wins from M = 3 on the H200)
+TC_MAX_M = autotune.TC_MAX_M
 _SPLIT_MIN_WEIGHTS = 1 << 22  # below ~4M weights the split-K memset and atomics cost more than they hide
 _MAGIC = 0x4B000000  # bit pattern of 2**23: a 4-bit field OR'd into its mantissa reads back as 2**23 + field
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -45,6 +46,7 @@ __all__ = [
     "dequantize_w4",
     "gemv_w4a16",
     "linear_unchecked",
+    "linear_with_config",
     "supports",
     "tc_gemm_w4a16",
     "w4a16_linear",
@@ -463,17 +465,40 @@ def tc_gemm_w4a16(
     return y
 
 
-def _tuned(x2: torch.Tensor, n: int, group_size: int, gemv: bool) -> dict[str, int]:
-    """Keyword overrides from this GPU's tuned configuration table (``kernels.autotune``), or none."""
-    config = autotune.config_for(x2, n, group_size)
-    if config is None:
-        return {}
-    per_sm = config.get("target_programs_per_sm", 0)
-    if gemv:
-        split = {"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1}
-        return {"block_n": config["block_n"], "step_k": config["step_k"], "num_warps": config["num_warps"], **split}
-    return {"block_n": config["block_n"], "num_warps": config["num_warps"], "num_stages": config["num_stages"],
-            "target_programs": per_sm * _sms(x2)}  # fmt: skip
+def linear_with_config(
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    path: str,
+    config: dict[str, int] | None,
+) -> torch.Tensor:
+    """``x2 @ W^T (+ bias)`` on ``path`` (``gemv``, ``tc`` or ``large``; see ``kernels.autotune``) with a tuned
+    ``config`` from the table, or the built-in heuristic when ``config`` is None (``large``: dequantize + cuBLAS)."""
+    if path == "gemv":
+        overrides = {}
+        if config is not None:
+            per_sm = config.get("target_programs_per_sm", 0)
+            split = {"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1}
+            overrides = {"block_n": config["block_n"], "step_k": config["step_k"], "num_warps": config["num_warps"],
+                         **split}  # fmt: skip
+        return gemv_w4a16(x2, packed, scales, bias, group_size, **overrides)
+    if path == "tc":
+        overrides = {}
+        if config is not None:
+            overrides = {"block_n": config["block_n"], "num_warps": config["num_warps"],
+                         "num_stages": config["num_stages"],
+                         "target_programs": config["target_programs_per_sm"] * _sms(x2)}  # fmt: skip
+        return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **overrides)
+    if path != "large":
+        raise ValueError(f"unknown kernel path {path!r} (expected 'gemv', 'tc' or 'large')")
+    if config is not None and config.get("tc"):
+        return tc_gemm_w4a16(x2, packed, scales, bias, group_size, block_m=config["block_m"],
+                             block_n=config["block_n"], num_warps=config["num_warps"],
+                             num_stages=config["num_stages"], splits=1)  # fmt: skip
+    weight = dequantize_w4(packed, scales, group_size, x2.dtype)
+    return F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
 
 
 def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -515,11 +540,7 @@ def linear_unchecked(
     m = x2.shape[0]
     if m == 0:
         y = x2.new_empty((0, n))
-    elif m <= GEMV_DISPATCH_MAX_M:
-        y = gemv_w4a16(x2, packed, scales, bias, group_size, **_tuned(x2, n, group_size, gemv=True))
-    elif m <= TC_MAX_M:
-        y = tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_tuned(x2, n, group_size, gemv=False))
     else:
-        weight = dequantize_w4(packed, scales, group_size, x2.dtype)
-        y = F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
+        path = autotune.path_for(m)
+        y = linear_with_config(x2, packed, scales, bias, group_size, path, autotune.config_for(x2, n, group_size))
     return y.reshape(*x.shape[:-1], n)

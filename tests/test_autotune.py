@@ -26,11 +26,14 @@ def fresh_tables(tmp_path, monkeypatch):
 
 
 def test_buckets_paths_and_keys():
-    assert [autotune.m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 32, 64]
-    assert [autotune.path_for(m) for m in (1, 2, 3, 64)] == ["gemv", "gemv", "tc", "tc"]
+    m_values = (1, 2, 3, 4, 5, 16, 17, 64, 65, 600, 2048, 100_000)
+    assert [autotune.m_bucket(m) for m in m_values] == [1, 2, 4, 4, 8, 16, 32, 64, 128, 1024, 2048, 2048]
+    assert [autotune.path_for(m) for m in (1, 2, 3, 64, 65, 100_000)] == ["gemv", "gemv", "tc", "tc", "large", "large"]
     assert autotune.key_for(3, 4096, 11008, 128, torch.bfloat16) == "tc|4|4096|11008|128|bfloat16"
-    with pytest.raises(ValueError, match="above the tuned range"):
-        autotune.m_bucket(65)
+    assert autotune.key_for(5000, 4096, 4096, 128, torch.float16) == "large|2048|4096|4096|128|float16"
+    assert autotune.space_for(65) == autotune.LARGE_SPACE and {"tc": 0} in autotune.LARGE_SPACE  # the fallback races
+    with pytest.raises(ValueError, match="at least 1"):
+        autotune.m_bucket(0)
 
 
 def test_user_cache_overrides_shipped_configs_and_saves_atomically(tmp_path):
@@ -89,18 +92,19 @@ def test_tune_model_covers_every_fused_matmul_and_bucket_once(tmp_path):
         timed.append((m, n, k))
         return lambda config: float(sum(config.values()))  # deterministic: the smallest values win
 
-    tuned = autotune.tune_model(model, m_values=(1, 3, 16), measure_factory=factory)
+    tuned = autotune.tune_model(model, m_values=(1, 3, 16, 100), measure_factory=factory)
     assert {(n, k) for _, n, k in timed} == expected_shapes
-    assert sorted({m for m, _, _ in timed}) == [1, 3, 16] and len(timed) == 3 * len(expected_shapes)
+    assert sorted({m for m, _, _ in timed}) == [1, 3, 16, 100] and len(timed) == 4 * len(expected_shapes)
     assert len(tuned) == len(timed)
     best_gemv = min(autotune.GEMV_SPACE, key=lambda c: sum(c.values()))
     n, k = next(iter(expected_shapes))
     assert tuned[autotune.key_for(1, n, k, 32, torch.float32)] == best_gemv
+    assert tuned[autotune.key_for(100, n, k, 32, torch.float32)] == {"tc": 0}  # dequantize + cuBLAS won the race
     saved = json.loads((tmp_path / "cache" / "kernels" / "triton-interpreter.json").read_text())
     assert saved["configs"] == tuned
 
     timed.clear()
-    assert autotune.tune_model(model, m_values=(1, 3, 16), measure_factory=factory) == {} and not timed  # cached
+    assert autotune.tune_model(model, m_values=(1, 3, 16, 100), measure_factory=factory) == {} and not timed  # cached
     autotune.reset()  # a new process reads the user's cache
     assert autotune.tune_model(model, m_values=(1,), measure_factory=factory) == {} and not timed
     assert len(autotune.tune_model(model, m_values=(1,), measure_factory=factory, retune=True)) == 4

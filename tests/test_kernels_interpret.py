@@ -104,17 +104,27 @@ def _run_tuned(kmod, tw) -> dict:
         1: {"block_n": 4, "step_k": 256, "num_warps": 2, "target_programs_per_sm": 4},  # split-K GEMV
         5: {"block_n": 32, "num_warps": 4, "num_stages": 2, "target_programs_per_sm": 2},
     }
+    configs[70] = {"tc": 1, "block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}  # the race's tc winner
+    configs[130] = {"tc": 0}  # the race's dequantize + cuBLAS winner
+    calls = []
+    tc_gemm = tw.tc_gemm_w4a16
+    tw.tc_gemm_w4a16 = lambda *args, **kwargs: calls.append(kwargs) or tc_gemm(*args, **kwargs)
     out = {}
-    for m, config in configs.items():
-        n, k, group, dtype = 72, 384, 64, torch.float16
-        table.put(autotune.key_for(m, n, k, group, dtype), config)
-        packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
-        scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(dtype)
-        x = torch.randn(m, k).to(dtype)
-        used = autotune.config_for(x, n, group) == config
-        y = tw.w4a16_linear(x, packed, scales, None, group)
-        ref = _reference_fp64(kmod, x, packed, scales, None, group)
-        out[f"m{m}"] = {"used": used, "err": ((y.double() - ref).norm() / ref.norm()).item()}
+    try:
+        for m, config in configs.items():
+            n, k, group, dtype = 72, 384, 64, torch.float16
+            table.put(autotune.key_for(m, n, k, group, dtype), config)
+            packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
+            scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(dtype)
+            x = torch.randn(m, k).to(dtype)
+            used = autotune.config_for(x, n, group) == config
+            calls.clear()
+            y = tw.w4a16_linear(x, packed, scales, None, group)
+            ref = _reference_fp64(kmod, x, packed, scales, None, group)
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            out[f"m{m}"] = {"used": used, "err": err, "tc_calls": calls[:]}
+    finally:
+        tw.tc_gemm_w4a16 = tc_gemm
     return out
 
 
@@ -146,8 +156,11 @@ def test_kernel_matches_fp64_reference(interpreted, case):
 def test_tuned_configs_reach_the_kernels_and_keep_results(interpreted):
     rec = interpreted.get("tuned")
     assert rec is not None and "error" not in rec, rec
-    for m in ("m1", "m5"):
+    for m in ("m1", "m5", "m70", "m130"):
         assert rec[m]["used"] and rec[m]["err"] < TOL["float16"], rec
+    # above M = 64 the tuned race decides: the tensor-core kernel with the winner's tiles, or dequantize + cuBLAS
+    assert rec["m70"]["tc_calls"] == [{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "splits": 1}]
+    assert rec["m130"]["tc_calls"] == [] and len(rec["m5"]["tc_calls"]) == 1
 
 
 def test_dequantize_kernel_matches_torch_dequantize(interpreted):
