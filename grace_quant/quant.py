@@ -36,9 +36,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _codes_from_ratio(ratio: torch.Tensor, bits: int) -> torch.Tensor:
-    """``clamp(round(w / s), -Qn, Qp)`` (the straight-through gradient lives in ``_FakeQuantize.backward``)."""
+    """``clamp(round(w / s), -Qn, Qp)``, computed in place in the fresh ``ratio`` it is given (no extra full-size
+    temporaries; the straight-through gradient lives in ``_FakeQuantize.backward``)."""
     lo, hi = code_range(bits)
-    return torch.clamp(torch.round(ratio), lo, hi)
+    return ratio.round_().clamp_(lo, hi)
 
 
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
@@ -160,11 +161,12 @@ class _FakeQuantize(torch.autograd.Function):
         scales = scale_from_log(log_scale, weight.dtype).to(dtype).unsqueeze(-1)
         ratio = grouped(weight.to(dtype), ctx.group_size) / scales
         rounded = torch.round(ratio)
-        inside = (rounded >= lo) & (rounded <= hi)
+        codes = rounded.clamp(lo, hi)
+        inside = codes == rounded  # inside the code range (False for NaN, as the comparisons with lo/hi were)
         g = grouped(grad.to(dtype), ctx.group_size)
         grad_weight = torch.where(inside, g, 0.0).reshape(weight.shape).to(weight.dtype)
-        step = torch.where(inside, rounded - ratio, rounded.clamp(lo, hi))  # d w_hat / d s
-        grad_scale = (g * step).sum(dim=-1)
+        step = torch.where(inside, rounded.sub_(ratio), codes)  # d w_hat / d s; one pass fewer per temporary
+        grad_scale = step.mul_(g).sum(dim=-1)
         grad_log_scale = (grad_scale * torch.exp(log_scale.to(dtype))).to(log_scale.dtype)
         return grad_weight, grad_log_scale, None, None, None
 

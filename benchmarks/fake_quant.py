@@ -1,0 +1,106 @@
+"""Cost of QAT fake quantization per weight, forward + backward, against the cast a plain autocast step pays.
+
+A plain bf16-autocast fine-tuning step casts each fp32 master weight to bf16 for its matmul and casts the gradient
+back; a GRACE QAT step replaces that cast with ``fake_quantize`` (``grace_quant.quant``). Arms, in one process:
+  cast   - ``w.to(bf16)`` forward, its gradient backward (the plain step's own per-weight work: the baseline)
+  torch  - ``fake_quantize(w, log_scale, 128, 4, bf16)`` on torch ops
+  fused  - the same through the fused Triton kernels (``GRACE_FUSED_FAKE_QUANT=1``; CUDA only)
+Reported: median milliseconds of forward + backward per shape and the ratio to ``cast``. Shapes are the
+~1.4B student's of benchmarks/trainer_step.py (Qwen2-VL layout): q|o 1536x1536, k|v 256x1536, gate|up 8960x1536,
+down 1536x8960.
+
+    python benchmarks/fake_quant.py --out benchmarks/results/fake_quant_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import grace_quant
+from grace_quant.quant import fake_quantize, fused_fake_quant, mse_scales
+
+SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960)]  # (out, in)
+GROUP, BITS = 128, 4
+
+
+def median_ms(fn: Callable[[], None], steps: int, warmup: int) -> float:
+    """Median wall time (ms) of ``fn`` after ``warmup`` calls, synchronising the GPU around each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def arms(out_f: int, in_f: int, device: str) -> dict[str, Callable[[], None]]:
+    """One forward + backward per arm on the same fp32 master weight and bf16 upstream gradient."""
+    weight = (torch.randn(out_f, in_f, device=device) * 0.02).requires_grad_()
+    log_scale = torch.log(mse_scales(weight.detach(), GROUP, BITS)).requires_grad_()
+    upstream = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16)
+
+    def cast() -> None:
+        weight.to(torch.bfloat16).backward(upstream)
+
+    def torch_path() -> None:
+        with fused_fake_quant(False):
+            fake_quantize(weight, log_scale, GROUP, BITS, torch.bfloat16).backward(upstream)
+
+    def fused() -> None:
+        with fused_fake_quant(True):
+            fake_quantize(weight, log_scale, GROUP, BITS, torch.bfloat16).backward(upstream)
+
+    found = {"cast": cast, "torch": torch_path}
+    if device == "cuda":
+        found["fused"] = fused
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=15, help="timed calls per arm and shape (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", help="markdown results file to write")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    rows, totals = [], {}
+    for out_f, in_f in SHAPES:
+        times = {name: median_ms(fn, args.steps, args.warmup) for name, fn in arms(out_f, in_f, device).items()}
+        for name, ms in times.items():
+            totals[name] = totals.get(name, 0.0) + ms
+        cells = [f"{ms:.2f} ({ms / times['cast']:.1f}x)" for ms in times.values()]
+        rows.append(f"| {out_f}x{in_f} | " + " | ".join(cells) + " |")
+    names = list(totals)
+    lines = [
+        "# QAT fake quantization vs the plain step's weight cast (forward + backward)",
+        "",
+        f"{datetime.date.today()}, {where}, torch {torch.__version__}, grace_quant {grace_quant.__version__}; fp32 "
+        f"master weights, bf16 output and upstream gradient, INT4 g{GROUP}; median of {args.steps} calls after "
+        f"{args.warmup} warm-up calls; ms (ratio to cast).",
+        "",
+        "| weight (out x in) | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        *rows,
+        "| all four | " + " | ".join(f"{totals[n]:.2f} ({totals[n] / totals['cast']:.1f}x)" for n in names) + " |",
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
