@@ -1,8 +1,10 @@
-"""GPU benchmark of the W4A16 kernels against cuBLAS bf16/fp16, torch's tinygemm and dequantize + cuBLAS.
+"""GPU benchmark of the W4A16 kernels against cuBLAS bf16/fp16, torch's tinygemm, GemLite 0.6 and dequantize + cuBLAS.
 
 Every arm is timed the same way: a CUDA graph of one call per weight copy, with enough copies (~128 MB, `kernels.timing`) that
 the weights come from HBM rather than L2; the per-call time is the median over graph replays. Writes a markdown report
 (``--out``/kernels_h200.md) and prints it. Run from the repository root: ``python benchmarks/bench_kernels.py --out DIR``.
+GemLite (``pip install gemlite``, or the wheel benchmarks/h200_session.sh installs from .whl/) runs at M in
+GEMLITE_MS unless ``--gemlite-all-m``; when it cannot be imported, its column says n/a and the header says why.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import datetime
 import importlib
 import math
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,7 @@ def _import_kernels():
 K = _import_kernels()
 TW = importlib.import_module(K.__name__ + ".triton_w4a16")
 TIMING = importlib.import_module(K.__name__ + ".timing")
+AT = importlib.import_module(K.__name__ + ".autotune")
 graph_time_us, copies_for = TIMING.graph_time_us, TIMING.copies_for
 
 SHAPES = {  # (K, N) per model, with how many times each appears in one decoder layer
@@ -42,6 +48,19 @@ SHAPES = {  # (K, N) per model, with how many times each appears in one decoder 
 MS = (1, 2, 4, 8, 16, 32, 64, 256, 2048)
 GROUP = 128
 TARGETS = {1: 3.0, 16: 1.8, 64: 1.2}  # layer-sum ratio to cuBLAS bf16; M >= 256: 0.95 (per-layer sums too)
+PEER_TARGET_M1 = 1.5  # layer-sum ratio of ours to the best peer at M = 1
+PEERS = {
+    "bf16": "cuBLAS bf16",
+    "fp16": "cuBLAS fp16",
+    "tinygemm": "tinygemm",
+    "gemlite": "GemLite",
+    "deq": "deq+cuBLAS",
+}
+GEMLITE_MS = (1, 16, 64)  # GemLite autotunes once per shape and M: by default only the targets' M (--gemlite-all-m)
+GEMLITE_ZERO = 8  # GRACE stores u = q + 8, so GemLite's integer zero point 8 gives (u - 8) * s = q * s
+GEMLITE_TOL = 6e-2  # its M = 1 GEMV adds partial sums with bf16 atomics (up to K/16 roundings: ~2e-2 at K = 11008);
+# a zero point off by one already errs by >= 0.14 (a transposed scale layout or signed codes: O(1))
+GEMLITE_DTYPES = {torch.bfloat16: "BF16", torch.float16: "FP16"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,12 +139,179 @@ def gemv_forced(x, p, s):
     return TW.gemv_w4a16(x, p, s, None, GROUP)
 
 
-def path_of(m: int) -> str:
-    if m <= TW.GEMV_DISPATCH_MAX_M:
-        return "gemv"
-    if m <= TW.TC_MAX_M:
-        return "tc"
-    return "deq+cuBLAS"
+def path_of(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The kernel the dispatch runs for this call: above M = 64 the tuned race's winner, if this GPU has one."""
+    path = AT.path_for(m)
+    if path != "large":
+        return path
+    config = AT.table(AT.device_name(torch.device("cuda"))).get(AT.key_for(m, n, k, GROUP, dtype))
+    return "tc (tuned)" if config and config.get("tc") else "deq+cuBLAS"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GemLite
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GemLiteArm:
+    """The GemLite arm over one run: the module (None when unavailable), the M it runs at, and per shape and M the
+    outcome of its checks ("" when it passed and may be timed, else the table cell)."""
+
+    gl: ModuleType | None
+    note: str
+    ms: frozenset[int] = frozenset()
+    budget_s: float = 0.0
+    status: dict[tuple[int, int, int], str] = field(default_factory=dict)
+    rows: list[str] = field(default_factory=list)
+    ok: bool = True
+    checks: int = 0
+    exact: int = 0
+    setup_s: float = 0.0
+
+
+def load_gemlite(mode: str) -> tuple[ModuleType | None, str]:
+    """GemLite with its autotuning set to ``mode`` (without CUDA-graph timing), or None and why not."""
+    try:
+        import gemlite
+    except Exception as exc:  # noqa: BLE001  (any failure: report n/a)
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == "gemlite"
+        return None, f"n/a, {'not installed' if missing else 'import failed'} ({type(exc).__name__}: {str(exc)[:160]})"
+    try:
+        gemlite.set_autotune(mode, use_cuda_graph=False)  # reloads GemLite's kernel modules with that config set
+    except Exception as exc:  # noqa: BLE001
+        return None, f"n/a, set_autotune({mode!r}) failed ({type(exc).__name__}: {str(exc)[:160]})"
+    shipped = getattr(gemlite.core, "selected_tag", None)
+    cache = f"its shipped config {Path(shipped).name} loaded" if shipped else "no shipped config matches this GPU"
+    return gemlite, f"GemLite {gemlite.__version__}, autotune {mode!r}, {cache}"
+
+
+def gemlite_layer(gl: ModuleType, packed: torch.Tensor, scales: torch.Tensor) -> torch.nn.Module:
+    """A ``GemLiteLinear`` holding the same weight as ``(packed, scales)``: unsigned codes u = q + 8, ``scales``
+    [N, K/128] as given, integer zero point 8 (GemLite's "symmetric with shift", W_group_mode 3)."""
+    n, k = packed.shape[0], packed.shape[1] * 8
+    dtype = getattr(gl.DType, GEMLITE_DTYPES[scales.dtype])
+    layer = gl.GemLiteLinear(4, group_size=GROUP, in_features=k, out_features=n, input_dtype=dtype, output_dtype=dtype)
+    codes = (K.unpack(packed, 4) + GEMLITE_ZERO).to(torch.uint8)
+    layer.pack(codes, scales, GEMLITE_ZERO, None)
+    return layer
+
+
+def gemlite_weight_check(layer: torch.nn.Module, packed: torch.Tensor, scales: torch.Tensor) -> str | None:
+    """None if the layer's stored weight, unpacked by GemLite's own ``unpack_over_cols_torch`` (the layout its
+    kernels read) and dequantized by its W_group_mode-3 rule (u - zero) * s, is bit for bit
+    ``kernels.reference.dequantize``; else what differs."""
+    from gemlite.bitpack import unpack_over_cols_torch
+
+    n, k = packed.shape[0], packed.shape[1] * 8
+    meta = (layer.W_nbits, layer.group_size, layer.elements_per_sample, layer.W_group_mode, layer.zeros.numel())
+    if meta != (4, GROUP, 8, 3, 1) or int(layer.zeros) != GEMLITE_ZERO:
+        zero = layer.zeros.flatten()[:1].tolist()
+        return f"(bits, group, per word, W_group_mode, zeros) = {meta}, zero {zero}"
+    codes = unpack_over_cols_torch(layer.W_q.t().contiguous(), 4, k, torch.uint8)  # W_q is [K/8, N], packed along K
+    w = (codes.to(torch.int32) - layer.zeros).to(layer.scales.dtype).view(n, k // GROUP, GROUP)
+    w = (w * layer.scales.t().unsqueeze(-1)).view(n, k)  # scales are stored [K/128, N]
+    ref = K.dequantize(packed, scales, GROUP, 4)
+    if not torch.equal(w, ref):
+        return f"{int((w != ref).sum())} of {w.numel()} weights differ from kernels.reference.dequantize"
+    return None
+
+
+def gemlite_check(arm: GemLiteArm, packed: torch.Tensor, scales: torch.Tensor, m: int) -> str:
+    """Check a GemLite layer of this weight (:func:`gemlite_weight_check`, then its output at M = m against fp64 in
+    its first call, which autotunes this shape and M); "" if it passed, else the table cell."""
+    n, k = packed.shape[0], packed.shape[1] * 8
+    kernel = "?"
+    try:
+        kernel = arm.gl.core.get_matmul_type(m, 4)  # the kernel GemLite's forward picks for this M
+        layer = gemlite_layer(arm.gl, packed, scales)
+        bad = gemlite_weight_check(layer, packed, scales)
+        arm.checks += 1
+        if bad:
+            arm.ok = False
+            arm.rows.append(f"| {k}x{n} | {m} | {kernel} | weights: {bad} | - | WRONG |")
+            return "WRONG weights"
+        arm.exact += 1
+        x = torch.randn(m, k, device="cuda", dtype=scales.dtype)
+        start = time.perf_counter()
+        y = layer(x)
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - start
+        err = rel_err_fp64(y, x, packed, scales)
+    except Exception as exc:  # noqa: BLE001  (any failure: report it in the cells)
+        print(f"  GemLite n/a for {k}x{n} M={m}: {type(exc).__name__}: {str(exc)[:200]}")
+        why = str(exc)[:80].replace("|", "/").replace("\n", " ")
+        arm.rows.append(f"| {k}x{n} | {m} | {kernel} | error {type(exc).__name__}: {why} | - | no |")
+        return f"err {type(exc).__name__}"
+    good = math.isfinite(err) and err < GEMLITE_TOL
+    arm.rows.append(f"| {k}x{n} | {m} | {kernel} | {err:.2e} | {first_s:.1f} | {'yes' if good else 'WRONG'} |")
+    arm.ok &= good
+    return "" if good else f"WRONG (err {err:.1e})"
+
+
+def gemlite_prepare(arm: GemLiteArm, shapes: list[tuple[int, int]]) -> None:
+    """Check and autotune GemLite at every shape, one M after the other from the smallest (M = 1 is what the
+    best-peer target judges), until ``arm.budget_s`` is spent; what is left is marked skipped."""
+    start = time.perf_counter()
+    for m in sorted(arm.ms):
+        for k, n in shapes:
+            if time.perf_counter() - start > arm.budget_s:
+                arm.status[(k, n, m)] = "skipped (budget)"
+                continue
+            packed, scales = random_w4(n, k, torch.bfloat16)
+            arm.status[(k, n, m)] = gemlite_check(arm, packed, scales, m)
+            print(f"  GemLite {k}x{n} M={m}: {arm.status[(k, n, m)] or 'checked'}", flush=True)
+    arm.setup_s = time.perf_counter() - start
+
+
+def gemlite_report(arm: GemLiteArm, lines: list[str]) -> None:
+    """Append the check pass's table and summary to the report."""
+    lines.append(f"## GemLite vs fp64 reference (relative L2, bf16; wrong above {GEMLITE_TOL:.0e}: not timed)\n")
+    lines.append("| K x N | M | GemLite kernel | rel err | first call s (autotune) | ok |")
+    lines.append("|---|---|---|---|---|---|")
+    lines.extend(arm.rows)
+    cells = list(arm.status.values())
+    lines.append(
+        f"\n{cells.count('')} of {len(cells)} shape-and-M checks passed, "
+        f"{sum(c.startswith('WRONG') for c in cells)} wrong, {sum(c.startswith('err') for c in cells)} errors, "
+        f"{sum(c.startswith('skipped') for c in cells)} skipped (budget); packed weights bit-exact to "
+        f"`kernels.reference.dequantize` (unpacked by GemLite's own `unpack_over_cols_torch`, then its (u - 8) * s) "
+        f"in {arm.exact} of {arm.checks} layers. Checks and autotuning took {arm.setup_s:.0f} s "
+        f"(budget {arm.budget_s:.0f} s).\n"
+    )
+
+
+def gemlite_layers(arm: GemLiteArm, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.nn.Module] | str:
+    """One GemLite layer per weight copy, or the table cell saying why there are none."""
+    try:
+        return [gemlite_layer(arm.gl, p, s) for p, s in copies]
+    except Exception as exc:  # noqa: BLE001  (any failure: report it in the cells)
+        n, k = copies[0][0].shape[0], copies[0][0].shape[1] * 8
+        print(f"  GemLite n/a for {k}x{n}: {type(exc).__name__}: {str(exc)[:200]}")
+        return f"err {type(exc).__name__}"
+
+
+def arm_gemlite(layers: list[torch.nn.Module], k: int, m: int) -> float:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    return graph_time_us([lambda layer=layer: layer(x) for layer in layers])
+
+
+def gemlite_time(
+    arm: GemLiteArm, layers: list[torch.nn.Module] | str | None, k: int, n: int, m: int
+) -> tuple[float | None, str]:
+    """GemLite's time at one shape and M where it passed its checks (tuned already); else None and the cell."""
+    if arm.gl is None:
+        return None, "n/a"
+    cell = arm.status.get((k, n, m), "-")
+    if cell or layers is None:
+        return None, cell or "-"
+    if isinstance(layers, str):
+        return None, layers
+    try:
+        return arm_gemlite(layers, k, m), ""
+    except Exception as exc:  # noqa: BLE001  (any failure: report it in the cell)
+        print(f"  GemLite n/a for {k}x{n} M={m}: {type(exc).__name__}: {str(exc)[:200]}")
+        return None, f"err {type(exc).__name__}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +345,9 @@ def correctness(lines: list[str]) -> bool:
                 good = math.isfinite(err) and err < tol
                 ok &= good
                 name = str(dtype).removeprefix("torch.")
-                lines.append(f"| {k}x{n} | {name} | {m} | {path_of(m)} | {err:.2e} | {'yes' if good else 'FAIL'} |")
+                lines.append(
+                    f"| {k}x{n} | {name} | {m} | {path_of(m, n, k, dtype)} | {err:.2e} | {'yes' if good else 'FAIL'} |"
+                )
     lines.append("")
     return ok
 
@@ -215,11 +403,59 @@ def fmt_ratio(base: float, t: float | None) -> str:
     return "n/a" if t is None else f"{t:.1f} ({base / t:.2f}x)"
 
 
+def layer_sum(vals: list[float | None], counts: list[int]) -> float | None:
+    """One decoder layer's time from its linears' times and counts; None if any linear has none."""
+    return None if any(v is None for v in vals) else sum(v * c for v, c in zip(vals, counts, strict=True))
+
+
+def best_peer(sums: dict[str, float | None]) -> tuple[float, str] | None:
+    """The fastest arm other than ours with a time for every linear of the layer, as (time, name)."""
+    timed = [(sums[arm], name) for arm, name in PEERS.items() if sums.get(arm) is not None]
+    return min(timed) if timed else None
+
+
+def peer_cells(m: int, ours: float, best: tuple[float, str] | None) -> str:
+    """The layer-sum table's best-peer cells: the peer, and ours against it (judged at M = 1)."""
+    if best is None:
+        return "n/a | n/a"
+    t, name = best
+    ratio = t / ours
+    judged = f" (target {PEER_TARGET_M1:.2f}x: {'met' if ratio >= PEER_TARGET_M1 else 'no'})" if m == 1 else ""
+    return f"{name} {t:.1f} | {ratio:.2f}x{judged}"
+
+
+def gemlite_arm(args: argparse.Namespace, ms: list[int]) -> GemLiteArm:
+    """The run's GemLite arm from the command line (loaded before anything is timed)."""
+    if args.no_gemlite:
+        return GemLiteArm(None, "n/a, --no-gemlite")
+    gl, note = load_gemlite(args.gemlite_autotune)
+    run_ms = frozenset(ms) if args.gemlite_all_m else frozenset(ms) & frozenset(GEMLITE_MS)
+    note = f"{note}; rows at M = {', '.join(map(str, sorted(run_ms))) or 'none'}, checks and autotuning within "
+    return GemLiteArm(gl, f"{note}{args.gemlite_budget_s:.0f} s", run_ms, args.gemlite_budget_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results", help="folder for kernels_h200.md")
     parser.add_argument("--sweep", action="store_true", help="also time alternative kernel configs")
     parser.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated token counts")
+    parser.add_argument("--no-gemlite", action="store_true", help="leave GemLite out")
+    parser.add_argument(
+        "--gemlite-all-m", action="store_true", help=f"GemLite at every M, not only {GEMLITE_MS} (autotunes each)"
+    )
+    parser.add_argument(
+        "--gemlite-autotune",
+        default="fast",
+        choices=("fast", "max", "default"),
+        help="GemLite's autotune config set: fast (its default), max (exhaustive: far too slow for one session), "
+        "default (its one or two fixed configs)",
+    )
+    parser.add_argument(
+        "--gemlite-budget-s",
+        type=float,
+        default=150.0,
+        help="seconds for GemLite's checks and autotuning (M by M from the smallest); the rest is skipped",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/bench_kernels.py needs a CUDA GPU")
@@ -228,6 +464,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     ms = [int(v) for v in args.ms.split(",")]
+    gl_arm = gemlite_arm(args, ms)
     props = torch.cuda.get_device_properties(0)
     lines = [
         "# W4A16 kernel benchmark\n",
@@ -237,6 +474,16 @@ def main() -> None:
         "- method: CUDA-graph replay of one call per weight copy, copies rotated past L2 "
         f"({TIMING.ROTATE_BYTES >> 20} MB per arm, at most {TIMING.MAX_COPIES} copies), median of 15 replays; weights are INT4 g128 with bf16 scales; 'ours' is the "
         "`grace_quant::w4a16_linear` custom op (bf16); ratios are to cuBLAS bf16 `F.linear` in the same run.",
+        "- GemLite: `GemLiteLinear(4, group_size=128)` bf16 per weight copy, packed from the same codes as ours "
+        "(unsigned u = q + 8 with integer zero point 8: its W_group_mode 3, (u - 8) * s), with its own kernel choice "
+        "per M (GEMV_REVSPLITK M <= 4, GEMM_SPLITK M < 64, GEMM above). Before any GemLite timing, a check pass over "
+        "every shape, M by M from the smallest, builds a layer, checks its weight bit-exact against "
+        "`kernels.reference.dequantize` through GemLite's own unpacker and its first (eager) call's output against "
+        "fp64; that call runs GemLite's Triton autotuner for the shape and M (its cache is global per shape and M, "
+        "so the timed copies reuse it). Autotune timing is Triton's eager `do_bench`, which flushes L2 between "
+        "repetitions as our weight rotation does, not GemLite's CUDA-graph autotune (`enable_cudagraph_autotune`: "
+        "no L2 flush, and a graph of ~100 ms of calls per candidate).",
+        f"- GemLite here: {gl_arm.note}",
     ]
     lines.append(f"- device-to-device copy: {copy_tbps():.2f} TB/s (1 GiB, read + write counted)\n")
     print("\n".join(lines), flush=True)
@@ -253,21 +500,28 @@ def main() -> None:
         (out / "kernels_h200.md").write_text("\n".join(lines) + "\n")
 
     flush()
+    if gl_arm.gl is not None and gl_arm.ms:
+        gemlite_prepare(gl_arm, list(dict.fromkeys(shape for v in SHAPES.values() for shape, _ in v)))
+        gemlite_report(gl_arm, lines)
+        flush()
     results: dict[tuple[str, int, int, int], dict[str, float | None]] = {}
     lines.append("## Per-linear times (us; ratio to cuBLAS bf16)\n")
     lines.append(
-        "| model | K x N | M | bf16 | fp16 | tinygemm | deq+cuBLAS | gemv forced | tc forced | ours | ours path "
-        "| ours TB/s |"
+        "| model | K x N | M | bf16 | fp16 | tinygemm | GemLite | deq+cuBLAS | gemv forced | tc forced | ours "
+        "| ours path | ours TB/s |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, shapes in SHAPES.items():
         for (k, n), _ in shapes:
             copies = w4_copies(n, k, torch.bfloat16)
+            timed = any(gl_arm.status.get((k, n, m)) == "" for m in ms)
+            gl_layers = gemlite_layers(gl_arm, copies) if timed else None
             for m in ms:
                 r: dict[str, float | None] = {}
                 r["bf16"] = arm_dense(n, k, m, torch.bfloat16)
                 r["fp16"] = arm_dense(n, k, m, torch.float16)
                 r["tinygemm"] = arm_tinygemm(n, k, m) if m <= 256 else None
+                r["gemlite"], gl_cell = gemlite_time(gl_arm, gl_layers, k, n, m)
                 r["deq"] = arm_w4(deq_cublas, copies, k, m, torch.bfloat16)
                 r["gemv"] = arm_w4(gemv_forced, copies, k, m, torch.bfloat16) if m <= TW.GEMV_MAX_M else None
                 r["tc"] = arm_w4(tc_forced, copies, k, m, torch.bfloat16) if m >= 2 else None
@@ -277,28 +531,30 @@ def main() -> None:
                 tbps = (w4_bytes(n, k) + 2 * m * (k + n)) / r["ours"] / 1e6
                 lines.append(
                     f"| {model} | {k}x{n} | {m} | {base:.1f} | {fmt_ratio(base, r['fp16'])} | "
-                    f"{fmt_ratio(base, r['tinygemm'])} | {fmt_ratio(base, r['deq'])} | {fmt_ratio(base, r['gemv'])} | "
+                    f"{fmt_ratio(base, r['tinygemm'])} | {gl_cell or fmt_ratio(base, r['gemlite'])} | "
+                    f"{fmt_ratio(base, r['deq'])} | {fmt_ratio(base, r['gemv'])} | "
                     f"{fmt_ratio(base, r['tc'])} | "
-                    f"**{fmt_ratio(base, r['ours'])}** | {path_of(m)} | {tbps:.2f} |"
+                    f"**{fmt_ratio(base, r['ours'])}** | {path_of(m, n, k)} | {tbps:.2f} |"
                 )
                 print(lines[-1], flush=True)
-            del copies
+            del copies, gl_layers
             torch.cuda.empty_cache()
             flush()
     lines.append("")
 
     lines.append("## One decoder layer's 7 linears, summed (us; ratio to cuBLAS bf16)\n")
-    lines.append("| model | M | bf16 | fp16 | tinygemm | deq+cuBLAS | ours | target | met |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append(
+        "| model | M | bf16 | fp16 | tinygemm | GemLite | deq+cuBLAS | ours | target | met | best peer "
+        "| ours vs best peer |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, shapes in SHAPES.items():
         for m in ms:
-            sums: dict[str, float | None] = {}
-            for arm in ("bf16", "fp16", "tinygemm", "deq", "ours"):
-                vals = [results[(model, k, n, m)][arm] for (k, n), _ in shapes]
-                counts = [c for _, c in shapes]
-                sums[arm] = (
-                    None if any(v is None for v in vals) else sum(v * c for v, c in zip(vals, counts, strict=True))
-                )
+            counts = [c for _, c in shapes]
+            sums = {
+                arm: layer_sum([results[(model, k, n, m)][arm] for (k, n), _ in shapes], counts)
+                for arm in ("bf16", "fp16", "tinygemm", "gemlite", "deq", "ours")
+            }
             base = sums["bf16"]
             if m == 1:
                 target = 3.0 if model.startswith("LLaVA") else 2.2
@@ -308,11 +564,19 @@ def main() -> None:
             met = "-" if target is None else ("yes" if ratio >= target else f"no ({ratio / target:.0%} of target)")
             lines.append(
                 f"| {model} | {m} | {base:.1f} | {fmt_ratio(base, sums['fp16'])} | {fmt_ratio(base, sums['tinygemm'])} "
-                f"| {fmt_ratio(base, sums['deq'])} | **{fmt_ratio(base, sums['ours'])}** | "
-                f"{'-' if target is None else f'{target:.2f}x'} | {met} |"
+                f"| {fmt_ratio(base, sums['gemlite'])} | {fmt_ratio(base, sums['deq'])} | "
+                f"**{fmt_ratio(base, sums['ours'])}** | {'-' if target is None else f'{target:.2f}x'} | {met} | "
+                f"{peer_cells(m, sums['ours'], best_peer(sums))} |"
             )
     lines.append("")
+    lines.append(
+        f"Best peer: the fastest of {', '.join(PEERS.values())} with a time for every linear of the layer "
+        f"(GemLite only where it ran and passed its check); target at M = 1: ours >= {PEER_TARGET_M1:.1f}x it."
+    )
     lines.append(f"Correctness check: {'passed' if ok else 'FAILED'}.")
+    if gl_arm.gl is not None:
+        verdict = "passed" if gl_arm.ok else "FAILED (wrong output: those cells say WRONG and were not timed)"
+        lines.append(f"GemLite check: {verdict}.")
     flush()
     print("\n".join(lines))
     if not ok:

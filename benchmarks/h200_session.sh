@@ -10,17 +10,41 @@
 #   tests    every GPU-marked test (kernels, fused KD, fused fake quantization, fusion + compiled generate)
 #   trainer  benchmarks/trainer_step.py --size 1b --fused-fake-quant   (~3 min)
 #   e2e      benchmarks/e2e.py, both models, bf16 / GRACE / tinygemm, batch 1, one process   (~5 min)
-#   kernels  benchmarks/bench_kernels.py   (~6 min)
+#   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
+#            run it alone in one device call). Its GemLite arm needs the call to carry `.whl` (see below)
 #   tune     tune the kernels for the LLaVA-7B / Qwen2-VL-2B shapes; OUT/kernels/<GPU>.json goes to kernels/configs/
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
+#   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast
+#            (~1 min)
+# Planned next session (30 device minutes, 10 per call): 1) STAGES="tests trainer"; 2) STAGES="fake-quant tune", then
+# copy OUT/kernels/<GPU>.json to kernels/configs/; 3) STAGES=kernels with carry [".whl"] (runs with the shipped table).
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
+#
+# Peers that the device machine lacks come as pure-Python wheels in .whl/ (ignored by git, so the device call must
+# name it: carry [".whl"]); GemLite 0.6, for the kernels stage, is built on the developer machine with
+#   pip wheel --no-deps --no-build-isolation -w .whl gemlite==0.6.0   (from its source distribution on PyPI)
+# Before any stage, this script installs every .whl/*.whl without an index, which by hand is
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+# (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
+# .whl/ it installs nothing, and the kernels report says GemLite is not installed.
 set -u
 OUT="${OUT:-gpu_out}"
 STAGES="${STAGES:-tests trainer e2e}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
+
+SITE=/tmp/site
+if compgen -G ".whl/*.whl" > /dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+      || (mkdir -p "$SITE" && for whl in .whl/*.whl; do python3 -m zipfile -e "$whl" "$SITE" || exit 1; done); then
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+    echo "wheels: $(cd .whl && echo *.whl) in $SITE"
+  else
+    echo "wheels: could not install .whl/*.whl; stages run without them" >&2
+  fi
+fi
 
 for stage in $STAGES; do
   start=$(date +%s)
@@ -36,7 +60,7 @@ for stage in $STAGES; do
         --out "$OUT/e2e.md" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
     kernels)
-      timeout 420 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
+      timeout 570 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
     tune)
       GRACE_QUANT_CACHE="$OUT" timeout 480 python benchmarks/tune_kernels.py > "$OUT/tune.log" 2>&1 ;;
     ttft)
@@ -47,8 +71,11 @@ for stage in $STAGES; do
       timeout 300 python benchmarks/e2e.py --models qwen2-vl-2b --arms bf16 grace --batches 1 --profile bf16 grace \
         --profile-stacks --out "$OUT/qwen_profile.md" --log-dir "$OUT" > "$OUT/qwen_profile.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
+    fake-quant)
+      timeout 150 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels tune ttft qwen-profile)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels tune ttft qwen-profile fake-quant)" >&2
+      exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"
 done
