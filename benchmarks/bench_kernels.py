@@ -75,18 +75,6 @@ def copy_tbps() -> float:
     return 2 * src.numel() / graph_time_us([lambda: dst.copy_(src)] * 4) / 1e6
 
 
-def random_w4(n: int, k: int, dtype: torch.dtype, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
-    """Random packed weight and scales in GRACE's format (packing done on the GPU for speed)."""
-    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device)
-    packed = K.pack(codes, 4)
-    scales = (torch.rand(n, k // GROUP, device=device) * 0.02 + 0.002).to(dtype)
-    return packed, scales
-
-
-def w4_bytes(n: int, k: int) -> int:
-    return n * k // 2 + n * (k // GROUP) * 2
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # arms
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,7 +89,7 @@ def arm_dense(n: int, k: int, m: int, dtype: torch.dtype) -> float:
 def arm_tinygemm(n: int, k: int, m: int) -> float | None:
     try:
         copies = []
-        for _ in range(copies_for(w4_bytes(n, k))):
+        for _ in range(copies_for(TIMING.w4_bytes(n, k, GROUP))):
             w = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
             w_u8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)
             packed = torch._convert_weight_to_int4pack(w_u8, 8)
@@ -112,10 +100,6 @@ def arm_tinygemm(n: int, k: int, m: int) -> float | None:
     except Exception as exc:  # noqa: BLE001  (any failure: report n/a)
         print(f"  tinygemm n/a for {k}x{n} M={m}: {type(exc).__name__}: {str(exc)[:120]}")
         return None
-
-
-def w4_copies(n: int, k: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [random_w4(n, k, dtype) for _ in range(copies_for(w4_bytes(n, k)))]
 
 
 def arm_w4(fn: Callable, copies, k: int, m: int, dtype: torch.dtype) -> float:
@@ -258,7 +242,7 @@ def gemlite_prepare(arm: GemLiteArm, shapes: list[tuple[int, int]]) -> None:
             if time.perf_counter() - start > arm.budget_s:
                 arm.status[(k, n, m)] = "skipped (budget)"
                 continue
-            packed, scales = random_w4(n, k, torch.bfloat16)
+            packed, scales = TIMING.random_w4(n, k, GROUP, torch.bfloat16, "cuda")
             arm.status[(k, n, m)] = gemlite_check(arm, packed, scales, m)
             print(f"  GemLite {k}x{n} M={m}: {arm.status[(k, n, m)] or 'checked'}", flush=True)
     arm.setup_s = time.perf_counter() - start
@@ -334,7 +318,7 @@ def correctness(lines: list[str]) -> bool:
     for (k, n), _ in [s for v in SHAPES.values() for s in v]:
         dtypes = (torch.bfloat16, torch.float16) if (k, n) in ((4096, 4096), (1536, 256)) else (torch.bfloat16,)
         for dtype in dtypes:
-            packed, scales = random_w4(n, k, dtype)
+            packed, scales = TIMING.random_w4(n, k, GROUP, dtype, "cuda")
             for m in (1, 3, 16, 64, 256):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
@@ -377,7 +361,7 @@ def sweep(lines: list[str]) -> None:
     header = "| kernel | M | config | " + " | ".join(f"{k}x{n}" for k, n in shapes) + " |"
     lines.append(header)
     lines.append("|" + "---|" * (3 + len(shapes)))
-    copies = {s: w4_copies(s[1], s[0], torch.bfloat16) for s in shapes}
+    copies = {s: TIMING.w4_copies(s[1], s[0], GROUP, torch.bfloat16, "cuda") for s in shapes}
     for name, fn, cfgs in (("gemv", TW.gemv_w4a16, gemv_cfgs), ("tc", TW.tc_gemm_w4a16, tc_cfgs)):
         for m, cfg in cfgs:
             cells = []
@@ -513,7 +497,7 @@ def main() -> None:
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, shapes in SHAPES.items():
         for (k, n), _ in shapes:
-            copies = w4_copies(n, k, torch.bfloat16)
+            copies = TIMING.w4_copies(n, k, GROUP, torch.bfloat16, "cuda")
             timed = any(gl_arm.status.get((k, n, m)) == "" for m in ms)
             gl_layers = gemlite_layers(gl_arm, copies) if timed else None
             for m in ms:
@@ -528,7 +512,7 @@ def main() -> None:
                 r["ours"] = arm_w4(ours, copies, k, m, torch.bfloat16)
                 results[(model, k, n, m)] = r
                 base = r["bf16"]
-                tbps = (w4_bytes(n, k) + 2 * m * (k + n)) / r["ours"] / 1e6
+                tbps = (TIMING.w4_bytes(n, k, GROUP) + 2 * m * (k + n)) / r["ours"] / 1e6
                 lines.append(
                     f"| {model} | {k}x{n} | {m} | {base:.1f} | {fmt_ratio(base, r['fp16'])} | "
                     f"{fmt_ratio(base, r['tinygemm'])} | {gl_cell or fmt_ratio(base, r['gemlite'])} | "

@@ -341,7 +341,8 @@ def add_tune(subparsers: argparse._SubParsersAction) -> None:
         "tune",
         "time the INT4 kernels on this GPU for a model's shapes and keep the fastest configs",
         "Load the packed GRACE checkpoint SRC on the GPU, time the W4A16 kernel's launch configurations for every\n"
-        "INT4 matmul shape of the model and every token-count bucket up to 64, and write the fastest to this GPU's\n"
+        "INT4 matmul shape of the model and every token-count bucket up to 2048 (above 64: dequantize + cuBLAS\n"
+        "raced against the tensor-core kernel), and write the fastest to this GPU's\n"
         "table ($GRACE_QUANT_CACHE or ~/.cache/grace_quant/kernels/). Later processes use it without tuning;\n"
         "shapes already in the table are skipped unless --retune. Needs a CUDA GPU; takes a few minutes.",
         "grace-quant tune ./llava-int4",

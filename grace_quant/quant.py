@@ -35,6 +35,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _ratio(weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``w / s`` per group ``[out, in / group_size, group_size]``, a fresh tensor in :func:`compute_dtype`."""
+    dtype = compute_dtype(weight.dtype)
+    return grouped(weight.to(dtype), group_size) / scales.to(dtype).unsqueeze(-1)
+
+
 def _codes_from_ratio(ratio: torch.Tensor, bits: int) -> torch.Tensor:
     """``clamp(round(w / s), -Qn, Qp)``, computed in place in the fresh ``ratio`` it is given (no extra full-size
     temporaries; the straight-through gradient lives in ``_FakeQuantize.backward``)."""
@@ -44,9 +50,7 @@ def _codes_from_ratio(ratio: torch.Tensor, bits: int) -> torch.Tensor:
 
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     """Integer codes ``q = clamp(round(w / s), -Qn, Qp)`` as int8 ``[out, in]``; the ratio is taken in fp32."""
-    dtype = compute_dtype(weight.dtype)
-    ratio = grouped(weight.to(dtype), group_size) / scales.to(dtype).unsqueeze(-1)
-    return _codes_from_ratio(ratio, bits).reshape(weight.shape).to(torch.int8)
+    return _codes_from_ratio(_ratio(weight, scales, group_size), bits).reshape(weight.shape).to(torch.int8)
 
 
 def fake_quantize(
@@ -133,10 +137,7 @@ class _FakeQuantize(torch.autograd.Function):
             w_hat = kernels.fake_quant_forward(weight, exp_log_scale, group_size, bits, out_dtype if direct else None)
             return w_hat if direct else w_hat.to(out_dtype)
         scales = scale_from_log(log_scale, weight.dtype)
-        ratio = grouped(weight.to(compute_dtype(weight.dtype)), group_size) / scales.to(
-            compute_dtype(weight.dtype)
-        ).unsqueeze(-1)
-        codes = _codes_from_ratio(ratio, bits).reshape(weight.shape)
+        codes = _codes_from_ratio(_ratio(weight, scales, group_size), bits).reshape(weight.shape)
         ctx.save_for_backward(weight, log_scale)
         w_hat = dequantize_codes(codes, scales, group_size)
         return w_hat if out_dtype is None else w_hat.to(out_dtype)
@@ -158,8 +159,7 @@ class _FakeQuantize(torch.autograd.Function):
         grad = grad.to(weight.dtype)  # the gradient of w_hat.to(out_dtype)
         lo, hi = code_range(ctx.bits)
         dtype = compute_dtype(weight.dtype)
-        scales = scale_from_log(log_scale, weight.dtype).to(dtype).unsqueeze(-1)
-        ratio = grouped(weight.to(dtype), ctx.group_size) / scales
+        ratio = _ratio(weight, scale_from_log(log_scale, weight.dtype), ctx.group_size)
         rounded = torch.round(ratio)
         codes = rounded.clamp(lo, hi)
         inside = codes == rounded  # inside the code range (False for NaN, as the comparisons with lo/hi were)

@@ -232,19 +232,11 @@ def matmul_shapes(model: torch.nn.Module) -> set[tuple[int, int, int, torch.dtyp
 def _cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device):
     """A ``measure(config)`` timing the kernel as a decode step runs it: CUDA-graph replay of one call per weight
     copy, copies cycled past L2 (``kernels.timing``); returns seconds per call."""
-    from . import pack
     from . import triton_w4a16 as tw
-    from .timing import copies_for, graph_time_us
+    from .timing import graph_time_us, w4_copies
 
     x = torch.randn(m, k, device=device, dtype=dtype)
-    weight_bytes = n * k // 2 + n * (k // group) * torch.empty((), dtype=dtype).element_size()
-    copies = [
-        (
-            pack(torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device), 4),
-            (torch.rand(n, k // group, device=device) * 0.01).to(dtype),
-        )
-        for _ in range(copies_for(weight_bytes))
-    ]
+    copies = w4_copies(n, k, group, dtype, device)
 
     def run(config: Config, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return tw.linear_with_config(x, packed, scales, None, group, path_for(m), config)

@@ -14,12 +14,14 @@ from collections.abc import Callable
 
 import torch
 
+from .packing import pack
+
 ROTATE_BYTES = 128 * 2**20
 """Bytes of weight copies one measurement cycles through (> 2x the L2 of every current NVIDIA data-centre GPU)."""
 MAX_COPIES = 512
 """Cap on copies per measurement: tiny weights would otherwise need thousands of graph nodes."""
 
-__all__ = ["MAX_COPIES", "ROTATE_BYTES", "copies_for", "graph_time_us"]
+__all__ = ["MAX_COPIES", "ROTATE_BYTES", "copies_for", "graph_time_us", "random_w4", "w4_bytes", "w4_copies"]
 
 
 def copies_for(bytes_per_copy: int, rotate_bytes: int = ROTATE_BYTES) -> int:
@@ -28,6 +30,28 @@ def copies_for(bytes_per_copy: int, rotate_bytes: int = ROTATE_BYTES) -> int:
     if bytes_per_copy <= 0:
         raise ValueError(f"bytes_per_copy must be positive, got {bytes_per_copy}")
     return min(MAX_COPIES, max(2, math.ceil(rotate_bytes / bytes_per_copy)))
+
+
+def w4_bytes(n: int, k: int, group: int, scale_bytes: int = 2) -> int:
+    """Bytes an INT4 ``[n, k]`` weight moves per call: the packed codes and one ``scale_bytes`` scale per group."""
+    return n * k // 2 + n * (k // group) * scale_bytes
+
+
+def random_w4(
+    n: int, k: int, group: int, dtype: torch.dtype, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random INT4 weight in GRACE's packed format (codes packed on ``device``) and positive ``dtype`` scales."""
+    packed = pack(torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device), 4)
+    scales = (torch.rand(n, k // group, device=device) * 0.02 + 0.002).to(dtype)
+    return packed, scales
+
+
+def w4_copies(
+    n: int, k: int, group: int, dtype: torch.dtype, device: str | torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """As many random INT4 weights (:func:`random_w4`) as one measurement cycles through to stay out of L2."""
+    bytes_per_copy = w4_bytes(n, k, group, torch.empty((), dtype=dtype).element_size())
+    return [random_w4(n, k, group, dtype, device) for _ in range(copies_for(bytes_per_copy))]
 
 
 def graph_time_us(calls: list[Callable[[], object]], replays: int = 15) -> float:
