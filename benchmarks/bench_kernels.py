@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import math
 import sys
 import time
@@ -23,22 +22,11 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+import grace_quant.kernels as K
+from grace_quant.kernels import dispatch, tables
+from grace_quant.kernels import timing as TIMING
+from grace_quant.kernels import triton_w4a16 as TW
 
-def _import_kernels():
-    """The repo's ``kernels`` package from a checkout, else the installed ``grace_quant.kernels``."""
-    root = Path(__file__).resolve().parents[1]
-    if (root / "kernels" / "triton_w4a16.py").exists():
-        sys.path.insert(0, str(root))
-        import kernels
-    else:
-        import grace_quant.kernels as kernels
-    return kernels
-
-
-K = _import_kernels()
-TW = importlib.import_module(K.__name__ + ".triton_w4a16")
-TIMING = importlib.import_module(K.__name__ + ".timing")
-AT = importlib.import_module(K.__name__ + ".autotune")
 graph_time_us, copies_for = TIMING.graph_time_us, TIMING.copies_for
 
 SHAPES = {  # (K, N) per model, with how many times each appears in one decoder layer
@@ -125,10 +113,10 @@ def gemv_forced(x, p, s):
 
 def path_of(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
     """The kernel the dispatch runs for this call: above M = 64 the tuned race's winner, if this GPU has one."""
-    path = AT.path_for(m)
+    path = dispatch.path_for(m)
     if path != "large":
         return path
-    config = AT.table(AT.device_name(torch.device("cuda"))).get(AT.key_for(m, n, k, GROUP, dtype))
+    config = tables.table(tables.device_name(torch.device("cuda"))).get(dispatch.key_for(m, n, k, GROUP, dtype))
     return "tc (tuned)" if config and config.get("tc") else "deq+cuBLAS"
 
 
@@ -507,7 +495,7 @@ def main() -> None:
                 r["tinygemm"] = arm_tinygemm(n, k, m) if m <= 256 else None
                 r["gemlite"], gl_cell = gemlite_time(gl_arm, gl_layers, k, n, m)
                 r["deq"] = arm_w4(deq_cublas, copies, k, m, torch.bfloat16)
-                r["gemv"] = arm_w4(gemv_forced, copies, k, m, torch.bfloat16) if m <= TW.GEMV_MAX_M else None
+                r["gemv"] = arm_w4(gemv_forced, copies, k, m, torch.bfloat16) if m <= TW.GEMV_ROWS else None
                 r["tc"] = arm_w4(tc_forced, copies, k, m, torch.bfloat16) if m >= 2 else None
                 r["ours"] = arm_w4(ours, copies, k, m, torch.bfloat16)
                 results[(model, k, n, m)] = r

@@ -14,8 +14,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from grace_quant.kernels import pack, triton_w4a16, w4a16_linear_op
 
+from grace_quant.kernels import pack, triton_w4a16, w4a16_linear_op
 from grace_quant.modules import GraceQuantLinear
 
 N = K = 1536

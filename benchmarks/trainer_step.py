@@ -30,6 +30,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Trainer
 
 import grace_quant
 from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+from grace_quant.labels import IGNORE_INDEX, next_token_mask
 from grace_quant.quant import fused_fake_quant
 
 SIZES = {
@@ -73,7 +74,7 @@ def batch_for(model, size: dict, device) -> dict[str, torch.Tensor]:
     text = torch.randint(3, size["vocab"] - 8, (b, seq - image_tokens), generator=generator)
     ids = torch.cat([text[:, :4], torch.full((b, image_tokens), config.image_token_id), text[:, 4:]], dim=1)
     labels = ids.clone()
-    labels[:, : seq // 2] = -100  # the second half is the answer
+    labels[:, : seq // 2] = IGNORE_INDEX  # the second half is the answer
     patch_dim = 3 * 2 * 14 * 14
     pixels = torch.randn(b * GRID[0] * GRID[1] * GRID[2], patch_dim, generator=generator)
     batch = {
@@ -111,7 +112,7 @@ def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int)
         trainer = GraceTrainer(model=student, teacher_model=teacher, args=args)
     trainer.create_optimizer()
     batch = batch_for(student, size, device)
-    num_items = (batch["labels"][..., 1:] != -100).sum()
+    num_items = next_token_mask(batch["labels"]).sum()
     student.train()
     times = []
     for step in range(warmup + steps):

@@ -2,11 +2,11 @@
 
 Every M bucket (1..2048: GEMV, tensor-core kernel, and above M = 64 the race of dequantize + cuBLAS against the
 tensor-core kernel) of every linear shape, fused (q|k|v, gate|up) and unfused, bf16 activations, group 128.
-The result is the JSON table ``kernels.autotune`` reads; commit it to ``kernels/configs/`` to ship it (a cold
+The result is the JSON table ``grace_quant.kernels.dispatch`` reads; commit it to ``grace_quant/kernels/configs/`` to ship it (a cold
 start on this GPU then tunes nothing):
 
     GRACE_QUANT_CACHE=/tmp/tuned python benchmarks/tune_kernels.py
-    cp /tmp/tuned/kernels/NVIDIA_H200.json kernels/configs/
+    cp /tmp/tuned/kernels/NVIDIA_H200.json grace_quant/kernels/configs/
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import argparse
 import time
 
 import torch
-from grace_quant.kernels import autotune
-from torch import nn
 
-from grace_quant.modules import GraceQuantLinear
+from grace_quant.kernels.tables import device_name, table
+from grace_quant.kernels.tuner import tune_shapes
 
 # (in_features K, out_features N)
 SHAPES = {
@@ -34,16 +33,13 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels.py times kernels on a CUDA GPU; none is available here.")
-    layers = nn.ModuleList(
-        GraceQuantLinear(k, n, bias=False, group_size=128, device="cuda", dtype=torch.bfloat16)
-        for model in args.models
-        for k, n in SHAPES[model]
-    )
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    shapes = {(n, k, 128, torch.bfloat16, cuda) for model in args.models for k, n in SHAPES[model]}
     start = time.perf_counter()
-    tuned = autotune.tune_model(layers, retune=args.retune)
-    device = autotune.device_name(torch.device("cuda"))
+    tuned = tune_shapes(shapes, retune=args.retune)
+    device = device_name(cuda)
     print(f"{len(tuned)} configurations tuned in {time.perf_counter() - start:.0f} s on {device}")
-    print(f"table: {autotune.table(device).user_path}")
+    print(f"table: {table(device).user_path}")
 
 
 if __name__ == "__main__":

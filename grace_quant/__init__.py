@@ -2,60 +2,78 @@
 
 Importing this package registers ``quant_method="grace"`` with transformers, so that
 ``from_pretrained(..., quantization_config=GraceConfig())`` quantizes on load and GRACE checkpoints load.
+
+The package imports lazily: ``import grace_quant`` (or ``grace_quant.kernels``) costs no transformers import.
+If transformers' quantizer registry is already loaded, the registration happens now; otherwise it happens the
+moment transformers loads it (:mod:`grace_quant._registration`), before any ``from_pretrained`` can look.
 """
 
 from __future__ import annotations
 
-import os as _os
+import importlib
+from typing import TYPE_CHECKING
 
-# A source checkout keeps kernels/ and integrations/ at the repository root (pyproject maps them into this
-# package when installed); let `grace_quant.kernels` resolve there too, so a plain checkout on PYTHONPATH works.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and all(
-    _os.path.exists(_os.path.join(_root, name)) for name in ("pyproject.toml", "kernels", "integrations")
-):
-    __path__.append(_root)
-
-from transformers import AutoModelForImageTextToText as AutoModelForVision2Seq  # noqa: E402
-
-from grace_quant.checkpoint import saving_qat_master  # noqa: E402
-from grace_quant.config import GraceConfig  # noqa: E402
-from grace_quant.convert import convert_to_packed, prepare_qat, quantize_model  # noqa: E402
-from grace_quant.fusion import fuse_projections, unfuse_projections  # noqa: E402
-from grace_quant.integrations import register as _register  # noqa: E402
-from grace_quant.modules import GraceQATLinear, GraceQuantLinear  # noqa: E402
+from grace_quant._registration import register_when_transformers_loads
 
 __version__ = "0.1.0"
 
-_register()
-
-#: ``AutoModelForVision2Seq`` was removed in transformers 5.0; this is its successor,
-#: ``transformers.AutoModelForImageTextToText``, under the old name for code that still uses it.
-AutoModelForVision2Seq = AutoModelForVision2Seq
-
-_LAZY = {"GraceTrainer": "trainer", "GraceTrainingArguments": "training_args"}
-
-
-def __getattr__(name: str):
-    """``GraceTrainer`` / ``GraceTrainingArguments`` import the Trainer stack only when first used."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"grace_quant.integrations.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'grace_quant' has no attribute {name!r}")
-
+# public name -> module that defines it (imported on first access)
+_EXPORTS = {
+    "AutoModelForVision2Seq": "grace_quant.integrations",
+    "GraceConfig": "grace_quant.config",
+    "GraceQATLinear": "grace_quant.modules",
+    "GraceQuantLinear": "grace_quant.modules",
+    "GraceTrainer": "grace_quant.integrations.trainer",
+    "GraceTrainingArguments": "grace_quant.integrations.training_args",
+    "convert_to_packed": "grace_quant.convert",
+    "fuse_projections": "grace_quant.fusion",
+    "prepare_qat": "grace_quant.convert",
+    "quantize_model": "grace_quant.integrations.quantizer",
+    "saving_qat_master": "grace_quant.checkpoint",
+    "tune_model": "grace_quant.tuning",
+    "unfuse_projections": "grace_quant.fusion",
+}
 
 __all__ = [
     "AutoModelForVision2Seq",
-    "GraceTrainer",
-    "GraceTrainingArguments",
     "GraceConfig",
     "GraceQATLinear",
     "GraceQuantLinear",
+    "GraceTrainer",
+    "GraceTrainingArguments",
     "convert_to_packed",
     "fuse_projections",
     "prepare_qat",
     "quantize_model",
     "saving_qat_master",
+    "tune_model",
     "unfuse_projections",
 ]
+
+if TYPE_CHECKING:
+    from grace_quant.checkpoint import saving_qat_master
+    from grace_quant.config import GraceConfig
+    from grace_quant.convert import convert_to_packed, prepare_qat
+    from grace_quant.fusion import fuse_projections, unfuse_projections
+    from grace_quant.integrations import AutoModelForVision2Seq
+    from grace_quant.integrations.quantizer import quantize_model
+    from grace_quant.integrations.trainer import GraceTrainer
+    from grace_quant.integrations.training_args import GraceTrainingArguments
+    from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+    from grace_quant.tuning import tune_model
+
+
+def __getattr__(name: str):
+    """Public names import their module on first use (``grace_quant.GraceTrainer`` loads the Trainer stack then)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'grace_quant' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+register_when_transformers_loads()

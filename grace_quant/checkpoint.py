@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from grace_quant.config import FORMAT_VERSION
+from grace_quant.config import FORMAT_VERSION, check_format_version
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
 from grace_quant.surgery import grace_layers
 
@@ -55,23 +55,23 @@ def qat_master_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def file_kind(path: str | os.PathLike) -> str:
+    """The kind of one safetensors file, from its metadata (untagged files are packed); refuses a newer format
+    version or an unknown kind. The one reader of the tags :func:`metadata_for` writes."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    check_format_version(int(metadata.get(FORMAT_KEY, FORMAT_VERSION)), str(path))
+    kind = metadata.get(KIND_KEY, PACKED)
+    if kind not in KINDS:
+        raise ValueError(f"{path}: unknown GRACE checkpoint kind {kind!r} in its metadata; expected one of {KINDS}")
+    return kind
+
+
 def checkpoint_kind(checkpoint_files: Sequence[str] | None) -> str:
-    """Kind of a GRACE checkpoint from its safetensors metadata; files without the tag are packed."""
+    """Kind of a GRACE checkpoint: that of its first safetensors file (packed when there is none)."""
     for path in checkpoint_files or ():
-        if not str(path).endswith(".safetensors") or not os.path.exists(path):
-            continue
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        version = int(metadata.get(FORMAT_KEY, FORMAT_VERSION))
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} uses GRACE format v{version}, newer than this grace-quant supports (v{FORMAT_VERSION}); "
-                "upgrade with `pip install -U grace-quant`."
-            )
-        kind = metadata.get(KIND_KEY, PACKED)
-        if kind not in KINDS:
-            raise ValueError(f"{path}: unknown GRACE checkpoint kind {kind!r} in its metadata; expected one of {KINDS}")
-        return kind
+        if str(path).endswith(".safetensors") and os.path.exists(path):
+            return file_kind(path)
     return PACKED
 
 

@@ -359,16 +359,17 @@ def run_tune(args: argparse.Namespace) -> int:
         raise UserError("tuning times the kernels on a CUDA GPU and none is available here; run it on the GPU "
                         "that will serve the model")  # fmt: skip
     from grace_quant import AutoModelForVision2Seq
-    from grace_quant.kernels import autotune
+    from grace_quant.kernels.tables import device_name, table
+    from grace_quant.tuning import matmul_shapes, tune_model
 
     if not os.path.isfile(os.path.join(args.src, "config.json")):
         raise UserError(f"{args.src} is not a model folder (no config.json)")
     model = AutoModelForVision2Seq.from_pretrained(args.src, device_map="cuda")
-    if not autotune.matmul_shapes(model):
+    if not matmul_shapes(model):
         raise UserError(f"{args.src} has no packed INT4 layers to tune; make one with `grace-quant quantize` first")
-    tuned = autotune.tune_model(model, retune=args.retune)
-    device = autotune.device_name(torch.device("cuda"))
-    print(f"{len(tuned)} new kernel configurations for {device} in {autotune.table(device).user_path}")
+    tuned = tune_model(model, retune=args.retune)
+    device = device_name(torch.device("cuda"))
+    print(f"{len(tuned)} new kernel configurations for {device} in {table(device).user_path}")
     return EXIT_OK
 
 

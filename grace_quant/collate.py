@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from grace_quant.labels import IGNORE_INDEX
+
 
 def pad_tokens(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100); ``attention_mask`` marks tokens."""
+    """Right-pad ``input_ids`` (with ``pad_token_id``) and ``labels`` (with ``IGNORE_INDEX``); ``attention_mask`` marks tokens."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id)
-    labels = torch.full((len(examples), width), -100)
+    labels = torch.full((len(examples), width), IGNORE_INDEX)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])

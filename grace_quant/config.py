@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from grace_quant.kernels import BACKENDS, SUPPORTED_BITS, codes_per_word
+from grace_quant.kernels import BACKENDS, SUPPORTED_BITS, SUPPORTED_GROUPS, group_size_problem
 
 FORMAT_VERSION = 1
 MODES = ("qat", "packed")
+
+
+def check_format_version(version: int, source: str) -> None:
+    """Refuse a checkpoint written in a newer GRACE format than this grace-quant reads (``source`` names it)."""
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{source} uses GRACE format v{version}, newer than this grace-quant supports (v{FORMAT_VERSION}); "
+            "upgrade with `pip install -U grace-quant`."
+        )
 
 
 class GraceConfig(QuantizationConfigMixin):
@@ -68,13 +78,15 @@ class GraceConfig(QuantizationConfigMixin):
         """Validate every field with an error that says what to change."""
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"GraceConfig: bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
-        per_word = codes_per_word(self.bits)
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
-            raise ValueError(f"GraceConfig: group_size must be a positive integer, got {self.group_size!r}.")
-        if self.group_size % per_word:
-            raise ValueError(
-                f"GraceConfig: group_size={self.group_size} must be a multiple of {per_word} for {self.bits}-bit "
-                f"packing (e.g. 32, 64 or 128)."
+        if (problem := group_size_problem(self.group_size, self.bits)) is not None:
+            raise ValueError(f"GraceConfig: {problem}.")
+        if self.bits == 4 and self.group_size not in SUPPORTED_GROUPS:
+            warnings.warn(
+                f"GraceConfig(group_size={self.group_size}): the fast INT4 kernels implement group sizes "
+                f"{SUPPORTED_GROUPS}; layers with this group size run the slower dequantize + matmul path on GPUs. "
+                f"Choose one of {SUPPORTED_GROUPS} for fast inference.",
+                UserWarning,
+                stacklevel=3,
             )
         if self.sym is not True:
             raise NotImplementedError(
@@ -88,11 +100,7 @@ class GraceConfig(QuantizationConfigMixin):
             raise ValueError(f"GraceConfig: fuse_projections must be True or False, got {self.fuse_projections!r}.")
         if not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(f"GraceConfig: format_version must be a positive integer, got {self.format_version!r}.")
-        if self.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"This checkpoint uses GRACE format v{self.format_version}, newer than this grace-quant supports "
-                f"(v{FORMAT_VERSION}); upgrade with `pip install -U grace-quant`."
-            )
+        check_format_version(self.format_version, "This checkpoint")
         if self.modules_to_not_convert is not None and not all(
             isinstance(name, str) for name in self.modules_to_not_convert
         ):

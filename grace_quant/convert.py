@@ -1,13 +1,13 @@
-"""Post-load conversions between full precision, QAT and packed layers, for models already in memory."""
+"""Post-load conversions between QAT and packed layers, for models already in memory (``quantize_model``, which
+starts from full precision and gives the model its ``hf_quantizer``, lives beside the quantizer)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from grace_quant.config import GraceConfig
 from grace_quant.fusion import fuse_projections, unfuse_projections
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
-from grace_quant.surgery import grace_layers, resolve_layers, set_submodule
+from grace_quant.surgery import grace_layers, set_submodule
 
 
 def _set_layer_kind(model: nn.Module, kind: str | None) -> None:
@@ -46,32 +46,4 @@ def convert_to_packed(model: nn.Module, backend: str | None = None, fuse: bool |
     _set_layer_kind(model, "packed")
     if getattr(config, "fuse_projections", True) if fuse is None else fuse:
         fuse_projections(model)
-    return model
-
-
-def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Module:
-    """Quantize a full-precision transformers model already in memory, in place, as ``from_pretrained`` would.
-
-    ``config.mode="qat"`` gives trainable QAT layers, ``"packed"`` packed layers. The model then saves with
-    ``save_pretrained`` like a model loaded with ``quantization_config=config``.
-    """
-    from grace_quant.integrations.quantizer import GraceHfQuantizer
-
-    config = config or GraceConfig()
-    if getattr(model, "hf_quantizer", None) is not None or any(True for _ in grace_layers(model)):
-        raise ValueError("quantize_model: the model is already quantized.")
-    names = resolve_layers(model, config)
-    for name in names:
-        set_submodule(
-            model,
-            name,
-            GraceQATLinear.from_linear(model.get_submodule(name), group_size=config.group_size, bits=config.bits),
-        )
-    quantizer = GraceHfQuantizer(config, pre_quantized=False)
-    model.hf_quantizer = quantizer
-    model.config.quantization_config = config
-    model.is_quantized = True
-    model.quantization_method = config.quant_method
-    if config.mode == "packed":
-        convert_to_packed(model, config.backend)
     return model

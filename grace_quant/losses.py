@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from grace_quant.kernels import kernels_can_run
+from grace_quant.labels import supervised_rows
 
-IGNORE_INDEX = -100
 MIN_CKA_TOKENS = 4
 # A centred Gram whose Frobenius norm is below this fraction of n (its largest possible value) is degenerate.
 DEGENERATE_GRAM_RTOL = 1e-4
@@ -271,13 +271,6 @@ def _fused_forward(
     return grad, stats
 
 
-def _supervised_rows(labels: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal shift: flat row ``b*L + t`` of the logits predicts ``labels[b, t+1]``; keep labels != -100."""
-    shifted = labels[:, 1:]
-    b, t = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-    return b * seq_len + t, shifted[b, t]
-
-
 def gated_dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -308,7 +301,7 @@ def gated_dkd_loss(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
-    rows, target = _supervised_rows(labels.to(student_logits.device), seq_len)
+    rows, target = supervised_rows(labels.to(student_logits.device))
     num_tokens = rows.numel()
     if num_tokens == 0:
         # an empty sum: exactly 0, finite, and still part of the student's graph
@@ -434,3 +427,23 @@ def llava_tokens_per_image(
 def qwen2vl_tokens_per_image(image_grid_thw: torch.Tensor, spatial_merge_size: int = 2) -> list[int]:
     """Visual tokens of each image in Qwen2-VL: ``t * h * w // merge^2`` per row of ``image_grid_thw``."""
     return (image_grid_thw.long().prod(dim=-1) // spatial_merge_size**2).tolist()
+
+
+def image_token_id(config) -> int | None:
+    """The image placeholder token of a VLM config: ``image_token_id`` (Qwen2-VL, newer LLaVA configs) or the older
+    ``image_token_index`` (LLaVA-1.5); None for a model without one."""
+    token = getattr(config, "image_token_id", None)
+    return token if token is not None else getattr(config, "image_token_index", None)
+
+
+def visual_tokens(config, inputs: dict) -> tuple[torch.Tensor | None, list[int]]:
+    """Image-token mask ``[B, L]`` and the visual-token count of each image, row-major, of a batch for a model with
+    ``config`` (LLaVA: image tokens split per sample; Qwen2-VL: from ``image_grid_thw``). ``(None, [])`` without
+    images."""
+    token = image_token_id(config)
+    if token is None or inputs.get("pixel_values") is None:
+        return None, []
+    mask = inputs["input_ids"] == token
+    if inputs.get("image_grid_thw") is not None:
+        return mask, qwen2vl_tokens_per_image(inputs["image_grid_thw"], config.vision_config.spatial_merge_size)
+    return mask, llava_tokens_per_image(inputs["input_ids"], token)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grace_quant.kernels import codes_per_word, dequantize, pack, quant_linear, unpack
-from grace_quant.quant import fake_quantize, mse_scales, quantize_codes, scale_from_log
+from grace_quant.kernels import codes_per_word, dequantize, group_size_problem, quant_linear, unpack
+from grace_quant.quant import fake_quantize, mse_scales, pack_weight
 
 
 class _GraceLinearBase(nn.Module):
@@ -21,8 +21,8 @@ class _GraceLinearBase(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bits: int):
         super().__init__()
-        if in_features % group_size:
-            raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+        if (problem := group_size_problem(group_size, bits, in_features)) is not None:
+            raise ValueError(problem)
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
@@ -83,12 +83,9 @@ class GraceQATLinear(_GraceLinearBase):
         weight = self.quantized_weight(_matmul_dtype(x))
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
-    @torch.no_grad()
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """``{"weight": packed codes, "scales": scales}`` whose dequantization equals ``quantized_weight()``."""
-        scales = scale_from_log(self.log_scale, self.weight.dtype)
-        codes = quantize_codes(self.weight, scales, self.group_size, self.bits)
-        return {"weight": pack(codes, self.bits), "scales": scales}
+        return pack_weight(self.weight, self.log_scale, self.group_size, self.bits)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -121,8 +118,6 @@ class GraceQuantLinear(_GraceLinearBase):
         dtype: torch.dtype | None = None,
     ):
         super().__init__(in_features, out_features, group_size, bits)
-        if in_features % codes_per_word(bits):
-            raise ValueError(f"in_features={in_features} must be a multiple of {codes_per_word(bits)} to pack")
         self.backend = backend
         words = in_features // codes_per_word(bits)
         self.register_buffer("weight", torch.zeros(out_features, words, device=device, dtype=torch.int32))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from grace_quant.kernels import code_range, dequantize_codes, kernels_can_run
+from grace_quant.kernels import code_range, dequantize_codes, group_size_problem, kernels_can_run, pack
 
 MSE_GRID_POINTS = 20
 FUSED_FAKE_QUANT_ENV = "GRACE_FUSED_FAKE_QUANT"
@@ -25,8 +25,8 @@ MSE_GRID_RANGE = (0.3, 1.2)
 def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """View ``[out, in]`` as ``[out, in / group_size, group_size]`` (groups of consecutive input features)."""
     out_features, in_features = weight.shape
-    if in_features % group_size:
-        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+    if (problem := group_size_problem(group_size, in_features=in_features)) is not None:
+        raise ValueError(problem)
     return weight.reshape(out_features, in_features // group_size, group_size)
 
 
@@ -51,6 +51,14 @@ def _codes_from_ratio(ratio: torch.Tensor, bits: int) -> torch.Tensor:
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     """Integer codes ``q = clamp(round(w / s), -Qn, Qp)`` as int8 ``[out, in]``; the ratio is taken in fp32."""
     return _codes_from_ratio(_ratio(weight, scales, group_size), bits).reshape(weight.shape).to(torch.int8)
+
+
+@torch.no_grad()
+def pack_weight(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, bits: int) -> dict[str, torch.Tensor]:
+    """``{"weight": packed words, "scales": s}`` of ``weight`` quantized with ``s = exp(log_scale)`` in its dtype: what
+    a QAT layer exports and what packing on load writes (its dequantization equals :func:`fake_quantize`'s output)."""
+    scales = scale_from_log(log_scale, weight.dtype)
+    return {"weight": pack(quantize_codes(weight, scales, group_size, bits), bits), "scales": scales}
 
 
 def fake_quantize(
@@ -124,8 +132,8 @@ class _FakeQuantize(torch.autograd.Function):
         bits: int,
         out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        if weight.shape[-1] % group_size:  # the check grouped() makes, without reshaping on the fused path
-            raise ValueError(f"group_size={group_size} does not divide in_features={weight.shape[-1]}")
+        if (problem := group_size_problem(group_size, in_features=weight.shape[-1])) is not None:
+            raise ValueError(problem)  # the check grouped() makes, without reshaping on the fused path
         ctx.group_size, ctx.bits = group_size, bits
         kernels = _fused_fake_quant_kernels(weight, log_scale, group_size)
         ctx.fused = kernels is not None

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from torch import nn
 
 from grace_quant.config import GraceConfig
+from grace_quant.kernels import SUPPORTED_GROUPS, group_size_problem
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
 
 GRACE_LAYERS = (GraceQATLinear, GraceQuantLinear)
@@ -68,12 +69,11 @@ def check_group_size(model: nn.Module, names: list[str], group_size: int) -> Non
     """Refuse, naming the layer, when ``group_size`` does not divide a selected layer's ``in_features``."""
     for name in names:
         in_features = model.get_submodule(name).in_features
-        if in_features % group_size:
-            divisors = [g for g in (32, 64, 128) if in_features % g == 0]
+        if (problem := group_size_problem(group_size, in_features=in_features)) is not None:
+            divisors = [g for g in SUPPORTED_GROUPS if in_features % g == 0]
             hint = f"a group_size that divides it (e.g. {divisors[-1]})" if divisors else "another group_size"
             raise ValueError(
-                f"GraceConfig(group_size={group_size}) does not divide in_features={in_features} of layer "
-                f"'{name}'. Choose {hint}, or add '{name}' to modules_to_not_convert."
+                f"GraceConfig: {problem} of layer '{name}'. Choose {hint}, or add '{name}' to modules_to_not_convert."
             )
 
 

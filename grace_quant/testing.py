@@ -19,6 +19,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from grace_quant.labels import IGNORE_INDEX
+from grace_quant.losses import image_token_id
+
 TINY_MODELS = ("llava", "llava-untied", "qwen2-vl", "qwen2.5-vl")
 VOCAB = 320
 
@@ -83,14 +86,13 @@ def tiny_inputs(model: PreTrainedModel, batch: int = 2, text_tokens: int = 6, se
     generator = torch.Generator().manual_seed(seed)
     config = model.config
     dtype = model.dtype
+    image_token = image_token_id(config)
     if config.model_type == "llava":
-        image_token = config.image_token_index
         vision = config.vision_config
         image_tokens = (vision.image_size // vision.patch_size) ** 2
         pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator).to(dtype)
         extra = {"pixel_values": pixel_values}
     else:
-        image_token = config.image_token_id
         vision = config.vision_config
         grid = (1, 4, 4)  # t, h, w in patches -> h*w/merge^2 = 4 tokens per image
         image_tokens = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
@@ -100,7 +102,7 @@ def tiny_inputs(model: PreTrainedModel, batch: int = 2, text_tokens: int = 6, se
     text = torch.randint(0, VOCAB - 8, (batch, text_tokens), generator=generator)
     input_ids = torch.cat([text[:, :1], torch.full((batch, image_tokens), image_token), text[:, 1:]], dim=1)
     labels = input_ids.clone()
-    labels[:, : 1 + image_tokens] = -100
+    labels[:, : 1 + image_tokens] = IGNORE_INDEX
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, **extra}
     if config.model_type != "llava":
         inputs["mm_token_type_ids"] = (input_ids == image_token).long()
@@ -114,10 +116,7 @@ def tiny_dataset(model: PreTrainedModel, size: int = 8, seed: int = 0, with_imag
         batch = tiny_inputs(model, batch=1, seed=seed * 100_003 + index)
         example = {k: (v if k in ("pixel_values", "image_grid_thw") else v[0]) for k, v in batch.items()}
         if not with_images:
-            image = (
-                model.config.image_token_index if model.config.model_type == "llava" else model.config.image_token_id
-            )
-            keep = example["input_ids"] != image
+            keep = example["input_ids"] != image_token_id(model.config)
             example = {k: example[k][keep] for k in ("input_ids", "attention_mask", "labels")}
         examples.append(example)
     return examples

@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 import torch
 
-# Run as a script, sys.path[0] is tests/; the checkout root must win over any installed copy of the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model  # noqa: E402
-from grace_quant.testing import collate, tiny_dataset, tiny_model  # noqa: E402
+from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+from grace_quant.testing import collate, tiny_dataset, tiny_model
 
 # Decoder layer classes FSDP2 shards one by one (each becomes one all-gather unit).
 DECODER_LAYERS = {"llava": "LlamaDecoderLayer", "qwen2-vl": "Qwen2VLDecoderLayer"}

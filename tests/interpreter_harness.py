@@ -13,18 +13,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def import_kernels(module: str) -> ModuleType:
-    """The repo's ``kernels`` package from a checkout (when it has ``module``), else ``grace_quant.kernels``."""
-    if (ROOT / "kernels" / f"{module}.py").exists():
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        return importlib.import_module("kernels")
-    return importlib.import_module("grace_quant.kernels")
 
 
 def emit(case_id: str, result: dict) -> None:

@@ -130,10 +130,10 @@ def test_tune_without_a_gpu_says_where_to_run_it(folders, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tune_fills_this_gpus_table_once(folders, tmp_path, monkeypatch, capsys):
-    from grace_quant.kernels import autotune
+    from grace_quant.kernels import tables
 
-    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "cache"))
-    autotune.reset()
+    monkeypatch.setenv(tables.CACHE_ENV, str(tmp_path / "cache"))
+    tables.reset()
     assert main(["tune", folders["fp"]]) == EXIT_USER_ERROR  # nothing to tune in a full-precision folder
     assert "no packed INT4 layers" in capsys.readouterr().err
     assert main(["tune", folders["int4"]]) == 0
@@ -141,7 +141,7 @@ def test_tune_fills_this_gpus_table_once(folders, tmp_path, monkeypatch, capsys)
     table = json.loads(next((tmp_path / "cache" / "kernels").glob("*.json")).read_text())
     assert table["configs"] and str(len(table["configs"])) in first
     assert main(["tune", folders["int4"]]) == 0 and capsys.readouterr().out.startswith("0 new kernel configurations")
-    autotune.reset()
+    tables.reset()
 
 
 def test_usage_errors_exit_2(capsys):

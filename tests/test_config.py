@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from grace_quant.integrations import GraceHfQuantizer, register
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -12,6 +11,7 @@ from transformers.quantizers.auto import (
 
 import grace_quant
 from grace_quant import GraceConfig
+from grace_quant.integrations import GraceHfQuantizer, register
 
 
 def test_defaults_follow_the_method():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interpreter_harness import import_kernels, result_for, run_interpreted, run_jobs
+from interpreter_harness import result_for, run_interpreted, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 # relative L2 error of the gradient: fp32 maths, rounded once to the gradient's dtype (the interpreter
@@ -194,8 +194,8 @@ def _run_loss_case(case) -> dict:
 def _main() -> None:
     """Subprocess entry: run every case under the interpreter and print one JSON line per result."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    kmod = import_kernels("triton_dkd")
-    td = importlib.import_module(kmod.__name__ + ".triton_dkd")
+    from grace_quant.kernels import triton_dkd as td
+
     assert td.INTERPRET
     jobs = [(case[0], lambda case=case: _run_kernel_case(td, case)) for case in KERNEL_CASES]
     jobs += [("nan-teacher-row", lambda: _run_nan_case(td))]
@@ -299,7 +299,8 @@ def test_fused_matches_torch_path_on_cuda_at_qwen_vocab(monkeypatch, gate):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rows_kernel_replays_in_a_cuda_graph():
     """No host syncs: the launch captures into a CUDA graph and replays on new inputs."""
-    td = importlib.import_module(import_kernels("triton_dkd").__name__ + ".triton_dkd")
+    from grace_quant.kernels import triton_dkd as td
+
     vocab = 32000
     s = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16)
     t = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16)

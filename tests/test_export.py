@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from grace_quant.integrations.awq import export_awq, import_awq
-from grace_quant.integrations.checkpoint_files import CheckpointError
-from grace_quant.integrations.export_compressed_tensors import export_compressed_tensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from grace_quant import AutoModelForVision2Seq, GraceConfig
+from grace_quant.integrations.awq import export_awq, import_awq
+from grace_quant.integrations.checkpoint_files import CheckpointError
+from grace_quant.integrations.export_compressed_tensors import export_compressed_tensors
 from grace_quant.surgery import grace_layers
 from grace_quant.testing import tiny_inputs
 
@@ -253,8 +253,9 @@ def test_exports_refuse_8_bit_and_non_grace_checkpoints(fp_checkpoint, tmp_path)
 # --------------------------------------------------------------------------------------------------- optimum
 @pytest.mark.skipif(not HAS_OPTIMUM, reason="optimum is not installed (pip install 'grace-quant[optimum]')")
 def test_optimum_quantizer_writes_the_same_checkpoint_as_from_pretrained(fp_checkpoint, grace, tmp_path):
-    from grace_quant.integrations.optimum import GraceOptimumQuantizer
     from optimum.quantization_base import OptimumQuantizer
+
+    from grace_quant.integrations.optimum import GraceOptimumQuantizer
 
     quantizer = GraceOptimumQuantizer.from_pretrained(fp_checkpoint("qwen2-vl"))
     assert isinstance(quantizer, OptimumQuantizer)

@@ -54,7 +54,6 @@ CASES = [
 def _inputs(case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(weight, log_scale, upstream)``: random weights with outliers and optional exact ties ``w = (k + .5) s``."""
     from grace_quant.kernels import code_range
-
     from grace_quant.quant import mse_scales, scale_from_log
 
     name, dtype_name, bits, group, out_f, in_f, out_dtype, _, special = case
@@ -94,9 +93,8 @@ def _inputs(case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _run_fake_quant(w, log_scale, upstream, group, bits, out_dtype, fused: bool):
     """``fake_quantize`` forward and backward on the fused (counted launches) or the torch path."""
-    from grace_quant.kernels import triton_fake_quant as tfq
-
     from grace_quant import quant
+    from grace_quant.kernels import triton_fake_quant as tfq
 
     calls = {"forward": 0, "backward": 0}
     originals = (quant._fused_fake_quant_kernels, tfq.fake_quant_forward, tfq.fake_quant_backward)
@@ -130,7 +128,6 @@ def _grad_err(got: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> 
 
 def _run_case(case) -> dict:
     from grace_quant.kernels import code_range, dequantize, pack
-
     from grace_quant.quant import quantize_codes, scale_from_log
 
     name, dtype_name, bits, group, out_f, in_f, out_dtype_name, block_elements, _ = case
@@ -230,9 +227,8 @@ def _run_module_case() -> dict:
 
 def _run_support_case() -> dict:
     """Inputs the kernels decline run the torch path (fp64 stays fp64)."""
-    from grace_quant.kernels import triton_fake_quant as tfq
-
     from grace_quant import quant
+    from grace_quant.kernels import triton_fake_quant as tfq
 
     w = torch.randn(4, 64)
     w64 = torch.randn(8, 64, dtype=torch.float64)
@@ -345,7 +341,6 @@ GPU_CASES = [
 
 def _cuda_inputs(dtype: torch.dtype, bits: int, out_dtype, seed: int):
     from grace_quant.kernels import code_range
-
     from grace_quant.quant import mse_scales, scale_from_log
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -371,7 +366,6 @@ def _cuda_inputs(dtype: torch.dtype, bits: int, out_dtype, seed: int):
 @pytest.mark.parametrize("dtype_name,bits,out_dtype_name", GPU_CASES)
 def test_fused_matches_torch_path_on_cuda(dtype_name, bits, out_dtype_name):
     from grace_quant.kernels import code_range, dequantize, pack
-
     from grace_quant.quant import quantize_codes, scale_from_log
 
     dtype = DTYPES[dtype_name]

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from grace_quant.kernels import code_range
 from torch import nn
 
 import grace_quant
 from grace_quant import AutoModelForVision2Seq, GraceConfig, GraceQATLinear, GraceQuantLinear
 from grace_quant.checkpoint import saving_qat_master
+from grace_quant.kernels import code_range
 from grace_quant.surgery import grace_layers
 from grace_quant.testing import TINY_MODELS, tiny_inputs
 

@@ -26,9 +26,9 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 import yaml
-from grace_quant.integrations.hub import GraceHubError, grace_model_card, push_to_hub
 
 from grace_quant import AutoModelForVision2Seq, GraceConfig
+from grace_quant.integrations.hub import GraceHubError, grace_model_card, push_to_hub
 from grace_quant.testing import tiny_inputs
 
 TOKEN = "hf_fake_token_for_tests_0123456789"

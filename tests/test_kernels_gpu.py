@@ -7,7 +7,6 @@ drawn for every case, so unwritten elements or wrong indexing cannot pass.
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
 
 
-def import_kernels():
-    """The repo's ``kernels`` package from a checkout, else the installed ``grace_quant.kernels``."""
-    if (ROOT / "kernels" / "triton_w4a16.py").exists():
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        return importlib.import_module("kernels")
-    return importlib.import_module("grace_quant.kernels")
-
-
-KM = import_kernels()
-TW = importlib.import_module(KM.__name__ + ".triton_w4a16")
+KM = importlib.import_module("grace_quant.kernels")
+TW = importlib.import_module("grace_quant.kernels.triton_w4a16")
 
 
 def make(n: int, k: int, group: int, dtype: torch.dtype, bias: bool):

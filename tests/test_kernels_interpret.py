@@ -7,13 +7,12 @@ this file as a script; the tests read its per-case results. The custom op's CPU 
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from interpreter_harness import import_kernels, run_interpreted, run_jobs
+from interpreter_harness import run_interpreted, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {"float16": 1e-3, "bfloat16": 5e-3}
@@ -98,8 +97,9 @@ def _run_dequant(kmod, tw) -> dict:
 
 def _run_tuned(kmod, tw) -> dict:
     """Dispatch with configurations filed in the tuning table (not the heuristic's): same results."""
-    autotune = importlib.import_module(kmod.__name__ + ".autotune")
-    table = autotune.table(autotune.INTERPRETER_DEVICE)
+    from grace_quant.kernels import dispatch, tables
+
+    table = tables.table(tables.INTERPRETER_DEVICE)
     configs = {
         1: {"block_n": 4, "step_k": 256, "num_warps": 2, "target_programs_per_sm": 4},  # split-K GEMV
         5: {"block_n": 32, "num_warps": 4, "num_stages": 2, "target_programs_per_sm": 2},
@@ -113,11 +113,11 @@ def _run_tuned(kmod, tw) -> dict:
     try:
         for m, config in configs.items():
             n, k, group, dtype = 72, 384, 64, torch.float16
-            table.put(autotune.key_for(m, n, k, group, dtype), config)
+            table.put(dispatch.key_for(m, n, k, group, dtype), config)
             packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
             scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(dtype)
             x = torch.randn(m, k).to(dtype)
-            used = autotune.config_for(x, n, group) == config
+            used = dispatch.config_for(x, n, group) == config
             calls.clear()
             y = tw.w4a16_linear(x, packed, scales, None, group)
             ref = _reference_fp64(kmod, x, packed, scales, None, group)
@@ -131,8 +131,9 @@ def _run_tuned(kmod, tw) -> dict:
 def _main() -> None:
     """Subprocess entry: run every case under the interpreter and print one JSON line per result."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    kmod = import_kernels("triton_w4a16")
-    tw = importlib.import_module(kmod.__name__ + ".triton_w4a16")
+    import grace_quant.kernels as kmod
+    from grace_quant.kernels import triton_w4a16 as tw
+
     assert tw.INTERPRET
     torch.manual_seed(1234)
     jobs = [(case[0], lambda case=case: _run_case(kmod, tw, case)) for case in CASES]
@@ -171,7 +172,8 @@ def test_dequantize_kernel_matches_torch_dequantize(interpreted):
 
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_custom_op_opcheck_cpu(has_bias):
-    kmod = import_kernels("triton_w4a16")
+    import grace_quant.kernels as kmod
+
     torch.manual_seed(0)
     packed = kmod.pack(torch.randint(-8, 8, (48, 256), dtype=torch.int8), 4)
     scales = (torch.rand(48, 2) * 0.05).to(torch.bfloat16)
@@ -184,7 +186,8 @@ def test_custom_op_opcheck_cpu(has_bias):
 
 
 def test_quant_linear_backends_on_cpu():
-    kmod = import_kernels("triton_w4a16")
+    import grace_quant.kernels as kmod
+
     packed = kmod.pack(torch.randint(-8, 8, (16, 128), dtype=torch.int8), 4)
     scales = torch.rand(16, 4) * 0.05
     x = torch.randn(3, 128)
@@ -205,6 +208,7 @@ if __name__ == "__main__":
 def test_custom_op_backward_matches_the_reference_autograd():
     """Gradients through the op (e.g. LoRA on a packed model) equal autograd through dequantize + matmul."""
     import torch
+
     from grace_quant.kernels import pack, quant_linear_reference, w4a16_linear_op
 
     generator = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from grace_quant.kernels import code_range, pack, unpack
 
 

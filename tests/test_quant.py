@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 import torch
-from grace_quant.kernels import code_range, dequantize, pack
 
+from grace_quant.kernels import code_range, dequantize, pack
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
 from grace_quant.quant import fake_quantize, mse_scales, quantize_codes, scale_from_log
 

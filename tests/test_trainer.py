@@ -199,8 +199,9 @@ def test_clear_errors(tmp_path):
 
 
 def test_mixin_brings_grace_to_another_trainer_subclass(tmp_path):
-    from grace_quant.integrations.trainer import GraceTrainerMixin
     from transformers import Trainer
+
+    from grace_quant.integrations.trainer import GraceTrainerMixin
 
     class CountingTrainer(Trainer):  # stands in for a third-party Trainer such as TRL's SFTTrainer
         calls = 0

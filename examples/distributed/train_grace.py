@@ -41,6 +41,8 @@ from torch.utils.data import Dataset
 import grace_quant
 from grace_quant import AutoModelForVision2Seq, GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
 from grace_quant.collate import pad_tokens
+from grace_quant.labels import IGNORE_INDEX
+from grace_quant.losses import image_token_id
 from grace_quant.surgery import grace_layers
 
 
@@ -107,7 +109,7 @@ class JsonlVQA(Dataset):
         prompt_ids = encoded["input_ids"][0]
         answer = torch.tensor(answer[: max(1, self.max_length - len(prompt_ids))])
         ids = torch.cat([prompt_ids, answer])
-        labels = torch.cat([torch.full_like(prompt_ids, -100), answer])
+        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer])
         example = {"input_ids": ids, "labels": labels, "pixel_values": encoded["pixel_values"]}
         if "image_grid_thw" in encoded:  # Qwen2-VL: patches [n, d] and their grid
             example["image_grid_thw"] = encoded["image_grid_thw"]
@@ -117,7 +119,7 @@ class JsonlVQA(Dataset):
 
 
 class PadCollator:
-    """Right-pads tokens (pad id, label -100); stacks LLaVA images, concatenates Qwen2-VL patches and grids."""
+    """Right-pads tokens (pad id, label ``IGNORE_INDEX``); stacks LLaVA images, concatenates Qwen2-VL patches and grids."""
 
     def __init__(self, pad_token_id: int, image_token_id: int, qwen: bool):
         self.pad, self.image_token, self.qwen = pad_token_id, image_token_id, qwen
@@ -217,8 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir = args.output_dir or os.path.join(tempfile.gettempdir(), "grace_dry_run")  # same on every rank
     else:
         student, teacher, processor = load_pair(args)
-        image_token = getattr(student.config, "image_token_id", None)
-        image_token = image_token if image_token is not None else student.config.image_token_index
+        image_token = image_token_id(student.config)
         qwen = student.config.model_type.startswith("qwen")
         dataset = JsonlVQA(args.data, processor, args.image_root, args.max_length)
         collator = PadCollator(processor.tokenizer.pad_token_id, image_token, qwen)

@@ -12,6 +12,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from grace_quant.collate import pad_tokens
 from grace_quant.integrations.training_args import GraceTrainingArguments
+from grace_quant.labels import IGNORE_INDEX
 
 from .models import VISUAL_TOKENS, prompt
 
@@ -28,7 +29,7 @@ def encode(dataset, processor) -> list[dict[str, torch.Tensor]]:
         answer_ids = tokenizer(" " + answers[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = torch.tensor(prompt_ids + answer_ids)
         labels = ids.clone()
-        labels[: len(prompt_ids)] = -100
+        labels[: len(prompt_ids)] = IGNORE_INDEX
         examples.append({"input_ids": ids, "labels": labels, "pixel_values": pixel_values[i]})
     return examples
 
@@ -47,7 +48,7 @@ def quiet(trainer: Trainer) -> Trainer:
 
 
 class Collator:
-    """Right-pads token sequences (pad id / label -100) and stacks images."""
+    """Right-pads token sequences (pad id / label ``IGNORE_INDEX``) and stacks images."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id

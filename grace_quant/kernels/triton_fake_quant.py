@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .packing import code_range
+from .packing import code_range, group_size_problem
 from .runtime import interpreting
 
 INTERPRET = interpreting()
@@ -157,9 +157,9 @@ def supports(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int | No
     if group_size is None:
         group_size = in_features // log_scale.shape[1]
     return (
-        0 < group_size <= MAX_GROUP
+        group_size_problem(group_size, in_features=in_features) is None
+        and group_size <= MAX_GROUP
         and group_size % 8 == 0
-        and in_features % group_size == 0
         and log_scale.shape[1] == in_features // group_size
     )
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from grace_quant.kernels import code_range, pack, unpack
 
 from grace_quant.checkpoint import PACKED, metadata_for
 from grace_quant.config import GraceConfig
+from grace_quant.kernels import code_range, pack, unpack
 
 from .checkpoint_files import (
     CheckpointError,

@@ -1,6 +1,10 @@
-"""Hugging Face glue for GRACE: the quantizer registration (this module) and, beside it, the Trainer."""
+"""Hugging Face glue for GRACE: the quantizer and its registration (importing this package registers it), the
+Trainer, the Hub, the checkpoint formats of other tools, optimum."""
 
 from __future__ import annotations
+
+from transformers import AutoModelForImageTextToText
+from transformers.quantizers import auto
 
 from grace_quant.config import GraceConfig
 
@@ -8,11 +12,13 @@ from .quantizer import GraceHfQuantizer
 
 METHOD = "grace"
 
+#: ``AutoModelForVision2Seq`` was removed in transformers 5.0; this is its successor,
+#: ``transformers.AutoModelForImageTextToText``, under the old name for code that still uses it.
+AutoModelForVision2Seq = AutoModelForImageTextToText
+
 
 def register() -> None:
     """Register ``quant_method="grace"`` with transformers; safe to call any number of times."""
-    from transformers.quantizers import auto
-
     for mapping, register_fn, cls in (
         (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, auto.register_quantization_config, GraceConfig),
         (auto.AUTO_QUANTIZER_MAPPING, auto.register_quantizer, GraceHfQuantizer),
@@ -29,4 +35,6 @@ def register() -> None:
             mapping[METHOD] = cls  # this module imported again (e.g. importlib.reload): keep the newest class
 
 
-__all__ = ["GraceHfQuantizer", "register"]
+register()
+
+__all__ = ["AutoModelForVision2Seq", "GraceHfQuantizer", "register"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from grace_quant.kernels import pack
+from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
@@ -26,9 +26,10 @@ from grace_quant.checkpoint import (
     save_kind,
 )
 from grace_quant.config import GraceConfig
+from grace_quant.convert import convert_to_packed
 from grace_quant.fusion import fuse_projections, unfuse_projections
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear, log_scale_init
-from grace_quant.quant import quantize_codes, scale_from_log
+from grace_quant.quant import pack_weight
 from grace_quant.surgery import GRACE_LAYERS, grace_layers, replace_with_empty_layers, resolve_layers, set_submodule
 
 
@@ -139,10 +140,35 @@ class GraceQuantizeOp(ConversionOps):
                 result[key] = weight
                 result[prefix + "log_scale"] = log_scale
             else:  # exactly what a fresh QAT layer exports
-                stored = scale_from_log(log_scale, weight.dtype)
-                result[key] = pack(quantize_codes(weight, stored, config.group_size, config.bits), config.bits)
-                result[prefix + "scales"] = stored
+                packed = pack_weight(weight, log_scale, config.group_size, config.bits)
+                result.update({prefix + name: tensor for name, tensor in packed.items()})
         return result
+
+
+def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Module:
+    """Quantize a full-precision transformers model already in memory, in place, as ``from_pretrained`` would.
+
+    ``config.mode="qat"`` gives trainable QAT layers, ``"packed"`` packed layers. The model then saves with
+    ``save_pretrained`` like a model loaded with ``quantization_config=config``.
+    """
+    config = config or GraceConfig()
+    if getattr(model, "hf_quantizer", None) is not None or any(True for _ in grace_layers(model)):
+        raise ValueError("quantize_model: the model is already quantized.")
+    names = resolve_layers(model, config)
+    for name in names:
+        set_submodule(
+            model,
+            name,
+            GraceQATLinear.from_linear(model.get_submodule(name), group_size=config.group_size, bits=config.bits),
+        )
+    quantizer = GraceHfQuantizer(config, pre_quantized=False)
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    if config.mode == "packed":
+        convert_to_packed(model, config.backend)
+    return model
 
 
 def cast_floating_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -161,4 +187,4 @@ def cast_floating_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
             tensor.data = tensor.data.to(dtype)
 
 
-__all__ = ["GraceHfQuantizer", "GraceQuantizeOp", "PACKED", "QAT_MASTER"]
+__all__ = ["GraceHfQuantizer", "GraceQuantizeOp", "PACKED", "QAT_MASTER", "quantize_model"]

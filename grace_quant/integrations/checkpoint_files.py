@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from grace_quant.checkpoint import FORMAT_KEY, KIND_KEY, PACKED, QAT_MASTER
-from grace_quant.config import FORMAT_VERSION
+from grace_quant.checkpoint import QAT_MASTER, file_kind
+from grace_quant.config import FORMAT_VERSION, check_format_version
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -61,20 +61,15 @@ def quantization_config(config: dict[str, Any], method: str, folder: str | os.Pa
 def grace_settings(folder: str | os.PathLike) -> dict[str, Any]:
     """The GRACE ``quantization_config`` of a packed GRACE checkpoint folder (QAT-master ones are refused)."""
     qconfig = quantization_config(read_config(folder), "grace", folder)
-    versions = [qconfig.get("format_version", FORMAT_VERSION)]
-    for path in weight_files(folder):
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if metadata.get(KIND_KEY, PACKED) == QAT_MASTER:
-            raise CheckpointError(
-                f"{folder} is a GRACE training checkpoint (qat-master: full-precision master weights); load it "
-                "with from_pretrained and save_pretrained it to get the packed INT4 checkpoint first"
-            )
-        versions.append(metadata.get(FORMAT_KEY, FORMAT_VERSION))
-    if max(int(v) for v in versions) > FORMAT_VERSION:
+    try:
+        check_format_version(int(qconfig.get("format_version", FORMAT_VERSION)), str(folder))
+        kinds = [file_kind(path) for path in weight_files(folder)]
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if QAT_MASTER in kinds:
         raise CheckpointError(
-            f"{folder} uses GRACE format v{max(int(v) for v in versions)}, newer than this grace-quant supports "
-            f"(v{FORMAT_VERSION}); upgrade with `pip install -U grace-quant`"
+            f"{folder} is a GRACE training checkpoint (qat-master: full-precision master weights); load it "
+            "with from_pretrained and save_pretrained it to get the packed INT4 checkpoint first"
         )
     return qconfig
 

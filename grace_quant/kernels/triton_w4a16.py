@@ -8,8 +8,8 @@ Three paths, chosen from the token count ``M`` alone (no host syncs, CUDA-graph 
 * larger ``M``: a Triton dequantize kernel to the activation dtype, then cuBLAS (the robust fallback), unless this
   GPU's tuned table says the tensor-core kernel won the race for that shape and M bucket.
 
-Launch parameters come from this GPU's tuned table (``kernels.autotune``: per M bucket, N, K, group and dtype,
-filled ahead of time by ``tune_model``) where it has an entry, and from fixed heuristics otherwise; nothing is
+Launch parameters come from this GPU's tuned table (``kernels.dispatch``: per M bucket, N, K, group and dtype,
+filled ahead of time by ``kernels.tuner``) where it has an entry, and from fixed heuristics otherwise; nothing is
 tuned during a call. All kernels read the checkpoint layout directly (``packed`` int32 ``[N, K/8]``, ``scales`` ``[N, K/group]``), so
 no repack is needed. A 4-bit code becomes an exact fp32 in two instructions: the nibble, left in place, is OR'd
 into the mantissa of ``2**23`` and one FMA rescales it and removes the offset (``2**23`` and the ``+8``).
@@ -24,25 +24,21 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import autotune
+from .dispatch import SUPPORTED_GROUPS, config_for, path_for
+from .packing import group_size_problem
 from .runtime import interpreting
 
 INTERPRET = interpreting()
 """Running under Triton's CPU interpreter: dot operands are upcast to fp32 there (bf16 dot is wrong in it)."""
 
-SUPPORTED_GROUPS = (32, 64, 128)
-GEMV_MAX_M = 4  # rows the GEMV kernel accepts
-GEMV_DISPATCH_MAX_M = autotune.GEMV_MAX_M  # rows routed to it (the tensor-core kernel wins from M = 3 on the H200)
-TC_MAX_M = autotune.TC_MAX_M
+GEMV_ROWS = 4
+"""Rows the GEMV kernel accepts (the dispatch routes it ``dispatch.GEMV_MAX_M`` of them)."""
 _SPLIT_MIN_WEIGHTS = 1 << 22  # below ~4M weights the split-K memset and atomics cost more than they hide
 _MAGIC = 0x4B000000  # bit pattern of 2**23: a 4-bit field OR'd into its mantissa reads back as 2**23 + field
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 __all__ = [
-    "GEMV_DISPATCH_MAX_M",
-    "GEMV_MAX_M",
-    "SUPPORTED_GROUPS",
-    "TC_MAX_M",
+    "GEMV_ROWS",
     "dequantize_w4",
     "gemv_w4a16",
     "linear_unchecked",
@@ -346,7 +342,7 @@ def supports(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_
         return False
     n, kw = packed.shape
     k = x.shape[-1]
-    return kw * 8 == k and k % group_size == 0 and tuple(scales.shape) == (n, k // group_size)
+    return kw * 8 == k and group_size_problem(group_size, 4, k) is None and tuple(scales.shape) == (n, k // group_size)
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
@@ -392,8 +388,8 @@ def gemv_w4a16(
     1024 K for a single row with K >= 4096 (more bytes in flight; H200 sweep), else 512.
     """
     m, k = x2.shape
-    if not 1 <= m <= GEMV_MAX_M:
-        raise ValueError(f"gemv_w4a16 takes 1..{GEMV_MAX_M} rows, got {m}")
+    if not 1 <= m <= GEMV_ROWS:
+        raise ValueError(f"gemv_w4a16 takes 1..{GEMV_ROWS} rows, got {m}")
     n = packed.shape[0]
     kg = k // group_size
     if step_k is None:
@@ -474,7 +470,7 @@ def linear_with_config(
     path: str,
     config: dict[str, int] | None,
 ) -> torch.Tensor:
-    """``x2 @ W^T (+ bias)`` on ``path`` (``gemv``, ``tc`` or ``large``; see ``kernels.autotune``) with a tuned
+    """``x2 @ W^T (+ bias)`` on ``path`` (``gemv``, ``tc`` or ``large``; see ``kernels.dispatch``) with a tuned
     ``config`` from the table, or the built-in heuristic when ``config`` is None (``large``: dequantize + cuBLAS)."""
     if path == "gemv":
         overrides = {}
@@ -541,6 +537,5 @@ def linear_unchecked(
     if m == 0:
         y = x2.new_empty((0, n))
     else:
-        path = autotune.path_for(m)
-        y = linear_with_config(x2, packed, scales, bias, group_size, path, autotune.config_for(x2, n, group_size))
+        y = linear_with_config(x2, packed, scales, bias, group_size, path_for(m), config_for(x2, n, group_size))
     return y.reshape(*x.shape[:-1], n)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .custom_op import cuda_linear, w4a16_linear_op
-from .packing import SUPPORTED_BITS, code_range, codes_per_word, pack, unpack
+from .dispatch import SUPPORTED_GROUPS
+from .packing import SUPPORTED_BITS, code_range, codes_per_word, group_size_problem, pack, unpack
 from .reference import dequantize, dequantize_codes, quant_linear_reference
 from .runtime import interpreting, kernels_can_run
 
@@ -19,10 +20,12 @@ BACKENDS = ("auto", "torch", "triton")
 __all__ = [
     "BACKENDS",
     "SUPPORTED_BITS",
+    "SUPPORTED_GROUPS",
     "code_range",
     "codes_per_word",
     "dequantize",
     "dequantize_codes",
+    "group_size_problem",
     "interpreting",
     "kernels_can_run",
     "pack",
@@ -95,7 +98,7 @@ def _quant_linear_triton(
         raise ValueError(
             f'backend="triton" cannot run x {tuple(x.shape)} {x.dtype} on {x.device} with packed '
             f"{tuple(packed.shape)} on {packed.device}, scales {tuple(scales.shape)} {scales.dtype}, group_size "
-            f"{group_size}: needs fp16/bf16 activations, group_size in {triton_w4a16.SUPPORTED_GROUPS}, "
+            f"{group_size}: needs fp16/bf16 activations, group_size in {SUPPORTED_GROUPS}, "
             "all tensors on one device"
         )
     if x.is_cuda:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from grace_quant.kernels import codes_per_word
 
 from .checkpoint_files import (

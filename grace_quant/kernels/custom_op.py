@@ -64,13 +64,5 @@ def _backward(ctx, grad: torch.Tensor):
     return grad_x, None, None, grad_bias, None
 
 
-def _lookup():
-    """The op if some import of this module (``kernels`` or ``grace_quant.kernels``) already defined it."""
-    try:
-        return torch.ops.grace_quant.w4a16_linear
-    except (AttributeError, RuntimeError):
-        return None
-
-
-w4a16_linear_op = _lookup() or _define()
+w4a16_linear_op = _define()
 """The registered op packet; call as ``w4a16_linear_op(x, packed, scales, bias, group_size)``."""

@@ -21,15 +21,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from grace_quant.checkpoint import KIND_KEY, QAT_MASTER, saving_qat_master
+from grace_quant.checkpoint import QAT_MASTER, file_kind, saving_qat_master
 from grace_quant.controller import FixedBeta, LagrangianController
-from grace_quant.losses import (
-    gated_dkd_loss,
-    kd_loss,
-    llava_tokens_per_image,
-    qwen2vl_tokens_per_image,
-    relational_cka_loss,
-)
+from grace_quant.labels import IGNORE_INDEX, next_token_mask
+from grace_quant.losses import gated_dkd_loss, kd_loss, relational_cka_loss, visual_tokens
 
 from .training_args import GraceTrainingArguments
 
@@ -42,32 +37,11 @@ def text_vocab_size(model: nn.Module) -> int:
     return model.config.get_text_config(decoder=True).vocab_size
 
 
-def image_token_id(config) -> int | None:
-    return (
-        getattr(config, "image_token_id", None)
-        if getattr(config, "image_token_id", None) is not None
-        else getattr(config, "image_token_index", None)
-    )
-
-
-def tokens_per_image(model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor | None, list[int]]:
-    """Image-token mask ``[B, L]`` and the visual-token count of each image, row-major (LLaVA or Qwen2-VL)."""
-    token = image_token_id(model.config)
-    if token is None or "pixel_values" not in inputs or inputs.get("pixel_values") is None:
-        return None, []
-    mask = inputs["input_ids"] == token
-    if inputs.get("image_grid_thw") is not None:
-        merge = model.config.vision_config.spatial_merge_size
-        return mask, qwen2vl_tokens_per_image(inputs["image_grid_thw"], merge)
-    return mask, llava_tokens_per_image(inputs["input_ids"], token)
-
-
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised positions (fp32 on those rows only), and their count."""
-    shifted = labels[..., 1:]
-    keep = shifted != -100
+    keep = next_token_mask(labels)
     rows = logits[..., :-1, :][keep]
-    return F.cross_entropy(rows.float(), shifted[keep], reduction="sum"), int(keep.sum())
+    return F.cross_entropy(rows.float(), labels[..., 1:][keep], reduction="sum"), int(keep.sum())
 
 
 class _ControllerStep(TrainerCallback):
@@ -184,7 +158,7 @@ class GraceTrainerMixin:
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(
-                "GraceTrainer needs `labels` in every batch (answer tokens; -100 elsewhere): the collator must add them."
+                f"GraceTrainer needs `labels` in every batch (answer tokens; {IGNORE_INDEX} elsewhere): the collator must add them."
             )
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         use_rcka = args.rcka_weight > 0
@@ -205,7 +179,7 @@ class GraceTrainerMixin:
                 gdkd = result.loss
                 gdkd_logged = {"tckd": result.tckd, "nckd": result.nckd, "gate": result.gate_mean}
             else:
-                keep = labels[..., 1:] != -100
+                keep = next_token_mask(labels)
                 per_token = kd_loss(
                     outputs.logits[..., :-1, :][keep], teacher_logits[..., :-1, :][keep], args.kd_temperature
                 )
@@ -213,7 +187,7 @@ class GraceTrainerMixin:
         rcka = zero
         if use_rcka:
             # `model` may be wrapped (DDP, FSDP): the config lives on the unwrapped model
-            mask, sizes = tokens_per_image(self.accelerator.unwrap_model(model), model_inputs)
+            mask, sizes = visual_tokens(self.accelerator.unwrap_model(model).config, model_inputs)
             if mask is not None and sizes:
                 student_hidden = outputs.hidden_states[args.rcka_layer]
                 teacher_hidden = teacher_out.hidden_states[args.rcka_layer].to(student_hidden.device)
@@ -429,13 +403,10 @@ def load_qat_master(folder: str) -> dict[str, torch.Tensor]:
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no .safetensors file to resume from.")
-    from safetensors import safe_open
-
     state: dict[str, torch.Tensor] = {}
     for name in files:
         path = os.path.join(folder, name)
-        with safe_open(path, framework="pt") as handle:
-            kind = (handle.metadata() or {}).get(KIND_KEY)
+        kind = file_kind(path)
         if kind != QAT_MASTER:
             raise ValueError(
                 f"{path} is not a GRACE Trainer checkpoint (kind {kind!r}); resume needs the qat-master checkpoints "

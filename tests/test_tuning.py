@@ -9,31 +9,30 @@ import torch
 
 pytest.importorskip("triton")
 
-from grace_quant.kernels import autotune  # noqa: E402
+from grace_quant import GraceConfig, quantize_model, tune_model  # noqa: E402
+from grace_quant.kernels import dispatch, tables, tuner  # noqa: E402
 from grace_quant.kernels import triton_w4a16 as tw  # noqa: E402
-
-from grace_quant import GraceConfig, quantize_model  # noqa: E402
 from grace_quant.testing import tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def fresh_tables(tmp_path, monkeypatch):
     """Every test gets an empty user cache and re-reads the tables."""
-    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "cache"))
-    autotune.reset()
+    monkeypatch.setenv(tables.CACHE_ENV, str(tmp_path / "cache"))
+    tables.reset()
     yield
-    autotune.reset()
+    tables.reset()
 
 
 def test_buckets_paths_and_keys():
     m_values = (1, 2, 3, 4, 5, 16, 17, 64, 65, 600, 2048, 100_000)
-    assert [autotune.m_bucket(m) for m in m_values] == [1, 2, 4, 4, 8, 16, 32, 64, 128, 1024, 2048, 2048]
-    assert [autotune.path_for(m) for m in (1, 2, 3, 64, 65, 100_000)] == ["gemv", "gemv", "tc", "tc", "large", "large"]
-    assert autotune.key_for(3, 4096, 11008, 128, torch.bfloat16) == "tc|4|4096|11008|128|bfloat16"
-    assert autotune.key_for(5000, 4096, 4096, 128, torch.float16) == "large|2048|4096|4096|128|float16"
-    assert autotune.space_for(65) == autotune.LARGE_SPACE and {"tc": 0} in autotune.LARGE_SPACE  # the fallback races
+    assert [dispatch.m_bucket(m) for m in m_values] == [1, 2, 4, 4, 8, 16, 32, 64, 128, 1024, 2048, 2048]
+    assert [dispatch.path_for(m) for m in (1, 2, 3, 64, 65, 100_000)] == ["gemv", "gemv", "tc", "tc", "large", "large"]
+    assert dispatch.key_for(3, 4096, 11008, 128, torch.bfloat16) == "tc|4|4096|11008|128|bfloat16"
+    assert dispatch.key_for(5000, 4096, 4096, 128, torch.float16) == "large|2048|4096|4096|128|float16"
+    assert tuner.space_for(65) == tuner.LARGE_SPACE and {"tc": 0} in tuner.LARGE_SPACE  # the fallback races
     with pytest.raises(ValueError, match="at least 1"):
-        autotune.m_bucket(0)
+        dispatch.m_bucket(0)
 
 
 def test_user_cache_overrides_shipped_configs_and_saves_atomically(tmp_path):
@@ -42,14 +41,14 @@ def test_user_cache_overrides_shipped_configs_and_saves_atomically(tmp_path):
     key_a, key_b = "gemv|1|64|64|32|float16", "tc|4|64|64|32|float16"
     payload = {"device": "NVIDIA Test GPU", "configs": {key_a: {"block_n": 8}, key_b: {"block_n": 64}}}
     (shipped / "NVIDIA_Test_GPU.json").write_text(json.dumps(payload))
-    table = autotune.ConfigTable("NVIDIA Test GPU", shipped_dir=shipped, user_dir=user)
+    table = tables.ConfigTable("NVIDIA Test GPU", shipped_dir=shipped, user_dir=user)
     table.put(key_b, {"block_n": 32})
     path = table.save()
     assert path == user / "NVIDIA_Test_GPU.json" and [p.name for p in user.iterdir()] == [path.name]  # no temp left
-    again = autotune.ConfigTable("NVIDIA Test GPU", shipped_dir=shipped, user_dir=user)
+    again = tables.ConfigTable("NVIDIA Test GPU", shipped_dir=shipped, user_dir=user)
     assert again.get(key_a) == {"block_n": 8} and again.get(key_b) == {"block_n": 32}
     # another GPU name finds nothing: names are matched exactly, never by substring
-    assert autotune.ConfigTable("NVIDIA Test", shipped_dir=shipped, user_dir=user).configs == {}
+    assert tables.ConfigTable("NVIDIA Test", shipped_dir=shipped, user_dir=user).configs == {}
 
 
 def test_a_corrupt_cache_names_the_file_and_the_fix(tmp_path):
@@ -57,11 +56,11 @@ def test_a_corrupt_cache_names_the_file_and_the_fix(tmp_path):
     user.mkdir()
     (user / "GPU_X.json").write_text("{not json")
     with pytest.raises(RuntimeError, match="GPU_X.json.*delete the file to re-tune"):
-        autotune.ConfigTable("GPU X", shipped_dir=tmp_path, user_dir=user)
+        tables.ConfigTable("GPU X", shipped_dir=tmp_path, user_dir=user)
 
 
 def test_tune_key_files_the_fastest_runnable_candidate():
-    table = autotune.table("fake")
+    table = tables.table("fake")
     candidates = [{"block_n": 4}, {"block_n": 8}, {"block_n": 16}, {"block_n": 32}]
     times = {4: 3.0, 8: 1.0, 16: 2.0}
 
@@ -70,10 +69,10 @@ def test_tune_key_files_the_fastest_runnable_candidate():
             raise RuntimeError("out of resources")  # a config the GPU rejects is skipped
         return times[config["block_n"]]
 
-    best, seconds = autotune.tune_key("k", candidates, measure, table)
+    best, seconds = tuner.tune_key("k", candidates, measure, table)
     assert best == {"block_n": 8} and seconds == 1.0 and table.get("k") == {"block_n": 8}
     with pytest.raises(RuntimeError, match="no candidate config ran for k2: .*out of resources"):
-        autotune.tune_key("k2", [{"block_n": 32}], measure, table)
+        tuner.tune_key("k2", [{"block_n": 32}], measure, table)
 
 
 def test_tune_model_covers_every_fused_matmul_and_bucket_once(tmp_path):
@@ -92,28 +91,28 @@ def test_tune_model_covers_every_fused_matmul_and_bucket_once(tmp_path):
         timed.append((m, n, k))
         return lambda config: float(sum(config.values()))  # deterministic: the smallest values win
 
-    tuned = autotune.tune_model(model, m_values=(1, 3, 16, 100), measure_factory=factory)
+    tuned = tune_model(model, m_values=(1, 3, 16, 100), measure_factory=factory)
     assert {(n, k) for _, n, k in timed} == expected_shapes
     assert sorted({m for m, _, _ in timed}) == [1, 3, 16, 100] and len(timed) == 4 * len(expected_shapes)
     assert len(tuned) == len(timed)
-    best_gemv = min(autotune.GEMV_SPACE, key=lambda c: sum(c.values()))
+    best_gemv = min(tuner.GEMV_SPACE, key=lambda c: sum(c.values()))
     n, k = next(iter(expected_shapes))
-    assert tuned[autotune.key_for(1, n, k, 32, torch.float32)] == best_gemv
-    assert tuned[autotune.key_for(100, n, k, 32, torch.float32)] == {"tc": 0}  # dequantize + cuBLAS won the race
+    assert tuned[dispatch.key_for(1, n, k, 32, torch.float32)] == best_gemv
+    assert tuned[dispatch.key_for(100, n, k, 32, torch.float32)] == {"tc": 0}  # dequantize + cuBLAS won the race
     saved = json.loads((tmp_path / "cache" / "kernels" / "triton-interpreter.json").read_text())
     assert saved["configs"] == tuned
 
     timed.clear()
-    assert autotune.tune_model(model, m_values=(1, 3, 16, 100), measure_factory=factory) == {} and not timed  # cached
-    autotune.reset()  # a new process reads the user's cache
-    assert autotune.tune_model(model, m_values=(1,), measure_factory=factory) == {} and not timed
-    assert len(autotune.tune_model(model, m_values=(1,), measure_factory=factory, retune=True)) == 4
+    assert tune_model(model, m_values=(1, 3, 16, 100), measure_factory=factory) == {} and not timed  # cached
+    tables.reset()  # a new process reads the user's cache
+    assert tune_model(model, m_values=(1,), measure_factory=factory) == {} and not timed
+    assert len(tune_model(model, m_values=(1,), measure_factory=factory, retune=True)) == 4
 
 
 def test_tune_model_refuses_a_cpu_model_without_a_timer():
     model = quantize_model(tiny_model("llava"), GraceConfig(mode="packed", group_size=32))
-    with pytest.raises(RuntimeError, match="needs the model on a CUDA GPU"):
-        autotune.tune_model(model)
+    with pytest.raises(RuntimeError, match="needs the INT4 layers on a CUDA GPU"):
+        tune_model(model)
 
 
 def test_dispatch_passes_the_tuned_config_to_the_kernel(monkeypatch):
@@ -130,10 +129,10 @@ def test_dispatch_passes_the_tuned_config_to_the_kernel(monkeypatch):
     monkeypatch.setattr(tw, "tc_gemm_w4a16", fake_kernel("tc"))
     packed = torch.zeros(48, 8, dtype=torch.int32)
     scales = torch.ones(48, 2, dtype=torch.float16)
-    table = autotune.table(autotune.INTERPRETER_DEVICE)
-    table.put(autotune.key_for(1, 48, 64, 32, torch.float16), {"block_n": 4, "step_k": 512, "num_warps": 2,
+    table = tables.table(tables.INTERPRETER_DEVICE)
+    table.put(dispatch.key_for(1, 48, 64, 32, torch.float16), {"block_n": 4, "step_k": 512, "num_warps": 2,
                                                                "target_programs_per_sm": 0})  # fmt: skip
-    table.put(autotune.key_for(5, 48, 64, 32, torch.float16), {"block_n": 32, "num_warps": 8, "num_stages": 2,
+    table.put(dispatch.key_for(5, 48, 64, 32, torch.float16), {"block_n": 32, "num_warps": 8, "num_stages": 2,
                                                                "target_programs_per_sm": 2})  # fmt: skip
     for m in (1, 2, 5, 40):
         tw.linear_unchecked(torch.zeros(m, 64, dtype=torch.float16), packed, scales, None, 32)

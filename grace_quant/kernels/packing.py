@@ -27,6 +27,24 @@ def code_range(bits: int) -> tuple[int, int]:
     return -half, half - 1
 
 
+def group_size_problem(group_size: object, bits: int | None = None, in_features: int | None = None) -> str | None:
+    """What makes ``group_size`` invalid, or None: the one validity rule of a group size (callers add context).
+
+    A group size is a positive integer; with ``bits``, a whole number of packed words (a word never straddles two
+    groups); with ``in_features``, a divisor of it (groups of consecutive input features cover each row exactly).
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        return f"group_size must be a positive integer, got {group_size!r}"
+    if bits is not None and group_size % codes_per_word(bits):
+        return (
+            f"group_size={group_size} must be a multiple of {codes_per_word(bits)} for {bits}-bit packing "
+            "(e.g. 32, 64 or 128)"
+        )
+    if in_features is not None and in_features % group_size:
+        return f"group_size={group_size} does not divide in_features={in_features}"
+    return None
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed integer codes ``[..., in]`` into int32 words ``[..., in * bits / 32]``."""
     per_word = codes_per_word(bits)

@@ -1,0 +1,130 @@
+"""Tuning the W4A16 kernels ahead of time: time each candidate launch configuration, file the fastest.
+
+Works on matmul shapes ``(N, K, group, dtype, device)``, never on model modules (``grace_quant.tune_model``
+collects a model's shapes and calls :func:`tune_shapes`). Candidates are timed as a decode step runs them: CUDA-graph
+replay over weight copies cycled past L2 (:mod:`.timing`). Refused during graph capture; results go to the
+user's cache (:mod:`.tables`), so later processes start with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .dispatch import M_BUCKETS, key_for, path_for
+from .tables import Config, ConfigTable, device_name, table
+from .timing import graph_time_us, w4_copies
+
+GEMV_SPACE: tuple[Config, ...] = tuple(
+    {"block_n": bn, "step_k": sk, "num_warps": nw, "target_programs_per_sm": tp}
+    for bn in (4, 8, 16)
+    for sk in (512, 1024, 2048)
+    for nw in (2, 4)
+    for tp in (0, 4)
+)
+"""Candidates for the GEMV (``target_programs_per_sm`` 0: no split-K)."""
+
+TC_SPACE: tuple[Config, ...] = tuple(
+    {"block_n": bn, "num_warps": nw, "num_stages": ns, "target_programs_per_sm": tp}
+    for bn in (32, 64, 128)
+    for nw in (4, 8)
+    for ns in (2, 3)
+    for tp in (2, 4)
+)
+"""Candidates for the split-K tensor-core kernel (its ``block_m`` follows the M bucket)."""
+
+LARGE_SPACE: tuple[Config, ...] = ({"tc": 0},) + tuple(
+    {"tc": 1, "block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns}
+    for bm in (64, 128)
+    for bn in (64, 128)
+    for nw in (4, 8)
+    for ns in (2, 3)
+)
+"""The race above ``TC_MAX_M``: dequantize + cuBLAS (``tc`` 0, the fallback) against the tensor-core kernel's tiles
+(no split-K: large M has tiles enough)."""
+
+Shape = tuple[int, int, int, torch.dtype, torch.device]
+"""``(N, K, group, scales dtype, device)`` of one INT4 matmul."""
+MeasureFactory = Callable[[int, int, int, int, torch.dtype, torch.device], Callable[[Config], float]]
+
+__all__ = ["GEMV_SPACE", "LARGE_SPACE", "TC_SPACE", "MeasureFactory", "Shape", "space_for", "tune_key", "tune_shapes"]
+
+
+def space_for(m: int) -> tuple[Config, ...]:
+    """The candidate configurations of ``m``'s path."""
+    return {"gemv": GEMV_SPACE, "tc": TC_SPACE, "large": LARGE_SPACE}[path_for(m)]
+
+
+def tune_key(
+    key: str, candidates: Sequence[Config], measure: Callable[[Config], float], table_: ConfigTable
+) -> tuple[Config, float]:
+    """Time every candidate with ``measure`` (seconds; failures are skipped) and file the fastest under ``key``."""
+    best: tuple[Config, float] | None = None
+    errors = []
+    for config in candidates:
+        try:
+            seconds = measure(config)
+        except Exception as exc:  # noqa: BLE001  (a config the kernel or the GPU rejects is just not a candidate)
+            errors.append(f"{config}: {type(exc).__name__}: {exc}")
+            continue
+        if best is None or seconds < best[1]:
+            best = (config, seconds)
+    if best is None:
+        raise RuntimeError(f"no candidate config ran for {key}: " + "; ".join(errors[:3]))
+    table_.put(key, best[0])
+    return best
+
+
+def _cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device):
+    """A ``measure(config)`` timing the kernel as a decode step runs it: CUDA-graph replay of one call per weight
+    copy, copies cycled past L2; returns seconds per call (Triton is imported here, on the GPU path only)."""
+    from . import triton_w4a16
+
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    copies = w4_copies(n, k, group, dtype, device)
+
+    def run(config: Config, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return triton_w4a16.linear_with_config(x, packed, scales, None, group, path_for(m), config)
+
+    def measure(config: Config) -> float:
+        return graph_time_us([lambda p=p, s=s: run(config, p, s) for p, s in copies], replays=10) * 1e-6
+
+    return measure
+
+
+def tune_shapes(
+    shapes: Iterable[Shape],
+    m_values: Iterable[int] = M_BUCKETS,
+    *,
+    measure_factory: MeasureFactory | None = None,
+    save: bool = True,
+    retune: bool = False,
+) -> dict[str, Config]:
+    """Tune every (M bucket, shape) that has no configuration yet (all of them with ``retune``); returns the new ones.
+
+    A few seconds per shape and bucket on the GPU. ``measure_factory(m, n, k, group, dtype, device)`` replaces the
+    CUDA timer (tests). The tables touched are saved to the user's cache unless ``save=False``.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("tuning cannot run during CUDA graph capture: tune before capturing")
+    shapes = sorted(set(shapes), key=str)
+    if measure_factory is None:
+        for *_, device in shapes:
+            if device.type != "cuda":
+                raise RuntimeError(f"tuning needs the INT4 layers on a CUDA GPU; they are on {device}")
+    factory = measure_factory or _cuda_measure
+    keyed = [(m, shape, key_for(m, *shape[:4])) for shape in shapes for m in sorted(set(m_values))]
+    todo = [(m, shape, key) for m, shape, key in keyed if retune or table(device_name(shape[4])).get(key) is None]
+    tuned: dict[str, Config] = {}
+    devices = set()
+    for m, (n, k, group, dtype, device), key in tqdm(todo, desc="tuning W4A16 kernels", unit="shape", disable=not todo):
+        table_ = table(device_name(device))
+        devices.add(table_.device)
+        config, _ = tune_key(key, space_for(m), factory(m, n, k, group, dtype, device), table_)
+        tuned[key] = config
+    if save and tuned:
+        for device in devices:
+            table(device).save()
+    return tuned
