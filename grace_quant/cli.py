@@ -133,11 +133,7 @@ def run_export(args: argparse.Namespace) -> int:
         from grace_quant.integrations.awq import export_awq as export
     else:
         from grace_quant.integrations.export_compressed_tensors import export_compressed_tensors as export
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        export(args.src, args.out, overwrite=args.overwrite)
-    for warning in caught:
-        print(f"grace-quant export: warning: {_one_line(warning.message)}", file=sys.stderr)
+    export(args.src, args.out, overwrite=args.overwrite)
     print(f"wrote {args.format} checkpoint to {args.out}")
     return EXIT_OK
 
@@ -398,6 +394,15 @@ def _one_line(message: object) -> str:
     return " ".join(str(message).split()) or "unknown error"
 
 
+def _warning_printer(command: str):
+    """Python warnings as one line each, like the CLI's errors: ``grace-quant CMD: warning: ...``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"grace-quant {command}: warning: {_one_line(message)}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``grace-quant`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
@@ -406,7 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse already reported (code 2)
         return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores the default warning printer afterwards (main runs in tests too)
+            warnings.showwarning = _warning_printer(args.command)
+            return args.func(args)
     except _user_errors() as exc:
         if args.debug:
             raise

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models saved once per session as full-precision checkpoints."""
+"""Shared fixtures (tiny models saved once per session as full-precision checkpoints) and the one rule for GPU
+tests: a test marked ``gpu`` is skipped where torch sees no CUDA device (``pytest -m gpu`` runs them all)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,43 @@ def test_bad_values_raise_clear_errors(kwargs, message):
         GraceConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("group_size", "bits", "in_features", "problem"),
+    [
+        (128, 4, 4096, None),
+        (96, 4, 288, None),  # valid for the format (a whole number of words, divides in_features), no fast kernel
+        (64, 8, 256, None),
+        (0, 4, None, "positive integer"),
+        (True, 4, None, "positive integer"),
+        (12, 4, None, "multiple of 8 for 4-bit packing"),
+        (6, 8, None, "multiple of 4 for 8-bit packing"),
+        (128, None, 96, "does not divide in_features=96"),
+        (32, 4, 48, "does not divide in_features=48"),
+    ],
+)
+def test_group_size_rule(group_size, bits, in_features, problem):
+    from grace_quant.kernels import group_size_problem
+
+    found = group_size_problem(group_size, bits, in_features)
+    assert found is None if problem is None else problem in found
+
+
+@pytest.mark.parametrize(("bits", "group_size", "warns"), [(4, 16, True), (4, 256, True), (4, 96, True), (4, 32, False),
+                                                           (4, 128, False), (8, 256, False)])  # fmt: skip
+def test_group_sizes_outside_the_fast_kernels_warn_naming_the_supported_ones(bits, group_size, warns):
+    import warnings
+
+    from grace_quant.kernels import SUPPORTED_GROUPS
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GraceConfig(bits=bits, group_size=group_size)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert bool(messages) == warns, messages
+    if warns:
+        assert f"group_size={group_size}" in messages[0] and str(SUPPORTED_GROUPS) in messages[0]
+
+
 def test_asymmetric_is_reserved():
     with pytest.raises(NotImplementedError, match="sym=True"):
         GraceConfig(sym=False)

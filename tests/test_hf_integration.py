@@ -230,3 +230,27 @@ def test_loading_without_grace_quant_fails_loudly(bits, fp_checkpoint, tmp_path)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "LOADED" not in result.stdout
     assert "size mismatch" in result.stderr or "mismatch" in result.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [({"grace_format": "2", "grace_checkpoint": "packed"}, "format v2, newer than"),
+     ({"grace_format": "1", "grace_checkpoint": "int3"}, "unknown GRACE checkpoint kind 'int3'")],
+)  # fmt: skip
+def test_every_reader_of_a_checkpoint_tag_refuses_a_newer_format_or_an_unknown_kind(tags, message, fp_checkpoint,
+                                                                                     tmp_path):  # fmt: skip
+    from safetensors.torch import load_file, save_file
+
+    from grace_quant.integrations.checkpoint_files import CheckpointError, grace_settings
+    from grace_quant.integrations.trainer import load_qat_master
+
+    model, _ = load(fp_checkpoint("llava"), quantization_config=GraceConfig(group_size=32, mode="packed"))
+    model.save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    save_file(load_file(path), path, metadata=tags)
+    with pytest.raises(ValueError, match=message):
+        load(tmp_path / "q")  # from_pretrained
+    with pytest.raises(CheckpointError, match=message):
+        grace_settings(tmp_path / "q")  # the CLI's and the exporters' reader
+    with pytest.raises(ValueError, match=message):
+        load_qat_master(str(tmp_path / "q"))  # the Trainer's resume

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float16: 1e-3, torch.bfloat16: 5e-3}

@@ -538,3 +538,29 @@ def test_qwen2vl_tokens_per_image():
     grid = torch.tensor([[1, 4, 6], [2, 8, 8], [1, 36, 52]])
     assert qwen2vl_tokens_per_image(grid, spatial_merge_size=2) == [1 * 4 * 6 // 4, 2 * 8 * 8 // 4, 36 * 52 // 4]
     assert qwen2vl_tokens_per_image(grid, spatial_merge_size=1) == [24, 128, 1872]
+
+
+def test_supervised_rows_follow_the_causal_shift():
+    from grace_quant.labels import IGNORE_INDEX, next_token_mask, supervised_rows
+
+    labels = torch.tensor([[IGNORE_INDEX, 5, 6, IGNORE_INDEX], [7, IGNORE_INDEX, IGNORE_INDEX, 8]])
+    rows, targets = supervised_rows(labels)
+    # logits at (b, t) predict labels[b, t + 1]: rows b * L + t for every supervised labels[b, t + 1]
+    expected = [(b * 4 + t, int(labels[b, t + 1])) for b in range(2) for t in range(3) if labels[b, t + 1] != -100]
+    assert list(zip(rows.tolist(), targets.tolist(), strict=True)) == expected == [(0, 5), (1, 6), (6, 8)]
+    assert int(next_token_mask(labels).sum()) == len(expected)  # the label at t = 0 is never a target
+
+
+def test_visual_tokens_of_llava_and_qwen2_vl_batches():
+    from grace_quant.losses import image_token_id, visual_tokens
+    from grace_quant.testing import tiny_inputs, tiny_model
+
+    for name in ("llava", "qwen2-vl"):
+        model = tiny_model(name)
+        inputs = tiny_inputs(model, batch=3)
+        token = model.config.image_token_index if name == "llava" else model.config.image_token_id
+        assert image_token_id(model.config) == token
+        mask, sizes = visual_tokens(model.config, inputs)
+        assert torch.equal(mask, inputs["input_ids"] == token)
+        assert sizes == [4, 4, 4]  # tiny models: 4 visual tokens per image, one image per sample
+        assert visual_tokens(model.config, {"input_ids": inputs["input_ids"]}) == (None, [])
