@@ -3,7 +3,8 @@
 Module swapping happens on the meta model before weights load; full-precision linears are quantized one
 tensor at a time while loading (``GraceQuantizeOp``), so the peak memory stays near one fp layer. Module
 tensor names equal their serialized names, so no weight-converter machinery is needed (portable across
-transformers 5.17 and 5.23).
+transformers 5.17 to 5.25). ``quantize_model`` does for a model already in memory what loading with a
+``GraceConfig`` does.
 """
 
 from __future__ import annotations
