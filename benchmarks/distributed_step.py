@@ -44,6 +44,7 @@ from transformers import TrainerCallback
 import grace_quant
 from benchmarks.trainer_step import SIZES, batch_for, build
 from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+from grace_quant.integrations.trainer import close_process_group
 from grace_quant.testing import collate
 
 ARMS = ("single", "ddp", "fsdp2")
@@ -157,8 +158,6 @@ def run_worker(arm: str, size_name: str, steps: int, warmup: int, cpu: bool, out
     with open(os.path.join(out, f"{arm}_rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
     trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():  # close it before exit: a rank leaving it open can abort at shutdown
-        torch.distributed.destroy_process_group()
 
 
 def launch(arm: str, options: argparse.Namespace, out: str) -> list[dict]:
@@ -258,6 +257,7 @@ def main() -> None:
     options = parser.parse_args()
     if options.worker:
         run_worker(options.worker, options.size, options.steps, options.warmup, options.cpu, options.results)
+        close_process_group()  # once the worker's Trainer is gone (see its docstring)
         return
     out = tempfile.mkdtemp(prefix="grace_dist_")
     rows = {arm: launch(arm, options, out) for arm in options.arms.split(",")}

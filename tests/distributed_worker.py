@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+from grace_quant.integrations.trainer import close_process_group
 from grace_quant.testing import collate, tiny_dataset, tiny_model
 
 # Decoder layer classes FSDP2 shards one by one (each becomes one all-gather unit).
@@ -168,9 +169,8 @@ def main() -> None:
     if options.save_int4:
         trainer.save_model(os.path.join(options.out, f"int4_rank{rank}"))
     trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():  # close it before exit: a rank leaving it open can abort at shutdown
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    close_process_group()  # once main's Trainer is gone (see its docstring)

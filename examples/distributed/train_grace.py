@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 import grace_quant
 from grace_quant import AutoModelForVision2Seq, GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
 from grace_quant.collate import pad_tokens
+from grace_quant.integrations.trainer import close_process_group
 from grace_quant.labels import IGNORE_INDEX
 from grace_quant.losses import image_token_id
 from grace_quant.surgery import grace_layers
@@ -254,15 +255,9 @@ def main(argv: list[str] | None = None) -> None:
             reloaded = AutoModelForVision2Seq.from_pretrained(int4_dir)
             packed = sum(isinstance(layer, grace_quant.GraceQuantLinear) for _, layer in grace_layers(reloaded))
             print(f"dry run: reloaded {type(reloaded).__name__} with {packed} packed INT4 linears")
-    end_processes(trainer)
-
-
-def end_processes(trainer: GraceTrainer) -> None:
-    """Wait for every rank, then close the process group: a rank that exits with it still open can abort."""
     trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    close_process_group()  # once main's Trainer is gone: a live DDP model keeps the group's threads running

@@ -8,6 +8,7 @@ that moves ``beta`` once per optimizer step. Trainer checkpoints hold master wei
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -353,6 +354,19 @@ class GraceTrainerMixin:
                 saved = json.load(handle)
             self.controller.load_state_dict(saved["controller"])
             self.nonfinite_steps = saved.get("nonfinite_steps", 0)
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's process group once nothing holds it; call it after every ``Trainer`` is out of
+    scope (and after the ranks' last barrier).
+
+    A DDP model still alive keeps the process group's threads (gloo's) running past ``destroy_process_group``; they
+    are then torn down during interpreter exit, which aborts a rank now and then ("terminate called without an
+    active exception"). Collecting first (the Trainer and its callbacks form reference cycles) ends them cleanly.
+    """
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_sharded(model: nn.Module) -> bool:
