@@ -21,10 +21,8 @@ TC_MAX_M = 64
 """Rows served by the split-K tensor-core kernel; above, dequantize + cuBLAS unless a tuned entry says otherwise."""
 SUPPORTED_GROUPS = (32, 64, 128)
 """Group sizes the W4A16 Triton kernels implement; other sizes run dequantize + matmul (the torch reference)."""
-PATHS = ("gemv", "tc", "large")
 
-__all__ = ["GEMV_MAX_M", "M_BUCKETS", "PATHS", "SUPPORTED_GROUPS", "TC_MAX_M", "config_for", "key_for", "m_bucket",
-           "path_for"]  # fmt: skip
+__all__ = ["GEMV_MAX_M", "M_BUCKETS", "SUPPORTED_GROUPS", "TC_MAX_M", "config_for", "key_for", "m_bucket", "path_for"]
 
 
 def m_bucket(m: int) -> int:
