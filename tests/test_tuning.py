@@ -39,7 +39,8 @@ def test_user_cache_overrides_shipped_configs_and_saves_atomically(tmp_path):
     shipped, user = tmp_path / "shipped", tmp_path / "user"
     shipped.mkdir()
     key_a, key_b = "gemv|1|64|64|32|float16", "tc|4|64|64|32|float16"
-    payload = {"device": "NVIDIA Test GPU", "configs": {key_a: {"block_n": 8}, key_b: {"block_n": 64}}}
+    payload = {"device": "NVIDIA Test GPU", "generation": tables.GENERATION,
+               "configs": {key_a: {"block_n": 8}, key_b: {"block_n": 64}}}  # fmt: skip
     (shipped / "NVIDIA_Test_GPU.json").write_text(json.dumps(payload))
     table = tables.ConfigTable("NVIDIA Test GPU", shipped_dir=shipped, user_dir=user)
     table.put(key_b, {"block_n": 32})
@@ -49,6 +50,16 @@ def test_user_cache_overrides_shipped_configs_and_saves_atomically(tmp_path):
     assert again.get(key_a) == {"block_n": 8} and again.get(key_b) == {"block_n": 32}
     # another GPU name finds nothing: names are matched exactly, never by substring
     assert tables.ConfigTable("NVIDIA Test", shipped_dir=shipped, user_dir=user).configs == {}
+    assert json.loads(path.read_text())["generation"] == tables.GENERATION
+
+
+def test_tables_of_another_kernel_generation_are_ignored(tmp_path):
+    """A cache tuned for earlier kernels names their configurations: it must not steer the current ones."""
+    old = {"device": "GPU X", "configs": {"tc|16|64|64|32|float16": {"block_n": 32, "num_warps": 8}}}  # generation 1
+    (tmp_path / "GPU_X.json").write_text(json.dumps(old))
+    assert tables.ConfigTable("GPU X", shipped_dir=tmp_path, user_dir=tmp_path / "none").configs == {}
+    (tmp_path / "GPU_X.json").write_text(json.dumps({**old, "generation": tables.GENERATION}))
+    assert len(tables.ConfigTable("GPU X", shipped_dir=tmp_path, user_dir=tmp_path / "none").configs) == 1
 
 
 def test_a_corrupt_cache_names_the_file_and_the_fix(tmp_path):
@@ -95,9 +106,11 @@ def test_tune_model_covers_every_fused_matmul_and_bucket_once(tmp_path):
     assert {(n, k) for _, n, k in timed} == expected_shapes
     assert sorted({m for m, _, _ in timed}) == [1, 3, 16, 100] and len(timed) == 4 * len(expected_shapes)
     assert len(tuned) == len(timed)
-    best_gemv = min(tuner.GEMV_SPACE, key=lambda c: sum(c.values()))
+    best_small = min(tuner.space_for(1), key=lambda c: sum(c.values()))  # the GEMV races the tensor-core kernel
+    assert tuner.space_for(4) == tuner.GEMV_SPACE + tuner.TC_SMALL_SPACE and tuner.space_for(16) == tuner.TC_SMALL_SPACE
+    assert tuner.space_for(17) == tuner.TC_SPACE
     n, k = next(iter(expected_shapes))
-    assert tuned[dispatch.key_for(1, n, k, 32, torch.float32)] == best_gemv
+    assert tuned[dispatch.key_for(1, n, k, 32, torch.float32)] == best_small
     assert tuned[dispatch.key_for(100, n, k, 32, torch.float32)] == {"tc": 0}  # dequantize + cuBLAS won the race
     saved = json.loads((tmp_path / "cache" / "kernels" / "triton-interpreter.json").read_text())
     assert saved["configs"] == tuned
@@ -132,14 +145,20 @@ def test_dispatch_passes_the_tuned_config_to_the_kernel(monkeypatch):
     table = tables.table(tables.INTERPRETER_DEVICE)
     table.put(dispatch.key_for(1, 48, 64, 32, torch.float16), {"block_n": 4, "step_k": 512, "num_warps": 2,
                                                                "target_programs_per_sm": 0})  # fmt: skip
-    table.put(dispatch.key_for(5, 48, 64, 32, torch.float16), {"block_n": 32, "num_warps": 8, "num_stages": 2,
+    table.put(dispatch.key_for(5, 48, 64, 32, torch.float16), {"tc": 1, "block_n": 32, "num_warps": 8, "num_stages": 2,
                                                                "target_programs_per_sm": 2})  # fmt: skip
-    for m in (1, 2, 5, 40):
+    table.put(dispatch.key_for(2, 48, 64, 32, torch.float16), {"tc": 1, "block_m": 16, "block_n": 64, "block_k": 32,
+                                                               "num_warps": 4, "num_stages": 3,
+                                                               "target_programs_per_sm": 0})  # fmt: skip
+    table.put(dispatch.key_for(3, 48, 64, 32, torch.float16), {"block_n": 8, "step_k": 1024, "num_warps": 4,
+                                                               "target_programs_per_sm": 4})  # fmt: skip
+    for m in (1, 2, 3, 5, 40):
         tw.linear_unchecked(torch.zeros(m, 64, dtype=torch.float16), packed, scales, None, 32)
     sms = tw._sms(torch.zeros(1))
     assert calls == [
         ("gemv", {"block_n": 4, "step_k": 512, "num_warps": 2, "splits": 1}),  # bucket 1: tuned
-        ("gemv", {}),  # bucket 2: nothing tuned, the heuristic decides
+        ("tc", {"block_m": 16, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3, "splits": 1}),  # 2
+        ("gemv", {"block_n": 8, "step_k": 1024, "num_warps": 4, "target_programs": 4 * sms}),  # bucket 4: GEMV won
         ("tc", {"block_n": 32, "num_warps": 8, "num_stages": 2, "target_programs": 2 * sms}),  # bucket 8
         ("tc", {}),  # bucket 64
     ]

@@ -2,8 +2,9 @@
 
 A call of ``M`` tokens takes path ``gemv`` (``M <= GEMV_MAX_M``), ``tc`` (the split-K tensor-core kernel, up to
 ``TC_MAX_M``) or ``large`` (dequantize + cuBLAS races the tensor-core kernel). Its configuration is filed under the
-key ``(path, M bucket, N, K, group, dtype)`` in this GPU's table (:mod:`.tables`); a key without an entry runs the
-kernel's built-in heuristic. Lookups are dictionary reads on the host: safe under CUDA graphs and
+key ``(path, M bucket, N, K, group, dtype)`` in this GPU's table (:mod:`.tables`), and names the kernel that won
+there (``"tc": 1`` the tensor-core kernel, ``"step_k"`` the GEMV, ``"tc": 0`` dequantize + cuBLAS); a key without
+an entry runs the path's built-in heuristic. Lookups are dictionary reads on the host: safe under CUDA graphs and
 ``torch.compile`` (no syncs), and nothing is ever tuned here (tuning is :mod:`.tuner`'s job, ahead of time).
 """
 
@@ -16,13 +17,26 @@ from .tables import Config, device_name, table
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 """Token counts with their own configuration; M above the last bucket shares its entry (compute-bound alike)."""
 GEMV_MAX_M = 2
-"""Rows routed to the GEMV: on the H200 the tensor-core kernel wins from M = 3 (see benchmarks/bench_kernels.py)."""
+"""Rows routed to the GEMV when the GPU's table has no entry (a tuned entry may pick either kernel up to
+``GEMV_ROWS``)."""
+GEMV_ROWS = 4
+"""Rows the CUDA-core GEMV kernel accepts."""
 TC_MAX_M = 64
 """Rows served by the split-K tensor-core kernel; above, dequantize + cuBLAS unless a tuned entry says otherwise."""
 SUPPORTED_GROUPS = (32, 64, 128)
 """Group sizes the W4A16 Triton kernels implement; other sizes run dequantize + matmul (the torch reference)."""
 
-__all__ = ["GEMV_MAX_M", "M_BUCKETS", "SUPPORTED_GROUPS", "TC_MAX_M", "config_for", "key_for", "m_bucket", "path_for"]
+__all__ = [
+    "GEMV_MAX_M",
+    "GEMV_ROWS",
+    "M_BUCKETS",
+    "SUPPORTED_GROUPS",
+    "TC_MAX_M",
+    "config_for",
+    "key_for",
+    "m_bucket",
+    "path_for",
+]
 
 
 def m_bucket(m: int) -> int:

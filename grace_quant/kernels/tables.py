@@ -21,8 +21,11 @@ Config = dict[str, int]
 SHIPPED_DIR = Path(__file__).with_name("configs")
 CACHE_ENV = "GRACE_QUANT_CACHE"
 INTERPRETER_DEVICE = "triton-interpreter"
+GENERATION = 2
+"""Kernel generation the tables are tuned for: a file of another generation names other kernels' configurations
+and is ignored (re-tune with ``grace-quant tune``)."""
 
-__all__ = ["CACHE_ENV", "Config", "ConfigTable", "cache_dir", "device_name", "reset", "table"]
+__all__ = ["CACHE_ENV", "GENERATION", "Config", "ConfigTable", "cache_dir", "device_name", "reset", "table"]
 
 
 def device_name(device: torch.device | None = None) -> str:
@@ -54,7 +57,9 @@ def _read(path: Path) -> dict[str, Config]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise RuntimeError(f"cannot read tuned kernel configs {path}: {exc}; delete the file to re-tune") from exc
-    configs = data.get("configs", {}) if isinstance(data, dict) else {}
+    if not isinstance(data, dict) or data.get("generation", 1) != GENERATION:
+        return {}
+    configs = data.get("configs", {})
     return {str(k): {str(a): int(b) for a, b in v.items()} for k, v in configs.items()}
 
 
@@ -77,7 +82,7 @@ class ConfigTable:
         """Write every configuration to ``path`` (default: the user's cache) through a temporary file + rename."""
         path = path or self.user_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"device": self.device, "configs": dict(sorted(self.configs.items()))}
+        payload = {"device": self.device, "generation": GENERATION, "configs": dict(sorted(self.configs.items()))}
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(handle, "w") as stream:

@@ -1,18 +1,28 @@
-"""W4A16 Triton kernels for GRACE's packed INT4 format (bits=4, fp16/bf16 activations, fp32 accumulate).
+"""W4A16 Triton kernels for GRACE's packed INT4 format (bits=4, fp16/bf16 activations, fp32 accumulate), 2nd generation.
 
 Three paths, chosen from the token count ``M`` alone (no host syncs, CUDA-graph safe):
 
-* ``M <= 2``: CUDA-core GEMV with split-K (fp32 atomics + a last-arriving-program epilogue); it takes up to 4
-  rows, but from 3 rows on the tensor-core kernel is faster on the H200;
-* ``2 < M <= 64``: tensor-core GEMM (``tl.dot``, weights as the wide MMA operand) with split-K;
-* larger ``M``: a Triton dequantize kernel to the activation dtype, then cuBLAS (the robust fallback), unless this
-  GPU's tuned table says the tensor-core kernel won the race for that shape and M bucket.
+* ``M <= GEMV_MAX_M`` (``gemv``): a CUDA-core GEMV (up to 4 rows) or, where the tuned table says it won, the
+  tensor-core kernel with its token tile padded to 16;
+* up to ``TC_MAX_M`` (``tc``): the tensor-core kernel with split-K;
+* larger ``M`` (``large``): dequantize to the activation dtype + cuBLAS (the robust fallback), unless this GPU's
+  tuned table says the tensor-core kernel won the race for that shape and M bucket.
+
+The tensor-core kernel dequantizes each weight tile in registers with its group scale already applied (a K tile
+never straddles a group), so ``tl.dot`` accumulates in place (``acc = tl.dot(w, x, acc)``) and Triton can pipeline
+the loop. On the GPU a tile is dequantized by a few PTX instructions per word (``lop3`` builds ``magic + u`` in
+both halves of a 16-bit pair, one packed FMA removes the offset exactly, one multiplies by the scale: one rounding,
+bit-identical to dequantize + cast); the interpreter runs the same arithmetic in fp32.
+
+Split-K never zeroes a buffer: each K split writes its fp32 partial tile to a workspace, and the split that arrives
+last (per-tile counters, reset by that split) adds the partials in split order, so results do not depend on
+arrival order and no memset kernel is launched. The counters live in one persistent zeroed buffer per device;
+calls on one device must therefore not run concurrently on two streams.
 
 Launch parameters come from this GPU's tuned table (``kernels.dispatch``: per M bucket, N, K, group and dtype,
 filled ahead of time by ``kernels.tuner``) where it has an entry, and from fixed heuristics otherwise; nothing is
-tuned during a call. All kernels read the checkpoint layout directly (``packed`` int32 ``[N, K/8]``, ``scales`` ``[N, K/group]``), so
-no repack is needed. A 4-bit code becomes an exact fp32 in two instructions: the nibble, left in place, is OR'd
-into the mantissa of ``2**23`` and one FMA rescales it and removes the offset (``2**23`` and the ``+8``).
+tuned during a call. All kernels read the checkpoint layout directly (``packed`` int32 ``[N, K/8]``, ``scales``
+``[N, K/group]``).
 """
 
 from __future__ import annotations
@@ -24,18 +34,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import SUPPORTED_GROUPS, config_for, path_for
+from .dispatch import GEMV_ROWS, SUPPORTED_GROUPS, config_for, path_for
 from .packing import group_size_problem
 from .runtime import interpreting
 
 INTERPRET = interpreting()
-"""Running under Triton's CPU interpreter: dot operands are upcast to fp32 there (bf16 dot is wrong in it)."""
+"""Running under Triton's CPU interpreter: dot operands are upcast to fp32 there (bf16 dot is wrong in it), and the
+PTX dequantization is replaced by the same arithmetic in fp32."""
 
-GEMV_ROWS = 4
-"""Rows the GEMV kernel accepts (the dispatch routes it ``dispatch.GEMV_MAX_M`` of them)."""
-_SPLIT_MIN_WEIGHTS = 1 << 22  # below ~4M weights the split-K memset and atomics cost more than they hide
+_SPLIT_MIN_WEIGHTS = 1 << 22  # below ~4M weights a split costs more (partials, last-arrival pass) than it hides
 _MAGIC = 0x4B000000  # bit pattern of 2**23: a 4-bit field OR'd into its mantissa reads back as 2**23 + field
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_COUNTERS = 1 << 16  # split-K arrival counters per device (one per output tile of a split call)
 
 __all__ = [
     "GEMV_ROWS",
@@ -70,15 +80,87 @@ def _code(w, whi, magic, IDX: tl.constexpr):
 
 
 @triton.jit
+def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight ``[..., W]`` tensors (code ``i`` of each word) -> ``[..., W, 2, 2, 2]`` whose flattening is K order."""
+    return tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+
+
+@triton.jit
 def _codes_joined(words, magic):
     """int32 words ``[..., W]`` -> fp32 codes ``[..., W, 2, 2, 2]``; flattening the last 3 dims gives K order."""
     w = words.to(tl.uint32, bitcast=True)
     whi = w >> 16
-    t0 = tl.join(_code(w, whi, magic, 0), _code(w, whi, magic, 4))
-    t1 = tl.join(_code(w, whi, magic, 1), _code(w, whi, magic, 5))
-    t2 = tl.join(_code(w, whi, magic, 2), _code(w, whi, magic, 6))
-    t3 = tl.join(_code(w, whi, magic, 3), _code(w, whi, magic, 7))
-    return tl.join(tl.join(t0, t2), tl.join(t1, t3))
+    return _join8(
+        _code(w, whi, magic, 0), _code(w, whi, magic, 1), _code(w, whi, magic, 2), _code(w, whi, magic, 3),
+        _code(w, whi, magic, 4), _code(w, whi, magic, 5), _code(w, whi, magic, 6), _code(w, whi, magic, 7),
+    )  # fmt: skip
+
+
+# One 32-bit word -> its 8 codes times the scale, as 16-bit floats, in PTX. Pairs (i, i+4) share a register: lop3
+# ORs nibbles i and i+4 (bits 4i and 16+4i after a shift) into the mantissas of ``magic`` (2**7 in bf16, 2**10 in
+# fp16, whose unit in the last place is 1), an FMA subtracts ``magic + 8`` exactly, another multiplies by the
+# scale (one rounding of the exact product), and the pair is split into the two outputs.
+_DEQUANT_PTX = """{
+.reg .b32 w1, w2, w3, p0, p1, p2, p3, one, off, nz;
+mov.b32 one, ONE;
+mov.b32 off, OFF;
+mov.b32 nz, 0x80008000;
+shr.u32 w1, $8, 4;
+shr.u32 w2, $8, 8;
+shr.u32 w3, $8, 12;
+lop3.b32 p0, $8, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 p1, w1, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 p2, w2, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 p3, w3, 0x000F000F, MAGIC, 0xEA;
+fma.rn.TY p0, p0, one, off;
+fma.rn.TY p1, p1, one, off;
+fma.rn.TY p2, p2, one, off;
+fma.rn.TY p3, p3, one, off;
+fma.rn.TY p0, p0, $9, nz;
+fma.rn.TY p1, p1, $9, nz;
+fma.rn.TY p2, p2, $9, nz;
+fma.rn.TY p3, p3, $9, nz;
+mov.b32 {$0, $4}, p0;
+mov.b32 {$1, $5}, p1;
+mov.b32 {$2, $6}, p2;
+mov.b32 {$3, $7}, p3;
+}"""
+_BF16_PTX = tl.constexpr(
+    _DEQUANT_PTX.replace("ONE", "0x3F803F80").replace("OFF", "0xC308C308").replace("MAGIC", "0x43004300")
+    .replace("TY", "bf16x2")
+)  # fmt: skip
+_FP16_PTX = tl.constexpr(
+    _DEQUANT_PTX.replace("ONE", "0x3C003C00").replace("OFF", "0xE408E408").replace("MAGIC", "0x64006400")
+    .replace("TY", "f16x2")
+)  # fmt: skip
+
+
+@triton.jit
+def _dequant_tile(words, sc, magic, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """Words ``[BN, BLOCK_K/8]`` and one scale per row ``[BN]`` -> the weight tile ``[BN, BLOCK_K]`` in the scales'
+    dtype (``q * s`` rounded once); in fp32 under the interpreter, rounded through the scales' dtype alike."""
+    BN: tl.constexpr = words.shape[0]
+    if INTERP:
+        w = tl.reshape(_codes_joined(words, magic), [BN, BLOCK_K]) * sc.to(tl.float32)[:, None]
+        if sc.dtype == tl.bfloat16:  # round to nearest even by hand: the interpreter's cast to bf16 truncates
+            bits = w.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            w = bits.to(tl.float32, bitcast=True)
+        else:
+            w = w.to(tl.float16).to(tl.float32)
+    else:
+        s16 = sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        s2 = tl.broadcast_to((s16 | (s16 << 16))[:, None], words.shape)
+        if sc.dtype == tl.bfloat16:
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _BF16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, s2], dtype=(tl.int16,) * 8, is_pure=True, pack=1
+            )
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+                _FP16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, s2], dtype=(tl.int16,) * 8, is_pure=True, pack=1
+            )
+        w = tl.reshape(_join8(v0, v1, v2, v3, v4, v5, v6, v7), [BN, BLOCK_K]).to(sc.dtype, bitcast=True)
+    return w
 
 
 @triton.jit
@@ -118,11 +200,31 @@ def _dot8(q0, q1, q2, q3, q4, q5, q6, q7, x_row, g, g_mask, NG: tl.constexpr, GR
 
 
 @triton.jit
-def _finish_row(out, bias, y_row, ws_row, offs_n, n_mask, FROM_WS: tl.constexpr):
-    """Write one output row: directly (no split), or read the fp32 split-K total back from the workspace."""
-    if FROM_WS:
-        out = tl.load(ws_row + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
-    tl.store(y_row + offs_n, (out + bias).to(y_row.dtype.element_ty), mask=n_mask)
+def _store_tile(
+    acc, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, num_splits, offs_n, offs_m, n_mask, m_mask, M, N, stride_ym,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Write ``y[m, n] = acc[n, m] (+ bias[n])``; with split-K, the last-arriving split of this tile adds every
+    split's fp32 partial in split order (deterministic) and resets the tile's counter for the next call."""
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([acc.shape[0]], dtype=tl.float32)
+    if SPLIT:
+        ws_tile = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(ws_tile + pid_k * M * N, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        count = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if count == num_splits - 1:
+            total = tl.zeros_like(acc)
+            for split in range(0, num_splits):
+                total += tl.load(ws_tile + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, (total + bias[:, None]).to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        tl.store(y_ptrs, (acc + bias[:, None]).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,99 +289,64 @@ def _gemv_kernel(
     out1 = tl.sum(tl.sum(acc1, axis=2), axis=1)
     out2 = tl.sum(tl.sum(acc2, axis=2), axis=1)
     out3 = tl.sum(tl.sum(acc3, axis=2), axis=1)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if SPLIT:
-        # fp32 partials into the zeroed workspace; the program that arrives last for this n-tile finishes it.
-        tl.atomic_add(ws_ptr + offs_n, out0, mask=n_mask)
-        if M > 1:
-            tl.atomic_add(ws_ptr + N + offs_n, out1, mask=n_mask)
-        if M > 2:
-            tl.atomic_add(ws_ptr + 2 * N + offs_n, out2, mask=n_mask)
-        if M > 3:
-            tl.atomic_add(ws_ptr + 3 * N + offs_n, out3, mask=n_mask)
-        tl.debug_barrier()
-        count = tl.atomic_add(cnt_ptr + pid_n, 1)
-        if count == tl.num_programs(1) - 1:
-            _finish_row(out0, bias, y_ptr, ws_ptr, offs_n, n_mask, True)
-            if M > 1:
-                _finish_row(out1, bias, y_ptr + stride_ym, ws_ptr + N, offs_n, n_mask, True)
-            if M > 2:
-                _finish_row(out2, bias, y_ptr + 2 * stride_ym, ws_ptr + 2 * N, offs_n, n_mask, True)
-            if M > 3:
-                _finish_row(out3, bias, y_ptr + 3 * stride_ym, ws_ptr + 3 * N, offs_n, n_mask, True)
-    else:
-        _finish_row(out0, bias, y_ptr, ws_ptr, offs_n, n_mask, False)
-        if M > 1:
-            _finish_row(out1, bias, y_ptr + stride_ym, ws_ptr, offs_n, n_mask, False)
-        if M > 2:
-            _finish_row(out2, bias, y_ptr + 2 * stride_ym, ws_ptr, offs_n, n_mask, False)
-        if M > 3:
-            _finish_row(out3, bias, y_ptr + 3 * stride_ym, ws_ptr, offs_n, n_mask, False)
+    acc = tl.reshape(tl.join(tl.join(out0, out2), tl.join(out1, out3)), [BLOCK_N, 4])  # column m = row m's sums
+    offs_m = tl.arange(0, 4)
+    _store_tile(
+        acc, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, tl.num_programs(1), offs_n, offs_m, n_mask, offs_m < M,
+        M, N, stride_ym, SPLIT, HAS_BIAS,
+    )  # fmt: skip
 
 
 @triton.jit
 def _tc_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, KW, KG, stride_xm, stride_ym, groups_per_split, magic,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    M, N, KW, KG, stride_xm, stride_ym, tiles_per_split, magic,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_TILES_M: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Small-M GEMM on tensor cores, computed as ``y^T = W x^T`` so the wide weight tile is the MMA's M side.
+    """GEMM on tensor cores, computed as ``y^T = W x^T`` so the wide weight tile is the MMA's M side.
 
-    One group per K step: the exact codes go into ``tl.dot`` and the group scale multiplies the fp32 result.
+    Each K tile (inside one group) is dequantized with its scale applied and accumulated in place by ``tl.dot``.
+    Programs sweep ``GROUP_TILES_M`` token tiles per weight tile column before moving on (L2 reuse at large M).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    GW: tl.constexpr = GROUP // 8
+    per_band = GROUP_TILES_M * num_n
+    band = pid // per_band
+    first_m = band * GROUP_TILES_M
+    band_m = tl.minimum(num_m - first_m, GROUP_TILES_M)
+    pid_m = first_m + (pid % per_band) % band_m
+    pid_n = (pid % per_band) // band_m
+    KTW: tl.constexpr = BLOCK_K // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
-    offs_w = tl.arange(0, GW)
-    offs_k = tl.arange(0, GROUP)
-    g_begin = pid_k * groups_per_split
-    g_end = tl.minimum(g_begin + groups_per_split, KG)
-    w_rows = w_ptr + offs_n[:, None] * KW + offs_w[None, :]
-    x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    offs_kw = tl.arange(0, KTW)
+    offs_k = tl.arange(0, BLOCK_K)
+    num_k_tiles = KW // KTW
+    kt_begin = pid_k * tiles_per_split
+    kt_end = tl.minimum(kt_begin + tiles_per_split, num_k_tiles)
+    w_ptrs = w_ptr + offs_n[:, None] * KW + offs_kw[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    s_ptrs = s_ptr + offs_n * KG
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    words = tl.load(w_rows + g_begin * GW, mask=n_mask[:, None] & (g_begin + 0 * offs_w < g_end)[None, :], other=0)
-    for g in range(g_begin, g_end):
-        # software prefetch of the next group's words (the dot pipeline only prefetches x)
-        words_next = tl.load(
-            w_rows + (g + 1) * GW, mask=n_mask[:, None] & (g + 1 + 0 * offs_w < g_end)[None, :], other=0
-        )
-        xk = tl.load(x_rows + g * GROUP, mask=m_mask[:, None], other=0.0)
-        q = tl.reshape(_codes_joined(words, magic), [BLOCK_N, GROUP])
-        if DOT_FP32:
-            part = tl.dot(q, tl.trans(xk.to(tl.float32)))
+    for kt in range(kt_begin, kt_end):
+        words = tl.load(w_ptrs + kt * KTW, mask=n_mask[:, None], other=0)
+        xk = tl.load(x_ptrs + kt * BLOCK_K, mask=m_mask[:, None], other=0.0)
+        sc = tl.load(s_ptrs + (kt * BLOCK_K) // GROUP, mask=n_mask, other=0.0)
+        w = _dequant_tile(words, sc, magic, BLOCK_K, INTERP)
+        if INTERP:
+            acc = tl.dot(w, tl.trans(xk.to(tl.float32)), acc)
         else:
-            part = tl.dot(q.to(xk.dtype), tl.trans(xk))
-        sc = tl.load(s_ptr + offs_n * KG + g, mask=n_mask, other=0.0).to(tl.float32)
-        acc += part * sc[:, None]
-        words = words_next
-
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    if SPLIT:
-        ws_ptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
-        tl.atomic_add(ws_ptrs, acc, mask=out_mask)
-        tl.debug_barrier()
-        count = tl.atomic_add(cnt_ptr + pid, 1)
-        if count == tl.num_programs(1) - 1:
-            total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, (total + bias[:, None]).to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(y_ptrs, (acc + bias[:, None]).to(y_ptr.dtype.element_ty), mask=out_mask)
+            acc = tl.dot(w, tl.trans(xk), acc)
+    tile = pid_m * num_n + pid_n
+    _store_tile(
+        acc, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, tl.num_programs(1), offs_n, offs_m, n_mask, m_mask,
+        M, N, stride_ym, SPLIT, HAS_BIAS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -324,6 +391,23 @@ def _sms(t: torch.Tensor) -> int:
     return _num_sms(t.device.index if t.is_cuda else None)
 
 
+_COUNTER_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """This device's zeroed split-K arrival counters (allocated once, outside any graph capture; every split call
+    leaves them zero again)."""
+    buf = _COUNTER_BUFFERS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the W4A16 split-K counters are allocated on a device's first split call, which must not be "
+                "captured: run one eager forward (or grace_quant.kernels warm-up) before capturing a CUDA graph"
+            )
+        buf = _COUNTER_BUFFERS[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
 def _split_groups(num_groups: int, tiles: int, target_programs: int, step: int, max_split: int | None = None) -> int:
     """Groups per split so that ``tiles * splits`` reaches ``target_programs`` (whole ``step``s per split)."""
     want = max(1, triton.cdiv(target_programs, tiles))
@@ -358,14 +442,15 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_si
 def _outputs(
     x2: torch.Tensor, packed: torch.Tensor, tiles: int, splits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The output ``[M, N]`` and, when K is split, one zeroed buffer holding the fp32 split-K accumulators
-    ``[M * N]`` and the int32 arrival counters ``[tiles]`` (without a split both are unused placeholders)."""
+    """The output ``[M, N]`` and, when K is split, the fp32 partials ``[splits, M, N]`` (never zeroed: each split
+    writes its own) and this device's counters (without a split both are unused placeholders)."""
     m, n = x2.shape[0], packed.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if splits == 1:
         return y, y, packed
-    buf = torch.zeros(m * n + tiles, dtype=torch.int32, device=x2.device)
-    return y, buf[: m * n].view(torch.float32), buf[m * n :]
+    if tiles > _COUNTERS:
+        raise ValueError(f"a split-K call needs one counter per output tile: {tiles} tiles > {_COUNTERS}")
+    return y, torch.empty((splits, m, n), dtype=torch.float32, device=x2.device), _counters(x2.device)
 
 
 def gemv_w4a16(
@@ -384,7 +469,7 @@ def gemv_w4a16(
     """Split-K GEMV for a 2-D ``x2`` of 1..4 rows; keyword arguments override the heuristic config.
 
     By default K is split only when the n-tiles fill less than two waves of 4-warp programs and the weight is
-    large enough to pay for the zeroed workspace; the split then aims at ``4 x SMs`` programs. Each step walks
+    large enough to pay for the partials; the split then aims at ``4 x SMs`` programs. Each step walks
     1024 K for a single row with K >= 4096 (more bytes in flight; H200 sweep), else 512.
     """
     m, k = x2.shape
@@ -414,16 +499,16 @@ def gemv_w4a16(
     return y
 
 
-def _tc_config(m: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) per M bucket, from an H200 sweep; fixed, so
-    nothing is tuned during graph capture."""
+def _tc_config(m: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM) per M bucket: fixed (nothing is tuned
+    during graph capture), the fallback for shapes the GPU's table lacks."""
     if m <= 16:
-        return 16, 64, 4, 3, 4
+        return 16, 64, 128, 4, 4, 4
     if m <= 32:
-        return 32, 64, 4, 3, 4
+        return 32, 64, 128, 4, 4, 4
     if m <= 64:
-        return 64, 64, 4, 2, 2
-    return 128, 128, 8, 2, 2
+        return 64, 64, 128, 4, 3, 2
+    return 128, 128, 64, 8, 3, 1
 
 
 def tc_gemm_w4a16(
@@ -435,30 +520,45 @@ def tc_gemm_w4a16(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
     target_programs: int | None = None,
     splits: int | None = None,
+    group_tiles_m: int = 8,
 ) -> torch.Tensor:
-    """Tensor-core GEMM with split-K for a 2-D ``x2``; keyword arguments override the per-M-bucket config."""
+    """Tensor-core GEMM with split-K for a 2-D ``x2``; keyword arguments override the per-M-bucket config.
+
+    ``block_k`` is capped at the group size (a K tile never straddles two scales); K is split so that
+    ``tiles * splits`` reaches ``target_programs`` (none by default above M = 64).
+    """
     m, k = x2.shape
     n = packed.shape[0]
-    kg = k // group_size
-    bm, bn, nw, ns, per_sm = _tc_config(m)
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn, bk, nw, ns, per_sm = _tc_config(m)
+    bm, bn, bk = block_m or bm, block_n or bn, min(block_k or bk, group_size)
     nw, ns = num_warps or nw, num_stages or ns
+    k_tiles = k // bk
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     target = per_sm * _sms(x2) if target_programs is None else target_programs
-    per = _split_groups(kg, tiles, target, 1) if splits is None else triton.cdiv(kg, splits)
-    splits = triton.cdiv(kg, per)
+    per = _split_groups(k_tiles, tiles, target, 1) if splits is None else triton.cdiv(k_tiles, splits)
+    splits = triton.cdiv(k_tiles, per)
     y, ws, cnt = _outputs(x2, packed, tiles, splits)
     _tc_kernel[(tiles, splits)](
         x2, packed, scales, bias if bias is not None else scales, y, ws, cnt,
-        m, n, k // 8, kg, x2.stride(0), y.stride(0), per, _MAGIC,
-        GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, SPLIT=splits > 1, HAS_BIAS=bias is not None,
-        DOT_FP32=INTERPRET, num_warps=nw, num_stages=ns,
+        m, n, k // 8, k // group_size, x2.stride(0), y.stride(0), per, _MAGIC,
+        GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_TILES_M=group_tiles_m,
+        SPLIT=splits > 1, HAS_BIAS=bias is not None, INTERP=INTERPRET, num_warps=nw, num_stages=ns,
     )  # fmt: skip
     return y
+
+
+def _tc_overrides(config: dict[str, int], x2: torch.Tensor) -> dict[str, int]:
+    """Keyword arguments of :func:`tc_gemm_w4a16` from a tuned entry (``target_programs_per_sm`` 0: no split)."""
+    out = {
+        name: config[name] for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages") if name in config
+    }
+    per_sm = config.get("target_programs_per_sm", 0)
+    return {**out, **({"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1})}
 
 
 def linear_with_config(
@@ -471,28 +571,24 @@ def linear_with_config(
     config: dict[str, int] | None,
 ) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` on ``path`` (``gemv``, ``tc`` or ``large``; see ``kernels.dispatch``) with a tuned
-    ``config`` from the table, or the built-in heuristic when ``config`` is None (``large``: dequantize + cuBLAS)."""
-    if path == "gemv":
-        overrides = {}
-        if config is not None:
-            per_sm = config.get("target_programs_per_sm", 0)
-            split = {"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1}
-            overrides = {"block_n": config["block_n"], "step_k": config["step_k"], "num_warps": config["num_warps"],
-                         **split}  # fmt: skip
-        return gemv_w4a16(x2, packed, scales, bias, group_size, **overrides)
-    if path == "tc":
-        overrides = {}
-        if config is not None:
-            overrides = {"block_n": config["block_n"], "num_warps": config["num_warps"],
-                         "num_stages": config["num_stages"],
-                         "target_programs": config["target_programs_per_sm"] * _sms(x2)}  # fmt: skip
-        return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **overrides)
-    if path != "large":
+    ``config`` from the table, or the path's built-in heuristic when ``config`` is None (``large``: dequantize +
+    cuBLAS). An entry names its kernel: ``"tc": 1`` the tensor-core kernel, ``"step_k"`` the GEMV (up to
+    ``GEMV_ROWS`` rows), ``"tc": 0`` dequantize + cuBLAS."""
+    if path not in ("gemv", "tc", "large"):
         raise ValueError(f"unknown kernel path {path!r} (expected 'gemv', 'tc' or 'large')")
     if config is not None and config.get("tc"):
-        return tc_gemm_w4a16(x2, packed, scales, bias, group_size, block_m=config["block_m"],
-                             block_n=config["block_n"], num_warps=config["num_warps"],
-                             num_stages=config["num_stages"], splits=1)  # fmt: skip
+        return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_tc_overrides(config, x2))
+    if config is not None and "step_k" in config and x2.shape[0] <= GEMV_ROWS:
+        per_sm = config.get("target_programs_per_sm", 0)
+        split = {"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1}
+        return gemv_w4a16(
+            x2, packed, scales, bias, group_size,
+            block_n=config["block_n"], step_k=config["step_k"], num_warps=config["num_warps"], **split,
+        )  # fmt: skip
+    if path == "gemv":
+        return gemv_w4a16(x2, packed, scales, bias, group_size)
+    if path == "tc":
+        return tc_gemm_w4a16(x2, packed, scales, bias, group_size)
     weight = dequantize_w4(packed, scales, group_size, x2.dtype)
     return F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
 

@@ -13,34 +13,49 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .dispatch import M_BUCKETS, key_for, path_for
+from .dispatch import GEMV_ROWS, M_BUCKETS, key_for, path_for
 from .tables import Config, ConfigTable, device_name, table
 from .timing import graph_time_us, w4_copies
 
 GEMV_SPACE: tuple[Config, ...] = tuple(
-    {"block_n": bn, "step_k": sk, "num_warps": nw, "target_programs_per_sm": tp}
+    {"block_n": bn, "step_k": sk, "num_warps": 4, "target_programs_per_sm": tp}
     for bn in (4, 8, 16)
-    for sk in (512, 1024, 2048)
-    for nw in (2, 4)
+    for sk in (512, 1024)
     for tp in (0, 4)
 )
-"""Candidates for the GEMV (``target_programs_per_sm`` 0: no split-K)."""
+"""Candidates for the CUDA-core GEMV, M <= 4 (``target_programs_per_sm`` 0: no split-K)."""
+
+TC_SMALL_SPACE: tuple[Config, ...] = tuple(
+    {
+        "tc": 1,
+        "block_m": 16,
+        "block_n": bn,
+        "block_k": bk,
+        "num_warps": 4,
+        "num_stages": ns,
+        "target_programs_per_sm": tp,
+    }
+    for bn in (64, 128)
+    for bk in (64, 128)
+    for ns in (3, 5)
+    for tp in (0, 2, 4)
+)
+"""Candidates for the tensor-core kernel at M <= 16 (a 16-token tile; split-K aims at ``tp`` programs per SM)."""
 
 TC_SPACE: tuple[Config, ...] = tuple(
-    {"block_n": bn, "num_warps": nw, "num_stages": ns, "target_programs_per_sm": tp}
-    for bn in (32, 64, 128)
+    {"tc": 1, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns, "target_programs_per_sm": tp}
+    for bn in (64, 128)
+    for bk in (64, 128)
     for nw in (4, 8)
-    for ns in (2, 3)
-    for tp in (2, 4)
+    for ns in (3, 4)
+    for tp in (0, 2)
 )
-"""Candidates for the split-K tensor-core kernel (its ``block_m`` follows the M bucket)."""
+"""Candidates for the tensor-core kernel at 16 < M <= ``TC_MAX_M`` (its token tile follows the M bucket)."""
 
 LARGE_SPACE: tuple[Config, ...] = ({"tc": 0},) + tuple(
-    {"tc": 1, "block_m": bm, "block_n": bn, "num_warps": nw, "num_stages": ns}
-    for bm in (64, 128)
-    for bn in (64, 128)
-    for nw in (4, 8)
-    for ns in (2, 3)
+    {"tc": 1, "block_m": bm, "block_n": bn, "block_k": 64, "num_warps": 8, "num_stages": ns}
+    for bm, bn in ((128, 128), (256, 128), (128, 256))
+    for ns in (3, 4)
 )
 """The race above ``TC_MAX_M``: dequantize + cuBLAS (``tc`` 0, the fallback) against the tensor-core kernel's tiles
 (no split-K: large M has tiles enough)."""
@@ -49,18 +64,37 @@ Shape = tuple[int, int, int, torch.dtype, torch.device]
 """``(N, K, group, scales dtype, device)`` of one INT4 matmul."""
 MeasureFactory = Callable[[int, int, int, int, torch.dtype, torch.device], Callable[[Config], float]]
 
-__all__ = ["GEMV_SPACE", "LARGE_SPACE", "TC_SPACE", "MeasureFactory", "Shape", "space_for", "tune_key", "tune_shapes"]
+__all__ = [
+    "GEMV_SPACE",
+    "LARGE_SPACE",
+    "TC_SMALL_SPACE",
+    "TC_SPACE",
+    "MeasureFactory",
+    "Shape",
+    "space_for",
+    "tune_key",
+    "tune_shapes",
+]
 
 
 def space_for(m: int) -> tuple[Config, ...]:
-    """The candidate configurations of ``m``'s path."""
-    return {"gemv": GEMV_SPACE, "tc": TC_SPACE, "large": LARGE_SPACE}[path_for(m)]
+    """The candidate configurations for ``m`` tokens: the GEMV races the tensor-core kernel up to its 4 rows."""
+    path = path_for(m)
+    if path == "large":
+        return LARGE_SPACE
+    small = TC_SMALL_SPACE if m <= 16 else TC_SPACE
+    return (GEMV_SPACE + small) if m <= GEMV_ROWS else small
 
 
 def tune_key(
-    key: str, candidates: Sequence[Config], measure: Callable[[Config], float], table_: ConfigTable
+    key: str,
+    candidates: Sequence[Config],
+    measure: Callable[[Config], float],
+    table_: ConfigTable,
+    on_result: Callable[[Config, float | None, str], None] | None = None,
 ) -> tuple[Config, float]:
-    """Time every candidate with ``measure`` (seconds; failures are skipped) and file the fastest under ``key``."""
+    """Time every candidate with ``measure`` (seconds; failures are skipped) and file the fastest under ``key``;
+    ``on_result(config, seconds or None, error)`` sees every candidate (sweeps record them all)."""
     best: tuple[Config, float] | None = None
     errors = []
     for config in candidates:
@@ -68,7 +102,11 @@ def tune_key(
             seconds = measure(config)
         except Exception as exc:  # noqa: BLE001  (a config the kernel or the GPU rejects is just not a candidate)
             errors.append(f"{config}: {type(exc).__name__}: {exc}")
+            if on_result is not None:
+                on_result(config, None, errors[-1][:300])
             continue
+        if on_result is not None:
+            on_result(config, seconds, "")
         if best is None or seconds < best[1]:
             best = (config, seconds)
     if best is None:
@@ -77,7 +115,7 @@ def tune_key(
     return best
 
 
-def _cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device):
+def cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device):
     """A ``measure(config)`` timing the kernel as a decode step runs it: CUDA-graph replay of one call per weight
     copy, copies cycled past L2; returns seconds per call (Triton is imported here, on the GPU path only)."""
     from . import triton_w4a16
@@ -114,7 +152,7 @@ def tune_shapes(
         for *_, device in shapes:
             if device.type != "cuda":
                 raise RuntimeError(f"tuning needs the INT4 layers on a CUDA GPU; they are on {device}")
-    factory = measure_factory or _cuda_measure
+    factory = measure_factory or cuda_measure
     keyed = [(m, shape, key_for(m, *shape[:4])) for shape in shapes for m in sorted(set(m_values))]
     todo = [(m, shape, key) for m, shape, key in keyed if retune or table(device_name(shape[4])).get(key) is None]
     tuned: dict[str, Config] = {}
