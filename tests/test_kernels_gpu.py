@@ -87,6 +87,9 @@ FORCED = [
     ("tc", dict(block_m=64), 33, 72, 640, 32),
     ("tc", dict(), 5, 4096, 4096, 128),
     ("tc", dict(), 256, 1000, 1024, 128),
+    ("tc", dict(block_m=16, block_n=128, block_k=64, num_stages=5, splits=7), 1, 4096, 4096, 128),
+    ("tc", dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4, splits=1), 300, 512, 1024, 64),
+    ("tc", dict(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, splits=1), 2048, 384, 512, 32),
 ]
 
 
@@ -105,12 +108,34 @@ def test_forced_configs(dtype, kernel, cfg, m, n, k, group):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_dequantize_bit_exact(dtype):
-    packed, scales, _ = make(300, 1024, 64, dtype, False)
+@pytest.mark.parametrize("group", [32, 128])
+def test_dequantize_bit_exact(dtype, group):
+    """The PTX tile rule (lop3 + packed FMAs) the tensor-core kernel feeds its MMA, bit for bit the torch rule."""
+    packed, scales, _ = make(300, 1024, group, dtype, False)
     poison()
     torch.testing.assert_close(
-        TW.dequantize_w4(packed, scales, 64, dtype), KM.dequantize(packed, scales, 64, 4), rtol=0, atol=0
+        TW.dequantize_w4(packed, scales, group, dtype), KM.dequantize(packed, scales, group, 4), rtol=0, atol=0
     )
+
+
+def test_dequantize_into_another_dtype_rounds_once():
+    """fp16 scales, bf16 output: the fp32 path, one rounding of the exact product into bf16."""
+    packed, scales, _ = make(200, 512, 64, torch.float16, False)
+    ref = KM.dequantize(packed, scales.float(), 64, 4).to(torch.bfloat16)
+    torch.testing.assert_close(TW.dequantize_w4(packed, scales, 64, torch.bfloat16), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "tc"])
+def test_split_k_is_deterministic_and_resets_its_counters(kernel):
+    """Hundreds of splits racing to finish: the same bits every call, every counter back at zero."""
+    torch.manual_seed(3)
+    packed, scales, bias = make(4096, 11008, 128, torch.bfloat16, True)
+    x = torch.randn(2, 11008, device="cuda").to(torch.bfloat16)
+    fn = TW.gemv_w4a16 if kernel == "gemv" else TW.tc_gemm_w4a16
+    outs = [fn(x, packed, scales, bias, 128, splits=8) for _ in range(20)]
+    assert all(torch.equal(outs[0], y) for y in outs[1:])
+    assert int(TW._counters(x.device).abs().sum()) == 0
+    assert rel_err(outs[0], ref_fp64(x, packed, scales, bias, 128)) < TOL[torch.bfloat16]
 
 
 class _QLinear(torch.nn.Module):

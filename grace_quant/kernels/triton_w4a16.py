@@ -136,22 +136,24 @@ _FP16_PTX = tl.constexpr(
 
 
 @triton.jit
-def _dequant_tile(words, sc, magic, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    """Words ``[BN, BLOCK_K/8]`` and one scale per row ``[BN]`` -> the weight tile ``[BN, BLOCK_K]`` in the scales'
-    dtype (``q * s`` rounded once); in fp32 under the interpreter, rounded through the scales' dtype alike."""
+def _dequant_tile(words, sc, magic, BLOCK_K: tl.constexpr, OUT: tl.constexpr, INTERP: tl.constexpr):
+    """Words ``[BN, BLOCK_K/8]`` and one scale per row ``[BN]`` -> the weight tile ``[BN, BLOCK_K]`` in ``OUT``
+    (``q * s`` rounded once, as ``kernels.reference.dequantize`` does). PTX where ``OUT`` is the scales' dtype; fp32
+    math otherwise, and under the interpreter, which gets fp32 holding the ``OUT`` values (its dot runs in fp32)."""
     BN: tl.constexpr = words.shape[0]
-    if INTERP:
+    if INTERP or sc.dtype != OUT:
         w = tl.reshape(_codes_joined(words, magic), [BN, BLOCK_K]) * sc.to(tl.float32)[:, None]
-        if sc.dtype == tl.bfloat16:  # round to nearest even by hand: the interpreter's cast to bf16 truncates
+        if not INTERP:
+            w = w.to(OUT)
+        elif OUT == tl.bfloat16:  # round to nearest even by hand: the interpreter's cast to bf16 truncates
             bits = w.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            w = bits.to(tl.float32, bitcast=True)
-        else:
+            w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        elif OUT == tl.float16:
             w = w.to(tl.float16).to(tl.float32)
     else:
         s16 = sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         s2 = tl.broadcast_to((s16 | (s16 << 16))[:, None], words.shape)
-        if sc.dtype == tl.bfloat16:
+        if OUT == tl.bfloat16:
             v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
                 _BF16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, s2], dtype=(tl.int16,) * 8, is_pure=True, pack=1
             )
@@ -159,7 +161,7 @@ def _dequant_tile(words, sc, magic, BLOCK_K: tl.constexpr, INTERP: tl.constexpr)
             v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
                 _FP16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, s2], dtype=(tl.int16,) * 8, is_pure=True, pack=1
             )
-        w = tl.reshape(_join8(v0, v1, v2, v3, v4, v5, v6, v7), [BN, BLOCK_K]).to(sc.dtype, bitcast=True)
+        w = tl.reshape(_join8(v0, v1, v2, v3, v4, v5, v6, v7), [BN, BLOCK_K]).to(OUT, bitcast=True)
     return w
 
 
@@ -337,7 +339,7 @@ def _tc_kernel(
         words = tl.load(w_ptrs + kt * KTW, mask=n_mask[:, None], other=0)
         xk = tl.load(x_ptrs + kt * BLOCK_K, mask=m_mask[:, None], other=0.0)
         sc = tl.load(s_ptrs + (kt * BLOCK_K) // GROUP, mask=n_mask, other=0.0)
-        w = _dequant_tile(words, sc, magic, BLOCK_K, INTERP)
+        w = _dequant_tile(words, sc, magic, BLOCK_K, x_ptr.dtype.element_ty, INTERP)
         if INTERP:
             acc = tl.dot(w, tl.trans(xk.to(tl.float32)), acc)
         else:
@@ -352,27 +354,21 @@ def _tc_kernel(
 @triton.jit
 def _dequant_kernel(
     w_ptr, s_ptr, out_ptr, N, KW, KG, magic,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Dense ``W[n, k] = q * s`` in ``out``'s dtype (rounded once from the exact fp32 product)."""
+    """Dense ``W[n, k] = q * s`` in ``out``'s dtype, one group of ``BLOCK_N`` rows per program (the tile rule of the
+    tensor-core kernel, so both round identically)."""
     pid_n = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    GW: tl.constexpr = GROUP // 8
+    g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = pid_g * NG + tl.arange(0, NG)
-    offs_w = tl.arange(0, GW)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, GROUP // 8)
     offs_k = tl.arange(0, GROUP)
-    mask2 = (offs_n < N)[:, None] & (g < KG)[None, :]
-    words = tl.load(
-        w_ptr + offs_n[:, None, None] * KW + g[None, :, None] * GW + offs_w[None, None, :],
-        mask=mask2[:, :, None],
-        other=0,
-    )
-    sc = tl.load(s_ptr + offs_n[:, None] * KG + g[None, :], mask=mask2, other=0.0).to(tl.float32)
-    q = tl.reshape(_codes_joined(words, magic), [BLOCK_N, NG, GROUP])
-    w = (q * sc[:, :, None]).to(out_ptr.dtype.element_ty)
-    out_ptrs = out_ptr + offs_n[:, None, None] * (KW * 8) + g[None, :, None] * GROUP + offs_k[None, None, :]
-    tl.store(out_ptrs, w, mask=mask2[:, :, None])
+    words = tl.load(w_ptr + offs_n[:, None] * KW + g * (GROUP // 8) + offs_w[None, :], mask=n_mask[:, None], other=0)
+    sc = tl.load(s_ptr + offs_n * KG + g, mask=n_mask, other=0.0)
+    w = _dequant_tile(words, sc, magic, GROUP, out_ptr.dtype.element_ty, INTERP)
+    out_ptrs = out_ptr + offs_n[:, None] * (KW * 8) + g * GROUP + offs_k[None, :]
+    tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,8 +397,8 @@ def _counters(device: torch.device) -> torch.Tensor:
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                "the W4A16 split-K counters are allocated on a device's first split call, which must not be "
-                "captured: run one eager forward (or grace_quant.kernels warm-up) before capturing a CUDA graph"
+                "the W4A16 kernels' split-K counters are allocated on a device's first call, which must not be "
+                "captured: run one eager forward before capturing a CUDA graph"
             )
         buf = _COUNTER_BUFFERS[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
     return buf
@@ -445,12 +441,13 @@ def _outputs(
     """The output ``[M, N]`` and, when K is split, the fp32 partials ``[splits, M, N]`` (never zeroed: each split
     writes its own) and this device's counters (without a split both are unused placeholders)."""
     m, n = x2.shape[0], packed.shape[0]
+    counters = _counters(x2.device)  # on a device's first call, split or not: any eager call readies graph capture
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if splits == 1:
-        return y, y, packed
+        return y, y, counters
     if tiles > _COUNTERS:
         raise ValueError(f"a split-K call needs one counter per output tile: {tiles} tiles > {_COUNTERS}")
-    return y, torch.empty((splits, m, n), dtype=torch.float32, device=x2.device), _counters(x2.device)
+    return y, torch.empty((splits, m, n), dtype=torch.float32, device=x2.device), counters
 
 
 def gemv_w4a16(
@@ -598,9 +595,10 @@ def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, d
     n, kw = packed.shape
     kg = kw * 8 // group_size
     out = torch.empty((n, kw * 8), dtype=dtype, device=packed.device)
-    block_n, ng = 32, max(1, 256 // group_size)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kg, ng))
-    _dequant_kernel[grid](packed, scales, out, n, kw, kg, _MAGIC, GROUP=group_size, BLOCK_N=block_n, NG=ng, num_warps=4)
+    block_n = 64 if group_size <= 64 else 32
+    _dequant_kernel[(triton.cdiv(n, block_n), kg)](
+        packed, scales, out, n, kw, kg, _MAGIC, GROUP=group_size, BLOCK_N=block_n, INTERP=INTERPRET, num_warps=4
+    )
     return out
 
 
