@@ -136,19 +136,19 @@ _FP16_PTX = tl.constexpr(
 
 
 @triton.jit
-def _dequant_tile(words, sc, magic, BLOCK_K: tl.constexpr, OUT: tl.constexpr, INTERP: tl.constexpr):
+def _dequant_tile(words, sc, magic, BLOCK_K: tl.constexpr, OUT: tl.constexpr, MODE: tl.constexpr):
     """Words ``[BN, BLOCK_K/8]`` and one scale per row ``[BN]`` -> the weight tile ``[BN, BLOCK_K]`` in ``OUT``
-    (``q * s`` rounded once, as ``kernels.reference.dequantize`` does). PTX where ``OUT`` is the scales' dtype; fp32
-    math otherwise, and under the interpreter, which gets fp32 holding the ``OUT`` values (its dot runs in fp32)."""
+    (``q * s`` rounded once, as ``kernels.reference.dequantize`` does). ``MODE`` (:func:`_tile_mode`): 0 PTX (``OUT``
+    is the scales' dtype), 1 fp32 math, 2 the interpreter, which gets fp32 holding the ``OUT`` values."""
     BN: tl.constexpr = words.shape[0]
-    if INTERP or sc.dtype != OUT:
+    if MODE != 0:
         w = tl.reshape(_codes_joined(words, magic), [BN, BLOCK_K]) * sc.to(tl.float32)[:, None]
-        if not INTERP:
+        if MODE == 1:
             w = w.to(OUT)
         elif OUT == tl.bfloat16:  # round to nearest even by hand: the interpreter's cast to bf16 truncates
             bits = w.to(tl.uint32, bitcast=True)
             w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        elif OUT == tl.float16:
+        else:
             w = w.to(tl.float16).to(tl.float32)
     else:
         s16 = sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -304,7 +304,7 @@ def _tc_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, KW, KG, stride_xm, stride_ym, tiles_per_split, magic,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_TILES_M: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
+    GROUP_TILES_M: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
     """GEMM on tensor cores, computed as ``y^T = W x^T`` so the wide weight tile is the MMA's M side.
 
@@ -339,8 +339,8 @@ def _tc_kernel(
         words = tl.load(w_ptrs + kt * KTW, mask=n_mask[:, None], other=0)
         xk = tl.load(x_ptrs + kt * BLOCK_K, mask=m_mask[:, None], other=0.0)
         sc = tl.load(s_ptrs + (kt * BLOCK_K) // GROUP, mask=n_mask, other=0.0)
-        w = _dequant_tile(words, sc, magic, BLOCK_K, x_ptr.dtype.element_ty, INTERP)
-        if INTERP:
+        w = _dequant_tile(words, sc, magic, BLOCK_K, x_ptr.dtype.element_ty, MODE)
+        if MODE == 2:
             acc = tl.dot(w, tl.trans(xk.to(tl.float32)), acc)
         else:
             acc = tl.dot(w, tl.trans(xk), acc)
@@ -354,7 +354,7 @@ def _tc_kernel(
 @triton.jit
 def _dequant_kernel(
     w_ptr, s_ptr, out_ptr, N, KW, KG, magic,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, INTERP: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
     """Dense ``W[n, k] = q * s`` in ``out``'s dtype, one group of ``BLOCK_N`` rows per program (the tile rule of the
     tensor-core kernel, so both round identically)."""
@@ -366,7 +366,7 @@ def _dequant_kernel(
     offs_k = tl.arange(0, GROUP)
     words = tl.load(w_ptr + offs_n[:, None] * KW + g * (GROUP // 8) + offs_w[None, :], mask=n_mask[:, None], other=0)
     sc = tl.load(s_ptr + offs_n * KG + g, mask=n_mask, other=0.0)
-    w = _dequant_tile(words, sc, magic, GROUP, out_ptr.dtype.element_ty, INTERP)
+    w = _dequant_tile(words, sc, magic, GROUP, out_ptr.dtype.element_ty, MODE)
     out_ptrs = out_ptr + offs_n[:, None] * (KW * 8) + g * GROUP + offs_k[None, :]
     tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
@@ -402,6 +402,12 @@ def _counters(device: torch.device) -> torch.Tensor:
             )
         buf = _COUNTER_BUFFERS[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
     return buf
+
+
+def _tile_mode(scales: torch.Tensor, out: torch.dtype) -> int:
+    """How :func:`_dequant_tile` dequantizes: 2 under the interpreter, 0 (PTX) where the scales are already in the
+    output dtype, else 1 (fp32 math, then one rounding)."""
+    return 2 if INTERPRET else 0 if scales.dtype == out else 1
 
 
 def _split_groups(num_groups: int, tiles: int, target_programs: int, step: int, max_split: int | None = None) -> int:
@@ -544,7 +550,7 @@ def tc_gemm_w4a16(
         x2, packed, scales, bias if bias is not None else scales, y, ws, cnt,
         m, n, k // 8, k // group_size, x2.stride(0), y.stride(0), per, _MAGIC,
         GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_TILES_M=group_tiles_m,
-        SPLIT=splits > 1, HAS_BIAS=bias is not None, INTERP=INTERPRET, num_warps=nw, num_stages=ns,
+        SPLIT=splits > 1, HAS_BIAS=bias is not None, MODE=_tile_mode(scales, x2.dtype), num_warps=nw, num_stages=ns,
     )  # fmt: skip
     return y
 
@@ -597,7 +603,17 @@ def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, d
     out = torch.empty((n, kw * 8), dtype=dtype, device=packed.device)
     block_n = 64 if group_size <= 64 else 32
     _dequant_kernel[(triton.cdiv(n, block_n), kg)](
-        packed, scales, out, n, kw, kg, _MAGIC, GROUP=group_size, BLOCK_N=block_n, INTERP=INTERPRET, num_warps=4
+        packed,
+        scales,
+        out,
+        n,
+        kw,
+        kg,
+        _MAGIC,
+        GROUP=group_size,
+        BLOCK_N=block_n,
+        MODE=_tile_mode(scales, dtype),
+        num_warps=4,
     )
     return out
 
