@@ -15,6 +15,8 @@
 #            run it alone in one device call). Its GemLite arm needs the call to carry `.whl` (see below)
 #   tune     tune the kernels for the LLaVA-7B / Qwen2-VL-2B shapes; OUT/kernels/<GPU>.json goes to
 #            grace_quant/kernels/configs/
+#   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
+#            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
 #   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast
@@ -72,10 +74,13 @@ for stage in $STAGES; do
       timeout 300 python benchmarks/e2e.py --models qwen2-vl-2b --arms bf16 grace --batches 1 --profile bf16 grace \
         --profile-stacks --out "$OUT/qwen_profile.md" --log-dir "$OUT" > "$OUT/qwen_profile.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
+    sweep)
+      GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
+        --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
     fake-quant)
       timeout 150 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels tune ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -88,6 +88,8 @@ FORCED = [
     ("tc", dict(), 5, 4096, 4096, 128),
     ("tc", dict(), 256, 1000, 1024, 128),
     ("tc", dict(block_m=16, block_n=128, block_k=64, num_stages=5, splits=7), 1, 4096, 4096, 128),
+    ("tc", dict(block_m=16, block_n=64, block_k=128, prefetch=1, splits=5), 3, 4096, 11008, 128),
+    ("tc", dict(block_m=64, block_n=64, block_k=32, prefetch=1, num_warps=8, splits=1), 40, 1000, 640, 32),
     ("tc", dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4, splits=1), 300, 512, 1024, 64),
     ("tc", dict(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, splits=1), 2048, 384, 512, 32),
 ]

@@ -45,6 +45,8 @@ CASES = [
     ("tc-nosplit-bf16", "tc", 16, 200, 384, 128, "bfloat16", False, {"splits": 1}),
     ("tc-split3-bm64-fp16", "tc", 33, 72, 384, 32, "float16", True, {"splits": 3, "block_m": 64}),
     ("tc-m5-bn128-bf16", "tc", 5, 200, 256, 64, "bfloat16", True, {"block_n": 128}),
+    ("tc-prefetch-split3-bf16", "tc", 3, 72, 1024, 64, "bfloat16", True, {"splits": 3, "prefetch": 1, "block_k": 32}),
+    ("tc-prefetch-nosplit-fp16", "tc", 20, 200, 384, 128, "float16", False, {"splits": 1, "prefetch": 1}),
     ("batched-3d-bf16", "batched", 6, 72, 384, 64, "bfloat16", True, {}),
     ("quant-linear-triton-fp16", "quant_linear", 2, 200, 384, 128, "float16", True, {}),
 ]

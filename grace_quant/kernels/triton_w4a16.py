@@ -300,11 +300,26 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _tc_step(acc, words, x_ptrs, s_ptrs, kt, n_mask, m_mask, magic, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+             MODE: tl.constexpr):  # fmt: skip
+    """One K tile of the tensor-core kernel: dequantize ``words`` with the tile's scales, ``acc += w @ x^T``."""
+    xk = tl.load(x_ptrs + kt * BLOCK_K, mask=m_mask[:, None], other=0.0)
+    sc = tl.load(s_ptrs + (kt * BLOCK_K) // GROUP, mask=n_mask, other=0.0)
+    w = _dequant_tile(words, sc, magic, BLOCK_K, x_ptrs.dtype.element_ty, MODE)
+    if MODE == 2:
+        acc = tl.dot(w, tl.trans(xk.to(tl.float32)), acc)
+    else:
+        acc = tl.dot(w, tl.trans(xk), acc)
+    return acc
+
+
+@triton.jit
 def _tc_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, KW, KG, stride_xm, stride_ym, tiles_per_split, magic,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_TILES_M: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """GEMM on tensor cores, computed as ``y^T = W x^T`` so the wide weight tile is the MMA's M side.
 
@@ -335,15 +350,19 @@ def _tc_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     s_ptrs = s_ptr + offs_n * KG
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for kt in range(kt_begin, kt_end):
-        words = tl.load(w_ptrs + kt * KTW, mask=n_mask[:, None], other=0)
-        xk = tl.load(x_ptrs + kt * BLOCK_K, mask=m_mask[:, None], other=0.0)
-        sc = tl.load(s_ptrs + (kt * BLOCK_K) // GROUP, mask=n_mask, other=0.0)
-        w = _dequant_tile(words, sc, magic, BLOCK_K, x_ptr.dtype.element_ty, MODE)
-        if MODE == 2:
-            acc = tl.dot(w, tl.trans(xk.to(tl.float32)), acc)
-        else:
-            acc = tl.dot(w, tl.trans(xk), acc)
+    if PREFETCH:  # the next K tile's words load while this one is dequantized and multiplied
+        words = tl.load(
+            w_ptrs + kt_begin * KTW, mask=n_mask[:, None] & (kt_begin + 0 * offs_kw < kt_end)[None, :], other=0
+        )
+        for kt in range(kt_begin, kt_end):
+            more = (kt + 1 + 0 * offs_kw < kt_end)[None, :]  # a tensor: the interpreter rejects scalar masks here
+            words_next = tl.load(w_ptrs + (kt + 1) * KTW, mask=n_mask[:, None] & more, other=0)
+            acc = _tc_step(acc, words, x_ptrs, s_ptrs, kt, n_mask, m_mask, magic, GROUP, BLOCK_K, MODE)
+            words = words_next
+    else:
+        for kt in range(kt_begin, kt_end):
+            words = tl.load(w_ptrs + kt * KTW, mask=n_mask[:, None], other=0)
+            acc = _tc_step(acc, words, x_ptrs, s_ptrs, kt, n_mask, m_mask, magic, GROUP, BLOCK_K, MODE)
     tile = pid_m * num_n + pid_n
     _store_tile(
         acc, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, pid_k, tl.num_programs(1), offs_n, offs_m, n_mask, m_mask,
@@ -529,6 +548,7 @@ def tc_gemm_w4a16(
     target_programs: int | None = None,
     splits: int | None = None,
     group_tiles_m: int = 8,
+    prefetch: int = 0,
 ) -> torch.Tensor:
     """Tensor-core GEMM with split-K for a 2-D ``x2``; keyword arguments override the per-M-bucket config.
 
@@ -550,16 +570,16 @@ def tc_gemm_w4a16(
         x2, packed, scales, bias if bias is not None else scales, y, ws, cnt,
         m, n, k // 8, k // group_size, x2.stride(0), y.stride(0), per, _MAGIC,
         GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_TILES_M=group_tiles_m,
-        SPLIT=splits > 1, HAS_BIAS=bias is not None, MODE=_tile_mode(scales, x2.dtype), num_warps=nw, num_stages=ns,
+        SPLIT=splits > 1, HAS_BIAS=bias is not None, MODE=_tile_mode(scales, x2.dtype), PREFETCH=bool(prefetch),
+        num_warps=nw, num_stages=ns,
     )  # fmt: skip
     return y
 
 
 def _tc_overrides(config: dict[str, int], x2: torch.Tensor) -> dict[str, int]:
     """Keyword arguments of :func:`tc_gemm_w4a16` from a tuned entry (``target_programs_per_sm`` 0: no split)."""
-    out = {
-        name: config[name] for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages") if name in config
-    }
+    names = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prefetch")
+    out = {name: config[name] for name in names if name in config}
     per_sm = config.get("target_programs_per_sm", 0)
     return {**out, **({"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1})}
 

@@ -26,39 +26,28 @@ GEMV_SPACE: tuple[Config, ...] = tuple(
 """Candidates for the CUDA-core GEMV, M <= 4 (``target_programs_per_sm`` 0: no split-K)."""
 
 TC_SMALL_SPACE: tuple[Config, ...] = tuple(
-    {
-        "tc": 1,
-        "block_m": 16,
-        "block_n": bn,
-        "block_k": bk,
-        "num_warps": 4,
-        "num_stages": ns,
-        "target_programs_per_sm": tp,
-    }
-    for bn in (64, 128)
-    for bk in (64, 128)
-    for ns in (3, 5)
-    for tp in (0, 2, 4)
-)
-"""Candidates for the tensor-core kernel at M <= 16 (a 16-token tile; split-K aims at ``tp`` programs per SM)."""
+    {"tc": 1, "block_m": 16, "block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": ns,
+     "target_programs_per_sm": tp, "prefetch": pf}
+    for bn, bk, ns, tp in ((64, 128, 3, 4), (128, 128, 3, 2), (64, 64, 3, 4), (64, 128, 5, 2), (128, 64, 3, 2))
+    for pf in (0, 1)
+)  # fmt: skip
+"""Candidates for the tensor-core kernel at M <= 16 (a 16-token tile; split-K aims at ``tp`` programs per SM): the
+H200 sweep's winners (benchmarks/results/sweep_h200.json), with and without prefetching the next tile's words."""
 
 TC_SPACE: tuple[Config, ...] = tuple(
-    {"tc": 1, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns, "target_programs_per_sm": tp}
-    for bn in (64, 128)
-    for bk in (64, 128)
-    for nw in (4, 8)
-    for ns in (3, 4)
-    for tp in (0, 2)
-)
+    {"tc": 1, "block_n": 64, "block_k": bk, "num_warps": nw, "num_stages": ns, "target_programs_per_sm": 2,
+     "prefetch": pf}
+    for bk, nw, ns in ((128, 4, 3), (64, 8, 4), (128, 8, 3), (64, 8, 3))
+    for pf in (0, 1)
+)  # fmt: skip
 """Candidates for the tensor-core kernel at 16 < M <= ``TC_MAX_M`` (its token tile follows the M bucket)."""
 
 LARGE_SPACE: tuple[Config, ...] = ({"tc": 0},) + tuple(
-    {"tc": 1, "block_m": bm, "block_n": bn, "block_k": 64, "num_warps": 8, "num_stages": ns}
-    for bm, bn in ((128, 128), (256, 128), (128, 256))
-    for ns in (3, 4)
+    {"tc": 1, "block_m": bm, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": ns}
+    for bm, ns in ((128, 3), (256, 4))
 )
 """The race above ``TC_MAX_M``: dequantize + cuBLAS (``tc`` 0, the fallback) against the tensor-core kernel's tiles
-(no split-K: large M has tiles enough)."""
+(no split-K: large M has tiles enough; on the H200 dequantize + cuBLAS won every shape of the sweep)."""
 
 Shape = tuple[int, int, int, torch.dtype, torch.device]
 """``(N, K, group, scales dtype, device)`` of one INT4 matmul."""
@@ -156,13 +145,10 @@ def tune_shapes(
     keyed = [(m, shape, key_for(m, *shape[:4])) for shape in shapes for m in sorted(set(m_values))]
     todo = [(m, shape, key) for m, shape, key in keyed if retune or table(device_name(shape[4])).get(key) is None]
     tuned: dict[str, Config] = {}
-    devices = set()
     for m, (n, k, group, dtype, device), key in tqdm(todo, desc="tuning W4A16 kernels", unit="shape", disable=not todo):
         table_ = table(device_name(device))
-        devices.add(table_.device)
         config, _ = tune_key(key, space_for(m), factory(m, n, k, group, dtype, device), table_)
         tuned[key] = config
-    if save and tuned:
-        for device in devices:
-            table(device).save()
+        if save:  # after every key: a run stopped part-way keeps what it timed
+            table_.save()
     return tuned
