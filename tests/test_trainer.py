@@ -245,7 +245,9 @@ def test_nan_weights_skip_the_step_without_crashing(tmp_path):
 
 def test_full_precision_student_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"quantization_config=GraceConfig\(bits=4, group_size=128\)\)") as info:
-        GraceTrainer(model=tiny_model("llava"), teacher_model=tiny_model("llava", 1, hidden=96), args=make_args(tmp_path))
+        GraceTrainer(
+            model=tiny_model("llava"), teacher_model=tiny_model("llava", 1, hidden=96), args=make_args(tmp_path)
+        )
     assert "the student has no GRACE layers" in str(info.value) and "\n" not in str(info.value)
     packed = quantize_model(tiny_model("llava"), GraceConfig(group_size=32, mode="packed"))
     with pytest.raises(ValueError, match=r"packed INT4 layers, which do not train; call grace_quant.prepare_qat"):
@@ -292,10 +294,15 @@ def test_saved_folders_hold_no_pickle(tmp_path):
 
 
 def test_output_dir_must_not_be_the_students_source(fp_checkpoint, tmp_path):
-    student = AutoModelForVision2Seq.from_pretrained(fp_checkpoint("llava"), quantization_config=GraceConfig(group_size=32))
+    student = AutoModelForVision2Seq.from_pretrained(
+        fp_checkpoint("llava"), quantization_config=GraceConfig(group_size=32)
+    )
     teacher = tiny_model("llava", 1, hidden=96)
     before = sorted(p.name for p in Path(fp_checkpoint("llava")).iterdir())
-    for output_dir, phrase in ((fp_checkpoint("llava"), "is the source"), (f"{fp_checkpoint('llava')}/run", "lies inside")):
+    for output_dir, phrase in (
+        (fp_checkpoint("llava"), "is the source"),
+        (f"{fp_checkpoint('llava')}/run", "lies inside"),
+    ):
         with pytest.raises(ValueError, match=phrase):
             GraceTrainer(model=student, teacher_model=teacher, args=make_args(output_dir))
     trainer = GraceTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path))
