@@ -279,7 +279,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "default", "full", "gpu"),
         default="default",
-        help="quick: a CI-sized smoke run (about a minute); default: one seed (~6 min on 2 CPU cores); full: 3 "
+        help="quick: a CI-sized smoke run (well under a minute); default: one seed (~6 min on 2 CPU cores); full: 3 "
         "seeds, 2,000 test questions and the outlier stress setting (the numbers the README quotes; ~30 min); gpu: a "
         "wider/deeper teacher and student and harder questions (digit sums), for a GPU",
     )
