@@ -35,12 +35,51 @@ class UserError(Exception):
     """A problem with what the user asked for (printed as one line, exit code 2)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from grace_quant.integrations.checkpoint_files import CheckpointError
-    from grace_quant.integrations.hub import GraceHubError
+EXIT_INTERRUPTED = 130
 
-    # ValueError / NotImplementedError: GraceConfig and layer-selection checks; OSError: unreadable/full disks.
-    return (UserError, CheckpointError, GraceHubError, ValueError, NotImplementedError, OSError)
+#: user-error classes by module; a class whose module was never imported cannot have been raised, so the check
+#: imports nothing (a Ctrl-C during torch's import must not import torch again to classify itself)
+_USER_ERRORS = {
+    "grace_quant.integrations.hub": "GraceHubError",
+    "safetensors": "SafetensorError",
+}
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """ValueError / NotImplementedError: GraceConfig, layer-selection and path checks (CheckpointError is one);
+    OSError: unreadable or full disks; the Hub's and safetensors' errors."""
+    if isinstance(exc, (UserError, ValueError, NotImplementedError, OSError)):
+        return True
+    for module, name in _USER_ERRORS.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``grace-quant CMD: error: ... (see 'grace-quant CMD --help')``."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--limit 0`` would otherwise mean "everything", ``-1`` crash later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def _check_output(out: str, *sources: str, overwrite: bool = False, kind: str = "folder") -> None:
+    """The output-path rule (:func:`grace_quant.paths.check_output`), applied before the slow imports and loads."""
+    from grace_quant.paths import check_output
+
+    check_output(out, sources=sources, overwrite=overwrite, kind=kind)
 
 
 def _command(
@@ -83,6 +122,11 @@ def add_quantize(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--quantize-all", action="store_true", help="no skip list at all (except --skip names)")
     parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="quantize weights holding NaN/inf with those values set to 0, instead of refusing the layer",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("auto", "float16", "bfloat16", "float32"),
         default="auto",
@@ -93,13 +137,17 @@ def add_quantize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    _check_output(args.out, args.src, overwrite=args.overwrite)
     import torch
 
     from grace_quant.config import GraceConfig
     from grace_quant.integrations.checkpoint_files import quantize_folder
 
     skip = args.skip if args.skip or not args.quantize_all else []
-    config = GraceConfig(bits=args.bits, group_size=args.group_size, modules_to_not_convert=skip, mode="packed")
+    config = GraceConfig(
+        bits=args.bits, group_size=args.group_size, modules_to_not_convert=skip, mode="packed",
+        allow_nonfinite=args.allow_nonfinite,
+    )  # fmt: skip
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     quantize_folder(args.src, args.out, config, overwrite=args.overwrite, dtype=dtype)
     print(f"wrote GRACE INT{args.bits} checkpoint to {args.out}")
@@ -129,6 +177,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    _check_output(args.out, args.src, overwrite=args.overwrite)
     if args.format == "awq":
         from grace_quant.integrations.awq import export_awq as export
     else:
@@ -156,6 +205,7 @@ def add_import_awq(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_import_awq(args: argparse.Namespace) -> int:
+    _check_output(args.out, args.src, overwrite=args.overwrite)
     from grace_quant.integrations.awq import import_awq
 
     import_awq(args.src, args.out, overwrite=args.overwrite)
@@ -213,13 +263,15 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = _command(
         subparsers,
         "demo",
-        "offline end-to-end GRACE experiment on a small VLM task (CPU, ~10 min)",
+        "offline end-to-end GRACE experiment on a small VLM task (~6 min on 2 CPU cores)",
         "Build a visual question-answering task from real MNIST digits (2x2 grids; questions about positions,\n"
         "reading, the largest digit, counting), train a teacher and a smaller fp student (tiny LLaVA models),\n"
         "then make INT4 students four ways: round to nearest (RTN), QAT, QAT + plain KD, and GRACE. Every INT4\n"
         "model is saved with save_pretrained, loaded back with from_pretrained and evaluated with generate.\n"
         "Prints a table, writes results.json and PNG plots to WORKDIR. Finished stages are cached: a second run\n"
-        "with the same settings only re-reports. Nothing is downloaded.",
+        "with the same settings only re-reports. Nothing is downloaded. It first says how long it should take on\n"
+        "this machine; it runs on the cores other jobs leave idle (--threads overrides), since two torch jobs\n"
+        "sharing cores slow each other down many times over.",
         "grace-quant demo --workdir ./grace_demo",
     )
     parser.add_argument("--workdir", default="grace_demo_artifacts", help="folder for models, results and plots")
@@ -227,34 +279,44 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "default", "full", "gpu"),
         default="default",
-        help="quick: a CI-sized smoke run (under a minute); default: one seed (~6 min on 2 CPU cores); full: 3 "
-        "seeds, 2,000 test questions and the outlier stress setting (the numbers the README quotes); gpu: a "
+        help="quick: a CI-sized smoke run (well under a minute); default: one seed (~6 min on 2 CPU cores); full: 3 "
+        "seeds, 2,000 test questions and the outlier stress setting (the numbers the README quotes; ~30 min); gpu: a "
         "wider/deeper teacher and student and harder questions (digit sums), for a GPU",
     )
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--seeds", type=int, nargs="+", help="QAT seeds (overrides the preset)")
     parser.add_argument("--stress", action="store_true", help="also run the synthetic outlier stress setting")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument(
+        "--threads", type=positive_int, metavar="N",
+        help="CPU threads for torch (default: the cores this process may use less those other jobs keep busy)",
+    )  # fmt: skip
     parser.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from grace_quant.demo.pipeline import PRESETS, Demo
+    import torch
+
+    from grace_quant.demo.pipeline import PRESETS, Demo, cpu_threads, duration_message, say
     from grace_quant.demo.report import write_report
 
-    settings = dataclasses.replace(PRESETS["quick" if args.quick else args.preset])
+    preset = "quick" if args.quick else args.preset
+    settings = dataclasses.replace(PRESETS[preset])
     if args.seeds:
         settings.seeds = args.seeds
     if args.stress:
         settings.stress = True
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but torch sees no CUDA device")
-    results = Demo(settings, args.workdir, device=args.device).run()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        raise UserError(f"--workdir {args.workdir} exists and is not a folder")
+    threads = args.threads or cpu_threads()
+    torch.set_num_threads(threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    say(duration_message(preset, threads, device))
+    results = Demo(settings, args.workdir, device=device).run()
     print(write_report(results, args.workdir))
     return EXIT_OK
 
@@ -274,9 +336,9 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, processor files)")
     parser.add_argument("--dataset", required=True, metavar="PATH", help="dataset folder (datasets.save_to_disk)")
     parser.add_argument("--split", default="test", help="split of a DatasetDict (default: test)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default: 32)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default: 16)")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N examples")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per generate call (default: 32)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length limit (default: 16)")
     parser.add_argument(
         "--template",
         help="prompt template with {question} (and {image} for the image token); default: the processor's chat "
@@ -293,6 +355,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model_dir} is not a model folder (expected config.json inside)")
     if not os.path.isdir(args.dataset):
         raise UserError(f"{args.dataset} is not a dataset folder (write one with datasets' save_to_disk)")
+    if args.output:  # before the model loads and the questions run, not after
+        _check_output(args.output, args.model_dir, args.dataset, kind="file")
     from datasets import DatasetDict, load_from_disk
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -307,7 +371,7 @@ def run_eval(args: argparse.Namespace) -> int:
     missing = {"image", "question", "answers"} - set(data.column_names)
     if missing:
         raise UserError(f"the dataset lacks column(s) {sorted(missing)}; it has {data.column_names}")
-    if args.limit:
+    if args.limit is not None:
         data = data.select(range(min(args.limit, len(data))))
     processor = AutoProcessor.from_pretrained(args.model_dir)
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir)
@@ -324,9 +388,14 @@ def run_eval(args: argparse.Namespace) -> int:
         f"{len(answers)} questions: exact match {100 * scores['exact_match']:.2f}%, VQA accuracy {100 * scores['vqa_accuracy']:.2f}%"
     )
     if args.output:
-        with open(args.output + ".tmp", "w") as handle:
-            json.dump({"scores": scores, "predictions": answers}, handle, indent=1)
-        os.replace(args.output + ".tmp", args.output)
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as handle:
+                json.dump({"scores": scores, "predictions": answers}, handle, indent=1)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return EXIT_OK
 
 
@@ -373,10 +442,12 @@ COMMANDS = (add_quantize, add_export, add_import_awq, add_push, add_demo, add_ev
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``grace-quant`` parser; each ``add_*`` in :data:`COMMANDS` registers one subcommand."""
+    """The ``grace-quant`` parser; each ``add_*`` in :data:`COMMANDS` registers one subcommand.
+
+    Building it imports nothing heavy (each ``run_*`` imports what it needs), so ``--help`` answers at once."""
     from grace_quant import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="grace-quant",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -403,27 +474,59 @@ def _warning_printer(command: str):
     return show
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``grace-quant`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error argparse already reported (code 2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+#: what a Ctrl-C leaves behind, per command (formatted with the parsed arguments)
+INTERRUPTED = {
+    "quantize": "nothing was written to {out}",
+    "export": "nothing was written to {out}",
+    "import-awq": "nothing was written to {out}",
+    "push": "nothing was committed to {repo} (the Hub commits an upload only once it is complete)",
+    "demo": "the stage in progress was discarded; finished stages stay in {workdir} and a rerun resumes after them",
+    "eval": "no scores were written",
+    "tune": "no kernel configuration was saved",
+}
+
+
+def _interrupted(args: argparse.Namespace | None) -> int:
+    command = getattr(args, "command", None)
+    what = INTERRUPTED.get(command, "nothing was written").format(**vars(args)) if args is not None else ""
+    print(f"grace-quant{f' {command}' if command else ''}: interrupted{f'; {what}' if what else ''}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _report(args: argparse.Namespace, exc: BaseException) -> int:
+    """Print a user error as one line (``--debug``: the traceback) and return exit code 2."""
+    if args.debug:
+        raise exc
+    message = exc.strerror if isinstance(exc, OSError) and exc.strerror and exc.filename else exc
+    suffix = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    print(f"grace-quant {args.command}: error: {_one_line(message)}{suffix}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():  # restores the default warning printer afterwards (main runs in tests too)
             warnings.showwarning = _warning_printer(args.command)
             return args.func(args)
-    except _user_errors() as exc:
-        if args.debug:
+    except Exception as exc:  # KeyboardInterrupt is no Exception: main reports it
+        if not _is_user_error(exc):
             raise
-        message = exc.strerror if isinstance(exc, OSError) and exc.strerror and exc.filename else exc
-        suffix = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
-        print(f"grace-quant {args.command}: error: {_one_line(message)}{suffix}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _report(args, exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``grace-quant`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    A Ctrl-C at any point (parsing, the first imports, the work, error reporting) ends with one line, code 130."""
+    args = None
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, or a usage error already printed as one line (code 2)
+            return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+        return _run(args)
     except KeyboardInterrupt:
-        print(f"grace-quant {args.command}: interrupted; nothing was written to the output folder", file=sys.stderr)
-        return 130
+        return _interrupted(args)
 
 
 if __name__ == "__main__":

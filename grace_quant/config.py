@@ -45,7 +45,13 @@ class GraceConfig(QuantizationConfigMixin):
         fuse_projections: when a model is loaded (or converted) to packed layers for inference, run ``q|k|v``
             and ``gate|up`` as one matmul each (7 kernel launches per decoder layer -> 4). In memory only: the
             checkpoint keeps the separate layers. Default ``True``.
+        allow_nonfinite: quantize weights holding NaN/inf with those values set to 0, instead of refusing them
+            with the layer's name. A loading policy, not a property of the checkpoint: never written to
+            ``config.json``. Default ``False``.
     """
+
+    #: attributes that steer one load and are not written to ``config.json``
+    LOAD_ONLY = ("allow_nonfinite",)
 
     def __init__(
         self,
@@ -57,6 +63,7 @@ class GraceConfig(QuantizationConfigMixin):
         backend: str = "auto",
         format_version: int = FORMAT_VERSION,
         fuse_projections: bool = True,
+        allow_nonfinite: bool = False,
         quant_method: str = "grace",
         **kwargs: Any,
     ):
@@ -69,6 +76,7 @@ class GraceConfig(QuantizationConfigMixin):
         self.backend = backend
         self.format_version = format_version
         self.fuse_projections = fuse_projections
+        self.allow_nonfinite = allow_nonfinite
         # Keys written by a newer grace-quant are kept (so re-saving does not drop them) but not interpreted.
         self.unknown_keys = {k: v for k, v in kwargs.items() if k != "unknown_keys"}
         self.unknown_keys.update(kwargs.get("unknown_keys") or {})
@@ -98,6 +106,8 @@ class GraceConfig(QuantizationConfigMixin):
             raise ValueError(f"GraceConfig: backend={self.backend!r} is unknown; use one of {BACKENDS}.")
         if not isinstance(self.fuse_projections, bool):
             raise ValueError(f"GraceConfig: fuse_projections must be True or False, got {self.fuse_projections!r}.")
+        if not isinstance(self.allow_nonfinite, bool):
+            raise ValueError(f"GraceConfig: allow_nonfinite must be True or False, got {self.allow_nonfinite!r}.")
         if not isinstance(self.format_version, int) or self.format_version < 1:
             raise ValueError(f"GraceConfig: format_version must be a positive integer, got {self.format_version!r}.")
         check_format_version(self.format_version, "This checkpoint")
@@ -108,7 +118,8 @@ class GraceConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """Serialisable dict (``config.json``); unknown keys from newer versions are written back unchanged."""
-        out = copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "unknown_keys"})
+        skip = ("unknown_keys", *self.LOAD_ONLY)
+        out = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in skip})
         out.update(copy.deepcopy(self.unknown_keys))
         return out
 

@@ -53,6 +53,24 @@ def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, group_size: int, 
     return _codes_from_ratio(_ratio(weight, scales, group_size), bits).reshape(weight.shape).to(torch.int8)
 
 
+def nonfinite_problem(name: str, weight: torch.Tensor) -> str | None:
+    """Why a layer's weight cannot be quantized as it is: NaN or inf values make its group's MSE scale NaN, so the
+    whole group would dequantize to NaN (and QAT would train on NaN). None for a finite weight."""
+    bad = int((~torch.isfinite(weight)).sum())
+    if not bad:
+        return None
+    return (
+        f"layer '{name}': its weight holds {bad} NaN/inf value(s) of {weight.numel()}; the checkpoint is damaged "
+        "or diverged. Repair it, add the layer to modules_to_not_convert (--skip), or pass "
+        "GraceConfig(allow_nonfinite=True) (--allow-nonfinite) to quantize it with those values set to 0."
+    )
+
+
+def zero_nonfinite(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with NaN/inf set to 0 (``allow_nonfinite``): the rest of each group keeps its codes and scale."""
+    return torch.nan_to_num(weight, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 @torch.no_grad()
 def pack_weight(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, bits: int) -> dict[str, torch.Tensor]:
     """``{"weight": packed words, "scales": s}`` of ``weight`` quantized with ``s = exp(log_scale)`` in its dtype: what

@@ -77,10 +77,34 @@ def check_group_size(model: nn.Module, names: list[str], group_size: int) -> Non
             )
 
 
-def resolve_layers(model: nn.Module, config: GraceConfig) -> list[str]:
-    """Resolve the skip list into ``config.modules_to_not_convert`` and return the layers to quantize."""
+def unmatched_patterns(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """The entries of a skip list that name no module of ``model`` (a typo would otherwise quantize what the user
+    meant to keep, silently)."""
+    names = [name for name, _ in model.named_modules() if name]
+    return [pattern for pattern in patterns if not any(matches_any(name, [pattern]) for name in names)]
+
+
+def check_skip_list(model: nn.Module, patterns: Iterable[str]) -> None:
+    """Refuse a user skip list entry that matches no module, with examples of the names that exist."""
+    unmatched = unmatched_patterns(model, patterns)
+    if unmatched:
+        top = ", ".join(f"'{name}'" for name, _ in model.named_children())
+        raise ValueError(
+            f"GraceConfig: modules_to_not_convert (--skip) entry {unmatched[0]!r} matches no module of "
+            f"{type(model).__name__} (its top-level modules: {top}; default skip list: "
+            f"{default_modules_to_not_convert(model)}). Check the spelling: entries are dotted module names."
+        )
+
+
+def resolve_layers(model: nn.Module, config: GraceConfig, check_skips: bool = True) -> list[str]:
+    """Resolve the skip list into ``config.modules_to_not_convert`` and return the layers to quantize.
+
+    ``check_skips``: refuse user skip entries that match no module (off when loading a saved GRACE checkpoint,
+    whose stored list was checked when it was written)."""
     if config.modules_to_not_convert is None:
         config.modules_to_not_convert = default_modules_to_not_convert(model)
+    elif check_skips:
+        check_skip_list(model, config.modules_to_not_convert)
     names = select_linears(model, config.modules_to_not_convert)
     if not names:
         raise ValueError(

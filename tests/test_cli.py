@@ -3,16 +3,21 @@ a one-line message on stderr and nothing written."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from grace_quant import AutoModelForVision2Seq, GraceConfig, saving_qat_master
-from grace_quant.cli import EXIT_USER_ERROR, build_parser, main
+from grace_quant.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, build_parser, main
 from grace_quant.testing import tiny_inputs
 
 GROUP = "32"
@@ -34,8 +39,39 @@ def folders(fp_checkpoint, tmp_path_factory):
     qat = AutoModelForVision2Seq.from_pretrained(fp, quantization_config=GraceConfig(group_size=32))
     with saving_qat_master(qat):
         qat.save_pretrained(root / "qat")
-    names = ("int4", "int8", "awq", "qat")
+    (root / "empty").mkdir()
+    damaged_copies(Path(fp), root)
+    names = ("int4", "int8", "awq", "qat", "empty", "trunc", "badheader", "nan", "zero")
     return {"fp": fp, **{name: str(root / name) for name in names}}
+
+
+NAN_LAYER = "model.language_model.layers.0.self_attn.q_proj"
+
+
+def damaged_copies(fp: Path, root: Path) -> None:
+    """Copies of the fp folder whose model.safetensors is truncated, has a corrupted header, or holds a NaN weight."""
+    for name in ("trunc", "badheader", "nan", "zero"):
+        shutil.copytree(fp, root / name)
+    data = (fp / "model.safetensors").read_bytes()
+    (root / "trunc/model.safetensors").write_bytes(data[: len(data) // 2])
+    (root / "badheader/model.safetensors").write_bytes(data[:8] + b"{garbage" + data[16:])
+    with safe_open(fp / "model.safetensors", framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(fp / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.weight"))
+    tensors[key][3, 40] = 0.0  # the reference for --allow-nonfinite
+    save_file(tensors, root / "zero/model.safetensors", metadata=metadata)
+    tensors[key][3, 40] = float("nan")  # row 3, group 1 of 2 (group size 32)
+    save_file(tensors, root / "nan/model.safetensors", metadata=metadata)
+
+
+def digest(folders: dict[str, str]) -> str:
+    """One hash over every file of every fixture folder: a command that fails must change none of them."""
+    sha = hashlib.sha256()
+    for folder in sorted(set(folders.values())):
+        for path in sorted(Path(folder).rglob("*")):
+            sha.update(str(path).encode() + (path.read_bytes() if path.is_file() else b"/"))
+    return sha.hexdigest()
 
 
 def test_quantize_writes_what_from_pretrained_packs(folders):
@@ -87,10 +123,13 @@ def test_overwrite_replaces_the_output_folder(folders, tmp_path):
 
 BAD_INPUTS = {
     "missing source folder": (["quantize", "{tmp}/nope", "{out}"], "is not a folder"),
-    "source has no config.json": (["export", "{tmp}", "{out}", "--format", "awq"], "has no config.json"),
+    "source has no config.json": (["export", "{empty}", "{out}", "--format", "awq"], "has no config.json"),
     "quantize an already quantized folder": (["quantize", "{int4}", "{out}"], "is already quantized"),
     "bad group size": (["quantize", "{fp}", "{out}", "--group-size", "12"], "must be a multiple of 8"),
-    "group size that does not divide a layer": (["quantize", "{fp}", "{out}", "--group-size", "128"], "does not divide"),
+    "group size that does not divide a layer": (
+        ["quantize", "{fp}", "{out}", "--group-size", "128"],
+        "does not divide",
+    ),
     "export a full-precision folder": (["export", "{fp}", "{out}", "--format", "awq"], "is not a GRACE checkpoint"),
     "AWQ export of 8 bits": (["export", "{int8}", "{out}", "--format", "awq"], "needs a 4-bit"),
     "compressed-tensors export of 8 bits": (
@@ -103,6 +142,50 @@ BAD_INPUTS = {
     "import-awq of a GRACE folder": (["import-awq", "{int4}", "{out}"], "is not an AWQ checkpoint"),
     "push a full-precision folder": (["push", "{fp}", "org/x"], "is not a GRACE checkpoint"),
     "push with an unset token variable": (["push", "{int4}", "org/x", "--token-env", "GQ_UNSET_VAR"], "is not set"),
+    # issue #13
+    "truncated safetensors": (
+        ["quantize", "{trunc}", "{out}", "--group-size", "32"],
+        "trunc/model.safetensors is not a readable safetensors file (Error while deserializing header: incomplete "
+        "metadata, file not fully covered): it is truncated or corrupted",
+    ),
+    "header-corrupted safetensors": (
+        ["quantize", "{badheader}", "{out}", "--group-size", "32"],
+        "badheader/model.safetensors is not a readable safetensors file (Error while deserializing header: invalid "
+        "JSON in header",
+    ),
+    "eval --limit -1": (
+        ["eval", "{int4}", "--dataset", "{empty}", "--limit", "-1"],
+        "argument --limit: must be a positive integer (1 or more), got -1 (see 'grace-quant eval --help')",
+    ),
+    "eval --limit 0": (["eval", "{int4}", "--dataset", "{empty}", "--limit", "0"], "--limit: must be a positive"),
+    "eval --batch-size 0": (
+        ["eval", "{int4}", "--dataset", "{empty}", "--batch-size", "0"],
+        "argument --batch-size: must be a positive integer (1 or more), got 0",
+    ),
+    "eval --output in a missing folder": (
+        ["eval", "{int4}", "--dataset", "{empty}", "--output", "{tmp}/missing/dir/res.json"],
+        "the parent folder of {tmp}/missing/dir/res.json does not exist",
+    ),
+    "eval --output inside the model folder": (
+        ["eval", "{int4}", "--dataset", "{empty}", "--output", "{int4}/res.json"],
+        "the output {int4}/res.json lies inside the source {int4}",
+    ),
+    "NaN weights": (
+        ["quantize", "{nan}", "{out}", "--group-size", "32"],
+        f"layer '{NAN_LAYER}': its weight holds 1 NaN/inf value(s) of 4096",
+    ),
+    "--skip of a module that does not exist": (
+        ["quantize", "{fp}", "{out}", "--group-size", "32", "--skip", "no.such.module"],
+        "modules_to_not_convert (--skip) entry 'no.such.module' matches no module of LlavaForConditionalGeneration",
+    ),
+    "quantize OUT onto its own source": (
+        ["quantize", "{fp}", "{fp}", "--group-size", "32", "--overwrite"],
+        "the output {fp} is the source {fp} itself",
+    ),
+    "quantize OUT inside its source": (
+        ["quantize", "{fp}", "{fp}/sub", "--group-size", "32"],
+        "the output {fp}/sub lies inside the source {fp}",
+    ),
 }
 
 
@@ -110,14 +193,15 @@ BAD_INPUTS = {
 def test_user_mistakes_exit_2_with_one_line(case, folders, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("GQ_UNSET_VAR", raising=False)
     argv, phrase = BAD_INPUTS[case]
-    before = {p.name for p in tmp_path.iterdir()}
+    before, sources = {p.name for p in tmp_path.iterdir()}, digest(folders)
     argv = [a.format(tmp=tmp_path, out=tmp_path / "out", **folders) for a in argv]
     assert main(argv) == EXIT_USER_ERROR
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
+    lines = [line for line in captured.err.strip().splitlines() if "it/s]" not in line]  # progress bars share stderr
     assert len(lines) == 1 and lines[0].startswith(f"grace-quant {argv[0]}: error: "), captured.err
-    assert phrase in lines[0] and "Traceback" not in captured.err
+    assert phrase.format(tmp=tmp_path, **folders) in lines[0] and "Traceback" not in captured.err
     assert {p.name for p in tmp_path.iterdir()} == before  # nothing written, no temp folder left
+    assert digest(folders) == sources  # no source folder changed either
 
 
 def test_warnings_print_as_one_line_each(folders, tmp_path, capsys):
@@ -174,3 +258,109 @@ def test_python_m_grace_quant_help():
     for command in ("quantize", "export", "import-awq", "push"):
         assert command in result.stdout
     assert "examples:" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------- issue #13
+def test_overwrite_never_replaces_a_folder_around_the_source(folders, tmp_path, capsys):
+    outer = tmp_path / "outer"
+    shutil.copytree(folders["int4"], outer / "src")
+    before = digest({"outer": str(outer)})
+    assert main(["export", str(outer / "src"), str(outer), "--format", "awq", "--overwrite"]) == EXIT_USER_ERROR
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"grace-quant export: error: the output {outer} contains the source {outer / 'src'}; replacing it would "
+        f"delete the source; choose an output outside {outer / 'src'}"
+    )
+    assert digest({"outer": str(outer)}) == before
+
+
+def test_allow_nonfinite_quantizes_nan_as_zero(folders, tmp_path):
+    assert main(["quantize", folders["nan"], str(tmp_path / "nan"), "--group-size", GROUP, "--allow-nonfinite"]) == 0
+    assert main(["quantize", folders["zero"], str(tmp_path / "zero"), "--group-size", GROUP]) == 0
+    config = json.loads((tmp_path / "nan/config.json").read_text())["quantization_config"]
+    assert "allow_nonfinite" not in config  # a loading policy, not a property of the checkpoint
+    nan, zero = (load_file(tmp_path / name / "model.safetensors") for name in ("nan", "zero"))
+    assert nan.keys() == zero.keys() and all(torch.equal(nan[k], zero[k]) for k in nan)  # as if the NaN were 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_folders_get_the_umask_permissions(folders, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        assert main(["export", folders["int4"], str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 0
+        assert main(["quantize", folders["fp"], str(tmp_path / "q"), "--group-size", GROUP]) == 0
+    finally:
+        os.umask(previous)
+    for name in ("ct", "q"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o777 & ~umask  # as save_pretrained's own folders
+
+
+def test_ctrl_c_during_export_leaves_the_old_output_as_it_was(folders, tmp_path, capsys, monkeypatch):
+    from grace_quant.integrations import awq
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(awq, "convert_shards", interrupted)
+    code = main(["export", folders["int4"], str(out), "--format", "awq", "--overwrite"])
+    assert code == EXIT_INTERRUPTED
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"grace-quant export: interrupted; nothing was written to {out}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "mine.txt").read_text() == "keep me"
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+INTERRUPT_SCRIPT = """
+import importlib.abc, os, signal, sys
+class CtrlC(importlib.abc.MetaPathFinder):  # presses Ctrl-C the moment the command starts importing torch
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+from grace_quant.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["quantize", "export"])
+def test_ctrl_c_while_the_command_imports_torch(folders, tmp_path, command):
+    """A real SIGINT while torch loads (the first seconds of every command): one line, exit 130, nothing written."""
+    src, extra = (
+        (folders["fp"], ["--group-size", GROUP]) if command == "quantize" else (folders["int4"], ["--format", "awq"])
+    )
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_SCRIPT, command, src, str(out), *extra],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == EXIT_INTERRUPTED, result.stderr
+    assert result.stderr.strip().splitlines() == [f"grace-quant {command}: interrupted; nothing was written to {out}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+HELP_SCRIPT = """
+import contextlib, io, json, sys
+from grace_quant.cli import COMMANDS, build_parser, main
+(sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+codes = []
+for argv in [["--help"], ["--version"], *[[name, "--help"] for name in sub.choices]]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        codes.append(main(argv))
+print(json.dumps({"codes": codes, "commands": len(sub.choices),
+                  "heavy": sorted(m for m in ("torch", "transformers", "safetensors", "datasets") if m in sys.modules)}))
+"""
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """``--help`` of every command answers at once: parsing imports none of the heavy packages."""
+    result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["codes"] == [0] * (2 + report["commands"]) and report["commands"] == 7
+    assert report["heavy"] == []

@@ -199,3 +199,71 @@ def test_gpu_preset_models_build_and_answer_shapes():
     assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum(1).tolist() == [
         VISUAL_TOKENS
     ] * 2
+
+
+# ------------------------------------------------------------------------------------------------- issue #13
+def test_ctrl_c_during_the_teacher_keeps_finished_stages_only(tmp_path, monkeypatch, capsys):
+    from grace_quant.cli import EXIT_INTERRUPTED, main
+    from grace_quant.demo import pipeline
+
+    tiny = pipeline.DemoSettings(train_size=24, test_size=4, vision_steps=2, teacher_steps=2, batch_size=4)
+    monkeypatch.setitem(pipeline.PRESETS, "quick", tiny)
+    monkeypatch.setattr(pipeline, "probe_seconds", lambda: pipeline.REFERENCE_PROBE_SECONDS)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("grace_quant.demo.train.train_fp", ctrl_c)
+    threads = torch.get_num_threads()
+    try:
+        code = main(["demo", "--preset", "quick", "--workdir", str(tmp_path), "--threads", "1", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == EXIT_INTERRUPTED
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        f"grace-quant demo: interrupted; the stage in progress was discarded; finished stages stay in {tmp_path} "
+        "and a rerun resumes after them"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["data", "vision"]  # no teacher.partial
+    assert "preset 'quick' on 1 CPU thread(s): under a minute on this machine" in captured.out
+
+
+def test_demo_threads_leave_busy_cores_to_other_jobs(monkeypatch):
+    from grace_quant.demo import pipeline
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.0, 1.0))  # another job keeps ~2 cores busy
+    assert pipeline.cpu_threads() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 1.0, 1.0))
+    assert pipeline.cpu_threads() == 1
+
+
+def test_demo_duration_scales_the_reference_by_this_machines_speed(monkeypatch):
+    from grace_quant.demo import pipeline
+
+    monkeypatch.setattr(pipeline, "probe_seconds", lambda: 2 * pipeline.REFERENCE_PROBE_SECONDS)  # half as fast
+    message = pipeline.duration_message("default", 2, "cpu")
+    assert message.startswith("preset 'default' on 2 CPU thread(s): about 11 min on this machine (5.6 min on")
+    assert "no reference timing" in pipeline.duration_message("gpu", 2, "cuda")
+
+
+def test_demo_help_and_readme_agree_on_the_duration():
+    import re
+    from pathlib import Path
+
+    from grace_quant.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    summary = next(a.help for a in sub._choices_actions if a.dest == "demo")
+    preset_help = next(a.help for a in sub.choices["demo"]._actions if a.dest == "preset")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    minutes = {
+        "summary": re.findall(r"~(\d+) min", summary),
+        "preset help (default)": re.findall(r"default: one seed \(~(\d+) min", preset_help),
+        "README quickstart": re.findall(r"offline demo \(below: ~(\d+) minutes", readme),
+    }
+    assert all(found == ["6"] for found in minutes.values()), minutes
+    from grace_quant.demo.pipeline import REFERENCE_MINUTES
+
+    assert round(REFERENCE_MINUTES["default"]) == 6

@@ -269,6 +269,24 @@ def test_transformers_push_to_hub_works_for_grace_models(pushed, grace_model):
     assert torch.equal(_logits(reloaded), _logits(grace_model))
 
 
+def test_transformers_push_to_hub_uploads_the_grace_card(pushed, grace_model):
+    """model.push_to_hub (transformers' own) publishes the GRACE card, which says how to load the model."""
+    card = pushed.hub.files("org/tf-tiny")["README.md"].decode()
+    assert card == grace_model_card(grace_model, repo_id="org/tf-tiny")
+    assert "import grace_quant" in card and "automatically generated" not in card
+
+
+def pickles(files: dict[str, bytes]) -> list[str]:
+    """Names of uploaded files that are pickles (raw, or torch.save's zip of one)."""
+    return [name for name, data in files.items() if data[:1] == b"\x80" or data[:2] == b"PK" or name.endswith(".bin")]
+
+
+def test_no_publishing_path_uploads_a_pickle(pushed):
+    for repo in ("org/grace-tiny", "org/tf-tiny", "org/cli-tiny"):
+        files = pushed.hub.files(repo)
+        assert "model.safetensors" in files and pickles(files) == [], (repo, sorted(files))
+
+
 def test_cli_push_uploads_the_folder_as_is(pushed, grace_dir):
     assert pushed.results["cli"] == 0
     files = pushed.hub.files("org/cli-tiny")
@@ -407,6 +425,7 @@ def test_grace_trainer_push_uploads_packed_int4_and_the_grace_card(tmp_path):
             assert handle.metadata()["grace_checkpoint"] == "packed"
         card = files["README.md"].decode()
         assert "import grace_quant" in card and f"{round(beta, 6)}" in card
+        assert pickles(files) == [] and "training_args.json" in files, sorted(files)  # no training_args.bin
         model = AutoModelForVision2Seq.from_pretrained(hub.root / "org/trainer-tiny")
         assert all(isinstance(layer, GraceQuantLinear) for _, layer in grace_layers(model))
         assert torch.equal(_logits(model), load_file(args["logits"])["logits"])

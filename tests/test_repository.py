@@ -136,3 +136,17 @@ def test_ci_runs_the_readme_quickstart_exactly():
     block = ci.split("# --- README Quickstart", 1)[1].split("\n", 1)[1].split("# ---", 1)[0]
     assert [line.strip() for line in block.splitlines() if line.strip()] == readme
     assert "PIP_CONSTRAINT" not in ci.split("# --- README Quickstart", 1)[0], "CI pins versions before the README"
+
+
+def test_the_readme_use_snippet_runs_as_written(tmp_path):
+    """The README's Use block defines everything it uses (``ds``, ``collator``, labels, bf16 on CPU) and runs."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("## Use\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    check = (
+        "\nassert all(isinstance(m, grace_quant.GraceQuantLinear) for _, m in "
+        "__import__('grace_quant.surgery').surgery.grace_layers(model))\nprint('SNIPPET OK', trainer.state.global_step)"
+    )
+    result = run_python(snippet + check, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "SNIPPET OK 4"
+    assert {"student-fp", "teacher-fp", "run", "student-int4"} <= {p.name for p in tmp_path.iterdir()}

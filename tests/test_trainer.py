@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,90 @@ def test_mixin_brings_grace_to_another_trainer_subclass(tmp_path):
     trainer.train()
     assert CountingTrainer.calls == 2 and trainer.controller.step == 2
     assert all(math.isfinite(e["gdkd"]) and e["gdkd"] > 0 for e in trainer.state.log_history if "loss" in e)
+
+
+# ------------------------------------------------------------------------------------------------- issue #13
+def test_nan_weights_skip_the_step_without_crashing(tmp_path):
+    """Every loss component is NaN: the micro-batch is skipped (no gradient, weights untouched) and counted."""
+    student, teacher = make_pair("llava")
+    layer = student.get_submodule("model.language_model.layers.0.mlp.down_proj")
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss component\(s\) \['ce', 'gdkd', 'rcka'\] skipped"):
+        trainer = train(tmp_path, student=student, teacher=teacher, max_steps=2)
+    assert trainer.nonfinite_steps == 2
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["nonfinite_steps"] for entry in logs] == [1, 2]
+    assert all(entry["grad_norm"] == 0.0 and entry["loss"] == 0.0 for entry in logs)
+    after = trainer.model.state_dict()  # skipped steps: every weight as it was, the NaN included
+    assert all(torch.equal(after[k].isnan(), v.isnan()) for k, v in before.items())
+    assert all(torch.equal(after[k].nan_to_num(), v.nan_to_num()) for k, v in before.items())
+
+
+def test_full_precision_student_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"quantization_config=GraceConfig\(bits=4, group_size=128\)\)") as info:
+        GraceTrainer(
+            model=tiny_model("llava"), teacher_model=tiny_model("llava", 1, hidden=96), args=make_args(tmp_path)
+        )
+    assert "the student has no GRACE layers" in str(info.value) and "\n" not in str(info.value)
+    packed = quantize_model(tiny_model("llava"), GraceConfig(group_size=32, mode="packed"))
+    with pytest.raises(ValueError, match=r"packed INT4 layers, which do not train; call grace_quant.prepare_qat"):
+        GraceTrainer(model=packed, teacher_model=tiny_model("llava", 1, hidden=96), args=make_args(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_train_dataset_is_refused(tmp_path):
+    student, teacher = make_pair("llava")
+    with pytest.raises(ValueError, match=r"^GraceTrainer: train_dataset is empty \(0 examples\)"):
+        GraceTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=[])
+
+
+def test_teacher_of_another_family_is_refused_and_a_compatible_one_accepted(tmp_path):
+    student = quantize_model(tiny_model("llava"), GraceConfig(group_size=32))
+    qwen = tiny_model("qwen2-vl", seed=1, hidden=96)  # same 320-token vocabulary, other inputs (patches + grid)
+    with pytest.raises(ValueError, match=r"the teacher is a qwen2_vl model .* and the student a llava model") as info:
+        GraceTrainer(model=student, teacher_model=qwen, args=make_args(tmp_path))
+    assert "must take the student's inputs" in str(info.value)
+    # Qwen2.5-VL takes Qwen2-VL's inputs: a Qwen2.5-VL teacher distils into a Qwen2-VL student, RCKA included
+    student = quantize_model(tiny_model("qwen2-vl"), GraceConfig(group_size=32))
+    teacher = tiny_model("qwen2.5-vl", seed=1, hidden=96)
+    trainer = train(tmp_path, student=student, teacher=teacher, max_steps=2, rcka_warmup_steps=0)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(e["loss"]) and e["rcka"] > 0 and e["gdkd"] > 0 for e in logs)
+
+
+def test_saved_folders_hold_no_pickle(tmp_path):
+    """save_model writes the folder users push: no pickle at all, the training arguments as JSON. Trainer checkpoints
+    keep only the Trainer's own resume state (optimizer, scheduler, RNG: tensors, read back with weights_only=True)."""
+    import json
+
+    trainer = train(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.save_model(str(tmp_path / "int4"))
+    resume_state = {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    for folder, allowed in ((tmp_path / "int4", set()), (tmp_path / "run" / "checkpoint-2", resume_state)):
+        torch_files = set()
+        for path in folder.iterdir():
+            head = path.read_bytes()[:2] if path.is_file() else b""
+            if head == b"PK" or head.startswith(b"\x80"):  # torch.save's zip, or a raw pickle
+                torch_files.add(path.name)
+        assert torch_files == allowed and not (folder / "training_args.bin").exists(), sorted(torch_files)
+        assert json.loads((folder / "training_args.json").read_text())["max_steps"] == 2
+
+
+def test_output_dir_must_not_be_the_students_source(fp_checkpoint, tmp_path):
+    student = AutoModelForVision2Seq.from_pretrained(
+        fp_checkpoint("llava"), quantization_config=GraceConfig(group_size=32)
+    )
+    teacher = tiny_model("llava", 1, hidden=96)
+    before = sorted(p.name for p in Path(fp_checkpoint("llava")).iterdir())
+    for output_dir, phrase in (
+        (fp_checkpoint("llava"), "is the source"),
+        (f"{fp_checkpoint('llava')}/run", "lies inside"),
+    ):
+        with pytest.raises(ValueError, match=phrase):
+            GraceTrainer(model=student, teacher_model=teacher, args=make_args(output_dir))
+    trainer = GraceTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="is the source"):
+        trainer.save_model(fp_checkpoint("llava"))  # would replace the fp source by INT4
+    assert sorted(p.name for p in Path(fp_checkpoint("llava")).iterdir()) == before

@@ -7,12 +7,14 @@ Each stage writes a folder with ``stage.json`` (its settings); a rerun with the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +85,54 @@ PRESETS = {
 }
 
 
+#: wall-clock minutes of the CPU presets on the reference machine (2 CPU cores, torch 2.13): default idle, full with
+#: other jobs sharing the CPU (both in the README), quick ~15 s; `grace-quant demo` scales them by
+#: :func:`probe_seconds` on this machine (a rough guide: the tiny models' steps are partly Python overhead)
+REFERENCE_MINUTES = {"quick": 0.3, "default": 5.6, "full": 28.0}
+#: :func:`probe_seconds` on the reference machine, idle, 2 threads
+REFERENCE_PROBE_SECONDS = 0.045
+
+
+def cpu_threads() -> int:
+    """Threads for the demo: the cores this process may use less those other jobs keep busy (1-minute load
+    average), at least 1. Two torch processes each running one thread per core slow each other down 5-70x."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, cores - busy)
+
+
+def probe_seconds(repeats: int = 3) -> float:
+    """Seconds for a small workload shaped like the demo's training steps (a 128-256-128 MLP on [1024, 128]: forward,
+    backward and AdamW step, 20 times) with torch's current thread count; the best of ``repeats``."""
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 128))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randn(1024, 128, generator=generator)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(20):
+            loss = model(batch).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def duration_message(preset: str, threads: int, device: str) -> str:
+    """How long the preset should take on this machine: its reference time scaled by a probe of this CPU."""
+    if device != "cpu" or preset not in REFERENCE_MINUTES:
+        return f"preset {preset!r} on {device}: no reference timing (the references are for 2 CPU cores)"
+    minutes = REFERENCE_MINUTES[preset] * probe_seconds() / REFERENCE_PROBE_SECONDS
+    estimate = "under a minute" if minutes < 1 else f"about {minutes:.0f} min"
+    return (
+        f"preset {preset!r} on {threads} CPU thread(s): {estimate} on this machine "
+        f"({REFERENCE_MINUTES[preset]:g} min on the 2-core reference; extra --seeds or --stress add to it, "
+        "finished stages in the workdir are reused)"
+    )
+
+
 class Stage:
     """A cached step: ``done`` is true when its folder holds ``stage.json`` with the same settings."""
 
@@ -98,18 +148,22 @@ class Stage:
         with open(marker) as handle:
             return json.load(handle) == self.settings
 
-    def begin(self) -> str:
-        """A fresh temporary folder to write into; ``finish`` renames it into place (never half-written)."""
-        self.tmp = self.path + ".partial"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
-        return self.tmp
-
-    def finish(self) -> None:
-        with open(os.path.join(self.tmp, "stage.json"), "w") as handle:
-            json.dump(self.settings, handle)
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[str]:
+        """A fresh temporary folder to write into, renamed into place when the block succeeds and removed when it
+        fails or is interrupted (Ctrl-C): a stage is never half-written, and nothing but finished stages remains."""
+        tmp = self.path + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            yield tmp
+            with open(os.path.join(tmp, "stage.json"), "w") as handle:
+                json.dump(self.settings, handle)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(self.path, ignore_errors=True)
-        os.replace(self.tmp, self.path)
+        os.replace(tmp, self.path)
 
 
 def say(message: str) -> None:
@@ -160,15 +214,14 @@ class Demo:
         from .models import build_processor, prompt, train_tokenizer
 
         say("building the dataset (MNIST digit grids) and training the tokenizer")
-        path = stage.begin()
-        dataset = build_dataset(self.settings.train_size, self.settings.test_size, 0, self.settings.question_types)
-        dataset.save_to_disk(os.path.join(path, "dataset"))
-        texts = [
-            prompt(q) + " " + a[0]
-            for q, a in zip(dataset["train"]["question"], dataset["train"]["answers"], strict=True)
-        ]
-        build_processor(train_tokenizer(texts)).save_pretrained(os.path.join(path, "processor"))
-        stage.finish()
+        with stage.writing() as path:
+            dataset = build_dataset(self.settings.train_size, self.settings.test_size, 0, self.settings.question_types)
+            dataset.save_to_disk(os.path.join(path, "dataset"))
+            texts = [
+                prompt(q) + " " + a[0]
+                for q, a in zip(dataset["train"]["question"], dataset["train"]["answers"], strict=True)
+            ]
+            build_processor(train_tokenizer(texts)).save_pretrained(os.path.join(path, "processor"))
         self._cache.clear()
 
     def load_data(self):
@@ -218,11 +271,10 @@ class Demo:
             pixels = processor.image_processor(list(dataset["train"]["image"]), return_tensors="pt")["pixel_values"]
             digits = torch.tensor([[int(labels[j]) for j in ids] for ids in dataset["train"]["digit_ids"]])
             state, losses = pretrain_vision(pixels, digits, self.settings.vision_steps, seed=0)
-            path = stage.begin()
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "tower.safetensors"))
-            with open(os.path.join(path, "losses.json"), "w") as handle:
-                json.dump(losses, handle)
-            stage.finish()
+            with stage.writing() as path:
+                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "tower.safetensors"))
+                with open(os.path.join(path, "losses.json"), "w") as handle:
+                    json.dump(losses, handle)
         return load_file(os.path.join(stage.path, "tower.safetensors"))
 
     # ------------------------------------------------------------------------------ fp models
@@ -245,13 +297,12 @@ class Demo:
         _, processor = self.load_data()
         size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
         model = build_llava(size, processor.tokenizer, self.pretrain_vision(), seed=1 if role == "teacher" else 2)
-        path = stage.begin()
-        train_fp(model, self.train_examples(), Collator(processor.tokenizer.pad_token_id), os.path.join(path, "run"), steps,
-                 self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device)  # fmt: skip
-        shutil.rmtree(os.path.join(path, "run"), ignore_errors=True)
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-        stage.finish()
+        with stage.writing() as path:
+            train_fp(model, self.train_examples(), Collator(processor.tokenizer.pad_token_id), os.path.join(path, "run"),
+                     steps, self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device)  # fmt: skip
+            shutil.rmtree(os.path.join(path, "run"), ignore_errors=True)
+            model.save_pretrained(path)
+            processor.save_pretrained(path)
         return stage.path
 
     def stress_student(self) -> str:
@@ -264,11 +315,9 @@ class Demo:
             say("injecting function-preserving outliers into the fp student (synthetic stress setting)")
             model = AutoModelForImageTextToText.from_pretrained(self.fp_stage("student").path)
             inject_outliers(model, self.settings.outlier_fraction, self.settings.outlier_scale, seed=0)
-            path = stage.begin()
-            model.save_pretrained(path)
-            _, processor = self.load_data()
-            processor.save_pretrained(path)
-            stage.finish()
+            with stage.writing() as path:
+                model.save_pretrained(path)
+                self.load_data()[1].save_pretrained(path)
         return stage.path
 
     # ---------------------------------------------------------------------------- INT4 models
@@ -289,10 +338,9 @@ class Demo:
             model = AutoModelForImageTextToText.from_pretrained(
                 fp_path, quantization_config=self.grace_config("packed")
             )
-            path = stage.begin()
-            model.save_pretrained(path)
-            self.load_data()[1].save_pretrained(path)
-            stage.finish()
+            with stage.writing() as path:
+                model.save_pretrained(path)
+                self.load_data()[1].save_pretrained(path)
         return stage.path
 
     def qat(self, fp_path: str, method: str, seed: int, name: str) -> str:
@@ -310,12 +358,11 @@ class Demo:
         _, processor = self.load_data()
         torch.manual_seed(seed)
         student = AutoModelForImageTextToText.from_pretrained(fp_path, quantization_config=self.grace_config("qat"))
-        path = stage.begin()
-        train_qat(student.to(self.device), self.teacher(), method, self.train_examples(),
-                  Collator(processor.tokenizer.pad_token_id), path, self.settings.qat_steps,
-                  self.settings.batch_size, self.settings.qat_lr, seed, self.device)  # fmt: skip
-        processor.save_pretrained(path)
-        stage.finish()
+        with stage.writing() as path:
+            train_qat(student.to(self.device), self.teacher(), method, self.train_examples(),
+                      Collator(processor.tokenizer.pad_token_id), path, self.settings.qat_steps,
+                      self.settings.batch_size, self.settings.qat_lr, seed, self.device)  # fmt: skip
+            processor.save_pretrained(path)
         return stage.path
 
     # ------------------------------------------------------------------------------- evaluation
@@ -361,8 +408,9 @@ class Demo:
             result["token_kl"] = answer_token_kl(model, self.teacher(), processor, images, questions, teacher_answers,
                                                  batch_size=self.settings.eval_batch_size, template=template)  # fmt: skip
             result["same_answer"] = same_answer_rate(answers, teacher_answers)
-        with open(cache, "w") as handle:
+        with open(cache + ".tmp", "w") as handle:  # a Ctrl-C never leaves a half-written cache behind
             json.dump(result, handle)
+        os.replace(cache + ".tmp", cache)
         return result
 
     # ---------------------------------------------------------------------------------------- run

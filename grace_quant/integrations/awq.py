@@ -116,7 +116,7 @@ def export_awq(model_or_dir: Any, out_dir: str | os.PathLike, *, overwrite: bool
         config = read_config(src)
         config["quantization_config"] = awq_config(group_size, settings.get("modules_to_not_convert") or [])
         lossy: list[str] = []
-        with atomic_output_dir(out_dir, overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite, sources=(src,)) as tmp:
             count = convert_shards(src, tmp, "scales", _export_layer(group_size, lossy), {"format": "pt"}, "AWQ")
             if not count:
                 raise CheckpointError(f"{src} holds no packed GRACE layer")
@@ -196,7 +196,7 @@ def _check_selection(folder: Path) -> None:
     with torch.device("meta"):
         model = model_class._from_config(config)
     grace = GraceConfig(**config.quantization_config)
-    selected = [model.get_submodule(name) for name in resolve_layers(model, grace)]
+    selected = [model.get_submodule(name) for name in resolve_layers(model, grace, check_skips=False)]
     expected = sorted((layer.out_features, layer.in_features) for layer in selected)
     if expected != sorted(stored):
         raise CheckpointError(
@@ -219,7 +219,7 @@ def import_awq(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
     grace = GraceConfig(bits=BITS, group_size=settings["group_size"], modules_to_not_convert=skip, mode="packed")
     config["quantization_config"] = grace.to_dict()
     metadata = {"format": "pt", **metadata_for(PACKED)}
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, sources=(src,)) as tmp:
         count = convert_shards(src, tmp, "qweight", _import_layer(settings["group_size"]), metadata, "AWQ -> GRACE")
         if not count:
             raise CheckpointError(f"{src} holds no AWQ layer (no qweight tensors)")

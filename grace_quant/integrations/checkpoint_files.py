@@ -12,17 +12,19 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from grace_quant.checkpoint import QAT_MASTER, file_kind
 from grace_quant.config import FORMAT_VERSION, check_format_version
+from grace_quant.paths import OutputPathError, make_temp_dir
+from grace_quant.paths import check_output as check_output_path
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -75,14 +77,44 @@ def grace_settings(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The safetensors shards of a folder (single file or indexed shards)."""
+    """The safetensors shards of a folder (single file or indexed shards), each checked to be readable."""
     folder = Path(folder)
     if (folder / INDEX_FILE).is_file():
-        index = json.loads((folder / INDEX_FILE).read_text())
-        return [folder / name for name in sorted(set(index["weight_map"].values()))]
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    raise CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)")
+        try:
+            index = json.loads((folder / INDEX_FILE).read_text())
+            files = [folder / name for name in sorted(set(index["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{folder / INDEX_FILE} is not a valid safetensors index ({type(exc).__name__}: {exc}); "
+                "re-download or re-save the checkpoint"
+            ) from None
+    elif (folder / SINGLE_FILE).is_file():
+        files = [folder / SINGLE_FILE]
+    else:
+        raise CheckpointError(
+            f"{folder} has no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)"
+        )
+    for path in files:
+        check_readable(path)
+    return files
+
+
+def check_readable(path: Path) -> None:
+    """Refuse a missing, truncated or header-corrupted safetensors file, naming it (reads the header only)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (listed in {INDEX_FILE}); re-download or re-save the checkpoint")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({_one_line(exc)}): it is truncated or corrupted; "
+            "re-download or re-save the checkpoint"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def load_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -151,28 +183,24 @@ def write_config(dst: Path, config: dict[str, Any]) -> None:
     (dst / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing OUT unless ``overwrite``; OUT's parent must exist."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(
-            f"{out} already exists; choose another output folder or pass overwrite=True (--overwrite)"
-        )
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"the parent folder of {out} does not exist")
-    return out
+def check_output(out: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """Refuse an existing OUT unless ``overwrite``, an OUT equal to, inside or around a source, and a missing
+    parent (the one rule: :func:`grace_quant.paths.check_output`)."""
+    try:
+        return check_output_path(out, sources=sources, overwrite=overwrite, kind="folder")
+    except OutputPathError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temp folder next to ``out``; on success it replaces ``out``, on error it is deleted.
-
-    Nothing half-written ever appears under the name ``out``.
+def atomic_output_dir(
+    out: str | os.PathLike, overwrite: bool = False, sources: Sequence[str | os.PathLike] = ()
+) -> Iterator[Path]:
+    """Yield an empty temp folder next to ``out``; on success it replaces ``out``, on error (Ctrl-C included) it is
+    deleted. Nothing half-written ever appears under the name ``out``; the folder gets the umask's permissions.
     """
-    out = check_output(out, overwrite).absolute()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = check_output(out, overwrite, sources).absolute()
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
     except BaseException:
@@ -219,14 +247,15 @@ def quantize_folder(
         raise CheckpointError(
             f"{src} is already quantized (quant_method={found!r}); quantize needs a full-precision model"
         )
-    check_output(out, overwrite)  # fail before the (long) load
+    check_output(out, overwrite, sources=(src,))  # fail before the (long) load
+    weight_files(src)  # a truncated or corrupted shard: one clear line, before the load
     architectures = read_config(src).get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     model_class = model_class or transformers.AutoModelForImageTextToText
     config = copy.deepcopy(config)
     config.mode = "packed"
     model = model_class.from_pretrained(src, quantization_config=config, **load_kwargs)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, sources=(src,)) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(src, tmp)
     return Path(out)

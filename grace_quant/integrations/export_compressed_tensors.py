@@ -127,7 +127,7 @@ def export_compressed_tensors(model_or_dir: Any, out_dir: str | os.PathLike, *, 
         config = read_config(src)
         ignore = ignore_list(settings.get("modules_to_not_convert") or [], _dense_layers(src))
         config["quantization_config"] = compressed_tensors_config(settings["group_size"], ignore)
-        with atomic_output_dir(out_dir, overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite, sources=(src,)) as tmp:
             count = convert_shards(src, tmp, "scales", _convert_layer, {"format": "pt"}, "compressed-tensors")
             if not count:
                 raise CheckpointError(f"{src} holds no packed GRACE layer")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,29 @@ def grace_model_card(
         eval_results=eval_results,
         repo_id=repo_id,
     )
+
+
+#: a sentence of the placeholder card transformers' ``push_to_hub`` writes when the repository has none
+GENERATED_CARD_MARK = "This model card has been automatically generated"
+
+
+def _upload_with_grace_card(model: Any, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any):
+    """transformers' ``_upload_modified_files``, after replacing its placeholder README.md by the GRACE card (a
+    card the repository already had is kept)."""
+    readme = Path(working_dir, "README.md")
+    if not readme.is_file() or GENERATED_CARD_MARK in readme.read_text(errors="replace"):
+        readme.write_text(grace_model_card(model, repo_id=repo_id))
+    return type(model)._upload_modified_files(model, working_dir, repo_id, *args, **kwargs)
+
+
+def publish_grace_card(model: Any) -> None:
+    """Make transformers' own ``model.push_to_hub(...)`` upload the GRACE model card (which says
+    ``import grace_quant``, without which the checkpoint does not load) instead of its generic placeholder.
+
+    Called for every GRACE model (quantizer after loading, ``quantize_model``); the hook lives on the instance, so
+    other models are untouched."""
+    if hasattr(type(model), "_upload_modified_files"):
+        model._upload_modified_files = types.MethodType(_upload_with_grace_card, model)
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -267,4 +291,4 @@ def push_folder_to_hub(
     return _guarded(action, repo_id, token)
 
 
-__all__ = ["GraceHubError", "grace_model_card", "push_folder_to_hub", "push_to_hub"]
+__all__ = ["GraceHubError", "grace_model_card", "publish_grace_card", "push_folder_to_hub", "push_to_hub"]

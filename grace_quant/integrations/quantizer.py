@@ -30,8 +30,10 @@ from grace_quant.config import GraceConfig
 from grace_quant.convert import convert_to_packed
 from grace_quant.fusion import fuse_projections, unfuse_projections
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear, log_scale_init
-from grace_quant.quant import pack_weight
+from grace_quant.quant import nonfinite_problem, pack_weight, zero_nonfinite
 from grace_quant.surgery import GRACE_LAYERS, grace_layers, replace_with_empty_layers, resolve_layers, set_submodule
+
+from .hub import publish_grace_card
 
 
 class GraceHfQuantizer(HfQuantizer):
@@ -45,6 +47,7 @@ class GraceHfQuantizer(HfQuantizer):
         # "qat" or "packed": which GRACE layer type the model holds (decided before weights load).
         self.layer_kind = None if self.pre_quantized else quantization_config.mode
         self.requested_dtype: torch.dtype | None = None
+        self.nonfinite: list[str] = []  # layers whose weights held NaN/inf, found while quantizing on load
 
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
         if isinstance(device_map, dict) and "disk" in device_map.values():
@@ -60,7 +63,7 @@ class GraceHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         if self.pre_quantized:
             self.layer_kind = "qat" if checkpoint_kind(checkpoint_files) == QAT_MASTER else "packed"
-        names = resolve_layers(model, self.quantization_config)
+        names = resolve_layers(model, self.quantization_config, check_skips=not self.pre_quantized)
         dense_dtypes = {name: model.get_submodule(name).weight.dtype for name in names}
         replace_with_empty_layers(model, names, self.quantization_config, self.layer_kind)
         if not self.pre_quantized and self.layer_kind == "packed":
@@ -84,12 +87,16 @@ class GraceHfQuantizer(HfQuantizer):
         return GraceQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if self.nonfinite:
+            more = f" ({len(self.nonfinite) - 1} more layer(s) too)" if len(self.nonfinite) > 1 else ""
+            raise ValueError(self.nonfinite[0] + more)
         dtype = self.requested_dtype
         if self.pre_quantized and dtype is not None and dtype.is_floating_point:
             # transformers 5.17 keeps a pre-quantized checkpoint in its stored dtype; honour `dtype=` here.
             cast_floating_tensors(model, dtype)
         if self.layer_kind == "packed" and getattr(self.quantization_config, "fuse_projections", True):
             fuse_projections(model)
+        publish_grace_card(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -136,6 +143,11 @@ class GraceQuantizeOp(ConversionOps):
         for key, value in input_dict.items():
             weight = value[0] if isinstance(value, list) else value
             prefix = key.removesuffix("weight")
+            if config.allow_nonfinite:
+                weight = zero_nonfinite(weight)
+            elif (problem := nonfinite_problem(prefix.rstrip("."), weight)) is not None:
+                # raised once loading ends: transformers turns an error raised here into a generic load report
+                self.hf_quantizer.nonfinite.append(problem)
             log_scale = log_scale_init(weight, config.group_size, config.bits)
             if self.hf_quantizer.layer_kind == "qat":
                 result[key] = weight
@@ -157,6 +169,13 @@ def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Mo
         raise ValueError("quantize_model: the model is already quantized.")
     names = resolve_layers(model, config)
     for name in names:
+        weight = model.get_submodule(name).weight
+        if config.allow_nonfinite:
+            with torch.no_grad():
+                weight.copy_(zero_nonfinite(weight))
+        elif (problem := nonfinite_problem(name, weight)) is not None:
+            raise ValueError(problem)
+    for name in names:
         set_submodule(
             model,
             name,
@@ -169,6 +188,7 @@ def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Mo
     model.quantization_method = config.quant_method
     if config.mode == "packed":
         convert_to_packed(model, config.backend)
+    publish_grace_card(model)
     return model
 
 

@@ -25,13 +25,21 @@ from transformers import Trainer, TrainerCallback
 from grace_quant.checkpoint import QAT_MASTER, file_kind, saving_qat_master
 from grace_quant.controller import FixedBeta, LagrangianController
 from grace_quant.labels import IGNORE_INDEX, next_token_mask
-from grace_quant.losses import gated_dkd_loss, kd_loss, relational_cka_loss, visual_tokens
+from grace_quant.losses import gated_dkd_loss, image_token_id, kd_loss, relational_cka_loss, visual_tokens
+from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+from grace_quant.paths import source_problem
+from grace_quant.surgery import grace_layers
 
 from .training_args import GraceTrainingArguments
 
 CONTROLLER_FILE = "grace_controller.json"
-TRAINING_ARGS_NAME = "training_args.bin"
+#: the training arguments as JSON (tokens masked); transformers writes ``training_args.bin``, a pickle, which has no
+#: place in a folder users publish
+TRAINING_ARGS_NAME = "training_args.json"
 LOGGED = ("ce", "gdkd", "tckd", "nckd", "rcka", "gate")
+#: model types whose forward takes the same inputs (pixel layout, image-token expansion): a teacher from the
+#: student's input family can run on the student's batches; others cannot
+INPUT_FAMILIES = {"qwen2_5_vl": "qwen2_vl"}
 
 
 def text_vocab_size(model: nn.Module) -> int:
@@ -43,6 +51,61 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     keep = next_token_mask(labels)
     rows = logits[..., :-1, :][keep]
     return F.cross_entropy(rows.float(), labels[..., 1:][keep], reduction="sum"), int(keep.sum())
+
+
+def check_student(model: Any) -> None:
+    """Refuse a student GraceTrainer cannot train as GRACE: without GRACE layers it would train in full precision
+    and ``save_model`` would write a full-precision model; packed INT4 layers hold no trainable weights."""
+    if not isinstance(model, nn.Module) or any(True for _ in grace_layers(model, GraceQATLinear)):
+        return
+    if any(True for _ in grace_layers(model, GraceQuantLinear)):
+        raise ValueError(
+            "GraceTrainer: the student holds packed INT4 layers, which do not train; call "
+            "grace_quant.prepare_qat(model) first to get trainable QAT layers back."
+        )
+    raise ValueError(
+        "GraceTrainer: the student has no GRACE layers (loaded without quantization_config), so it would train in "
+        "full precision and save_model would write a full-precision model. Load it with from_pretrained(..., "
+        "quantization_config=GraceConfig(bits=4, group_size=128)) or call grace_quant.quantize_model(model, "
+        "GraceConfig(...)) first."
+    )
+
+
+def check_train_dataset(dataset: Any) -> None:
+    """Refuse an empty training set before the Trainer's sampler fails on it (``num_samples=0``)."""
+    if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(
+            "GraceTrainer: train_dataset is empty (0 examples); check the split, the path and any filtering that "
+            "built it."
+        )
+
+
+def teacher_problem(student: nn.Module, teacher: nn.Module) -> str | None:
+    """Why ``teacher`` cannot distil into ``student``, or None. GRACE runs the teacher on the student's own batches
+    (same ``input_ids``, ``pixel_values``, visual-token positions): both need one tokenizer and one input family."""
+    student_vocab, teacher_vocab = text_vocab_size(student), text_vocab_size(teacher)
+    if student_vocab != teacher_vocab:
+        return (
+            f"Teacher and student vocabularies differ ({teacher_vocab} vs {student_vocab}): GRACE distils token "
+            "distributions, so both must share one tokenizer (e.g. LLaVA-1.5-13B -> 7B, Qwen2-VL-7B -> 2B)."
+        )
+    kinds = [INPUT_FAMILIES.get(m.config.model_type, m.config.model_type) for m in (teacher, student)]
+    tokens = [image_token_id(m.config) for m in (teacher, student)]
+    if kinds[0] != kinds[1] or tokens[0] != tokens[1]:
+        return (
+            f"the teacher is a {teacher.config.model_type} model (image token {tokens[0]}) and the student a "
+            f"{student.config.model_type} model (image token {tokens[1]}): GRACE runs the teacher on the student's "
+            "batches (the same input_ids and pixel_values, visual tokens at the same positions), so the teacher "
+            "must take the student's inputs. Use a teacher of the student's family (e.g. LLaVA-1.5-13B -> 7B, "
+            "Qwen2-VL-7B -> 2B), or kd_loss='none' and rcka_weight=0 to train without one."
+        )
+    return None
+
+
+def local_sources(*models: nn.Module | None) -> list[str]:
+    """The local folders the models were loaded from (``config._name_or_path``), for the output-path rule."""
+    paths = [getattr(getattr(m, "config", None), "_name_or_path", "") or "" for m in models if m is not None]
+    return [path for path in paths if os.path.isdir(path)]
 
 
 class _ControllerStep(TrainerCallback):
@@ -74,6 +137,9 @@ class GraceTrainerMixin:
             raise ValueError("GraceTrainer needs args=GraceTrainingArguments(output_dir=...).")
         if not isinstance(args, GraceTrainingArguments):
             raise TypeError(f"GraceTrainer needs GraceTrainingArguments, got {type(args).__name__}.")
+        check_student(model)
+        check_train_dataset(kwargs.get("train_dataset"))
+        check_output_dir(args.output_dir, local_sources(model, teacher_model))
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = True  # transformers 5.17: the loss is already normalised, do not divide by GA
         self.teacher_model = self._prepare_teacher(teacher_model)
@@ -99,12 +165,8 @@ class GraceTrainerMixin:
                     "kd_loss='none' and rcka_weight=0 for QAT without distillation."
                 )
             return None
-        student_vocab, teacher_vocab = text_vocab_size(self.model), text_vocab_size(teacher)
-        if student_vocab != teacher_vocab:
-            raise ValueError(
-                f"Teacher and student vocabularies differ ({teacher_vocab} vs {student_vocab}): GRACE distils token "
-                "distributions, so both must share one tokenizer (e.g. LLaVA-1.5-13B -> 7B, Qwen2-VL-7B -> 2B)."
-            )
+        if (problem := teacher_problem(self.model, teacher)) is not None:
+            raise ValueError(f"GraceTrainer: {problem}")
         teacher.eval()
         teacher.requires_grad_(False)
         device = next(teacher.parameters()).device
@@ -207,6 +269,8 @@ class GraceTrainerMixin:
             loss = (ce + beta * gdkd * local_tokens) / max(local_tokens, 1) + omega * rcka
             self.loss_is_scaled_for_ga = False
 
+        if not loss.requires_grad and model.training and torch.is_grad_enabled():
+            loss = self._skipped_loss(model, loss)  # every component was non-finite: this micro-batch is skipped
         if model.training:
             self._step_gdkd.append(gdkd.detach().float())
             self._record(ce=ce.detach() / max(local_tokens, 1), gdkd=gdkd.detach(), rcka=rcka.detach(), **gdkd_logged)
@@ -225,6 +289,17 @@ class GraceTrainerMixin:
             stacklevel=2,
         )
         return [c if ok else c.new_zeros(()) for c, ok in zip(components, finite, strict=True)]
+
+    def _skipped_loss(self, model: nn.Module, zero: torch.Tensor) -> torch.Tensor:
+        """A zero loss whose backward works (the Trainer calls it on every micro-batch) and adds no gradient.
+
+        One process: a fresh leaf, so the weights' gradients stay untouched and the optimizer leaves them as they
+        are. Several: zero through every trainable weight (NaNs masked), so DDP's gradient hooks fire as usual.
+        """
+        if self.accelerator.num_processes == 1:
+            return zero.detach().requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return zero + sum(torch.where(p.isfinite(), p, 0).sum() for p in params) * 0.0
 
     def _record(self, **values: torch.Tensor | float) -> None:
         """Keep this micro-batch's loss components as detached device scalars: no host sync per micro-batch."""
@@ -321,8 +396,10 @@ class GraceTrainerMixin:
         if not self.args.should_save:  # transformers >= 5.23 calls _save on every rank; only the writer may write
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        if not self._writing_checkpoint:
+            check_output_dir(output_dir, local_sources(model, self.teacher_model))
+        os.makedirs(output_dir, exist_ok=True)
         if state_dict is not None and is_sharded(model):  # FSDP2: the Trainer gathered the full weights for us
             model = unsharded_copy(model, state_dict)
         if self._writing_checkpoint:
@@ -334,7 +411,8 @@ class GraceTrainerMixin:
             model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w") as handle:  # JSON, not transformers' pickle
+            handle.write(self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Restore master weights, log-scales and the controller exactly (strict; keys as in memory)."""
@@ -354,6 +432,14 @@ class GraceTrainerMixin:
                 saved = json.load(handle)
             self.controller.load_state_dict(saved["controller"])
             self.nonfinite_steps = saved.get("nonfinite_steps", 0)
+
+
+def check_output_dir(output_dir: str, sources: list[str]) -> None:
+    """The output-path rule for ``output_dir`` and ``save_model``: never the folder a model was loaded from, nor
+    inside or around it (``save_model`` there would replace the full-precision source by INT4)."""
+    for source in sources:
+        if (problem := source_problem(output_dir, source)) is not None:
+            raise ValueError(f"GraceTrainer: {problem}; choose an output_dir outside {source}")
 
 
 def close_process_group() -> None:
@@ -383,8 +469,7 @@ def unsharded_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
     """
     from torch.distributed.fsdp import FSDPModule
 
-    from grace_quant.modules import GraceQATLinear
-    from grace_quant.surgery import grace_layers, set_submodule
+    from grace_quant.surgery import set_submodule
 
     base = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))  # FSDP2 subclasses the model
     with torch.device("meta"):
