@@ -57,9 +57,10 @@ def datasets_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grace_dir(tmp_path_factory) -> str:
     """A packed GRACE INT4 checkpoint of a tiny LLaVA, saved with its processor (nothing downloaded)."""
+    from transformers import LlavaForConditionalGeneration
+
     from grace_quant import AutoModelForVision2Seq, GraceConfig
     from grace_quant.demo.models import build_processor, llava_config, train_tokenizer
-    from transformers import LlavaForConditionalGeneration
 
     rows = task_utils().samples()
     tokenizer = train_tokenizer([f"Q: {row['question']} A: {row['answer']}" for row in rows] * 4, vocab_size=320)
@@ -149,34 +150,42 @@ def test_loglikelihood_is_the_forward_pass_log_probability(grace_dir, reference)
     the argmax, checked against one teacher-forced forward pass over prompt + continuation."""
     from lmms_eval.api.instance import Instance
 
-    model, processor, answers = reference
+    model, processor, _ = reference
     docs = task_docs(os.path.join(TASK_DIR, "test.parquet"))
     lm = bridge.GraceLMM(grace_dir, device="cpu")
     lm.task_dict = {"t": {"test": docs}}
     image = docs[0]["image"].convert("RGB")
-    prompt = processor(images=[image], text="<image>Q: x A:", return_tensors="pt")
-    generated = model.generate(**prompt, max_new_tokens=3, do_sample=False)[0, prompt["input_ids"].shape[1] :]
-    greedy = processor.tokenizer.decode(generated)
-    requests = [
-        Instance(
-            "loglikelihood", (context, continuation, lambda doc: [doc["image"]], 0, "t", "test"), idx=i,
-            metadata={"task": "t", "doc_id": 0, "repeats": 1},
-        )  # fmt: skip
-        for i, (context, continuation) in enumerate([("x", greedy), ("x", " red"), ("What colour?", " blue")])
-    ]
-    results = lm.loglikelihood(requests)
-    for request, (logprob, is_greedy) in zip(requests, results, strict=True):
-        context, continuation = request.args[:2]
+
+    def forward(context: str, continuation: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits predicting each continuation token, and those tokens (continuation encoded on its own)."""
         prompt = processor(images=[image], text=f"<image>Q: {context} A:", return_tensors="pt")
         tokens = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([prompt["input_ids"], tokens], dim=1)
         with torch.no_grad():
             logits = model(input_ids=ids, pixel_values=prompt["pixel_values"]).logits[0, -tokens.shape[1] - 1 : -1]
-        expected = logits.log_softmax(-1).gather(-1, tokens[0, :, None]).sum()
-        assert logprob == pytest.approx(float(expected), abs=1e-4)
-        assert is_greedy == bool((logits.argmax(-1) == tokens[0]).all())
-    if processor.tokenizer(greedy, add_special_tokens=False)["input_ids"] == generated.tolist():
-        assert results[0][1], "the model's own greedy continuation must count as greedy"
+        return logits, tokens[0]
+
+    cases = [("x", " red"), ("What colour?", " blue"), ("Is it left?", " left")]
+    for context in ("x", "What colour is the square?", "Is the square on the left or the right?", "a", "b"):
+        best = int(forward(context, " ")[0][0].argmax())  # the model's first greedy token after this prompt
+        text = processor.tokenizer.decode([best])
+        if processor.tokenizer(text, add_special_tokens=False)["input_ids"] == [best]:  # survives a text round trip
+            cases.append((context, text))
+            break
+    assert len(cases) == 4, "no prompt whose greedy token is plain text; change the prompts"
+    requests = [
+        Instance(
+            "loglikelihood", (context, continuation, lambda doc: [doc["image"]], 0, "t", "test"), idx=i,
+            metadata={"task": "t", "doc_id": 0, "repeats": 1},
+        )  # fmt: skip
+        for i, (context, continuation) in enumerate(cases)
+    ]
+    results = lm.loglikelihood(requests)
+    for (context, continuation), (logprob, is_greedy) in zip(cases, results, strict=True):
+        logits, tokens = forward(context, continuation)
+        assert logprob == pytest.approx(float(logits.log_softmax(-1).gather(-1, tokens[:, None]).sum()), abs=1e-4)
+        assert is_greedy == bool((logits.argmax(-1) == tokens).all())
+    assert [greedy for _, greedy in results] == [False, False, False, True]
 
 
 def test_lmms_eval_finds_the_grace_model_by_name():

@@ -136,3 +136,12 @@ def test_ci_runs_the_readme_quickstart_exactly():
     block = ci.split("# --- README Quickstart", 1)[1].split("\n", 1)[1].split("# ---", 1)[0]
     assert [line.strip() for line in block.splitlines() if line.strip()] == readme
     assert "PIP_CONSTRAINT" not in ci.split("# --- README Quickstart", 1)[0], "CI pins versions before the README"
+
+
+def test_ci_installs_the_lmms_extra_as_the_readme_says():
+    """The lmms-eval environment: the torch/torchvision pair and extras the README gives are what CI installs."""
+    readme = (ROOT / "README.md").read_text().split("## Evaluate with lmms-eval", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"`(pip install torch==[^`]*\[test,lmms\][^`]*)`", readme)
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines
+    assert "python -m pytest -q tests/test_lmms.py tests/test_cli.py" in ci_lines
