@@ -326,19 +326,44 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser = _command(
         subparsers,
         "eval",
-        "score a model folder on an image/question/answers dataset (batched generate)",
-        "Load MODEL_DIR (any image-text-to-text model folder with its processor; GRACE or not) and answer every\n"
-        "question of the dataset at PATH (a datasets folder written by save_to_disk, with columns image,\n"
-        "question and answers) by greedy generation. Reports exact match and VQA accuracy (standard answer\n"
-        "normalisation) with the metric modules shipped in grace_quant; works without network.",
-        "grace-quant eval ./grace_demo/grace_seed0 --dataset ./grace_demo/data/dataset --split test",
+        "score a model folder on a dataset (batched generate) or on lmms-eval benchmarks",
+        "Load MODEL_DIR (any image-text-to-text model folder with its processor; GRACE or not) and score it.\n"
+        "With --dataset: answer every question of the dataset at PATH (a datasets folder written by save_to_disk,\n"
+        "with columns image, question and answers) by greedy generation and report exact match and VQA accuracy\n"
+        "(standard answer normalisation) with the metric modules shipped in grace_quant; works without network.\n"
+        "With --lmms-tasks: run lmms-eval's evaluator in-process on its tasks (MME, MMBench, ScienceQA, ...; they\n"
+        "download their data) or local task folders (--lmms-include; the shipped grace_sample_vqa is offline)\n"
+        "and report its metrics. Needs pip install 'grace-quant[lmms]'.",
+        "grace-quant eval ./grace_demo/grace_seed0 --dataset ./grace_demo/data/dataset --split test\n"
+        "  grace-quant eval ./llava-int4 --lmms-tasks mme,scienceqa_img --limit 100 --output lmms.json",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, processor files)")
-    parser.add_argument("--dataset", required=True, metavar="PATH", help="dataset folder (datasets.save_to_disk)")
-    parser.add_argument("--split", default="test", help="split of a DatasetDict (default: test)")
-    parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N examples")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", metavar="PATH", help="dataset folder (datasets.save_to_disk)")
+    source.add_argument(
+        "--lmms-tasks", metavar="TASKS", help="comma-separated lmms-eval task names (instead of --dataset)"
+    )
+    parser.add_argument(
+        "--lmms-include",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="folder of lmms-eval task YAMLs to search too (repeatable)",
+    )
+    parser.add_argument("--split", default="test", help="split of a DatasetDict (default: test; --dataset only)")
+    parser.add_argument(
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="evaluate only the first N examples (per task with --lmms-tasks)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per generate call (default: 32)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length limit (default: 16)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=16,
+        help="answer length limit (default: 16; lmms tasks set their own)",
+    )
     parser.add_argument(
         "--template",
         help="prompt template with {question} (and {image} for the image token); default: the processor's chat "
@@ -348,11 +373,27 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_eval)
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def _write_json(path: str, payload: object) -> None:
+    """Write ``payload`` to ``path`` through a temporary file, so a failed run leaves no half-written file."""
     import json
 
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=1, default=str)  # lmms-eval's results hold a few non-JSON values
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run_eval(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.model_dir) or not os.path.exists(os.path.join(args.model_dir, "config.json")):
         raise UserError(f"{args.model_dir} is not a model folder (expected config.json inside)")
+    if args.lmms_tasks:
+        return run_eval_lmms(args)
+    if args.lmms_include:
+        raise UserError("--lmms-include adds task folders for --lmms-tasks; give --lmms-tasks too")
     if not os.path.isdir(args.dataset):
         raise UserError(f"{args.dataset} is not a dataset folder (write one with datasets' save_to_disk)")
     if args.output:  # before the model loads and the questions run, not after
@@ -388,14 +429,33 @@ def run_eval(args: argparse.Namespace) -> int:
         f"{len(answers)} questions: exact match {100 * scores['exact_match']:.2f}%, VQA accuracy {100 * scores['vqa_accuracy']:.2f}%"
     )
     if args.output:
-        tmp = f"{args.output}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w") as handle:
-                json.dump({"scores": scores, "predictions": answers}, handle, indent=1)
-            os.replace(tmp, args.output)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _write_json(args.output, {"scores": scores, "predictions": answers})
+    return EXIT_OK
+
+
+def run_eval_lmms(args: argparse.Namespace) -> int:
+    """``grace-quant eval --lmms-tasks``: lmms-eval's evaluator with the ``grace`` model, in this process."""
+    tasks = [task.strip() for task in args.lmms_tasks.split(",") if task.strip()]
+    if not tasks:
+        raise UserError("--lmms-tasks is empty; name tasks like mme,scienceqa_img (or grace_sample_vqa)")
+    if args.output:  # before the model loads and the tasks run, not after
+        _check_output(args.output, args.model_dir, kind="file")
+    try:
+        from grace_quant.integrations.lmms import evaluate_with_lmms, summary
+
+        results = evaluate_with_lmms(
+            args.model_dir, tasks, include_paths=args.lmms_include, limit=args.limit, batch_size=args.batch_size,
+            template=args.template,
+        )  # fmt: skip
+    except ImportError as exc:  # lmms-eval missing, or a torchvision that does not match torch
+        raise UserError(str(exc)) from exc
+    counts = results.get("n-samples", {})
+    for task, metrics in summary(results).items():
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        samples = counts.get(task, {}).get("effective")
+        print(f"{task}: {shown}" + (f" ({samples} samples)" if samples is not None else ""))
+    if args.output:
+        _write_json(args.output, results)
     return EXIT_OK
 
 

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
-DEFAULT_TEMPLATE = "<image>Q: {question} A:"
+DEFAULT_TEMPLATE = "{image}Q: {question} A:"
 
 
 def load_metric(name: str):
@@ -24,14 +24,15 @@ def load_metric(name: str):
     return evaluate.load(path)
 
 
-def format_prompt(processor, question: str, template: str | None) -> str:
-    """The model's prompt: ``template`` if given, else the processor's chat template, else the demo's template."""
+def format_prompt(processor, question: str, template: str | None, images: int = 1) -> str:
+    """The model's prompt for ``images`` images and a question: ``template`` if given, else the processor's chat
+    template, else the demo's template (``{image}`` stands for the image tokens, one per image)."""
     if template is not None:
-        return template.format(question=question, image=getattr(processor, "image_token", "<image>"))
+        return template.format(question=question, image=getattr(processor, "image_token", "<image>") * images)
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return DEFAULT_TEMPLATE.format(question=question)
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return DEFAULT_TEMPLATE.format(question=question, image="<image>" * images)
 
 
 def _batches(count: int, batch_size: int, desc: str, progress: bool):

@@ -364,3 +364,23 @@ def test_help_imports_neither_torch_nor_transformers():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["codes"] == [0] * (2 + report["commands"]) and report["commands"] == 7
     assert report["heavy"] == []
+
+
+def test_eval_lmms_without_the_extra_names_the_install_command(folders, capsys, monkeypatch):
+    """Where lmms-eval is not installed (simulated here, so the check runs in every environment)."""
+    import grace_quant.integrations
+
+    for name in ["lmms_eval", *(n for n in sys.modules if n.startswith("lmms_eval."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # import lmms_eval(.x) -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "grace_quant.integrations.lmms", raising=False)
+    monkeypatch.delattr(grace_quant.integrations, "lmms", raising=False)
+    assert main(["eval", folders["int4"], "--lmms-tasks", "mme"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'grace-quant[lmms]'" in err, err
+
+
+def test_eval_needs_a_dataset_or_lmms_tasks(folders, capsys):
+    assert main(["eval", folders["int4"]]) == EXIT_USER_ERROR
+    assert "--dataset" in capsys.readouterr().err
+    assert main(["eval", folders["int4"], "--dataset", folders["int4"], "--lmms-include", "x"]) == EXIT_USER_ERROR
+    assert "give --lmms-tasks too" in capsys.readouterr().err

@@ -150,3 +150,12 @@ def test_the_readme_use_snippet_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "SNIPPET OK 4"
     assert {"student-fp", "teacher-fp", "run", "student-int4"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_ci_installs_the_lmms_extra_as_the_readme_says():
+    """The lmms-eval environment: the torch/torchvision pair and extras the README gives are what CI installs."""
+    readme = (ROOT / "README.md").read_text().split("## Evaluate with lmms-eval", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"`(pip install torch==[^`]*\[test,lmms\][^`]*)`", readme)
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines
+    assert "python -m pytest -q tests/test_lmms.py tests/test_cli.py" in ci_lines
