@@ -233,10 +233,16 @@ def test_demo_threads_leave_busy_cores_to_other_jobs(monkeypatch):
     from grace_quant.demo import pipeline
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.0, 1.0))  # another job keeps ~2 cores busy
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(pipeline.time, "sleep", lambda s: None)
+    samples = iter([(1000, 5000), (1900, 6000)] * 2 + [(1000, 5000), (1000, 6000)])  # (busy, total) ticks
+    monkeypatch.setattr(pipeline, "_cpu_times", lambda: next(samples))
+    assert pipeline.busy_cores() == 4  # 900 of 1000 ticks busy: ~3.6 of 4 cores
+    assert pipeline.cpu_threads() == 1  # never fewer than one
+    assert pipeline.cpu_threads() == 4  # an idle machine: every core (a lagging load average does not count)
+    monkeypatch.setattr(pipeline, "_cpu_times", lambda: None)  # no /proc/stat: the 1-minute load average
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.0, 1.0))
     assert pipeline.cpu_threads() == 2
-    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 1.0, 1.0))
-    assert pipeline.cpu_threads() == 1
 
 
 def test_demo_duration_scales_the_reference_by_this_machines_speed(monkeypatch):

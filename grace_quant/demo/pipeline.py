@@ -93,12 +93,36 @@ REFERENCE_MINUTES = {"quick": 0.3, "default": 5.6, "full": 28.0}
 REFERENCE_PROBE_SECONDS = 0.045
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine in clock ticks from ``/proc/stat``, or None where it is missing."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(window_s: float = 0.3) -> int:
+    """Cores other jobs keep busy right now: machine-wide CPU use over ``window_s`` (this process is idle meanwhile),
+    or the 1-minute load average where ``/proc/stat`` is missing (it lags: a pip install just before counts)."""
+    first = _cpu_times()
+    if first is None:
+        return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    time.sleep(window_s)
+    second = _cpu_times()
+    total = second[1] - first[1]
+    if total <= 0:
+        return 0
+    return round((second[0] - first[0]) / total * (os.cpu_count() or 1))
+
+
 def cpu_threads() -> int:
-    """Threads for the demo: the cores this process may use less those other jobs keep busy (1-minute load
-    average), at least 1. Two torch processes each running one thread per core slow each other down 5-70x."""
+    """Threads for the demo: the cores this process may use less those other jobs keep busy now, at least 1. Two
+    torch processes each running one thread per core slow each other down 5-70x."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, cores - busy)
+    return max(1, cores - busy_cores())
 
 
 def probe_seconds(repeats: int = 3) -> float:
