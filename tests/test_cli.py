@@ -316,6 +316,8 @@ def test_ctrl_c_during_export_leaves_the_old_output_as_it_was(folders, tmp_path,
 
 INTERRUPT_SCRIPT = """
 import importlib.abc, os, signal, sys
+# Ctrl-C as in a terminal: a child of a background job starts with SIGINT ignored, and Python then leaves it so
+signal.signal(signal.SIGINT, signal.default_int_handler)
 class CtrlC(importlib.abc.MetaPathFinder):  # presses Ctrl-C the moment the command starts importing torch
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
