@@ -21,8 +21,9 @@
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
 #   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast
 #            (~1 min)
-# Planned next session (30 device minutes, 10 per call): 1) STAGES="tests trainer"; 2) STAGES="fake-quant tune", then
-# copy OUT/kernels/<GPU>.json to grace_quant/kernels/configs/; 3) STAGES=kernels with carry [".whl"] (runs with the shipped table).
+# Planned next session (30 device minutes, 10 per call): 1) STAGES="tests" (the whole GPU suite has not run on the
+# second-generation kernels: only tests/test_kernels_gpu.py did, 2026-12-04); 2) STAGES="e2e" with the shipped H200 table;
+# 3) an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds each path").
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
