@@ -32,7 +32,13 @@ def planned_steps(value: float, total_steps: int) -> int:
 class GraceTrainingArguments(TrainingArguments):
     """Every GRACE component can be switched off, so the paper's ablations are runs of the same trainer:
     QAT only (``kd_loss="none", rcka_weight=0``), QAT + naive KD (``kd_loss="kd", rcka_weight=0,
-    controller="fixed"``), or GRACE with one component removed."""
+    controller="fixed"``), or GRACE with one component removed.
+
+    Defaults are the paper's recipe (METHOD.md sections 1 and 3): vision tower frozen, projector trained, decoder
+    quantized and trained. Two departures are ours, so the recipe carries over to other models and run lengths:
+    the RCKA warm-up is a fraction of the run (``rcka_warmup_steps=0.1``; ``400`` is the paper's absolute ramp),
+    and the controller's budget is scale-free (``ib_tau="auto"``; ``ib_tau="3.0"`` is the paper's absolute
+    budget)."""
 
     kd_loss: str = field(
         default="gdkd", metadata={"help": "Distillation loss: 'gdkd' (decoupled, GRACE), 'kd' (plain KL) or 'none'."}
