@@ -39,7 +39,11 @@ class GraceConfig(QuantizationConfigMixin):
         mode: what loading a full-precision checkpoint produces. ``"qat"`` (default): fake-quant linears
             with learnable log-scales, MSE-initialised and trainable. ``"packed"``: packed integer weights
             straight away (round-to-nearest on the MSE grid; memory-light, inference only).
-            Loading a GRACE checkpoint ignores ``mode``: the checkpoint says what it holds.
+            Loading a GRACE checkpoint ignores ``mode``: the tags of its files say what it holds.
+            ``save_pretrained`` writes the kind it saves (``"packed"``, or ``"qat"`` for the Trainer's qat-master
+            checkpoints) into ``config.json`` and records it on the model's config, so a saved folder's
+            ``config.json`` says what its files hold (older checkpoints said ``"qat"``
+            for packed files too; they load all the same).
         backend: kernel choice for packed layers: ``"auto"``, ``"torch"`` (reference) or ``"triton"``.
         format_version: version of the packed checkpoint format (see docs/FORMAT.md).
         fuse_projections: when a model is loaded (or converted) to packed layers for inference, run ``q|k|v``

@@ -4,7 +4,8 @@ GRACE solves ``min L_CE  s.t.  L_GDKD <= tau`` by projected dual ascent on the L
 ``beta`` of ``L_CE + beta (L_GDKD - tau)``, once per optimizer step:
 
     ema  <- d * ema + (1 - d) * L_GDKD          (ema starts at the first value)
-    beta <- clip(beta + eta * (ema - tau), beta_min, beta_max)
+    beta <- clip(beta + eta * (ema - tau), beta_min, beta_max)            (numeric tau: the paper's)
+    beta <- clip(beta + eta * (ema - tau) / tau, beta_min, beta_max)      (tau="auto": ours, scale-free)
 
 Feed ``update`` the GDKD mean over all gradient-accumulation micro-batches and all ranks, so that
 ``beta`` is identical everywhere. The state is plain numbers (JSON-serialisable) for exact resume.
@@ -15,7 +16,26 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-__all__ = ["FixedBeta", "LagrangianController"]
+__all__ = ["FixedBeta", "LagrangianController", "PAPER_ETA", "PAPER_TAU", "RELATIVE_ETA"]
+
+#: the paper's reference budget and dual step (absolute GDKD units)
+PAPER_TAU = 3.0
+PAPER_ETA = 0.003
+#: the dual step per unit of *relative* violation that moves beta as the paper does at its own budget:
+#: eta * (ema - tau) = (eta * tau) * (ema - tau) / tau
+RELATIVE_ETA = PAPER_ETA * PAPER_TAU
+
+
+def default_eta(tau: float | str) -> float:
+    """The dual step of ``tau``'s mode: the paper's for a numeric budget, its equivalent per relative violation
+    for ``"auto"``."""
+    return RELATIVE_ETA if tau == "auto" else PAPER_ETA
+
+
+def check_calibration_steps(steps: int) -> None:
+    """Refuse a calibration length that is not a whole number of steps >= 1."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"calibration_steps must be an int >= 1, got {steps!r}")
 
 
 def _finite(value: float, name: str) -> float:
@@ -30,15 +50,18 @@ class LagrangianController:
 
     ``tau="auto"`` (ours): the first ``calibration_steps`` updates only observe; ``beta`` stays at ``beta0``
     (the EMA still runs), then ``tau`` is set to the arithmetic mean of those GDKD values and dual ascent
-    starts with the next update. Since ``tau`` scales with vocabulary, temperature, alpha and beta_dkd,
-    this keeps ``beta`` from sitting pinned at a bound; ``beta`` then rises while the EMA is above the
-    early-training level and falls once distillation has brought the loss below it.
+    starts with the next update, on the *relative* violation ``(ema - tau) / tau``. Multiplying every GDKD value
+    by a constant then multiplies ``tau`` and ``ema`` alike and leaves ``beta``'s trajectory unchanged, so the
+    budget does not depend on the vocabulary, temperature, alpha or beta_dkd. ``beta`` rises while the EMA is
+    above the early-training level and falls once distillation has brought the loss below it.
+    ``eta=None`` takes :func:`default_eta`: the paper's 0.003 for a numeric ``tau``, 0.009 for ``"auto"`` (the
+    same move of ``beta`` as the paper's when the calibrated ``tau`` is the paper's 3.0).
     """
 
     def __init__(
         self,
-        tau: float | Literal["auto"] = 3.0,
-        eta: float = 0.003,
+        tau: float | Literal["auto"] = PAPER_TAU,
+        eta: float | None = None,
         beta0: float = 0.5,
         beta_min: float = 0.1,
         beta_max: float = 1.0,
@@ -50,6 +73,7 @@ class LagrangianController:
                 raise ValueError(f'tau must be a positive number or "auto", got {tau!r}')
         elif not (math.isfinite(tau) and tau > 0):
             raise ValueError(f'tau must be a positive number or "auto", got {tau!r}')
+        eta = default_eta(tau) if eta is None else eta
         if not (math.isfinite(eta) and eta > 0):
             raise ValueError(f"eta must be > 0, got {eta}")
         if not (0 <= beta_min <= beta0 <= beta_max and math.isfinite(beta_max)):
@@ -59,8 +83,7 @@ class LagrangianController:
             )
         if not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
-        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 1:
-            raise ValueError(f"calibration_steps must be an int >= 1, got {calibration_steps!r}")
+        check_calibration_steps(calibration_steps)
 
         self.auto_tau = tau == "auto"
         self.tau: float | None = None if self.auto_tau else float(tau)
@@ -77,6 +100,16 @@ class LagrangianController:
         self.calibration_sum = 0.0
 
     @property
+    def at_bound(self) -> int:
+        """+1 when ``beta`` sits at ``beta_max``, -1 at ``beta_min``, 0 in between (for the logs)."""
+        return 1 if self.beta >= self.beta_max else (-1 if self.beta <= self.beta_min else 0)
+
+    def set_calibration_steps(self, steps: int) -> None:
+        """Set the calibration length once the run's length is known (a hyper-parameter, not state)."""
+        check_calibration_steps(steps)
+        self.calibration_steps = steps
+
+    @property
     def calibrating(self) -> bool:
         """True while ``tau="auto"`` is still collecting its calibration values."""
         return self.tau is None
@@ -91,7 +124,10 @@ class LagrangianController:
             if self.step >= self.calibration_steps:
                 self.tau = self.calibration_sum / self.step
             return self.beta
-        self.beta = min(max(self.beta + self.eta * (self.ema - self.tau), self.beta_min), self.beta_max)
+        violation = self.ema - self.tau
+        if self.auto_tau and self.tau > 0:  # a calibrated tau of exactly 0 (student = teacher) stays absolute
+            violation /= self.tau
+        self.beta = min(max(self.beta + self.eta * violation, self.beta_min), self.beta_max)
         return self.beta
 
     def state_dict(self) -> dict[str, Any]:

@@ -137,8 +137,9 @@ class GatedDKDOutput(NamedTuple):
     """Result of :func:`gated_dkd_loss`.
 
     ``loss = weighted_sum / gate_sum`` carries the gradient. To aggregate over gradient-accumulation
-    micro-batches or ranks, sum ``weighted_sum`` and ``gate_sum`` and divide. ``tckd``, ``nckd`` and
-    ``gate_mean`` are detached, gate-weighted means for logging.
+    micro-batches or ranks, sum ``weighted_sum`` and ``gate_sum`` and divide. ``tckd`` and ``nckd`` are detached,
+    gate-weighted means for logging; ``gate_mean``, ``gate_min`` and ``gate_max`` describe the gates ``g_i``
+    (so a log shows whether the gate separates tokens at all; all three are 0 without supervised tokens).
     """
 
     loss: torch.Tensor
@@ -148,6 +149,8 @@ class GatedDKDOutput(NamedTuple):
     num_tokens: int
     weighted_sum: torch.Tensor
     gate_sum: torch.Tensor
+    gate_min: torch.Tensor
+    gate_max: torch.Tensor
 
 
 def _chunk_terms(
@@ -210,8 +213,9 @@ class _ChunkedGatedDKD(torch.autograd.Function):
             ctx.mark_non_differentiable(stats)
             return stats[0].clone(), stats
         grad = torch.zeros_like(student_flat) if needs_grad else None
-        # stats: sum g L, sum g TCKD, sum g NCKD, sum g
-        stats = torch.zeros(4, dtype=_upcast(student_flat[:0]).dtype, device=student_flat.device)
+        # stats: sum g L, sum g TCKD, sum g NCKD, sum g, min g, max g
+        stats = torch.zeros(6, dtype=_upcast(student_flat[:0]).dtype, device=student_flat.device)
+        stats[4], stats[5] = math.inf, -math.inf
         for start in range(0, rows.numel(), chunk_size):
             idx = rows[start : start + chunk_size]
             s = _upcast(student_flat.index_select(0, idx)).requires_grad_(needs_grad)
@@ -224,7 +228,9 @@ class _ChunkedGatedDKD(torch.autograd.Function):
             if needs_grad:
                 (chunk_grad,) = torch.autograd.grad(weighted, s)
                 grad.index_copy_(0, idx, chunk_grad.to(grad.dtype))
-            stats += torch.stack([weighted.detach(), (g * tckd).sum().detach(), (g * nckd).sum().detach(), g.sum()])
+            stats[:4] += torch.stack([weighted.detach(), (g * tckd).sum().detach(), (g * nckd).sum().detach(), g.sum()])
+            stats[4] = torch.minimum(stats[4], g.min())
+            stats[5] = torch.maximum(stats[5], g.max())
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(stats)
         return stats[0].clone(), stats
@@ -249,7 +255,8 @@ def _fused_forward(
     needs_grad: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The fused kernel over ``rows`` in chunks: the gradient buffer (or None) and the stats vector
-    ``(sum g L, sum g TCKD, sum g NCKD, sum g)``, reduced on the device from per-row ``(L, TCKD, NCKD, g)``."""
+    ``(sum g L, sum g TCKD, sum g NCKD, sum g, min g, max g)``, reduced on the device from per-row
+    ``(L, TCKD, NCKD, g)``."""
     if student_flat.stride(-1) != 1:
         student_flat = student_flat.contiguous()
     grad = torch.zeros(student_flat.shape, dtype=student_flat.dtype, device=student_flat.device) if needs_grad else None
@@ -267,7 +274,7 @@ def _fused_forward(
             teacher_rows=teacher_rows, out=per_row[start : start + chunk_size],
         )  # fmt: skip
     g = per_row[:, 3:]
-    stats = torch.cat([(per_row[:, :3] * g).sum(0), g.sum(0)])
+    stats = torch.cat([(per_row[:, :3] * g).sum(0), g.sum(0), g.min(0).values, g.max(0).values])
     return grad, stats
 
 
@@ -307,7 +314,7 @@ def gated_dkd_loss(
         # an empty sum: exactly 0, finite, and still part of the student's graph
         weighted_sum = _upcast(student_logits[..., :0].sum())
         zero = torch.zeros_like(weighted_sum.detach())
-        return GatedDKDOutput(weighted_sum, zero, zero, zero, 0, weighted_sum, zero)
+        return GatedDKDOutput(weighted_sum, zero, zero, zero, 0, weighted_sum, zero, zero, zero)
 
     weighted_sum, stats = _ChunkedGatedDKD.apply(
         student_logits.reshape(-1, vocab),
@@ -330,6 +337,8 @@ def gated_dkd_loss(
         num_tokens=num_tokens,
         weighted_sum=weighted_sum,
         gate_sum=gate_sum,
+        gate_min=stats[4],
+        gate_max=stats[5],
     )
 
 

@@ -29,17 +29,91 @@ def text_decoder_name(model: nn.Module) -> str:
     return ""
 
 
+def holds_linear(module: nn.Module) -> bool:
+    """True when ``module`` or one of its descendants is a linear layer (plain or GRACE)."""
+    return any(isinstance(m, (nn.Linear, *GRACE_LAYERS)) for m in module.modules())
+
+
+def vision_tower_name(model: nn.Module) -> str | None:
+    """Dotted name of the vision encoder: the outermost sub-model built from ``config.vision_config`` (LLaVA's
+    ``vision_tower``, Qwen2-VL's ``visual``), or None for a model without one. Found as the decoder is, by
+    structure, so it holds whatever the transformers version names it."""
+    vision_config = getattr(getattr(model, "config", None), "vision_config", None)
+    if vision_config is None:
+        return None
+    for name, module in model.named_modules():
+        if name and getattr(module, "config", None) is vision_config:
+            return name
+    return None
+
+
+def _after_block_stack(tower: nn.Module) -> list[str]:
+    """Modules of ``tower`` that run after its block stack and hold a linear (Qwen2-VL's ``merger``).
+
+    The block stack is the ``nn.ModuleList`` holding most of the tower's parameters; the modules registered after
+    it, at its level and every level above it up to the tower, are the tower's output head."""
+    stacks = [(name, m) for name, m in tower.named_modules() if name and isinstance(m, nn.ModuleList)]
+    if not stacks:
+        return []
+    stack = max(stacks, key=lambda item: sum(p.numel() for p in item[1].parameters()))[0].split(".")
+    found = []
+    for depth, part in enumerate(stack):
+        prefix = ".".join(stack[:depth])
+        parent = tower.get_submodule(prefix)
+        names = [name for name, _ in parent.named_children()]
+        for name in names[names.index(part) + 1 :]:
+            if holds_linear(parent.get_submodule(name)):
+                found.append(f"{prefix}.{name}" if prefix else name)
+    return found
+
+
+def projector_names(model: nn.Module) -> list[str]:
+    """Dotted names of the modules that map vision features into the decoder (METHOD.md section 1).
+
+    Two places, one rule: a branch off the path to the decoder that holds a linear and is neither the vision
+    tower nor the output embeddings (LLaVA's ``multi_modal_projector``), and the vision tower's own head after its
+    block stack (Qwen2-VL / Qwen2.5-VL's ``merger``)."""
+    tower = vision_tower_name(model)
+    if tower is None:
+        return []
+    output = model.get_output_embeddings()
+    names = [
+        name for name in _branches_off_decoder_path(model)
+        if name != tower and not tower.startswith(name + ".") and model.get_submodule(name) is not output
+    ]  # fmt: skip
+    names += [f"{tower}.{name}" for name in _after_block_stack(model.get_submodule(tower))]
+    return sorted(names)
+
+
+def set_vision_training(model: nn.Module, train_vision_tower: bool, train_projector: bool) -> None:
+    """Set ``requires_grad`` of the vision tower and of the projector (inside the tower or beside it), in place.
+
+    The paper trains the projector and freezes the vision encoder; the Trainer's optimizer then leaves the frozen
+    parameters out. The projector is set after the tower, so Qwen2-VL's merger follows ``train_projector``."""
+    tower = vision_tower_name(model)
+    if tower is not None:
+        model.get_submodule(tower).requires_grad_(train_vision_tower)
+    for name in projector_names(model):
+        model.get_submodule(name).requires_grad_(train_projector)
+
+
+def _branches_off_decoder_path(model: nn.Module) -> list[str]:
+    """Children met on the way down to the decoder that are not on that way and hold a linear: vision tower,
+    projector, ``lm_head``."""
+    decoder = text_decoder_name(model)
+    branches: list[str] = []
+    parent, prefix = model, ""
+    for part in decoder.split(".") if decoder else []:
+        for child_name, child in parent.named_children():
+            if child_name != part and holds_linear(child):
+                branches.append(prefix + child_name)
+        parent, prefix = getattr(parent, part), prefix + part + "."
+    return branches
+
+
 def default_modules_to_not_convert(model: nn.Module) -> list[str]:
     """Vision tower, projector/merger, embeddings and ``lm_head``: every branch that leaves the path to the decoder."""
-    decoder = text_decoder_name(model)
-    skip: list[str] = []
-    path = decoder.split(".") if decoder else []
-    parent, prefix = model, ""
-    for part in path:
-        for child_name, child in parent.named_children():
-            if child_name != part and any(isinstance(m, (nn.Linear, *GRACE_LAYERS)) for m in child.modules()):
-                skip.append(prefix + child_name)
-        parent, prefix = getattr(parent, part), prefix + part + "."
+    skip = _branches_off_decoder_path(model)
     for embeddings in (model.get_input_embeddings(), model.get_output_embeddings()):
         if embeddings is not None:
             skip.extend(name for name, module in model.named_modules() if module is embeddings)

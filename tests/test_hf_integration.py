@@ -254,3 +254,24 @@ def test_every_reader_of_a_checkpoint_tag_refuses_a_newer_format_or_an_unknown_k
         grace_settings(tmp_path / "q")  # the CLI's and the exporters' reader
     with pytest.raises(ValueError, match=message):
         load_qat_master(str(tmp_path / "q"))  # the Trainer's resume
+
+
+def test_packed_checkpoint_says_packed_and_an_old_qat_label_still_loads(fp_checkpoint, tmp_path):
+    """config.json's mode says what the files hold; loading reads the files' tags, so folders written before it did
+    (mode "qat" over packed files) load as packed all the same."""
+    import json
+
+    student, _ = load(fp_checkpoint("llava"), quantization_config=GraceConfig(group_size=32))
+    inputs = tiny_inputs(student)
+    expected = logits(student, inputs)
+    student.save_pretrained(tmp_path / "int4")
+    config_path = tmp_path / "int4" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["quantization_config"]["mode"] == "packed"
+    for label in ("packed", "qat"):
+        config["quantization_config"]["mode"] = label
+        config_path.write_text(json.dumps(config))
+        model, info = load(tmp_path / "int4")
+        assert_clean_report(info)
+        assert all(isinstance(layer, GraceQuantLinear) for _, layer in grace_layers(model))
+        assert torch.equal(logits(model, inputs), expected)

@@ -254,6 +254,9 @@ def test_gate_off_is_the_plain_mean_and_logging_means_are_gated():
     torch.testing.assert_close(on.tckd, (g * tckd).sum() / g.sum(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(on.nckd, (g * nckd).sum() / g.sum(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(on.gate_mean, g.mean(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(on.gate_min, g.min(), rtol=1e-10, atol=1e-12)  # the spread, over every chunk
+    torch.testing.assert_close(on.gate_max, g.max(), rtol=1e-10, atol=1e-12)
+    assert on.gate_min < on.gate_mean < on.gate_max
     assert not torch.allclose(on.loss, off.loss)
 
 

@@ -14,7 +14,10 @@ from grace_quant.controller import LagrangianController
 from grace_quant.surgery import grace_layers
 from grace_quant.testing import collate, tiny_dataset, tiny_model
 
-LOG_KEYS = {"loss", "ce", "gdkd", "tckd", "nckd", "rcka", "gate", "beta", "gdkd_ema", "lr_weights", "lr_scales"}
+LOG_KEYS = {
+    "loss", "ce", "gdkd", "tckd", "nckd", "rcka", "gate", "gate_min", "gate_max", "gdkd_weighted", "rcka_weighted",
+    "beta", "beta_bound", "gdkd_ema", "omega", "lr_weights", "lr_scales",
+}  # fmt: skip
 
 
 def make_args(tmp_path, **overrides) -> GraceTrainingArguments:
@@ -57,7 +60,7 @@ def test_all_components_train_and_log_finite_values(name, tmp_path):
         assert LOG_KEYS <= set(entry), set(entry)
         assert all(math.isfinite(v) for k, v in entry.items() if isinstance(v, float)), entry
         assert entry["lr_scales"] == pytest.approx(10 * entry["lr_weights"])
-        assert math.exp(-1) - 1e-6 <= entry["gate"] <= 1 + 1e-6
+        assert math.exp(-1) - 1e-6 <= entry["gate_min"] <= entry["gate"] <= entry["gate_max"] <= 1 + 1e-6
     assert logs[-1]["rcka"] > 0  # visual tokens were compared
     assert trainer.controller.step == 3  # one controller update per optimizer step
     assert trainer.nonfinite_steps == 0
@@ -176,7 +179,7 @@ def test_ablations_run_without_teacher_when_nothing_needs_it(tmp_path):
     assert trainer.controller.step == 0
     naive = train(tmp_path / "kd", kd_loss="kd", rcka_weight=0.0, controller="fixed", max_steps=2)
     logs = [entry for entry in naive.state.log_history if "loss" in entry]
-    assert all(entry["beta"] == 0.5 and entry["gdkd"] > 0 for entry in logs)
+    assert all(entry["beta"] == 0.5 and entry["kd"] > 0 for entry in logs)
 
 
 def test_clear_errors(tmp_path):
@@ -309,3 +312,141 @@ def test_output_dir_must_not_be_the_students_source(fp_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="is the source"):
         trainer.save_model(fp_checkpoint("llava"))  # would replace the fp source by INT4
     assert sorted(p.name for p in Path(fp_checkpoint("llava")).iterdir()) == before
+
+
+# ------------------------------------------------------------------------------------------------- issue #14
+#: the parts as written by hand per model (an independent reference for the structural rule in grace_quant.surgery)
+VISION_TOWER = {"llava": "model.vision_tower.", "qwen2-vl": "model.visual.", "qwen2.5-vl": "model.visual."}
+PROJECTOR = {"llava": "model.multi_modal_projector.", "qwen2-vl": "model.visual.merger.",
+             "qwen2.5-vl": "model.visual.merger."}  # fmt: skip
+TRAINER_KEYS = {"loss", "grad_norm", "learning_rate", "epoch", "step", "lr_weights", "lr_scales"}
+
+
+def parts(model, name: str) -> dict[str, list[torch.nn.Parameter]]:
+    """The student's parameters split into vision tower (projector excluded), projector and the rest."""
+    split: dict[str, list[torch.nn.Parameter]] = {"tower": [], "projector": [], "rest": []}
+    for key, param in model.named_parameters():
+        part = "projector" if key.startswith(PROJECTOR[name]) else "tower" if key.startswith(VISION_TOWER[name]) else "rest"
+        split[part].append(param)
+    return split
+
+
+def optimized(trainer) -> set[int]:
+    return {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2-vl", "qwen2.5-vl"])
+def test_vision_tower_is_frozen_and_kept_out_of_the_optimizer_by_default(name, tmp_path):
+    student, teacher = make_pair(name)
+    trainer = GraceTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path))
+    split, in_optimizer = parts(student, name), optimized(trainer)
+    assert split["tower"] and split["projector"]
+    assert not any(p.requires_grad or id(p) in in_optimizer for p in split["tower"])
+    assert all(p.requires_grad and id(p) in in_optimizer for p in split["projector"] + split["rest"])
+    assert all(id(layer.log_scale) in in_optimizer for _, layer in grace_layers(student))  # decoder: quantized, trained
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
+def test_switches_train_the_vision_tower_or_freeze_the_projector(name, tmp_path):
+    student, teacher = make_pair(name)
+    args = make_args(tmp_path, freeze_vision_tower=False, train_projector=False)
+    trainer = GraceTrainer(model=student, teacher_model=teacher, args=args)
+    split, in_optimizer = parts(student, name), optimized(trainer)
+    assert all(p.requires_grad and id(p) in in_optimizer for p in split["tower"] + split["rest"])
+    assert not any(p.requires_grad or id(p) in in_optimizer for p in split["projector"])
+
+
+def test_training_leaves_the_frozen_vision_tower_untouched(tmp_path):
+    student, teacher = make_pair("llava")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = train(tmp_path, student=student, teacher=teacher, max_steps=2)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(VISION_TOWER["llava"]))
+    assert not torch.equal(after["model.multi_modal_projector.linear_1.weight"],
+                           before["model.multi_modal_projector.linear_1.weight"])  # fmt: skip
+
+
+def omegas(trainer) -> list[float]:
+    return [entry["omega"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_rcka_warmup_fraction_scales_with_max_steps_and_an_int_stays_absolute(tmp_path):
+    """omega logged after optimizer step k is rcka_weight * min(1, k / W): W = ceil(fraction * max_steps)."""
+    runs = {steps: train(tmp_path / str(steps), max_steps=steps, rcka_warmup_steps=0.5, kd_loss="none",
+                         dataset_size=16) for steps in (4, 8)}  # fmt: skip
+    assert {steps: run.rcka_warmup_length() for steps, run in runs.items()} == {4: 2, 8: 4}
+    for steps, run in runs.items():
+        assert omegas(run) == pytest.approx([3.0 * min(1.0, k / (steps // 2)) for k in range(1, steps + 1)])
+    fixed = train(tmp_path / "int", max_steps=4, rcka_warmup_steps=3, kd_loss="none")
+    assert fixed.rcka_warmup_length() == 3 and omegas(fixed) == pytest.approx([1.0, 2.0, 3.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rcka_warmup_steps": 1.5}, r"^rcka_warmup_steps=1\.5 must be a fraction of the planned optimizer steps in \[0, 1\)"),
+        ({"rcka_warmup_steps": -0.1}, r"^rcka_warmup_steps=-0\.1 must be a fraction"),
+        ({"ib_calibration_steps": 2.5}, r"^ib_calibration_steps=2\.5 must be a fraction"),
+        ({"ib_eta": 0.0}, r"^ib_eta must be a positive number"),
+    ],
+)
+def test_bad_schedule_arguments_say_what_to_change(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message) as info:
+        make_args(tmp_path, **overrides)
+    assert "\n" not in str(info.value)
+
+
+def betas(trainer) -> list[float]:
+    return [entry["beta"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_default_controller_ignores_the_loss_scale_and_the_papers_absolute_tau_does_not(tmp_path):
+    """alpha and beta_dkd x4 multiply every GDKD value by exactly 4 (weights frozen by lr=0, so the data alone
+    moves the GDKD): beta's trajectory is unchanged under the default tau='auto', changed under ib_tau='3.0'."""
+    common = dict(max_steps=6, learning_rate=0.0, rcka_weight=0.0, ib_calibration_steps=2, ib_eta=0.5,
+                  dataset_size=12)  # fmt: skip
+    scaled = dict(dkd_alpha=4.0, dkd_beta=16.0)
+    base = train(tmp_path / "a", **common)
+    assert base.args.ib_tau == "auto" and base.controller.auto_tau
+    assert betas(base) == betas(train(tmp_path / "b", **common, **scaled))
+    assert len(set(betas(base))) > 2  # beta moved after calibration
+    paper = dict(common, ib_tau="3.0", ib_eta=0.05)
+    assert betas(train(tmp_path / "c", **paper)) != betas(train(tmp_path / "d", **paper, **scaled))
+
+
+def logged(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_logs_name_only_the_terms_that_run(tmp_path):
+    student = quantize_model(tiny_model("llava"), GraceConfig(group_size=32))
+    qat = train(tmp_path / "qat", student=student, teacher=None, kd_loss="none", rcka_weight=0.0, max_steps=2)
+    assert all(set(entry) == TRAINER_KEYS | {"ce"} for entry in logged(qat))
+    kd = train(tmp_path / "kd", kd_loss="kd", rcka_weight=0.0, controller="fixed", max_steps=2)
+    assert all(set(entry) == TRAINER_KEYS | {"ce", "kd", "kd_weighted", "kd_ema", "beta"} for entry in logged(kd))
+    ungated = train(tmp_path / "ungated", confidence_gate=False, max_steps=2)
+    assert all(not {"gate", "gate_min", "gate_max", "kd"} & set(entry) for entry in logged(ungated))
+    assert all({"gdkd", "rcka", "omega", "beta_bound", "tau"} <= set(entry) for entry in logged(ungated))
+
+
+def test_weighted_terms_are_the_terms_times_the_weights_in_force(tmp_path):
+    """gdkd_weighted = beta * gdkd and rcka_weighted = omega * rcka with the beta and omega of the step (the values
+    logged one step earlier; beta_init and 0 for the first step)."""
+    trainer = train(tmp_path, max_steps=4, rcka_warmup_steps=2, ib_tau="0.01", ib_eta=50.0)
+    entries = logged(trainer)
+    beta, omega = 0.5, 0.0
+    for entry in entries:
+        assert entry["gdkd_weighted"] == pytest.approx(beta * entry["gdkd"], rel=1e-5)
+        assert entry["rcka_weighted"] == pytest.approx(omega * entry["rcka"], rel=1e-5, abs=1e-12)
+        beta, omega = entry["beta"], entry["omega"]
+    assert entries[-1]["beta_bound"] == 1 and entries[-1]["beta"] == 1.0  # GDKD far above tau: pinned at beta_max
+    assert all(entry["tau"] == 0.01 for entry in entries)
+
+
+def test_packed_checkpoints_say_packed_and_trainer_checkpoints_say_qat(tmp_path):
+    import json
+
+    trainer = train(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.save_model(str(tmp_path / "int4"))
+    mode = lambda folder: json.loads((folder / "config.json").read_text())["quantization_config"]["mode"]  # noqa: E731
+    assert mode(tmp_path / "int4") == "packed" and mode(tmp_path / "run" / "checkpoint-1") == "qat"

@@ -44,7 +44,7 @@ from grace_quant.collate import pad_tokens
 from grace_quant.integrations.trainer import close_process_group
 from grace_quant.labels import IGNORE_INDEX
 from grace_quant.losses import image_token_id
-from grace_quant.surgery import grace_layers
+from grace_quant.surgery import grace_layers, set_vision_training
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,15 +138,6 @@ class PadCollator:
 
 
 # ----------------------------------------------------------------------------------------------------- models
-def freeze_vision_tower(model: torch.nn.Module) -> None:
-    """GRACE trains the language model and the projector/merger; the vision encoder stays frozen (METHOD.md 1)."""
-    for name, module in model.named_modules():
-        if name.endswith("vision_tower") or name.endswith("visual"):
-            module.requires_grad_(False)
-            if hasattr(module, "merger"):  # Qwen2-VL's projector lives inside `visual`
-                module.merger.requires_grad_(True)
-
-
 def decoder_layer_class(model: torch.nn.Module) -> str:
     """Class name of the language model's decoder layers: the unit FSDP2 shards (one all-gather per layer)."""
     for module in model.modules():
@@ -225,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         dataset = JsonlVQA(args.data, processor, args.image_root, args.max_length)
         collator = PadCollator(processor.tokenizer.pad_token_id, image_token, qwen)
         output_dir = args.output_dir or "runs/grace"
-    freeze_vision_tower(student)
+    # GraceTrainer freezes the vision tower and trains the projector/merger by default (freeze_vision_tower,
+    # train_projector); do it here already, before FSDP2 shards the parameters
+    set_vision_training(student, train_vision_tower=False, train_projector=True)
     shard_decoder_layers(student)
     cuda = torch.cuda.is_available() and not args.dry_run
     training_args = GraceTrainingArguments(

@@ -13,6 +13,7 @@ from transformers.trainer_callback import ProgressCallback
 from grace_quant.collate import pad_tokens
 from grace_quant.integrations.training_args import GraceTrainingArguments
 from grace_quant.labels import IGNORE_INDEX
+from grace_quant.surgery import set_vision_training
 
 from .models import VISUAL_TOKENS, prompt
 
@@ -70,8 +71,9 @@ def common_arguments(output_dir: str, steps: int, batch_size: int, lr: float, se
 def train_fp(
     model, examples, collator, output_dir: str, steps: int, batch_size: int, lr: float, seed: int, device: str
 ):
-    """Plain cross-entropy fine-tuning of a full-precision model (teacher or fp student); vision tower frozen."""
-    model.model.vision_tower.requires_grad_(False)
+    """Plain cross-entropy fine-tuning of a full-precision model (teacher or fp student); vision tower frozen and
+    projector trained, by the rule GraceTrainer applies to the INT4 students (``set_vision_training``)."""
+    set_vision_training(model, train_vision_tower=False, train_projector=True)
     args = TrainingArguments(**common_arguments(output_dir, steps, batch_size, lr, seed, device))
     trainer = quiet(Trainer(model=model, args=args, train_dataset=examples, data_collator=collator))
     trainer.train()
@@ -87,8 +89,8 @@ METHODS = {
 
 
 def train_qat(student, teacher, method, examples, collator, output_dir, steps, batch_size, lr, seed, device):
-    """QAT of the quantized student with the method's losses; writes the packed INT4 model and its log."""
-    student.model.vision_tower.requires_grad_(False)
+    """QAT of the quantized student with the method's losses (GraceTrainer's defaults freeze the vision tower and
+    train the projector); writes the packed INT4 model and its log."""
     settings = common_arguments(output_dir, steps, batch_size, lr, seed, device)
     args = GraceTrainingArguments(**settings, **METHODS[method], rcka_warmup_steps=max(1, steps // 5))
     from grace_quant.integrations.trainer import GraceTrainer

@@ -100,8 +100,14 @@ class GraceHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
+        """What ``save_pretrained`` writes: packed weights (or qat-master ones inside ``saving_qat_master``), and
+        ``mode`` set to match on the config it writes next, so ``config.json`` says what the files hold."""
         kind = save_kind(model)
         state = qat_master_state_dict(model) if kind == QAT_MASTER else packed_state_dict(model)
+        mode = "qat" if kind == QAT_MASTER else "packed"
+        for config in {id(c): c for c in (self.quantization_config, getattr(model.config, "quantization_config", None))}.values():
+            if isinstance(config, GraceConfig):
+                config.mode = mode
         return state, metadata_for(kind)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

@@ -28,15 +28,14 @@ from grace_quant.labels import IGNORE_INDEX, next_token_mask
 from grace_quant.losses import gated_dkd_loss, image_token_id, kd_loss, relational_cka_loss, visual_tokens
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
 from grace_quant.paths import source_problem
-from grace_quant.surgery import grace_layers
+from grace_quant.surgery import grace_layers, set_vision_training
 
-from .training_args import GraceTrainingArguments
+from .training_args import GraceTrainingArguments, planned_steps
 
 CONTROLLER_FILE = "grace_controller.json"
 #: the training arguments as JSON (tokens masked); transformers writes ``training_args.bin``, a pickle, which has no
 #: place in a folder users publish
 TRAINING_ARGS_NAME = "training_args.json"
-LOGGED = ("ce", "gdkd", "tckd", "nckd", "rcka", "gate")
 #: model types whose forward takes the same inputs (pixel layout, image-token expansion): a teacher from the
 #: student's input family can run on the student's batches; others cannot
 INPUT_FAMILIES = {"qwen2_5_vl": "qwen2_vl"}
@@ -102,6 +101,25 @@ def teacher_problem(student: nn.Module, teacher: nn.Module) -> str | None:
     return None
 
 
+def logged_terms(args: GraceTrainingArguments) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The per-micro-batch loss terms a run logs: those averaged over the logging window, and the gate's extremes
+    (``gate_min``, ``gate_max``: the minimum and maximum over it). Only terms that run are named: no distillation
+    term with ``kd_loss="none"``, plain KD as ``kd``, no gate with ``confidence_gate=False``, no RCKA with
+    ``rcka_weight=0``. ``*_weighted`` is the term as it enters the loss (``beta * gdkd``, ``omega * rcka``), to
+    compare with ``ce`` (METHOD.md section 3.5)."""
+    means, extremes = ["ce"], []
+    if args.kd_loss != "none":
+        means += [args.kd_loss, f"{args.kd_loss}_weighted"]
+        if args.kd_loss == "gdkd":
+            means += ["tckd", "nckd"]
+            if args.confidence_gate:
+                means.append("gate")
+                extremes += ["gate_min", "gate_max"]
+    if args.rcka_weight > 0:
+        means += ["rcka", "rcka_weighted"]
+    return tuple(means), tuple(extremes)
+
+
 def local_sources(*models: nn.Module | None) -> list[str]:
     """The local folders the models were loaded from (``config._name_or_path``), for the output-path rule."""
     paths = [getattr(getattr(m, "config", None), "_name_or_path", "") or "" for m in models if m is not None]
@@ -109,10 +127,16 @@ def local_sources(*models: nn.Module | None) -> list[str]:
 
 
 class _ControllerStep(TrainerCallback):
-    """Steps the controller once per optimizer step, after gradient accumulation."""
+    """Sizes the controller's calibration once the run's length is known, then steps the controller once per
+    optimizer step, after gradient accumulation."""
 
     def __init__(self, trainer: GraceTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        controller = self.trainer.controller
+        if getattr(controller, "auto_tau", False):
+            controller.set_calibration_steps(max(1, planned_steps(args.ib_calibration_steps, state.max_steps)))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._controller_step()
@@ -140,6 +164,8 @@ class GraceTrainerMixin:
         check_student(model)
         check_train_dataset(kwargs.get("train_dataset"))
         check_output_dir(args.output_dir, local_sources(model, teacher_model))
+        if isinstance(model, nn.Module):  # before the optimizer exists, so frozen parameters stay out of it
+            set_vision_training(model, not args.freeze_vision_tower, args.train_projector)
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = True  # transformers 5.17: the loss is already normalised, do not divide by GA
         self.teacher_model = self._prepare_teacher(teacher_model)
@@ -152,6 +178,7 @@ class GraceTrainerMixin:
             self.controller = FixedBeta(beta=args.beta_init, ema_decay=args.ib_ema_decay)
         self._step_gdkd: list[torch.Tensor] = []
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)  # per micro-batch, on device
+        self._mean_terms, self._extreme_terms = logged_terms(args)
         self.nonfinite_steps = 0
         self._writing_checkpoint = False
         self.add_callback(_ControllerStep(self))
@@ -210,9 +237,14 @@ class GraceTrainerMixin:
         return self.optimizer
 
     # ------------------------------------------------------------------------------------------------ loss
+    def rcka_warmup_length(self) -> int:
+        """``rcka_warmup_steps`` in optimizer steps: a fraction (< 1) of the run's planned steps, or a number of
+        steps (transformers' ``warmup_steps`` rule); 0 before training, when the run's length is not known."""
+        return planned_steps(self.args.rcka_warmup_steps, self.state.max_steps)
+
     def rcka_weight_now(self) -> float:
-        """omega, ramped linearly from 0 over ``rcka_warmup_steps`` optimizer steps."""
-        warmup = self.args.rcka_warmup_steps
+        """omega, ramped linearly from 0 over :meth:`rcka_warmup_length` optimizer steps."""
+        warmup = self.rcka_warmup_length()
         ramp = 1.0 if warmup == 0 else min(1.0, self.state.global_step / warmup)
         return self.args.rcka_weight * ramp
 
@@ -231,7 +263,7 @@ class GraceTrainerMixin:
         teacher_out = self._teacher_forward(model_inputs, hidden=use_rcka) if args.uses_teacher else None
         ce_sum, local_tokens = cross_entropy_sum(outputs.logits, labels)
         zero = outputs.logits.new_zeros((), dtype=torch.float32)
-        gdkd, gdkd_logged = zero, {}
+        gdkd, gdkd_logged = zero, {}  # gdkd: the distillation term, whichever kd_loss computes it
         if args.kd_loss != "none":
             teacher_logits = teacher_out.logits.to(outputs.logits.device)
             if args.kd_loss == "gdkd":
@@ -240,7 +272,9 @@ class GraceTrainerMixin:
                     beta_dkd=args.dkd_beta, gate=args.confidence_gate, chunk_size=args.kd_chunk_size,
                 )  # fmt: skip
                 gdkd = result.loss
-                gdkd_logged = {"tckd": result.tckd, "nckd": result.nckd, "gate": result.gate_mean}
+                gdkd_logged = {"tckd": result.tckd, "nckd": result.nckd}
+                if result.num_tokens:  # no gate without supervised tokens
+                    gdkd_logged.update(gate=result.gate_mean, gate_min=result.gate_min, gate_max=result.gate_max)
             else:
                 keep = next_token_mask(labels)
                 per_token = kd_loss(
@@ -273,7 +307,11 @@ class GraceTrainerMixin:
             loss = self._skipped_loss(model, loss)  # every component was non-finite: this micro-batch is skipped
         if model.training:
             self._step_gdkd.append(gdkd.detach().float())
-            self._record(ce=ce.detach() / max(local_tokens, 1), gdkd=gdkd.detach(), rcka=rcka.detach(), **gdkd_logged)
+            kd = {args.kd_loss: gdkd.detach(), f"{args.kd_loss}_weighted": beta * gdkd.detach()}
+            self._record(
+                ce=ce.detach() / max(local_tokens, 1), rcka=rcka.detach(), rcka_weighted=omega * rcka.detach(),
+                **kd, **gdkd_logged,
+            )  # fmt: skip
         return (loss, outputs) if return_outputs else loss
 
     def _drop_nonfinite(self, *components: torch.Tensor) -> list[torch.Tensor]:
@@ -302,32 +340,64 @@ class GraceTrainerMixin:
         return zero + sum(torch.where(p.isfinite(), p, 0).sum() for p in params) * 0.0
 
     def _record(self, **values: torch.Tensor | float) -> None:
-        """Keep this micro-batch's loss components as detached device scalars: no host sync per micro-batch."""
+        """Keep this micro-batch's loss terms that this run logs (:func:`logged_terms`) as detached device scalars:
+        no host sync per micro-batch."""
         for name, value in values.items():
-            self._metrics[name].append(value.detach().float() if torch.is_tensor(value) else torch.tensor(value))
+            if name in self._mean_terms or name in self._extreme_terms:
+                self._metrics[name].append(value.detach().float() if torch.is_tensor(value) else torch.tensor(value))
 
     def _logged_means(self) -> dict[str, float]:
-        """Means of the recorded components since the last log, over micro-batches and (averaged) ranks.
+        """The recorded terms since the last log, over micro-batches and ranks: means, and the gate's extremes.
 
-        Every rank logs training steps (the Trainer gathers the loss on all of them), so one all-reduce of
-        (sum, count) per component gives each rank the all-rank mean; one host sync per log.
+        Every rank logs training steps (the Trainer gathers the loss on all of them), and every rank names the same
+        terms (:func:`logged_terms`), so one all-reduce of (sum, count) per term gives each rank the all-rank mean,
+        and one gather the extremes; one host sync per log.
         """
         device = self.accelerator.device
-        sums = torch.zeros(len(LOGGED), device=device)
-        counts = torch.zeros(len(LOGGED), device=device)
-        for i, name in enumerate(LOGGED):
+        means, extremes = self._mean_terms, self._extreme_terms
+        sums = torch.zeros(len(means), device=device)
+        counts = torch.zeros(len(means), device=device)
+        for i, name in enumerate(means):
             values = self._metrics.pop(name, [])
             if values:
                 sums[i] = torch.stack([v.to(device) for v in values]).sum()
                 counts[i] = len(values)
+        # extremes as maxima (a minimum as the maximum of its negation); -inf where nothing was recorded
+        signs = [-1.0 if name.endswith("_min") else 1.0 for name in extremes]
+        peaks = torch.full((len(extremes),), -math.inf, device=device)
+        for i, (name, sign) in enumerate(zip(extremes, signs, strict=True)):
+            values = self._metrics.pop(name, [])
+            if values:
+                peaks[i] = (sign * torch.stack([v.to(device) for v in values])).max()
         totals = torch.cat([sums, counts])
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        totals = totals.tolist()
-        n = len(LOGGED)
-        return {name: totals[i] / totals[n + i] for i, name in enumerate(LOGGED) if totals[n + i] > 0}
+            if extremes:
+                peaks = self.accelerator.gather(peaks[None]).amax(0)
+        totals, peaks = totals.tolist(), peaks.tolist()
+        n = len(means)
+        logged = {name: totals[i] / totals[n + i] for i, name in enumerate(means) if totals[n + i] > 0}
+        logged.update({name: sign * peak for name, sign, peak in zip(extremes, signs, peaks, strict=True)
+                       if math.isfinite(peak)})  # fmt: skip
+        return logged
 
     # ------------------------------------------------------------------------------------------ controller
+    def _controller_logs(self) -> dict[str, float]:
+        """``beta``, the EMA the controller sees (``gdkd_ema`` / ``kd_ema``), and for the Lagrangian controller
+        ``beta_bound`` (+1 at ``beta_max``, -1 at ``beta_min``, 0 between) and ``tau`` once known; nothing when no
+        distillation term runs."""
+        if self.args.kd_loss == "none":
+            return {}
+        controller = self.controller
+        logs = {"beta": controller.beta}
+        if controller.ema is not None:
+            logs[f"{self.args.kd_loss}_ema"] = controller.ema
+        if isinstance(controller, LagrangianController):
+            logs["beta_bound"] = controller.at_bound
+            if controller.tau is not None:
+                logs["tau"] = controller.tau
+        return logs
+
     def _controller_step(self) -> None:
         """Feed the GDKD averaged over this step's micro-batches (and ranks) to the controller."""
         if not self._step_gdkd or self.args.kd_loss == "none":
@@ -345,10 +415,9 @@ class GraceTrainerMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs: add the means since the last log
             logs.update(self._logged_means())
-            logs["beta"] = self.controller.beta
-            if self.controller.ema is not None:
-                logs["gdkd_ema"] = self.controller.ema
-            logs["omega"] = self.rcka_weight_now()
+            logs.update(self._controller_logs())
+            if self.args.rcka_weight > 0:
+                logs["omega"] = self.rcka_weight_now()
             if self.optimizer is not None:
                 groups = self.optimizer.param_groups
                 logs["lr_weights"] = groups[0]["lr"]
@@ -380,8 +449,11 @@ class GraceTrainerMixin:
 
         model = self.accelerator.unwrap_model(self.model)
         knobs = ("kd_loss", "kd_temperature", "dkd_alpha", "dkd_beta", "confidence_gate", "rcka_weight",
-                 "rcka_warmup_steps", "controller", "ib_tau", "ib_eta", "scale_lr_multiplier", "learning_rate")  # fmt: skip
+                 "rcka_warmup_steps", "controller", "ib_tau", "ib_eta", "scale_lr_multiplier", "learning_rate",
+                 "freeze_vision_tower", "train_projector")  # fmt: skip
         settings = {name: getattr(self.args, name) for name in knobs}
+        if isinstance(self.controller, LagrangianController):
+            settings["ib_eta"] = self.controller.eta  # the step in force (None picks the mode's default)
         settings.update({"optimizer steps": self.state.global_step, "final beta": round(self.controller.beta, 6)})
         teacher = getattr(getattr(self.teacher_model, "config", None), "_name_or_path", None) or None
         base = finetuned_from or getattr(model.config, "_name_or_path", None) or None
