@@ -104,30 +104,37 @@ class GraceDataCollator:
         """The prompt text (image placeholders not yet expanded), as ``grace_quant.evaluation`` builds it."""
         return format_prompt(self.processor, example[self.question_key], self.template, images=len(self.images(example)))
 
-    def answer_ids(self, prompt: str, answer: str) -> list[int]:
-        """Tokens of ``answer`` as they follow ``prompt`` in the whole text, plus the EOS (see the class doc)."""
-        separator = "" if prompt[-1:].isspace() else " "
-        head = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        whole = self.tokenizer(prompt + separator + answer, add_special_tokens=False)["input_ids"]
+    def answer_ids(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[int]]:
+        """Tokens of each answer as it follows its prompt in the whole text, plus the EOS (see the class doc).
+
+        One batched tokenizer call for the prompts and one for the whole texts (the collator runs every step)."""
+        separators = ["" if prompt[-1:].isspace() else " " for prompt in prompts]
+        wholes = [p + sep + a for p, sep, a in zip(prompts, separators, answers, strict=True)]
+        heads = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        whole_ids = self.tokenizer(wholes, add_special_tokens=False)["input_ids"]
+        eos = [self.tokenizer.eos_token_id] if self.add_eos else []
+        return [
+            list(self._after(head, whole, separator + answer)) + eos
+            for head, whole, separator, answer in zip(heads, whole_ids, separators, answers, strict=True)
+        ]
+
+    def _after(self, head: list[int], whole: list[int], answer_text: str) -> list[int]:
+        """``whole`` after its prefix ``head``; if the tokenizer merged across the prompt's end, the answer alone."""
         if whole[: len(head)] == head:
-            ids = whole[len(head) :]
-        else:  # the tokenizer merged across the prompt's end: tokenise the answer on its own
-            if not self._warned_split:
-                warnings.warn("the prompt's last token merges with the answer's first; answer tokens are taken "
-                              "from the answer alone", stacklevel=3)  # fmt: skip
-                self._warned_split = True
-            ids = self.tokenizer(separator + answer, add_special_tokens=False)["input_ids"]
-        return list(ids) + ([self.tokenizer.eos_token_id] if self.add_eos else [])
+            return whole[len(head) :]
+        if not self._warned_split:
+            warnings.warn("the prompt's last token merges with the answer's first; answer tokens are taken from the "
+                          "answer tokenised alone", stacklevel=4)  # fmt: skip
+            self._warned_split = True
+        return self.tokenizer(answer_text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------------------------------------ batch
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         prompts = [self.prompt(example) for example in examples]
         images = [image for example in examples for image in self.images(example)]
         encoded = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
-        rows = [
-            self._row(encoded, index, self.answer_ids(prompt, self.answer(example)))
-            for index, (example, prompt) in enumerate(zip(examples, prompts, strict=True))
-        ]
+        answers = self.answer_ids(prompts, [self.answer(example) for example in examples])
+        rows = [self._row(encoded, index, answer) for index, answer in enumerate(answers)]
         batch = pad_tokens(rows, self.tokenizer.pad_token_id, self.padding_side)
         per_token = {"input_ids", "attention_mask", *TOKEN_TYPE_KEYS}
         batch.update({key: value for key, value in encoded.items() if key not in per_token})
