@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
@@ -14,7 +13,6 @@ from grace_quant.integrations.collator import GraceDataCollator
 from grace_quant.integrations.training_args import GraceTrainingArguments
 
 from .models import prompt
-
 
 #: the demo's prompt, in training and in evaluation: "<image>Q: {question} A:" (the model answers after "A:")
 TEMPLATE = "{image}" + prompt("{question}")
