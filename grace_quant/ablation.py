@@ -93,14 +93,19 @@ def load_splits(settings: AblationSettings):
 
 
 class RecordingCollator:
-    """``GraceDataCollator`` that also records the ``id`` of every row it batches (which samples an arm saw)."""
+    """``GraceDataCollator`` that also records the row ``id`` s of every batch it builds, in order."""
 
     def __init__(self, collator):
-        self.collator, self.ids = collator, []
+        self.collator, self.batches = collator, []
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        self.ids += [example["id"] for example in examples]
+        self.batches.append([example["id"] for example in examples])
         return self.collator(examples)
+
+    def trained_ids(self, steps: int) -> list[int]:
+        """The ids of the first ``steps`` batches: the loader builds a batch ahead of the one being trained, so
+        the last batch collated was never trained on (one process, no gradient accumulation)."""
+        return [i for batch in self.batches[:steps] for i in batch]
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -141,7 +146,7 @@ def train_arm(settings, arm: str, seed: int, teacher, rows, collator, folder: st
                                train_dataset=rows, data_collator=recorder)  # fmt: skip
         quiet(trainer).train()
         trainer.save_model(folder)
-    return recorder.ids
+    return recorder.trained_ids(settings.steps)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
