@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AutoModelForVision2Seq": "grace_quant.integrations",
     "GraceConfig": "grace_quant.config",
+    "GraceDataCollator": "grace_quant.integrations.collator",
     "GraceQATLinear": "grace_quant.modules",
     "GraceQuantLinear": "grace_quant.modules",
     "GraceTrainer": "grace_quant.integrations.trainer",
@@ -37,6 +38,7 @@ _EXPORTS = {
 __all__ = [
     "AutoModelForVision2Seq",
     "GraceConfig",
+    "GraceDataCollator",
     "GraceQATLinear",
     "GraceQuantLinear",
     "GraceTrainer",
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from grace_quant.convert import convert_to_packed, prepare_qat
     from grace_quant.fusion import fuse_projections, unfuse_projections
     from grace_quant.integrations import AutoModelForVision2Seq
+    from grace_quant.integrations.collator import GraceDataCollator
     from grace_quant.integrations.quantizer import quantize_model
     from grace_quant.integrations.trainer import GraceTrainer
     from grace_quant.integrations.training_args import GraceTrainingArguments

@@ -5,6 +5,7 @@ agreement with a teacher (token KL on the teacher's answer, same-answer rate).""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,17 @@ def load_metric(name: str):
     if not os.path.isdir(path):
         raise ValueError(f"unknown metric {name!r}; shipped metrics: {sorted(os.listdir(METRICS_DIR))}")
     return evaluate.load(path)
+
+
+#: the per-question function of each shipped metric (the metric's value is their mean)
+PER_QUESTION = {"exact_match": "exact_match_score", "vqa_accuracy": "vqa_score"}
+
+
+def question_scores(name: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """Each question's score under the shipped metric ``name``, for intervals over questions; their mean equals
+    ``load_metric(name).compute(...)[name]``."""
+    score = getattr(sys.modules[type(load_metric(name)).__module__], PER_QUESTION[name])
+    return [score(p, list(r)) for p, r in zip(predictions, references, strict=True)]
 
 
 def format_prompt(processor, question: str, template: str | None, images: int = 1) -> str:

@@ -244,7 +244,7 @@ def test_usage_errors_exit_2(capsys):
 def test_parser_has_one_subcommand_per_function():
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if a.dest == "command"]
-    assert set(subparsers.choices) == {"quantize", "export", "import-awq", "push", "demo", "eval", "tune"}
+    assert set(subparsers.choices) == {"quantize", "export", "import-awq", "push", "demo", "eval", "ablate", "tune"}
     for name, sub in subparsers.choices.items():
         assert sub.get_default("func").__name__ == f"run_{name.replace('-', '_')}"
         assert "example:" in sub.format_help()
@@ -364,7 +364,7 @@ def test_help_imports_neither_torch_nor_transformers():
     result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["codes"] == [0] * (2 + report["commands"]) and report["commands"] == 7
+    assert report["codes"] == [0] * (2 + report["commands"]) and report["commands"] == 8
     assert report["heavy"] == []
 
 

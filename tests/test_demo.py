@@ -178,7 +178,7 @@ def test_gpu_preset_models_build_and_answer_shapes():
         vision_config,
     )
     from grace_quant.demo.pipeline import PRESETS
-    from grace_quant.demo.train import Collator, encode
+    from grace_quant.demo.train import collator, training_rows
 
     settings = PRESETS["gpu"]
     data = build_dataset(8, 2, seed=0, kinds=settings.question_types)
@@ -187,9 +187,9 @@ def test_gpu_preset_models_build_and_answer_shapes():
             [prompt(q) + " " + a[0] for q, a in zip(data["train"]["question"], data["train"]["answers"], strict=True)]
         )
     )
-    examples = encode(data["train"], processor)
+    examples = training_rows(data["train"])
     tower = CLIPVisionModel(vision_config()).state_dict()
-    batch = Collator(processor.tokenizer.pad_token_id)(examples[:2])
+    batch = collator(processor)(examples[:2])
     for size in (settings.teacher_lm, settings.student_lm):
         model = build_llava(size, processor.tokenizer, tower, seed=0)
         text = model.config.text_config

@@ -259,13 +259,12 @@ class Demo:
             self._cache["data"] = (load_from_disk(os.path.join(path, "dataset")), processor)
         return self._cache["data"]
 
-    def train_examples(self) -> list[dict[str, torch.Tensor]]:
-        """The tokenised training set with preprocessed images, shared by every training stage of the run."""
+    def train_examples(self) -> list[dict]:
+        """The training rows (decoded images, questions, answers), shared by every training stage of the run."""
         if "examples" not in self._cache:
-            from .train import encode
+            from .train import training_rows
 
-            dataset, processor = self.load_data()
-            self._cache["examples"] = encode(dataset["train"], processor)
+            self._cache["examples"] = training_rows(self.load_data()[0]["train"])
         return self._cache["examples"]
 
     def teacher(self):
@@ -314,7 +313,7 @@ class Demo:
         if stage.done:
             return stage.path
         from .models import build_llava
-        from .train import Collator, train_fp
+        from .train import collator, train_fp
 
         steps = self.settings.teacher_steps if role == "teacher" else self.settings.student_steps
         say(f"training the {role} ({steps} steps)")
@@ -322,7 +321,7 @@ class Demo:
         size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
         model = build_llava(size, processor.tokenizer, self.pretrain_vision(), seed=1 if role == "teacher" else 2)
         with stage.writing() as path:
-            train_fp(model, self.train_examples(), Collator(processor.tokenizer.pad_token_id), os.path.join(path, "run"),
+            train_fp(model, self.train_examples(), collator(processor), os.path.join(path, "run"),
                      steps, self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device)  # fmt: skip
             shutil.rmtree(os.path.join(path, "run"), ignore_errors=True)
             model.save_pretrained(path)
@@ -370,7 +369,7 @@ class Demo:
     def qat(self, fp_path: str, method: str, seed: int, name: str) -> str:
         from transformers import AutoModelForImageTextToText
 
-        from .train import Collator, train_qat
+        from .train import collator, train_qat
 
         keys = self.settings.key("qat_steps", "qat_lr", "batch_size", "bits", "group_size", "train_size")
         stage = Stage(
@@ -384,7 +383,7 @@ class Demo:
         student = AutoModelForImageTextToText.from_pretrained(fp_path, quantization_config=self.grace_config("qat"))
         with stage.writing() as path:
             train_qat(student.to(self.device), self.teacher(), method, self.train_examples(),
-                      Collator(processor.tokenizer.pad_token_id), path, self.settings.qat_steps,
+                      collator(processor), path, self.settings.qat_steps,
                       self.settings.batch_size, self.settings.qat_lr, seed, self.device)  # fmt: skip
             processor.save_pretrained(path)
         return stage.path
@@ -395,7 +394,7 @@ class Demo:
 
         from grace_quant.evaluation import answer_token_kl, generate_answers, load_metric, same_answer_rate
 
-        from .models import prompt
+        from .train import TEMPLATE
 
         cache = os.path.join(path, "eval.json")
         stamp = {"test_size": self.settings.test_size, "train_size": self.settings.train_size}
@@ -409,7 +408,7 @@ class Demo:
         test = dataset["test"]
         model = AutoModelForImageTextToText.from_pretrained(path).to(self.device)
         images, questions = list(test["image"]), list(test["question"])
-        template = "<image>" + prompt("{question}")
+        template = TEMPLATE  # the prompt the models were trained on
         answers = generate_answers(model, processor, images, questions, batch_size=self.settings.eval_batch_size,
                                    max_new_tokens=12, template=template)  # fmt: skip
         references = [a[0] for a in test["answers"]]

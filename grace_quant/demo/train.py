@@ -1,38 +1,34 @@
-"""Turning the demo dataset into model inputs, and the training runs (plain Trainer for fp models, GraceTrainer
-for the INT4 students)."""
+"""Turning the demo dataset into model inputs (``GraceDataCollator``), and the training runs (plain Trainer for fp
+models, GraceTrainer for the INT4 students)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from grace_quant.collate import pad_tokens
+from grace_quant.integrations.collator import GraceDataCollator
 from grace_quant.integrations.training_args import GraceTrainingArguments
-from grace_quant.labels import IGNORE_INDEX
 from grace_quant.surgery import set_vision_training
 
-from .models import VISUAL_TOKENS, prompt
+from .models import prompt
+
+#: the demo's prompt, in training and in evaluation: "<image>Q: {question} A:" (the model answers after "A:")
+TEMPLATE = "{image}" + prompt("{question}")
 
 
-def encode(dataset, processor) -> list[dict[str, torch.Tensor]]:
-    """Tokenised examples: ``<image> Q: ... A: answer</s>`` with labels on the answer and end token only."""
-    tokenizer = processor.tokenizer
-    image_token = processor.image_token
-    pixel_values = processor.image_processor(list(dataset["image"]), return_tensors="pt")["pixel_values"]
-    examples = []
-    for i, (question, answers) in enumerate(zip(dataset["question"], dataset["answers"], strict=True)):
-        # what the processor produces for "<image>" + prompt once it has expanded the image token
-        prompt_ids = tokenizer(image_token * VISUAL_TOKENS + prompt(question), add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(" " + answers[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = torch.tensor(prompt_ids + answer_ids)
-        labels = ids.clone()
-        labels[: len(prompt_ids)] = IGNORE_INDEX
-        examples.append({"input_ids": ids, "labels": labels, "pixel_values": pixel_values[i]})
-    return examples
+def training_rows(dataset) -> list[dict]:
+    """The training split as image / question / answers rows, images decoded once (the Trainer reads them often)."""
+    columns = zip(dataset["image"], dataset["question"], dataset["answers"], strict=True)
+    return [{"image": image, "question": question, "answers": answers} for image, question, answers in columns]
+
+
+def collator(processor) -> GraceDataCollator:
+    """``<image>`` expanded to the visual tokens, ``Q: ... A:``, then `` answer</s>``; labels on the answer and end
+    token only; right padding."""
+    return GraceDataCollator(processor, template=TEMPLATE, padding_side="right")
 
 
 class QuietProgress(ProgressCallback):
@@ -46,17 +42,6 @@ def quiet(trainer: Trainer) -> Trainer:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
     return trainer
-
-
-class Collator:
-    """Right-pads token sequences (pad id / label ``IGNORE_INDEX``) and stacks images."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([e["pixel_values"] for e in examples])
-        return {**pad_tokens(examples, self.pad_token_id), "pixel_values": pixels}
 
 
 def common_arguments(output_dir: str, steps: int, batch_size: int, lr: float, seed: int, device: str) -> dict:

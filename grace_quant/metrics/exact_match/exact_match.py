@@ -17,6 +17,12 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def exact_match_score(prediction: str, references) -> float:
+    """1.0 when the prediction equals one of the references after normalisation, else 0.0 (one question)."""
+    references = [references] if isinstance(references, str) else references
+    return float(normalise(prediction) in {normalise(r) for r in references})
+
+
 class ExactMatch(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
@@ -32,8 +38,5 @@ class ExactMatch(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        hits = []
-        for prediction, refs in zip(predictions, references, strict=True):
-            refs = [refs] if isinstance(refs, str) else refs
-            hits.append(normalise(prediction) in {normalise(r) for r in refs})
+        hits = [exact_match_score(prediction, refs) for prediction, refs in zip(predictions, references, strict=True)]
         return {"exact_match": sum(hits) / len(hits) if hits else 0.0}
