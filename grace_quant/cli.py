@@ -281,7 +281,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         choices=("quick", "default", "full", "gpu"),
         default="default",
         help="quick: a CI-sized smoke run (well under a minute); default: one seed (~6 min on 2 CPU cores); full: 3 "
-        "seeds, 2,000 test questions and the outlier stress setting (the numbers the README quotes; ~30 min); gpu: a "
+        "seeds, 2,000 test questions and the outlier stress setting (the README quotes both; ~30 min); gpu: a "
         "wider/deeper teacher and student and harder questions (digit sums), for a GPU",
     )
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")

@@ -46,6 +46,7 @@ class DemoSettings:
     outlier_scale: float = 30.0
     eval_batch_size: int = 100
     teacher_lm: tuple[int, int] = (128, 4)  # (hidden size, layers) of the language model
+    teacher_trains_vision: bool = True  # the teacher fine-tunes its own copy of the tower: a lead to distil
     student_lm: tuple[int, int] = (64, 2)
     question_types: tuple[str, ...] = ("position", "read", "max", "count")
 
@@ -306,6 +307,8 @@ class Demo:
         keys = self.settings.key("train_size", "vision_steps", "batch_size", "fp_lr", "question_types")
         size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
         settings = {**keys, "steps": steps, "role": role, "size": list(size)}
+        if role == "teacher":
+            settings["trains_vision"] = self.settings.teacher_trains_vision
         return Stage(self.workdir, role if role == "teacher" else "fp_student", settings)
 
     def train_fp_model(self, role: str) -> str:
@@ -321,8 +324,10 @@ class Demo:
         size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
         model = build_llava(size, processor.tokenizer, self.pretrain_vision(), seed=1 if role == "teacher" else 2)
         with stage.writing() as path:
+            vision = role == "teacher" and self.settings.teacher_trains_vision
             train_fp(model, self.train_examples(), collator(processor), os.path.join(path, "run"),
-                     steps, self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device)  # fmt: skip
+                     steps, self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device,
+                     train_vision_tower=vision)  # fmt: skip
             shutil.rmtree(os.path.join(path, "run"), ignore_errors=True)
             model.save_pretrained(path)
             processor.save_pretrained(path)
