@@ -46,7 +46,6 @@ class DemoSettings:
     outlier_scale: float = 30.0
     eval_batch_size: int = 100
     teacher_lm: tuple[int, int] = (128, 4)  # (hidden size, layers) of the language model
-    teacher_trains_vision: bool = True  # the teacher fine-tunes its own copy of the tower: a lead to distil
     student_lm: tuple[int, int] = (64, 2)
     question_types: tuple[str, ...] = ("position", "read", "max", "count")
 
@@ -307,8 +306,6 @@ class Demo:
         keys = self.settings.key("train_size", "vision_steps", "batch_size", "fp_lr", "question_types")
         size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
         settings = {**keys, "steps": steps, "role": role, "size": list(size)}
-        if role == "teacher":
-            settings["trains_vision"] = self.settings.teacher_trains_vision
         return Stage(self.workdir, role if role == "teacher" else "fp_student", settings)
 
     def train_fp_model(self, role: str) -> str:
@@ -324,10 +321,8 @@ class Demo:
         size = self.settings.teacher_lm if role == "teacher" else self.settings.student_lm
         model = build_llava(size, processor.tokenizer, self.pretrain_vision(), seed=1 if role == "teacher" else 2)
         with stage.writing() as path:
-            vision = role == "teacher" and self.settings.teacher_trains_vision
             train_fp(model, self.train_examples(), collator(processor), os.path.join(path, "run"),
-                     steps, self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device,
-                     train_vision_tower=vision)  # fmt: skip
+                     steps, self.settings.batch_size, self.settings.fp_lr, seed=0, device=self.device)  # fmt: skip
             shutil.rmtree(os.path.join(path, "run"), ignore_errors=True)
             model.save_pretrained(path)
             processor.save_pretrained(path)
@@ -351,6 +346,26 @@ class Demo:
     # ---------------------------------------------------------------------------- INT4 models
     def grace_config(self, mode: str) -> GraceConfig:
         return GraceConfig(bits=self.settings.bits, group_size=self.settings.group_size, mode=mode)
+
+    def recipe(self, method: str) -> dict:
+        """What a QAT arm's result depends on beyond its own sizes: the method's arguments, GraceTrainingArguments'
+        defaults (a library change re-runs the arm) and, for the KD arms, the teacher it learns from."""
+        from dataclasses import MISSING, fields
+
+        from transformers import TrainingArguments
+
+        from grace_quant.integrations.training_args import GraceTrainingArguments
+
+        from .train import METHODS
+
+        base = {f.name for f in fields(TrainingArguments)}
+        defaults = {
+            f.name: f.default for f in fields(GraceTrainingArguments) if f.name not in base and f.default is not MISSING
+        }
+        out = {"overrides": METHODS[method], "defaults": defaults}
+        if method != "qat":
+            out["teacher"] = self.fp_stage("teacher").settings
+        return out
 
     def rtn(self, fp_path: str, name: str) -> str:
         """Round-to-nearest (MSE-grid scales) INT4 straight from the fp checkpoint: INT4 on load, then saved."""
@@ -377,9 +392,8 @@ class Demo:
         from .train import collator, train_qat
 
         keys = self.settings.key("qat_steps", "qat_lr", "batch_size", "bits", "group_size", "train_size")
-        stage = Stage(
-            self.workdir, name, {"from": os.path.relpath(fp_path, self.workdir), "method": method, "seed": seed, **keys}
-        )
+        settings = {"from": os.path.relpath(fp_path, self.workdir), "method": method, "seed": seed, **keys}
+        stage = Stage(self.workdir, name, {**settings, **self.recipe(method)})
         if stage.done:
             return stage.path
         say(f"{name}: {method} QAT, seed {seed} ({self.settings.qat_steps} steps)")
@@ -403,6 +417,8 @@ class Demo:
 
         cache = os.path.join(path, "eval.json")
         stamp = {"test_size": self.settings.test_size, "train_size": self.settings.train_size}
+        if teacher_answers is not None:  # the KL and same-answer columns are against this teacher
+            stamp["teacher"] = self.fp_stage("teacher").settings
         if os.path.exists(cache):
             with open(cache) as handle:
                 saved = json.load(handle)

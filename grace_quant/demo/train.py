@@ -54,13 +54,11 @@ def common_arguments(output_dir: str, steps: int, batch_size: int, lr: float, se
 
 
 def train_fp(
-    model, examples, collator, output_dir: str, steps: int, batch_size: int, lr: float, seed: int, device: str,
-    train_vision_tower: bool = False,
-):  # fmt: skip
-    """Plain cross-entropy fine-tuning of a full-precision model (teacher or fp student); projector trained and, unless
-    ``train_vision_tower`` (the demo's teacher), vision tower frozen, by the rule GraceTrainer applies to the INT4
-    students (``set_vision_training``)."""
-    set_vision_training(model, train_vision_tower=train_vision_tower, train_projector=True)
+    model, examples, collator, output_dir: str, steps: int, batch_size: int, lr: float, seed: int, device: str
+):
+    """Plain cross-entropy fine-tuning of a full-precision model (teacher or fp student); vision tower frozen and
+    projector trained, by the rule GraceTrainer applies to the INT4 students (``set_vision_training``)."""
+    set_vision_training(model, train_vision_tower=False, train_projector=True)
     args = TrainingArguments(**common_arguments(output_dir, steps, batch_size, lr, seed, device))
     trainer = quiet(Trainer(model=model, args=args, train_dataset=examples, data_collator=collator))
     trainer.train()
