@@ -8,7 +8,7 @@
 #
 # Stages, run in the order STAGES lists them (each has its own time limit, so a slow one cannot starve the rest):
 #   tests    every GPU-marked test: python -m pytest -m gpu (kernels, fused KD, fused fake quant, compile, and
-#            the CLI's tune, which alone takes ~250 s; 86 tests in 326 s on the H200, 2026-12-04)
+#            the CLI's tune, now 3 buckets via --tokens (it took ~250 s over all 12); 86 tests in 326 s on the H200)
 #   trainer  benchmarks/trainer_step.py --size 1b --fused-fake-quant   (~3 min)
 #   e2e      benchmarks/e2e.py, both models, bf16 / GRACE / tinygemm, batch 1, one process   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;

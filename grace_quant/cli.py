@@ -76,6 +76,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def token_counts(text: str) -> list[int]:
+    """argparse type: comma-separated positive token counts, e.g. ``1,16,512``."""
+    return [positive_int(part) for part in text.split(",") if part.strip()] or [positive_int(text)]
+
+
 def _check_output(out: str, *sources: str, overwrite: bool = False, kind: str = "folder") -> None:
     """The output-path rule (:func:`grace_quant.paths.check_output`), applied before the slow imports and loads."""
     from grace_quant.paths import check_output
@@ -506,7 +511,10 @@ def add_ablate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-size", type=positive_int, default=128, help="input features per scale (default: 128)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default: 4)")
     parser.add_argument(
-        "--arms", metavar="A,B", default=",".join(ARMS), help=f"comma-separated arms to run (default: all: {','.join(ARMS)})"
+        "--arms",
+        metavar="A,B",
+        default=",".join(ARMS),
+        help=f"comma-separated arms to run (default: all: {','.join(ARMS)})",
     )
     parser.add_argument("--train-split", default="train", help="training split (default: train)")
     parser.add_argument("--eval-split", default="test", help="evaluation split (default: test)")
@@ -524,7 +532,9 @@ def add_ablate(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_folder(path: str, flag: str) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"{flag} {path} is not a model folder (no config.json); give a folder written by save_pretrained")
+        raise UserError(
+            f"{flag} {path} is not a model folder (no config.json); give a folder written by save_pretrained"
+        )
 
 
 def run_ablate(args: argparse.Namespace) -> int:
@@ -565,6 +575,12 @@ def add_tune(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("src", metavar="SRC", help="packed GRACE checkpoint folder (4 bits)")
     parser.add_argument("--retune", action="store_true", help="time shapes that already have a configuration too")
+    parser.add_argument(
+        "--tokens",
+        type=token_counts,
+        metavar="M,M,...",
+        help="tune only the buckets of these token counts, e.g. 1,8 for decoding (default: every bucket up to 2048)",
+    )
     parser.set_defaults(func=run_tune)
 
 
@@ -583,7 +599,7 @@ def run_tune(args: argparse.Namespace) -> int:
     model = AutoModelForVision2Seq.from_pretrained(args.src, device_map="cuda")
     if not matmul_shapes(model):
         raise UserError(f"{args.src} has no packed INT4 layers to tune; make one with `grace-quant quantize` first")
-    tuned = tune_model(model, retune=args.retune)
+    tuned = tune_model(model, retune=args.retune, **({"m_values": args.tokens} if args.tokens else {}))
     device = device_name(torch.device("cuda"))
     print(f"{len(tuned)} new kernel configurations for {device} in {table(device).user_path}")
     return EXIT_OK

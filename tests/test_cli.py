@@ -227,12 +227,21 @@ def test_tune_fills_this_gpus_table_once(folders, tmp_path, monkeypatch, capsys)
     tables.reset()
     assert main(["tune", folders["fp"]]) == EXIT_USER_ERROR  # nothing to tune in a full-precision folder
     assert "no packed INT4 layers" in capsys.readouterr().err
-    assert main(["tune", folders["int4"]]) == 0
+    assert main(["tune", folders["int4"], "--tokens", "1,16,100"]) == 0  # three buckets: every path, quickly
     first = capsys.readouterr().out
     table = json.loads(next((tmp_path / "cache" / "kernels").glob("*.json")).read_text())
     assert table["configs"] and str(len(table["configs"])) in first
-    assert main(["tune", folders["int4"]]) == 0 and capsys.readouterr().out.startswith("0 new kernel configurations")
+    assert {key.split("|")[1] for key in table["configs"]} == {"1", "16", "128"}
+    again = main(["tune", folders["int4"], "--tokens", "1,16,100"])
+    assert again == 0 and capsys.readouterr().out.startswith("0 new kernel configurations")
     tables.reset()
+
+
+def test_tune_tokens_must_be_positive_counts(capsys):
+    assert main(["tune", "x", "--tokens", "1,0"]) == EXIT_USER_ERROR
+    assert "must be a positive integer (1 or more), got 0" in capsys.readouterr().err
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    assert sub.choices["tune"].parse_args(["x", "--tokens", "1, 8,512"]).tokens == [1, 8, 512]
 
 
 def test_usage_errors_exit_2(capsys):
