@@ -577,9 +577,13 @@ def tc_gemm_w4a16(
     return y
 
 
-def _tc_overrides(config: dict[str, int], x2: torch.Tensor) -> dict[str, int]:
-    """Keyword arguments of :func:`tc_gemm_w4a16` from a tuned entry (``target_programs_per_sm`` 0: no split)."""
-    names = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prefetch")
+_TC_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prefetch")
+_GEMV_KEYS = ("block_n", "step_k", "num_warps")
+
+
+def _overrides(config: dict[str, int], names: tuple[str, ...], x2: torch.Tensor) -> dict[str, int]:
+    """Keyword arguments of a kernel from a tuned entry: its ``names`` present there, and the split rule
+    (``target_programs_per_sm`` times this GPU's SMs, or no split when 0)."""
     out = {name: config[name] for name in names if name in config}
     per_sm = config.get("target_programs_per_sm", 0)
     return {**out, **({"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1})}
@@ -601,14 +605,9 @@ def linear_with_config(
     if path not in ("gemv", "tc", "large"):
         raise ValueError(f"unknown kernel path {path!r} (expected 'gemv', 'tc' or 'large')")
     if config is not None and config.get("tc"):
-        return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_tc_overrides(config, x2))
+        return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_overrides(config, _TC_KEYS, x2))
     if config is not None and "step_k" in config and x2.shape[0] <= GEMV_ROWS:
-        per_sm = config.get("target_programs_per_sm", 0)
-        split = {"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1}
-        return gemv_w4a16(
-            x2, packed, scales, bias, group_size,
-            block_n=config["block_n"], step_k=config["step_k"], num_warps=config["num_warps"], **split,
-        )  # fmt: skip
+        return gemv_w4a16(x2, packed, scales, bias, group_size, **_overrides(config, _GEMV_KEYS, x2))
     if path == "gemv":
         return gemv_w4a16(x2, packed, scales, bias, group_size)
     if path == "tc":
