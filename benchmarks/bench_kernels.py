@@ -78,12 +78,6 @@ def copy_tbps() -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def arm_dense(n: int, k: int, m: int, dtype: torch.dtype) -> float:
-    weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies_for(n * k * 2))]
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    return graph_time_us([lambda w=w: F.linear(x, w) for w in weights])
-
-
 def arm_tinygemm(n: int, k: int, m: int) -> float | None:
     try:
         copies = []
@@ -505,8 +499,8 @@ def main() -> None:
             gl_layers = gemlite_layers(gl_arm, copies) if timed else None
             for m in ms:
                 r: dict[str, float | None] = {}
-                r["bf16"] = arm_dense(n, k, m, torch.bfloat16)
-                r["fp16"] = arm_dense(n, k, m, torch.float16) if args.extra_arms else None
+                r["bf16"] = TIMING.dense_time_us(n, k, m, torch.bfloat16)
+                r["fp16"] = TIMING.dense_time_us(n, k, m, torch.float16) if args.extra_arms else None
                 r["tinygemm"] = arm_tinygemm(n, k, m) if m <= 256 else None
                 r["gemlite"], gl_cell = gemlite_time(gl_arm, gl_layers, k, n, m)
                 r["deq"] = arm_w4(deq_cublas, copies, k, m, torch.bfloat16)

@@ -17,23 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from grace_quant.kernels import tables, tuner
 from grace_quant.kernels.dispatch import key_for
-from grace_quant.kernels.timing import copies_for, graph_time_us
+from grace_quant.kernels.timing import dense_time_us
 
 SHAPES = {  # (K, N) of one decoder layer's linears, with how many times each appears (the unfused layer)
     "llava-1.5-7b": [((4096, 4096), 4), ((4096, 11008), 2), ((11008, 4096), 1)],
     "qwen2-vl-2b": [((1536, 1536), 2), ((1536, 256), 2), ((1536, 8960), 2), ((8960, 1536), 1)],
 }
-
-
-def bf16_us(n: int, k: int, m: int) -> float:
-    """cuBLAS bf16 ``F.linear`` per call, timed like the candidates."""
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(n * k * 2))]
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    return graph_time_us([lambda w=w: F.linear(x, w) for w in weights])
 
 
 def kernel_of(config: dict[str, int]) -> str:
@@ -66,7 +58,7 @@ def main() -> None:
                 print(f"deadline: {model} {k}x{n} and later shapes skipped", flush=True)
                 continue
             for m in ms:
-                base = bf16_us(n, k, m)
+                base = dense_time_us(n, k, m, torch.bfloat16)
                 measure = tuner.cuda_measure(m, n, k, 128, torch.bfloat16, cuda)
                 found: list[dict] = []
 

@@ -21,7 +21,16 @@ ROTATE_BYTES = 128 * 2**20
 MAX_COPIES = 512
 """Cap on copies per measurement: tiny weights would otherwise need thousands of graph nodes."""
 
-__all__ = ["MAX_COPIES", "ROTATE_BYTES", "copies_for", "graph_time_us", "random_w4", "w4_bytes", "w4_copies"]
+__all__ = [
+    "MAX_COPIES",
+    "ROTATE_BYTES",
+    "copies_for",
+    "dense_time_us",
+    "graph_time_us",
+    "random_w4",
+    "w4_bytes",
+    "w4_copies",
+]
 
 
 def copies_for(bytes_per_copy: int, rotate_bytes: int = ROTATE_BYTES) -> int:
@@ -82,3 +91,11 @@ def graph_time_us(calls: list[Callable[[], object]], replays: int = 15) -> float
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
     del graph
     return statistics.median(times)
+
+
+def dense_time_us(n: int, k: int, m: int, dtype: torch.dtype, device: str | torch.device = "cuda") -> float:
+    """The dense baseline the W4A16 kernels are judged against: ``F.linear`` of ``m`` tokens by an ``[n, k]`` weight
+    in ``dtype`` (cuBLAS), timed as :func:`graph_time_us` times the kernels, over weight copies cycled past L2."""
+    weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies_for(n * k * 2))]
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    return graph_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in weights])
