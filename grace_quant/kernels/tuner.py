@@ -47,7 +47,7 @@ LARGE_SPACE: tuple[Config, ...] = ({"tc": 0},) + tuple(
     for bm, ns in ((128, 3), (256, 4))
 )
 """The race above ``TC_MAX_M``: dequantize + cuBLAS (``tc`` 0, the fallback) against the tensor-core kernel's tiles
-(no split-K: large M has tiles enough; on the H200 dequantize + cuBLAS won every shape of the sweep)."""
+(no split-K: large M has tiles enough; on the H200 dequantize + cuBLAS won every shape from M = 256 on)."""
 
 Shape = tuple[int, int, int, torch.dtype, torch.device]
 """``(N, K, group, scales dtype, device)`` of one INT4 matmul."""
