@@ -27,6 +27,7 @@ or the cross-rank GDKD reduction in ``_controller_step`` makes these tests fail.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -237,3 +238,30 @@ def test_example_accelerate_configs_and_fsdp_layer_choice(monkeypatch):
     monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP")
     example.shard_decoder_layers(tiny_model("llava"))  # a DDP launch leaves FSDP settings alone
     assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in os.environ
+
+
+def test_example_reads_jsonl_rows_for_the_library_collator(tmp_path):
+    """The example's data path: JSON Lines rows with relative image paths -> GraceDataCollator batches whose labels
+    are exactly the collated answer rows; a row without an answer is refused with its line number."""
+    from grace_quant import GraceDataCollator
+    from grace_quant.testing import tiny_processor, tiny_vqa
+
+    spec = importlib.util.spec_from_file_location("train_grace", EXAMPLE / "train_grace.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = tiny_vqa(3)
+    (tmp_path / "images").mkdir()
+    with open(tmp_path / "train.jsonl", "w") as handle:
+        for index, row in enumerate(rows):
+            row["image"].save(tmp_path / "images" / f"{index}.png")
+            handle.write(json.dumps({"image": f"images/{index}.png", "question": row["question"],
+                                     "answer": row["answer"]}) + "\n")  # fmt: skip
+    dataset = example.JsonlVQA(str(tmp_path / "train.jsonl"))
+    collator = GraceDataCollator(tiny_processor("llava"))
+    from_file, direct = collator([dataset[i] for i in range(3)]), collator(rows)
+    assert from_file.keys() == direct.keys()
+    for key in from_file:
+        assert torch.equal(from_file[key], direct[key]), key
+    (tmp_path / "bad.jsonl").write_text('{"image": "images/0.png", "question": "q"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl, line 1: missing \['answer'\]"):
+        example.JsonlVQA(str(tmp_path / "bad.jsonl"))

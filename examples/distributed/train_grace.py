@@ -7,7 +7,7 @@ never downloads anything unless you add --allow-download.
 
 Data: a JSON Lines file, one example per line; image paths are relative to --image-root (default: the file's folder).
     {"image": "images/0001.jpg", "question": "What is on the table?", "answer": "A red cup."}
-The loss is on the answer tokens only.
+GraceDataCollator builds the batches: the student's chat template, the loss on the answer tokens (and EOS) only.
 
 Launch (examples/distributed/README.md says which layout fits on which GPUs):
     # Qwen2-VL-2B <- 7B, data parallel on 2 GPUs
@@ -39,11 +39,15 @@ import torch
 from torch.utils.data import Dataset
 
 import grace_quant
-from grace_quant import AutoModelForVision2Seq, GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
-from grace_quant.collate import pad_tokens
+from grace_quant import (
+    AutoModelForVision2Seq,
+    GraceConfig,
+    GraceDataCollator,
+    GraceTrainer,
+    GraceTrainingArguments,
+    quantize_model,
+)  # fmt: skip
 from grace_quant.integrations.trainer import close_process_group
-from grace_quant.labels import IGNORE_INDEX
-from grace_quant.losses import image_token_id
 from grace_quant.surgery import grace_layers, set_vision_training
 
 
@@ -86,55 +90,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------------- data
 class JsonlVQA(Dataset):
-    """Question/answer pairs about images, tokenised on the fly with the student's processor and chat template."""
+    """The JSON Lines rows as ``{"image", "question", "answer"}`` with the image opened on access; the library's
+    ``GraceDataCollator`` turns them into batches (the student's chat template, labels on the answer tokens)."""
 
-    def __init__(self, path: str, processor: Any, image_root: str | None = None, max_length: int = 2048):
+    def __init__(self, path: str, image_root: str | None = None):
         with open(path) as handle:
             self.rows = [json.loads(line) for line in handle if line.strip()]
-        self.processor, self.max_length = processor, max_length
         self.root = Path(image_root or os.path.dirname(os.path.abspath(path)))
+        for number, row in enumerate(self.rows, 1):
+            missing = {"image", "question", "answer"} - set(row)
+            if missing:
+                raise SystemExit(
+                    f"{path}, line {number}: missing {sorted(missing)}; each line needs image, question, answer"
+                )
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         from PIL import Image
 
         row = self.rows[index]
-        image = Image.open(self.root / row["image"]).convert("RGB")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        encoded = self.processor(images=image, text=prompt, return_tensors="pt")
-        tokenizer = self.processor.tokenizer
-        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt_ids = encoded["input_ids"][0]
-        answer = torch.tensor(answer[: max(1, self.max_length - len(prompt_ids))])
-        ids = torch.cat([prompt_ids, answer])
-        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer])
-        example = {"input_ids": ids, "labels": labels, "pixel_values": encoded["pixel_values"]}
-        if "image_grid_thw" in encoded:  # Qwen2-VL: patches [n, d] and their grid
-            example["image_grid_thw"] = encoded["image_grid_thw"]
-        else:  # LLaVA: one image [3, H, W]
-            example["pixel_values"] = encoded["pixel_values"][0]
-        return example
-
-
-class PadCollator:
-    """Right-pads tokens (pad id, label ``IGNORE_INDEX``); stacks LLaVA images, concatenates Qwen2-VL patches and grids."""
-
-    def __init__(self, pad_token_id: int, image_token_id: int, qwen: bool):
-        self.pad, self.image_token, self.qwen = pad_token_id, image_token_id, qwen
-
-    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = pad_tokens(examples, self.pad)
-        ids = batch["input_ids"]
-        if self.qwen:
-            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in examples])
-            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in examples])
-            batch["mm_token_type_ids"] = (ids == self.image_token).long()  # Qwen2-VL needs it with image_grid_thw
-        else:
-            batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples])
-        return batch
+        return {"image": Image.open(self.root / row["image"]).convert("RGB"), "question": row["question"],
+                "answer": row["answer"]}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -161,12 +139,14 @@ def load_pair(args: argparse.Namespace):
 
 
 def tiny_pair(family: str):
-    """Random tiny student/teacher of the real architectures, their dataset and collator (for --dry-run)."""
-    from grace_quant.testing import collate, tiny_dataset, tiny_model
+    """Random tiny student/teacher of the real architectures, their processor and image/question/answer rows (for
+    --dry-run): the same collator path as a real run."""
+    from grace_quant.testing import tiny_model, tiny_processor, tiny_vqa
 
     student = quantize_model(tiny_model(family, seed=0), GraceConfig(group_size=32))
     teacher = tiny_model(family, seed=1, hidden=96)
-    return student, teacher, tiny_dataset(student, 16), collate
+    image_size = 56 if family.startswith("qwen") else 28  # what the tiny processors turn into 4 image tokens
+    return student, teacher, tiny_processor(family), tiny_vqa(16, image_size=image_size)
 
 
 # ---------------------------------------------------------------------------------------------- distribution
@@ -206,16 +186,14 @@ def checkpointing(enabled: bool) -> dict[str, bool]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dry_run:
-        student, teacher, dataset, collator = tiny_pair(args.dry_run_model)
-        processor = None
+        student, teacher, processor, dataset = tiny_pair(args.dry_run_model)
         output_dir = args.output_dir or os.path.join(tempfile.gettempdir(), "grace_dry_run")  # same on every rank
     else:
         student, teacher, processor = load_pair(args)
-        image_token = image_token_id(student.config)
-        qwen = student.config.model_type.startswith("qwen")
-        dataset = JsonlVQA(args.data, processor, args.image_root, args.max_length)
-        collator = PadCollator(processor.tokenizer.pad_token_id, image_token, qwen)
+        dataset = JsonlVQA(args.data, args.image_root)
         output_dir = args.output_dir or "runs/grace"
+    # the prompt is the processor's chat template (what `grace-quant eval` scores); labels on the answer + EOS only
+    collator = GraceDataCollator(processor, max_length=args.max_length)
     # GraceTrainer freezes the vision tower and trains the projector/merger by default (freeze_vision_tower,
     # train_projector); do it here already, before FSDP2 shards the parameters
     set_vision_training(student, train_vision_tower=False, train_projector=True)
@@ -230,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         logging_steps=1 if args.dry_run else 10, save_strategy="no" if args.dry_run else "steps",
         save_steps=args.save_steps, save_total_limit=2, report_to=[], seed=args.seed, data_seed=args.seed,
         dataloader_num_workers=0 if args.dry_run else 2, disable_tqdm=args.dry_run,
-        ib_tau=args.tau, rcka_warmup_steps=1 if args.dry_run else 400,
+        ib_tau=args.tau,
     )  # fmt: skip
     trainer = GraceTrainer(
         model=student, teacher_model=teacher, args=training_args, train_dataset=dataset, data_collator=collator,
