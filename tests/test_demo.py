@@ -21,9 +21,13 @@ def mnist():
 def test_mnist_pools_are_disjoint_and_balanced(mnist):
     images, labels = mnist
     assert images.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
-    train, test = split_pools(labels)
-    assert not set(train.tolist()) & set(test.tolist())
+    train, held, test = split_pools(labels)
+    assert not set(train.tolist()) & set(test.tolist()) and held.size == 0
     assert np.bincount(labels[train]).tolist() == [400] * 10 and np.bincount(labels[test]).tolist() == [100] * 10
+    train, held, test = split_pools(labels, distill=True)
+    pools = [set(pool.tolist()) for pool in (train, held, test)]
+    assert not (pools[0] & pools[1] or pools[0] & pools[2] or pools[1] & pools[2])
+    assert [np.bincount(labels[pool]).tolist() for pool in (train, held, test)] == [[250] * 10, [150] * 10, [100] * 10]
 
 
 def test_dataset_is_deterministic_and_test_digits_never_train(mnist):
@@ -36,6 +40,11 @@ def test_dataset_is_deterministic_and_test_digits_never_train(mnist):
     test_digits = {i for ids in a["test"]["digit_ids"] for i in ids}
     assert not train_digits & test_digits
     assert build_dataset(40, 12, seed=4)["train"]["digit_ids"] != a["train"]["digit_ids"]
+    assert "distill" not in a
+    c = build_dataset(40, 12, seed=3, distill_size=20)  # the distillation split's digits are in no other split
+    digits = {split: {i for ids in c[split]["digit_ids"] for i in ids} for split in ("train", "distill", "test")}
+    assert len(c["distill"]) == 20 and not digits["distill"] & (digits["train"] | digits["test"])
+    assert c["test"]["digit_ids"] == a["test"]["digit_ids"]  # the test set does not depend on the split
 
 
 def test_answers_and_images_match_the_digits(mnist):
@@ -97,6 +106,17 @@ def test_outlier_injection_preserves_the_function():
     assert torch.allclose(before, after, atol=1e-9)
 
 
+def test_paired_difference_on_hand_worked_cases():
+    """Teacher-minus-student style differences: per-question hits averaged over runs, then a normal interval."""
+    from grace_quant.demo.report import paired
+
+    mean, half = paired([[1, 1, 0, 1]], [[1, 0, 0, 0]])  # differences 0, 1, 0, 1: mean 1/2, sd sqrt(1/3)
+    assert mean == pytest.approx(0.5) and half == pytest.approx(1.96 * math.sqrt(1 / 3) / 2)
+    assert paired([[1, 0, 1]], [[1, 0, 1]]) == (0.0, 0.0)
+    mean, half = paired([[1, 0], [1, 1]], [[0, 0]])  # a's runs average to 1, 1/2: differences 1, 1/2
+    assert mean == pytest.approx(0.75) and half == pytest.approx(1.96 * math.sqrt(0.125) / math.sqrt(2))
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     from grace_quant.demo.pipeline import PRESETS, Demo
@@ -128,7 +148,7 @@ def test_quick_demo_runs_the_whole_pipeline(quick_demo):
         assert results["methods"][name]["runs"][0]["bytes"] < results["methods"]["fp_student"]["runs"][0]["bytes"]
     with open(os.path.join(workdir, "results.json")) as handle:
         saved = json.load(handle)
-    assert set(saved["summary"]) == set(results["methods"]) and len(saved["targets"]) == 3
+    assert set(saved["summary"]) == set(results["methods"]) and len(saved["targets"]) == 4
     assert all(os.path.getsize(os.path.join(workdir, p)) > 0 for p in ("accuracy.png", "grace_training.png"))
     assert "GRACE INT4" in report
     logs = json.load(open(os.path.join(results["methods"]["grace"]["paths"][0], "trainer_log.json")))

@@ -19,6 +19,8 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_TYPES = ("position", "read", "max", "count")
 HARD_QUESTION_TYPES = (*QUESTION_TYPES, "sum")  # the GPU preset adds arithmetic over all four digits
 TRAIN_PER_CLASS = 400
+#: with a distillation split, the last DISTILL_PER_CLASS of each class's training digits feed it instead
+DISTILL_PER_CLASS = 150
 IMAGE_SIZE = 56
 
 
@@ -40,14 +42,17 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
-def split_pools(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of training and test digits: per class, the first 400 and the last 100 (disjoint)."""
-    train, test = [], []
+def split_pools(labels: np.ndarray, distill: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of training, distillation and test digits, disjoint: per class the first 400 train and the last 100
+    test; with ``distill`` the last 150 of the 400 go to the distillation pool instead (else it is empty)."""
+    train, held, test = [], [], []
+    cut = TRAIN_PER_CLASS - (DISTILL_PER_CLASS if distill else 0)
     for digit in range(10):
         members = np.flatnonzero(labels == digit)
-        train.append(members[:TRAIN_PER_CLASS])
+        train.append(members[:cut])
+        held.append(members[cut:TRAIN_PER_CLASS])
         test.append(members[TRAIN_PER_CLASS:])
-    return np.concatenate(train), np.concatenate(test)
+    return np.concatenate(train), np.concatenate(held), np.concatenate(test)
 
 
 def grid_image(images: np.ndarray, indices: np.ndarray) -> Image.Image:
@@ -99,13 +104,17 @@ def make_examples(
     return examples
 
 
-def build_dataset(train_size: int, test_size: int, seed: int = 0, kinds: tuple[str, ...] = QUESTION_TYPES):
-    """The task as a ``datasets.DatasetDict`` with columns image / question / answers / kind / digit_ids."""
+def build_dataset(
+    train_size: int, test_size: int, seed: int = 0, kinds: tuple[str, ...] = QUESTION_TYPES, distill_size: int = 0
+):
+    """The task as a ``datasets.DatasetDict`` with columns image / question / answers / kind / digit_ids: splits
+    ``train`` and ``test``, and with ``distill_size`` a ``distill`` split whose digits neither the training nor the
+    test split holds (the data the INT4 students are trained on: images the teacher has not memorised)."""
     from datasets import Dataset, DatasetDict, Features, Sequence, Value
     from datasets import Image as ImageFeature
 
     images, labels = load_mnist()
-    train_pool, test_pool = split_pools(labels)
+    train_pool, distill_pool, test_pool = split_pools(labels, distill=distill_size > 0)
     features = Features(
         {"image": ImageFeature(), "question": Value("string"), "answers": Sequence(Value("string")),
          "kind": Value("string"), "digit_ids": Sequence(Value("int64"))}
@@ -119,7 +128,12 @@ def build_dataset(train_size: int, test_size: int, seed: int = 0, kinds: tuple[s
         }  # fmt: skip
         return Dataset.from_dict(columns, features=features)
 
-    return DatasetDict(
-        train=to_dataset(make_examples(train_size, train_pool, images, labels, seed, tuple(kinds))),
-        test=to_dataset(make_examples(test_size, test_pool, images, labels, seed + 1, tuple(kinds))),
-    )
+    splits = {
+        "train": to_dataset(make_examples(train_size, train_pool, images, labels, seed, tuple(kinds))),
+        "test": to_dataset(make_examples(test_size, test_pool, images, labels, seed + 1, tuple(kinds))),
+    }
+    if distill_size:
+        splits["distill"] = to_dataset(
+            make_examples(distill_size, distill_pool, images, labels, seed + 2, tuple(kinds))
+        )
+    return DatasetDict(splits)

@@ -2,7 +2,8 @@
 
 No pretrained weights exist offline: a byte-level BPE is trained on the task's text, a CLIP tower is pretrained
 to recognise the four digits of a grid, and teacher and student (LLaVA-1.5 layout: CLIP tower, MLP projector,
-Llama decoder) start from that tower. The teacher's language model is twice as wide and deep as the student's.
+Llama decoder) start from that tower. The teacher's language model is wider and deeper than the student's
+(``DemoSettings.teacher_lm`` / ``student_lm``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 PATCH = 14
 VISUAL_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 16, the CLS token is dropped
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-# (hidden size, layers) of the Llama language models; the MLP is 3x wide, heads are 16-d (at least 4)
-LANGUAGE = {"teacher": (128, 4), "student": (64, 2)}
+# the Llama language models (sizes in DemoSettings): the MLP is 3x wide, heads are 16-d (at least 4 heads)
 
 
 def language_config(hidden: int, layers: int) -> dict:
