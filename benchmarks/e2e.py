@@ -525,7 +525,8 @@ def profile_generate(model: nn.Module, batch: int, steps: int, stacks: bool = Fa
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--arms", nargs="+", default=["bf16", "bf16-grace-attn", "grace", "tinygemm"], choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=["bf16", "grace", "bf16-grace-attn", "tinygemm"], choices=ARMS,
+                        help="in order of importance (a --deadline-s drops the last first)")  # fmt: skip
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--peer-batches", nargs="+", type=int, default=[1, 8], help="batch sizes for the tinygemm arm")
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -550,12 +551,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="markdown results file")
     parser.add_argument("--json", help="ratios to stock bf16 in the issue's format (date, gpu, rows)")
     parser.add_argument("--log-dir", default=".", help="folder for the raw JSON results and the profile")
+    parser.add_argument("--merge-json", nargs="+", metavar=("OUT", "IN"),
+                        help="only merge the rows of several --json files (one per device call) into OUT")  # fmt: skip
     return parser.parse_args(argv)
+
+
+def merge_json(out: str, sources: list[str]) -> dict:
+    """One results file from several runs' ``--json`` files (rows in the given order; the first run's date and GPU)."""
+    parts = [json.loads(Path(source).read_text()) for source in sources]
+    if not parts:
+        raise SystemExit("--merge-json needs the output file and at least one input file")
+    merged = {"date": parts[0]["date"], "gpu": parts[0]["gpu"], "rows": [row for part in parts for row in part["rows"]]}
+    Path(out).write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
 
 
 def main(argv: list[str] | None = None) -> dict:
     global HOST_TWEAKS
     args = parse_args(argv)
+    if args.merge_json:
+        return merge_json(args.merge_json[0], args.merge_json[1:])
     Setup.device, Setup.tiny = args.device, args.tiny
     if args.device == "cuda":
         if not torch.cuda.is_available():

@@ -39,3 +39,9 @@ def test_e2e_smoke_run_writes_the_issue_format(tmp_path):
                 # tokens: compiled (here: the static-cache run) = eager, and our tight loop = generate
                 assert r["first_mismatch_eager_static"] is None and r["tight_first_mismatch"] is None, (name, arm, r)
     assert "| llava-1.5-7b | grace | grace_decode | 2 |" in (tmp_path / "e2e.md").read_text()
+    merged = tmp_path / "merged.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--merge-json", str(merged)]
+    proc = subprocess.run(
+        [*command, str(tmp_path / "e2e.json"), str(tmp_path / "e2e.json")], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert proc.returncode == 0 and len(json.loads(merged.read_text())["rows"]) == 2 * len(summary["rows"])
