@@ -76,7 +76,7 @@ def test_decode_steps_take_the_kernel_and_everything_else_falls_back_to_sdpa():
     took, out = _route(q, k, v, mask)
     expected, _ = sdpa_attention_forward(_Attention(), q.float(), k.float(), v.float(), mask, scaling=0.25)
     assert took and out.shape == (2, 1, 4, 16) and torch.allclose(out.float(), expected, atol=2e-3)
-    assert _route(q, k, v, None)[0]  # dynamic cache, batch 1 style: no mask, every key valid
+    assert not _route(q, k, v, None)[0]  # no mask (dynamic cache, no padding): nothing to skip, sdpa
     prefill = _qkv(n_q=9)
     assert not _route(*prefill, None)[0]  # prefill: sdpa (flash / efficient kernels)
     assert not _route(*_qkv(n_q=2), None)[0]  # several queries and no mask: sdpa's causal rule

@@ -1,11 +1,12 @@
 """``attn_implementation="grace_decode"``: split-KV decode attention inside transformers, through its own extension
 points (``AttentionInterface`` for the attention function, ``AttentionMaskInterface`` for the mask it receives).
 
-Decode steps (a few query tokens, no gradient, CUDA) go to ``grace_quant.kernels.decode_attention``, which reads only
-the cache slots the mask keeps: with a static cache that is the written part of the cache, minus left padding. The
-mask is transformers' own sdpa mask (boolean, True = attend), so padded batches are handled, not refused. Everything
-else (prefill, float masks, sliding windows, softcap, dropout, attention weights requested, gradients) runs
-transformers' sdpa function unchanged.
+Decode steps under a mask (a few query tokens, no gradient, CUDA) go to ``grace_quant.kernels.decode_attention``, which
+reads only the cache slots the mask keeps: with a static cache (whose decode mask transformers always builds) that is
+the written part of the cache, minus left padding. The mask is transformers' own sdpa mask (boolean, True = attend),
+so padded batches are handled, not refused. Everything else (prefill, no mask, i.e. a dynamic cache without padding,
+float masks, sliding windows, softcap, dropout, attention weights requested, gradients) runs transformers' sdpa
+function unchanged.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _takes_kernel(
         return False
     if kwargs.get("sliding_window") is not None or kwargs.get("position_bias") is not None:
         return False
-    if mask is None and query.shape[2] != 1:  # sdpa would apply its own causal rule: leave it to sdpa
+    if mask is None:  # no masked slots to skip (dynamic cache, no padding): sdpa's flash kernel reads just the keys
         return False
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return False

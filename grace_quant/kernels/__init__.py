@@ -122,12 +122,17 @@ def decode_attention(
     """Attention of a few query tokens ``q [B, H, Q, D]`` over a KV cache ``k``/``v [B, Hkv, L, D]`` -> ``[B, Q, H, D]``.
 
     Only the slots the boolean ``mask [B|1, 1, Q, L]`` keeps (and, with ``kv_lens [B]``, slots below each row's length,
-    causally) are read. CUDA: the ``grace_quant::decode_attention`` custom op (Triton split-KV kernel, safe under
-    ``torch.compile`` and CUDA graphs); Triton's CPU interpreter: the kernel itself; otherwise the torch reference.
+    causally) are read. CUDA: the ``grace_quant::decode_attention`` custom op under ``torch.compile`` (Triton split-KV
+    kernel, safe in CUDA graphs), its implementation without the op's dispatch in eager code (inference only: no
+    autograd); Triton's CPU interpreter: the kernel itself; otherwise the torch reference.
     """
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
     if q.is_cuda:
-        return decode_attention_op(q, k, v, mask, kv_lens, scale)
+        if torch.compiler.is_compiling():
+            return decode_attention_op(q, k, v, mask, kv_lens, scale)
+        from .custom_op import attention_cuda  # eager: the op's CUDA implementation without its dispatch
+
+        return attention_cuda(q, k, v, mask, kv_lens, scale)
     if interpreting():
         from . import triton_decode_attention
 

@@ -15,7 +15,7 @@ from .reference import decode_attention_reference, dequantize, quant_linear_refe
 OP_NAME = "grace_quant::w4a16_linear"
 ATTENTION_OP_NAME = "grace_quant::decode_attention"
 
-__all__ = ["ATTENTION_OP_NAME", "OP_NAME", "cuda_linear", "decode_attention_op", "w4a16_linear_op"]
+__all__ = ["ATTENTION_OP_NAME", "OP_NAME", "attention_cuda", "cuda_linear", "decode_attention_op", "w4a16_linear_op"]
 
 
 def _fake(
@@ -81,7 +81,7 @@ def _attention_fake(
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
 
-def _attention_cuda(
+def attention_cuda(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -110,7 +110,7 @@ def _define_attention():
         """``q [B, H, Q, D]`` over the cache ``k``/``v [B, Hkv, L, D]`` -> ``[B, Q, H, D]`` (inference only)."""
         return decode_attention_reference(q, k, v, mask, kv_lens, scale)
 
-    decode_attention.register_kernel("cuda")(_attention_cuda)
+    decode_attention.register_kernel("cuda")(attention_cuda)
     decode_attention.register_fake(_attention_fake)
     return torch.ops.grace_quant.decode_attention
 
