@@ -1,4 +1,10 @@
-"""End-to-end generation on the GPU: bf16 vs GRACE INT4 (vs torch's tinygemm INT4), all compiled.
+"""End-to-end generation on the GPU: stock bf16 vs bf16 + our decode attention vs GRACE INT4 (all of ours) vs torch's
+tinygemm INT4, all compiled.
+
+Arms: ``bf16`` (stock: sdpa, as users run it; the 1.0 reference), ``bf16-grace-attn`` (bf16 with
+``attn_implementation="grace_decode"``), ``grace`` (GRACE INT4 with its defaults: fused INT4 linears and
+``grace_decode``), ``grace-sdpa`` (GRACE INT4 with ``decode_attention=False``), ``grace-unfused``, ``tinygemm`` (torch's
+INT4 GEMV in the same linears, sdpa attention).
 
 Models are built from the published configuration values of LLaVA-1.5-7B and Qwen2-VL-2B with random weights
 (nothing is downloaded); every arm rebuilds the model from the same seed, so the INT4 arms quantize exactly the
@@ -10,8 +16,15 @@ on torch 2.11), so all arms run SDPA's flash/efficient kernels. Every arm is war
 Per arm and batch size: decode tokens/s (all sequences of the batch), time to first token (prefill + first
 token, eager as transformers runs it), peak GPU memory (``torch.cuda.max_memory_allocated``) and weight memory.
 ``--profile`` adds a profile of the INT4 decode step (kernel time by stage against the step's wall time).
+Per arm and batch also: the greedy tokens of the compiled run against eager decoding for 32 tokens (the same static
+cache with ``disable_compile=True``, and the dynamic cache), and a gpt-fast-style tight loop (our own prefill into a
+``StaticCache``, then one compiled ``forward + argmax`` call per token) whose step time, subtracted from
+``generate``'s, is the per-token cost of transformers' generate loop. ``--host-tweaks`` runs ``generate`` without the
+per-step logits processor that ``min_new_tokens`` adds (EOS switched off instead, so the length is still fixed) and
+with transformers' deferred stop check (which skips the host sync per token; transformers enables it on MPS only).
 
-    python benchmarks/e2e.py --out benchmarks/results/e2e_h200.md
+    python benchmarks/e2e.py --out benchmarks/results/e2e_h200.md --json benchmarks/results/e2e_h200.json
+    python benchmarks/e2e.py --device cpu --tiny --new-tokens 6 --repeats 1   # CPU smoke run of every code path
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import inspect
 import json
 import statistics
 import time
@@ -35,15 +49,51 @@ from transformers import (
     LlavaForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    StaticCache,
 )
 
 import grace_quant
 from grace_quant import GraceConfig, quantize_model
+from grace_quant.integrations.attention import use_decode_attention
 from grace_quant.surgery import resolve_layers, set_submodule
+from grace_quant.testing import tiny_inputs, tiny_llava_config, tiny_qwen2_vl_config
 
 PROMPT_TOKENS = 20
 CHECK_TOKENS = 32  # greedy tokens compared between the compiled and the eager run
 QWEN_GRID = (1, 24, 24)  # a 336 x 336 image: 576 patches -> 144 visual tokens after the 2x2 merge
+ARMS = ("bf16", "bf16-grace-attn", "grace", "grace-sdpa", "grace-unfused", "tinygemm")
+REFERENCE_ARM = "bf16"  # stock bf16 with sdpa: the 1.0 of every ratio
+
+
+class Setup:
+    """Where the run happens: the device, and whether the models are tiny stand-ins (the CPU smoke run)."""
+
+    device = "cuda"
+    tiny = False
+
+    @classmethod
+    def group_size(cls) -> int:
+        return 32 if cls.tiny else 128
+
+
+def sync() -> None:
+    if Setup.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if Setup.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes() -> int:
+    return torch.cuda.max_memory_allocated() if Setup.device == "cuda" else 0
+
+
+def free_memory() -> None:
+    gc.collect()
+    if Setup.device == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,13 +137,19 @@ def qwen2vl_config() -> Qwen2VLConfig:
 MODELS = {"llava-1.5-7b": llava_config, "qwen2-vl-2b": qwen2vl_config}
 
 
+TINY_MODELS = {
+    "llava-1.5-7b": lambda: tiny_llava_config(hidden=64),
+    "qwen2-vl-2b": lambda: tiny_qwen2_vl_config(hidden=64),
+}
+
+
 def build(name: str) -> nn.Module:
-    """The model with seed-0 random weights, initialised on the GPU in bf16 (same weights for every arm)."""
-    config = MODELS[name]()
+    """The model with seed-0 random weights, initialised on the device in bf16 (same weights for every arm)."""
+    config = (TINY_MODELS if Setup.tiny else MODELS)[name]()
     config._attn_implementation = "sdpa"
     cls = LlavaForConditionalGeneration if name.startswith("llava") else Qwen2VLForConditionalGeneration
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(Setup.device):
         model = cls(config).to(torch.bfloat16)
     model.generation_config.pad_token_id = 0
     return model.eval()
@@ -101,6 +157,10 @@ def build(name: str) -> nn.Module:
 
 def inputs_for(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
     """One random image and ``PROMPT_TOKENS`` random text tokens per sample."""
+    if Setup.tiny:
+        inputs = tiny_inputs(model, batch=batch, seed=1)
+        inputs.pop("labels")
+        return {k: v.to(Setup.device) for k, v in inputs.items()}
     generator = torch.Generator().manual_seed(1)
     config = model.config
     text = torch.randint(3, 30000, (batch, PROMPT_TOKENS), generator=generator)
@@ -125,7 +185,9 @@ def inputs_for(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
         extra = {"pixel_values": pixels.to(torch.bfloat16), "image_grid_thw": torch.tensor([QWEN_GRID] * batch)}
     ids = torch.cat([text[:, :2], image, text[:, 2:]], dim=1)
     batch_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
-    return {k: v.cuda() for k, v in batch_inputs.items()}
+    if config.model_type != "llava":  # Qwen2-VL's forward needs it with image_grid_thw (our tight loop's prefill)
+        batch_inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+    return {k: v.to(Setup.device) for k, v in batch_inputs.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,16 +228,29 @@ def to_tinygemm(model: nn.Module) -> nn.Module:
 
 
 def make_arm(name: str, arm: str) -> nn.Module:
+    """The arm's model. GRACE INT4 on CUDA gets ``grace_decode`` from its config's default; the CPU smoke run sets
+    it by hand (the quantizer only does so on CUDA)."""
     model = build(name)
-    if arm == "grace":
-        quantize_model(model, GraceConfig(mode="packed", group_size=128))
+    group = Setup.group_size()
+    if arm == "bf16-grace-attn":
+        use_decode_attention(model)
+    elif arm == "grace":
+        quantize_model(model, GraceConfig(mode="packed", group_size=group))
+        use_decode_attention(model)  # a no-op on CUDA, where quantize_model already set it
+    elif arm == "grace-sdpa":
+        quantize_model(model, GraceConfig(mode="packed", group_size=group, decode_attention=False))
     elif arm == "grace-unfused":
-        quantize_model(model, GraceConfig(mode="packed", group_size=128, fuse_projections=False))
+        quantize_model(model, GraceConfig(mode="packed", group_size=group, fuse_projections=False))
     elif arm == "tinygemm":
+        if Setup.device != "cuda":
+            raise RuntimeError("tinygemm (torch._weight_int4pack_mm with this packing) needs CUDA")
         to_tinygemm(model)
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     return model
+
+
+def attention_of(model: nn.Module) -> str:
+    return model.config.get_text_config()._attn_implementation
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -192,20 +267,50 @@ def weight_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def generate(model: nn.Module, inputs: dict, new_tokens: int) -> torch.Tensor:
-    return model.generate(
-        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        cache_implementation="static",
-    )  # fmt: skip
+HOST_TWEAKS = False  # --host-tweaks: see the module docstring
+
+
+def _length(new_tokens: int) -> dict:
+    """Exactly ``new_tokens`` tokens: with ``min_new_tokens`` (a logits processor per step), or under
+    ``--host-tweaks`` with EOS switched off (no processor and no EOS criterion run per step)."""
+    if HOST_TWEAKS:
+        return {"max_new_tokens": new_tokens, "eos_token_id": None}
+    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+
+
+def generate(model: nn.Module, inputs: dict, new_tokens: int, **extra) -> torch.Tensor:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache (compiled decode on CUDA)."""
+    return model.generate(**inputs, **_length(new_tokens), do_sample=False, cache_implementation="static", **extra)
+
+
+def deferred_stop_check(enabled: bool) -> None:
+    """transformers' deferred stop check (reads the "all finished" flag one step late, no host sync per token) is
+    enabled on MPS only; ``--host-tweaks`` allows it on CUDA too (an experiment, not a library setting)."""
+    from transformers.generation import utils as gen_utils
+
+    check = getattr(gen_utils, "DeferredStopCheck", None)
+    if check is None:
+        return
+    if not hasattr(check, "_grace_original"):
+        check._grace_original = check.is_supported
+    original = check._grace_original
+    if enabled:
+        check.is_supported = staticmethod(
+            lambda device, cache, returned, is_assistant=False: original(
+                torch.device("mps") if device.type == "cuda" else device, cache, returned, is_assistant=is_assistant
+            )
+        )
+    else:
+        check.is_supported = staticmethod(original)
 
 
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -215,9 +320,28 @@ def measure_ttft(model: nn.Module, batch: int, repeats: int) -> dict:
     inputs = inputs_for(model, batch)
     for _ in range(2):
         generate(model, inputs, 1)
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     first = timed(lambda: generate(model, inputs, 1), repeats)
-    return {"batch": batch, "ttft_ms": first * 1e3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"batch": batch, "ttft_ms": first * 1e3, "peak_gib": peak_bytes() / 2**30}
+
+
+def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """First token position where two ``[batch, tokens]`` results differ in any row (``None``: equal)."""
+    diff = (a != b).any(dim=0).nonzero()
+    return None if diff.numel() == 0 else int(diff[0])
+
+
+def eager_checks(model: nn.Module, inputs: dict, compiled: torch.Tensor, prompt: int) -> dict:
+    """Greedy tokens of the compiled run against eager decoding for ``CHECK_TOKENS`` tokens, every row of the batch:
+    the same static cache without compilation, and the dynamic cache (which sums attention over no masked slots)."""
+    n = min(CHECK_TOKENS, compiled.shape[1])
+    static = generate(model, inputs, n, disable_compile=True)[:, prompt:].cpu()
+    dynamic = model.generate(**inputs, **_length(n), do_sample=False)[:, prompt:].cpu()
+    return {
+        "check_tokens": n,
+        "first_mismatch_eager_static": first_mismatch(compiled[:, :n], static),
+        "first_mismatch_eager_dynamic": first_mismatch(compiled[:, :n], dynamic),
+    }
 
 
 def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict:
@@ -225,22 +349,84 @@ def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict
     prompt = inputs["input_ids"].shape[1]
     generate(model, inputs, new_tokens)  # compile + CUDA-graph capture, then a warm-up over the full length
     compiled_tokens = generate(model, inputs, new_tokens)[:, prompt:].cpu()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     full = timed(lambda: generate(model, inputs, new_tokens), repeats)
-    peak = torch.cuda.max_memory_allocated()
+    peak = peak_bytes()
     first = timed(lambda: generate(model, inputs, 1), repeats)  # prefill + first token: no decode step runs
     decode_s = (full - first) / (new_tokens - 1)  # one decode step (all sequences of the batch)
     row = {
-        "batch": batch, "ttft_ms": first * 1e3, "decode_ms_per_step": decode_s * 1e3,
-        "decode_tok_s": batch / decode_s, "peak_gib": peak / 2**30,
+        "batch": batch, "attention": attention_of(model), "ttft_ms": first * 1e3,
+        "decode_ms_per_step": decode_s * 1e3, "decode_tok_s": batch / decode_s, "peak_gib": peak / 2**30,
     }  # fmt: skip
-    if batch == 1:  # greedy tokens of the compiled static-cache run against eager generation (dynamic cache)
-        n = min(CHECK_TOKENS, new_tokens)
-        compiled = compiled_tokens[0, :n].tolist()
-        eager = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, prompt:].tolist()
-        row["same_tokens_as_eager"] = compiled == eager
-        row["first_mismatch"] = next((i for i, (a, b) in enumerate(zip(compiled, eager, strict=True)) if a != b), None)
+    for key, check in (
+        ("eager_error", lambda: eager_checks(model, inputs, compiled_tokens, prompt)),
+        ("tight_error", lambda: tight_loop(model, inputs, new_tokens, repeats, compiled_tokens)),
+    ):
+        try:
+            row.update(check())
+        except Exception as exc:  # noqa: BLE001  (keep the timing; the check's failure is reported in its column)
+            row[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gpt-fast-style tight loop: what a decode step costs without transformers' generate loop around it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward's cache argument: ``cache`` from transformers 5.2x on, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _decode_positions(model: nn.Module, position: torch.Tensor) -> torch.Tensor:
+    """Position ids of one decode step at cache slot ``position [B, 1]``: LLaVA's are the slots; Qwen2-VL's are
+    ``[text; t; h; w]``, the three rotary rows shifted by the prefill's ``rope_deltas`` (as generate builds them)."""
+    if model.config.model_type == "llava":
+        return position
+    delta = model.model.rope_deltas.to(position.device)
+    return torch.cat([position[None], (position + delta)[None].expand(3, -1, -1)], dim=0)
+
+
+def tight_loop(model: nn.Module, inputs: dict, new_tokens: int, repeats: int, reference: torch.Tensor) -> dict:
+    """Prefill (eager) into a ``StaticCache``, then ``new_tokens - 1`` calls of a compiled ``forward + argmax`` (CUDA
+    graphs on CUDA; eager on CPU). Returns its decode step time, the gap to ``generate``'s and whether its greedy
+    tokens equal ``generate``'s (the check that its positions and cache use are right)."""
+    batch, prompt = inputs["input_ids"].shape
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
+    keyword = _cache_keyword(model)
+
+    def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        out = model(
+            input_ids=token, position_ids=_decode_positions(model, position), use_cache=True, **{keyword: cache}
+        )
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True) if Setup.device == "cuda" else step
+
+    def run() -> tuple[torch.Tensor, float]:
+        cache.reset()
+        if hasattr(getattr(model, "model", None), "rope_deltas"):
+            model.model.rope_deltas = None
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=True, **{keyword: cache}).logits
+            tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+            position = torch.full((batch, 1), prompt, dtype=torch.long, device=tokens[0].device)
+            sync()
+            start = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                tokens.append(compiled(tokens[-1], position).clone())
+                position += 1
+            sync()
+        return torch.cat(tokens, dim=1).cpu(), time.perf_counter() - start
+
+    run()  # compile and capture
+    results = [run() for _ in range(max(repeats, 1))]
+    step_s = statistics.median(t for _, t in results) / max(new_tokens - 1, 1)
+    return {
+        "tight_ms_per_step": step_s * 1e3,
+        "tight_first_mismatch": first_mismatch(results[-1][0], reference),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,13 +522,13 @@ def profile_generate(model: nn.Module, batch: int, steps: int, stacks: bool = Fa
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--arms", nargs="+", default=["bf16", "grace", "tinygemm"],
-                        choices=["bf16", "grace", "grace-unfused", "tinygemm"])  # fmt: skip
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--peer-batches", nargs="+", type=int, default=[1], help="batch sizes for the tinygemm arm")
+    parser.add_argument("--arms", nargs="+", default=["bf16", "grace", "bf16-grace-attn", "tinygemm"], choices=ARMS,
+                        help="in order of importance (a --deadline-s drops the last first)")  # fmt: skip
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--peer-batches", nargs="+", type=int, default=[1, 8], help="batch sizes for the tinygemm arm")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--profile", nargs="*", default=None, metavar="ARM",
@@ -357,13 +543,41 @@ def main() -> None:
         action="store_true",
         help="measure time to first token and prefill memory only (no decode, nothing compiled)",
     )
+    parser.add_argument("--host-tweaks", action="store_true",
+                        help="generate without the min-length processor (EOS off) and with the deferred stop check")  # fmt: skip
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="tiny stand-in models (with --device cpu: a smoke run)")
     parser.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
     parser.add_argument("--out", help="markdown results file")
+    parser.add_argument("--json", help="ratios to stock bf16 in the issue's format (date, gpu, rows)")
     parser.add_argument("--log-dir", default=".", help="folder for the raw JSON results and the profile")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/e2e.py needs a CUDA GPU.")
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    parser.add_argument("--merge-json", nargs="+", metavar=("OUT", "IN"),
+                        help="only merge the rows of several --json files (one per device call) into OUT")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def merge_json(out: str, sources: list[str]) -> dict:
+    """One results file from several runs' ``--json`` files (rows in the given order; the first run's date and GPU)."""
+    parts = [json.loads(Path(source).read_text()) for source in sources]
+    if not parts:
+        raise SystemExit("--merge-json needs the output file and at least one input file")
+    merged = {"date": parts[0]["date"], "gpu": parts[0]["gpu"], "rows": [row for part in parts for row in part["rows"]]}
+    Path(out).write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
+def main(argv: list[str] | None = None) -> dict:
+    global HOST_TWEAKS
+    args = parse_args(argv)
+    if args.merge_json:
+        return merge_json(args.merge_json[0], args.merge_json[1:])
+    Setup.device, Setup.tiny = args.device, args.tiny
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks/e2e.py needs a CUDA GPU (or --device cpu --tiny for a smoke run).")
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    HOST_TWEAKS = args.host_tweaks
+    deferred_stop_check(args.host_tweaks)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"models": {}}
@@ -374,16 +588,21 @@ def main() -> None:
 
     for name in args.models:
         per_arm: dict = {}
+        results["models"][name] = per_arm
         for arm in args.arms:
             if late():
                 print(f"deadline reached: {name} {arm} skipped", flush=True)
                 continue
             torch._dynamo.reset()
             started = time.perf_counter()
-            model = make_arm(name, arm)
+            try:
+                model = make_arm(name, arm)
+            except Exception as exc:  # noqa: BLE001  (report the failure, keep the other arms)
+                per_arm[arm] = {"weight_gib": 0.0, "batches": [], "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                print(name, arm, per_arm[arm]["error"], flush=True)
+                continue
             rows = {"weight_gib": weight_bytes(model) / 2**30, "batches": []}
             per_arm[arm] = rows
-            results["models"][name] = per_arm
             for batch in args.peer_batches if arm == "tinygemm" else args.batches:
                 if late():
                     print(f"deadline reached: {name} {arm} batch {batch} skipped", flush=True)
@@ -396,8 +615,7 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001  (report the failure, keep the other arms)
                     rows["batches"].append({"batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 print(name, arm, rows["batches"][-1], flush=True)
-                if args.out:  # a partial report survives a killed run
-                    Path(args.out).write_text(report(results, args))
+                write_reports(results, args)  # a partial report survives a killed run
             if args.profile is not None and arm in (args.profile or ["grace"]) and not late():
                 profile = profile_generate(model, 1, 64, args.profile_stacks)
                 (log_dir / f"profile_{name}_{arm}.json").write_text(json.dumps(profile, indent=1))
@@ -408,52 +626,96 @@ def main() -> None:
                 print(name, arm, "profile", rows["profile"], flush=True)
             rows["total_s"] = time.perf_counter() - started
             del model
-            gc.collect()
-            torch.cuda.empty_cache()
+            free_memory()
             (log_dir / "e2e_raw.json").write_text(json.dumps(results, indent=1))
     text = report(results, args)
     print(text)
+    write_reports(results, args)
+    return results
+
+
+def write_reports(results: dict, args: argparse.Namespace) -> None:
     if args.out:
-        Path(args.out).write_text(text)
+        Path(args.out).write_text(report(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(ratios(results), indent=1) + "\n")
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if Setup.device == "cuda" else f"cpu (smoke run, tiny={Setup.tiny})"
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else round(value / base, 4)
+
+
+def ratios(results: dict) -> dict:
+    """The issue's format: per model, arm and batch, decode speed-up and TTFT / peak memory ratios to stock bf16."""
+    rows = []
+    for name, per_arm in results["models"].items():
+        base = {r["batch"]: r for r in per_arm.get(REFERENCE_ARM, {}).get("batches", []) if "error" not in r}
+        for arm, arm_rows in per_arm.items():
+            for r in arm_rows["batches"]:
+                b = base.get(r["batch"], {})
+                rows.append({
+                    "model": name, "arm": arm, "batch": r["batch"],
+                    "decode_vs_bf16": _ratio(r.get("decode_tok_s"), b.get("decode_tok_s")),
+                    "ttft_vs_bf16": _ratio(r.get("ttft_ms"), b.get("ttft_ms")),
+                    "peak_vs_bf16": _ratio(r.get("peak_gib"), b.get("peak_gib")),
+                })  # fmt: skip
+    date = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
+    return {"date": date, "gpu": device_name(), "rows": rows}
+
+
+def _same(r: dict, key: str) -> str:
+    if key not in r:
+        return ""
+    return "yes" if r[key] is None else f"no (from token {r[key]})"
 
 
 def report(results: dict, args: argparse.Namespace) -> str:
-    gpu = torch.cuda.get_device_name()
     lines = [
-        "# End-to-end generation, bf16 vs GRACE INT4 (compiled decode)",
+        "# End-to-end generation: stock bf16 vs our decode attention vs GRACE INT4 (compiled decode)",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- GPU: {gpu}; torch {torch.__version__}, triton {__import__('triton').__version__}, transformers "
-        f"{transformers.__version__}, grace_quant {grace_quant.__version__}",
+        f"- device: {device_name()}; torch {torch.__version__}, triton {__import__('triton').__version__}, "
+        f"transformers {transformers.__version__}, grace_quant {grace_quant.__version__}",
         f"- random weights at the published configs; one image + {PROMPT_TOKENS} text tokens per sample; "
         f'{args.new_tokens} new tokens, greedy, `cache_implementation="static"` (compiled decode step with CUDA '
         f"graphs) for every arm; cuDNN SDPA off for every arm; median of {args.repeats} runs after 2 full-length "
-        "warm-ups. Decode tok/s counts all sequences of the batch; TTFT is prefill + first token.",
+        "warm-ups. Decode tok/s counts all sequences of the batch; TTFT is prefill + first token. "
+        f"Host tweaks (no min-length processor, deferred stop check): {'on' if args.host_tweaks else 'off'}.",
+        f"- compiled = eager: greedy tokens of the compiled run against eager decoding ({CHECK_TOKENS} tokens, every "
+        "row), with the same static cache (`disable_compile=True`) and with the dynamic cache. Tight loop: our own "
+        "prefill + one compiled `forward + argmax` per token; gap = generate's decode step - the tight loop's.",
         "",
-        "| model | arm | batch | decode tok/s | vs bf16 | TTFT ms | vs bf16 | peak GiB | vs bf16 | weights GiB | "
-        f"compiled = eager greedy ({CHECK_TOKENS} tokens, batch 1)? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | arm | attention | batch | decode tok/s | vs bf16 | TTFT ms | vs bf16 | peak GiB | vs bf16 | "
+        "weights GiB | = eager (static) | = eager (dynamic) | tight loop ms/step | generate gap ms/step | "
+        "tight = generate tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, per_arm in results["models"].items():
-        base = {r["batch"]: r for r in per_arm.get("bf16", {}).get("batches", []) if "error" not in r}
+        base = {r["batch"]: r for r in per_arm.get(REFERENCE_ARM, {}).get("batches", []) if "error" not in r}
         for arm, rows in per_arm.items():
+            if "error" in rows:
+                lines.append(f"| {name} | {arm} | | | error: {rows['error'][:100]} |" + " |" * 11)
             for r in rows["batches"]:
                 if "error" in r:
-                    lines.append(f"| {name} | {arm} | {r['batch']} | error: {r['error'][:80]} | | | | | | | |")
+                    lines.append(f"| {name} | {arm} | | {r['batch']} | error: {r['error'][:100]} |" + " |" * 11)
                     continue
                 b = base.get(r["batch"])
                 decoded = "decode_tok_s" in r and b is not None and "decode_tok_s" in b
                 speed = f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}x" if decoded else ""
                 tok_s = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "(not measured)"
                 ttft = f"{r['ttft_ms'] / b['ttft_ms']:.2f}x" if b else ""
-                saved = 1 - r["peak_gib"] / b["peak_gib"] if b else None
-                peak = "" if saved is None else f"{abs(saved):.0%} {'lower' if saved >= 0 else 'higher'}"
-                same = {True: "yes", False: f"no (from token {r.get('first_mismatch')})"}.get(
-                    r.get("same_tokens_as_eager"), ""
-                )
+                peak = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if b and b["peak_gib"] else ""
+                tight = f"{r['tight_ms_per_step']:.3f}" if "tight_ms_per_step" in r else r.get("tight_error", "")[:60]
+                gap = f"{r['decode_ms_per_step'] - r['tight_ms_per_step']:.3f}" if "tight_ms_per_step" in r else ""
                 lines.append(
-                    f"| {name} | {arm} | {r['batch']} | {tok_s} | {speed} | {r['ttft_ms']:.1f} | "
-                    f"{ttft} | {r['peak_gib']:.2f} | {peak} | {rows['weight_gib']:.2f} | {same} |"
+                    f"| {name} | {arm} | {r.get('attention', '')} | {r['batch']} | {tok_s} | {speed} | "
+                    f"{r['ttft_ms']:.1f} | {ttft} | {r['peak_gib']:.2f} | {peak} | {rows['weight_gib']:.2f} | "
+                    f"{_same(r, 'first_mismatch_eager_static')} | {_same(r, 'first_mismatch_eager_dynamic')} | "
+                    f"{tight} | {gap} | {_same(r, 'tight_first_mismatch')} |"
                 )
         for arm, rows in per_arm.items():
             profile = rows.get("profile")

@@ -10,7 +10,15 @@
 #   tests    every GPU-marked test: python -m pytest -m gpu (kernels, fused KD, fused fake quant, compile, and
 #            the CLI's tune, now 3 buckets via --tokens (it took ~250 s over all 12); 86 tests in 326 s on the H200)
 #   trainer  benchmarks/trainer_step.py --size 1b --fused-fake-quant   (~3 min)
-#   e2e      benchmarks/e2e.py, both models, bf16 / GRACE / tinygemm, batch 1, one process   (~5 min)
+#   e2e      benchmarks/e2e.py, both models, stock bf16 / GRACE INT4 (grace_decode attention) / bf16 + grace_decode /
+#            tinygemm, batch 1 only, one process   (~5 min; deadline 290 s)
+#   e2e-llava  LLaVA-1.5-7B, the same four arms at batches 1 and 8 (issue 16), with the compiled-vs-eager token checks
+#            and the tight-loop gap: OUT/e2e_llava.{md,json}   (~8-9 min: run it alone in one device call; deadline
+#            480 s, arms in order of importance, so a slow compile drops tinygemm first)
+#   e2e-qwen   the same for Qwen2-VL-2B: OUT/e2e_qwen.{md,json}   (~7-8 min, alone in one call). Merge the two JSON
+#            files with `python benchmarks/e2e.py --merge-json benchmarks/results/e2e_h200.json OUT/e2e_*.json`
+#   e2e-host   --host-tweaks (no min-length processor, deferred stop check), both models, bf16 and GRACE, batch 1:
+#            the generate - tight-loop gap with transformers' host work trimmed   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
 #            run it alone in one device call). Its GemLite arm needs the call to carry `.whl` (see below)
 #   tune     tune the kernels for the LLaVA-7B / Qwen2-VL-2B shapes; OUT/kernels/<GPU>.json goes to
@@ -21,9 +29,10 @@
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
 #   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast
 #            (~1 min)
-# Planned next session (30 device minutes, 10 per call): 1) STAGES="tests" (the whole GPU suite has not run on the
-# second-generation kernels: only tests/test_kernels_gpu.py did, 2026-12-04); 2) STAGES="e2e" with the shipped H200 table;
-# 3) an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds each path").
+# Planned next session (30 device minutes, 10 per call), issue 16: 1) STAGES="tests" (includes
+# tests/test_decode_attention_gpu.py: the decode attention kernel on CUDA, under torch.compile + CUDA graphs, and
+# compiled-vs-eager generate with grace_decode); 2) STAGES="e2e-llava"; 3) STAGES="e2e-qwen"; 4) if time is left,
+# STAGES="e2e-host". Each is one device call; benchmarks/results/e2e_h200.md ("Next GPU session") says what to read.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -60,8 +69,17 @@ for stage in $STAGES; do
       timeout 300 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 --fused-fake-quant \
         --out "$OUT/trainer_step.md" > "$OUT/trainer_step.log" 2>&1 ;;
     e2e)
-      timeout 330 python benchmarks/e2e.py --batches 1 --repeats 5 --deadline-s 290 \
-        --out "$OUT/e2e.md" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
+      timeout 330 python benchmarks/e2e.py --batches 1 --peer-batches 1 --repeats 5 --deadline-s 290 \
+        --out "$OUT/e2e.md" --json "$OUT/e2e.json" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
+    e2e-llava|e2e-qwen)
+      model=$([ "$stage" = e2e-llava ] && echo llava-1.5-7b || echo qwen2-vl-2b)
+      timeout 580 python benchmarks/e2e.py --models "$model" --batches 1 8 --peer-batches 1 8 --repeats 3 \
+        --deadline-s 480 --out "$OUT/$stage.md" --json "$OUT/$stage.json" --log-dir "$OUT" > "$OUT/$stage.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
+    e2e-host)
+      timeout 330 python benchmarks/e2e.py --arms bf16 grace --batches 1 --repeats 3 --host-tweaks --deadline-s 290 \
+        --out "$OUT/e2e_host.md" --log-dir "$OUT" > "$OUT/e2e_host.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
     kernels)
       timeout 570 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
@@ -81,7 +99,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 150 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels tune sweep ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -49,6 +49,10 @@ class GraceConfig(QuantizationConfigMixin):
         fuse_projections: when a model is loaded (or converted) to packed layers for inference, run ``q|k|v``
             and ``gate|up`` as one matmul each (7 kernel launches per decoder layer -> 4). In memory only: the
             checkpoint keeps the separate layers. Default ``True``.
+        decode_attention: GRACE INT4 models loaded (or packed in memory) on CUDA run their language model's attention
+            as ``attn_implementation="grace_decode"``: decode steps use grace-quant's split-KV Triton kernel, which reads
+            only the cache slots the mask keeps; prefill and everything else run transformers' sdpa. The vision
+            tower keeps its attention. ``False`` leaves the attention as loaded. Default ``True``.
         allow_nonfinite: quantize weights holding NaN/inf with those values set to 0, instead of refusing them
             with the layer's name. A loading policy, not a property of the checkpoint: never written to
             ``config.json``. Default ``False``.
@@ -67,6 +71,7 @@ class GraceConfig(QuantizationConfigMixin):
         backend: str = "auto",
         format_version: int = FORMAT_VERSION,
         fuse_projections: bool = True,
+        decode_attention: bool = True,
         allow_nonfinite: bool = False,
         quant_method: str = "grace",
         **kwargs: Any,
@@ -80,6 +85,7 @@ class GraceConfig(QuantizationConfigMixin):
         self.backend = backend
         self.format_version = format_version
         self.fuse_projections = fuse_projections
+        self.decode_attention = decode_attention
         self.allow_nonfinite = allow_nonfinite
         # Keys written by a newer grace-quant are kept (so re-saving does not drop them) but not interpreted.
         self.unknown_keys = {k: v for k, v in kwargs.items() if k != "unknown_keys"}
@@ -110,6 +116,8 @@ class GraceConfig(QuantizationConfigMixin):
             raise ValueError(f"GraceConfig: backend={self.backend!r} is unknown; use one of {BACKENDS}.")
         if not isinstance(self.fuse_projections, bool):
             raise ValueError(f"GraceConfig: fuse_projections must be True or False, got {self.fuse_projections!r}.")
+        if not isinstance(self.decode_attention, bool):
+            raise ValueError(f"GraceConfig: decode_attention must be True or False, got {self.decode_attention!r}.")
         if not isinstance(self.allow_nonfinite, bool):
             raise ValueError(f"GraceConfig: allow_nonfinite must be True or False, got {self.allow_nonfinite!r}.")
         if not isinstance(self.format_version, int) or self.format_version < 1:

@@ -33,6 +33,7 @@ def test_defaults_follow_the_method():
         ({"mode": "int4"}, "mode='int4' is unknown"),
         ({"format_version": 99}, "upgrade"),
         ({"modules_to_not_convert": [3]}, "list of module-name strings"),
+        ({"decode_attention": "yes"}, "decode_attention must be True or False, got 'yes'"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs, message):
@@ -89,6 +90,14 @@ def test_from_dict_accepts_quant_method_and_keeps_unknown_keys():
     written = json.loads(config.to_json_string(use_diff=False))
     assert written["from_the_future"] == {"a": 1} and written["quant_method"] == "grace"
     assert GraceConfig.from_dict(written).to_dict() == config.to_dict()
+
+
+def test_decode_attention_switch_defaults_on_and_survives_the_round_trip():
+    assert GraceConfig().decode_attention is True
+    written = json.loads(GraceConfig(decode_attention=False).to_json_string(use_diff=False))
+    assert written["decode_attention"] is False
+    assert AutoQuantizationConfig.from_dict(written).decode_attention is False
+    assert GraceConfig.from_dict(json.loads(GraceConfig().to_json_string(use_diff=False))).decode_attention is True
 
 
 def test_registration_is_idempotent_and_public_names_exist():

@@ -96,6 +96,8 @@ class GraceHfQuantizer(HfQuantizer):
             cast_floating_tensors(model, dtype)
         if self.layer_kind == "packed" and getattr(self.quantization_config, "fuse_projections", True):
             fuse_projections(model)
+        if self.layer_kind == "packed":
+            enable_decode_attention(model, self.quantization_config)
         publish_grace_card(model)
         return model
 
@@ -105,7 +107,9 @@ class GraceHfQuantizer(HfQuantizer):
         kind = save_kind(model)
         state = qat_master_state_dict(model) if kind == QAT_MASTER else packed_state_dict(model)
         mode = "qat" if kind == QAT_MASTER else "packed"
-        for config in {id(c): c for c in (self.quantization_config, getattr(model.config, "quantization_config", None))}.values():
+        for config in {
+            id(c): c for c in (self.quantization_config, getattr(model.config, "quantization_config", None))
+        }.values():
             if isinstance(config, GraceConfig):
                 config.mode = mode
         return state, metadata_for(kind)
@@ -194,8 +198,26 @@ def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Mo
     model.quantization_method = config.quant_method
     if config.mode == "packed":
         convert_to_packed(model, config.backend)
+        enable_decode_attention(model, config)
     publish_grace_card(model)
     return model
+
+
+def on_cuda(model: nn.Module) -> bool:
+    """Whether the model's language model sits on a CUDA device (judged by its input embeddings)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.is_cuda
+
+
+def enable_decode_attention(model: nn.Module, config: GraceConfig) -> bool:
+    """``GraceConfig.decode_attention``: a packed model on CUDA gets ``attn_implementation="grace_decode"`` for its
+    language model (the vision tower keeps its own). Returns whether it was set."""
+    if not getattr(config, "decode_attention", True) or not on_cuda(model):
+        return False
+    from .attention import use_decode_attention  # imported late: this module loads while transformers still does
+
+    return use_decode_attention(model)
 
 
 def cast_floating_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -3,16 +3,18 @@
 ``quant_linear`` is the single entry point the INT4 linear calls; it picks an implementation by backend
 and device. The torch reference (dequantize + matmul) is always available and is what CPUs run; on CUDA, 4-bit
 weights go through the ``grace_quant::w4a16_linear`` custom op and its Triton kernels (``triton_w4a16``).
+``decode_attention`` is the entry point of split-KV decode attention (``grace_quant::decode_attention`` on CUDA,
+``triton_decode_attention``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .custom_op import cuda_linear, w4a16_linear_op
+from .custom_op import cuda_linear, decode_attention_op, w4a16_linear_op
 from .dispatch import SUPPORTED_GROUPS
 from .packing import SUPPORTED_BITS, code_range, codes_per_word, group_size_problem, pack, unpack
-from .reference import dequantize, dequantize_codes, quant_linear_reference
+from .reference import decode_attention_reference, dequantize, dequantize_codes, quant_linear_reference
 from .runtime import interpreting, kernels_can_run
 
 BACKENDS = ("auto", "torch", "triton")
@@ -22,6 +24,9 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_GROUPS",
     "code_range",
+    "decode_attention",
+    "decode_attention_op",
+    "decode_attention_reference",
     "codes_per_word",
     "dequantize",
     "dequantize_codes",
@@ -104,3 +109,32 @@ def _quant_linear_triton(
     if x.is_cuda:
         return w4a16_linear_op(x, packed, scales, bias, group_size)
     return triton_w4a16.w4a16_linear(x, packed, scales, bias, group_size)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    kv_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of a few query tokens ``q [B, H, Q, D]`` over a KV cache ``k``/``v [B, Hkv, L, D]`` -> ``[B, Q, H, D]``.
+
+    Only the slots the boolean ``mask [B|1, 1, Q, L]`` keeps (and, with ``kv_lens [B]``, slots below each row's length,
+    causally) are read. CUDA: the ``grace_quant::decode_attention`` custom op under ``torch.compile`` (Triton split-KV
+    kernel, safe in CUDA graphs), its implementation without the op's dispatch in eager code (inference only: no
+    autograd); Triton's CPU interpreter: the kernel itself; otherwise the torch reference.
+    """
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    if q.is_cuda:
+        if torch.compiler.is_compiling():
+            return decode_attention_op(q, k, v, mask, kv_lens, scale)
+        from .custom_op import attention_cuda  # eager: the op's CUDA implementation without its dispatch
+
+        return attention_cuda(q, k, v, mask, kv_lens, scale)
+    if interpreting():
+        from . import triton_decode_attention
+
+        return triton_decode_attention.decode_attention(q, k, v, mask, kv_lens, scale)
+    return decode_attention_reference(q, k, v, mask, kv_lens, scale)

@@ -1,4 +1,5 @@
-"""``torch.ops.grace_quant.w4a16_linear``: the INT4 linear as an opaque PyTorch custom op.
+"""``torch.ops.grace_quant.w4a16_linear`` (the INT4 linear) and ``torch.ops.grace_quant.decode_attention`` (split-KV
+decode attention) as opaque PyTorch custom ops.
 
 Being a custom op with a fake (meta) implementation keeps ``torch.compile(fullgraph=True)`` from tracing into the
 Triton launcher, and its CUDA implementation only makes shape-based choices, so it is safe to capture in CUDA
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from .reference import dequantize, quant_linear_reference
+from .reference import decode_attention_reference, dequantize, quant_linear_reference
 
 OP_NAME = "grace_quant::w4a16_linear"
+ATTENTION_OP_NAME = "grace_quant::decode_attention"
 
-__all__ = ["OP_NAME", "cuda_linear", "w4a16_linear_op"]
+__all__ = ["ATTENTION_OP_NAME", "OP_NAME", "attention_cuda", "cuda_linear", "decode_attention_op", "w4a16_linear_op"]
 
 
 def _fake(
@@ -66,3 +68,52 @@ def _backward(ctx, grad: torch.Tensor):
 
 w4a16_linear_op = _define()
 """The registered op packet; call as ``w4a16_linear_op(x, packed, scales, bias, group_size)``."""
+
+
+def _attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    kv_lens: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+
+def attention_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    kv_lens: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The Triton split-KV kernel where it applies, the torch reference otherwise."""
+    from . import triton_decode_attention as tda
+
+    if tda.unsupported_reason(q, k, v, mask) is None:
+        return tda.decode_attention(q, k, v, mask, kv_lens, scale)
+    return decode_attention_reference(q, k, v, mask, kv_lens, scale)
+
+
+def _define_attention():
+    @torch.library.custom_op(ATTENTION_OP_NAME, mutates_args=())
+    def decode_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_lens: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """``q [B, H, Q, D]`` over the cache ``k``/``v [B, Hkv, L, D]`` -> ``[B, Q, H, D]`` (inference only)."""
+        return decode_attention_reference(q, k, v, mask, kv_lens, scale)
+
+    decode_attention.register_kernel("cuda")(attention_cuda)
+    decode_attention.register_fake(_attention_fake)
+    return torch.ops.grace_quant.decode_attention
+
+
+decode_attention_op = _define_attention()
+"""The registered op packet; call as ``decode_attention_op(q, k, v, mask, kv_lens, scale)``."""
