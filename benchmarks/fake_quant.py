@@ -4,7 +4,7 @@ A plain bf16-autocast fine-tuning step casts each fp32 master weight to bf16 for
 back; a GRACE QAT step replaces that cast with ``fake_quantize`` (``grace_quant.quant``). Arms, in one process:
   cast   - ``w.to(bf16)`` forward, its gradient backward (the plain step's own per-weight work: the baseline)
   torch  - ``fake_quantize(w, log_scale, 128, 4, bf16)`` on torch ops
-  fused  - the same through the fused Triton kernels (``GRACE_FUSED_FAKE_QUANT=1``; CUDA only)
+  fused  - the same through the fused Triton kernels (the default on CUDA; CUDA only)
 Reported: median milliseconds of forward + backward per shape and the ratio to ``cast``. Shapes are the
 ~1.4B student's of benchmarks/trainer_step.py (Qwen2-VL layout): q|o 1536x1536, k|v 256x1536, gate|up 8960x1536,
 down 1536x8960.

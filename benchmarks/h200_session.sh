@@ -3,13 +3,18 @@
 # from PYTHONPATH). Writes logs and result tables under OUT (default ./gpu_out): 1-4 files per stage (the device
 # tool brings back at most 8, so pick the stages of one call accordingly).
 #
-#   bash benchmarks/h200_session.sh            # GPU tests, trainer step (with fused fake quant), e2e batch 1
+#   bash benchmarks/h200_session.sh            # GPU tests, trainer step (fused fake quant by default), e2e batch 1
 #   STAGES="tests kernels" bash benchmarks/h200_session.sh
 #
 # Stages, run in the order STAGES lists them (each has its own time limit, so a slow one cannot starve the rest):
 #   tests    every GPU-marked test: python -m pytest -m gpu (kernels, fused KD, fused fake quant, compile, and
 #            the CLI's tune, now 3 buckets via --tokens (it took ~250 s over all 12); 86 tests in 326 s on the H200)
-#   trainer  benchmarks/trainer_step.py --size 1b --fused-fake-quant   (~3 min)
+#   trainer  benchmarks/trainer_step.py --size 1b: plain, floor (plain + teacher forward), qat and grace on the default
+#            fake-quant backend (fused kernels on CUDA), qat-torch and grace-torch (the reference path); writes
+#            OUT/trainer_step.md and OUT/trainer_step_h200.json (copy it to benchmarks/results/)   (~4-6 min)
+#   trainer-extra  the same benchmark's other arms: no-kd, grace+tc (compiled, padded teacher) and grace+liger
+#            (needs liger-kernel in .whl/, see below), with plain / floor / grace again for ratios within the
+#            run; OUT/trainer_step_extra.md   (~5 min with the teacher's compile; run it in its own device call)
 #   e2e      benchmarks/e2e.py, both models, bf16 / GRACE / tinygemm, batch 1, one process   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
 #            run it alone in one device call). Its GemLite arm needs the call to carry `.whl` (see below)
@@ -23,13 +28,18 @@
 #            (~1 min)
 # Planned next session (30 device minutes, 10 per call): 1) STAGES="tests" (the whole GPU suite has not run on the
 # second-generation kernels: only tests/test_kernels_gpu.py did, 2026-12-04); 2) STAGES="e2e" with the shipped H200 table;
-# 3) an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds each path").
+# 3) an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds each path");
+# 4) issue 17: STAGES="trainer" (fused fake quant now the default; writes trainer_step_h200.json), then, in its own
+# call with .whl/ carrying liger-kernel, STAGES="trainer-extra" (compiled teacher, Liger).
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
 # Peers that the device machine lacks come as pure-Python wheels in .whl/ (ignored by git, so the device call must
 # name it: carry [".whl"]); GemLite 0.6, for the kernels stage, is built on the developer machine with
 #   pip wheel --no-deps --no-build-isolation -w .whl gemlite==0.6.0   (from its source distribution on PyPI)
+# Liger Kernel 0.8.5, for the trainer-extra stage's grace+liger arm, is a pure-Python wheel on PyPI (its Qwen2-VL
+# patch imports on transformers 5.17, the GPU machine's version, not on 5.25):
+#   pip download --no-deps -d .whl liger-kernel==0.8.5
 # Before any stage, this script installs every .whl/*.whl without an index, which by hand is
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
@@ -57,8 +67,12 @@ for stage in $STAGES; do
     tests)
       timeout 540 python -m pytest -q -m gpu > "$OUT/gpu_tests.log" 2>&1 ;;
     trainer)
-      timeout 300 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 --fused-fake-quant \
-        --out "$OUT/trainer_step.md" > "$OUT/trainer_step.log" 2>&1 ;;
+      timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
+        --out "$OUT/trainer_step.md" --json "$OUT/trainer_step_h200.json" > "$OUT/trainer_step.log" 2>&1 ;;
+    trainer-extra)
+      timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
+        --arms plain floor grace no-kd grace+tc grace+liger --json none \
+        --out "$OUT/trainer_step_extra.md" > "$OUT/trainer_step_extra.log" 2>&1 ;;
     e2e)
       timeout 330 python benchmarks/e2e.py --batches 1 --repeats 5 --deadline-s 290 \
         --out "$OUT/e2e.md" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
@@ -81,7 +95,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 150 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer e2e kernels tune sweep ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-extra e2e kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

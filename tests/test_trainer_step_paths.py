@@ -150,3 +150,45 @@ def test_compiled_padded_teacher_gives_the_loss_of_the_eager_one(tmp_path, monke
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA): the defaults as they run there
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cuda_step(tmp_path, **overrides):
+    """Loss and gradients of one GRACE micro-batch on CUDA (fp32, tiny LLaVA pair), with the decisions taken."""
+    student, teacher = make_pair("llava")
+    args = make_args(tmp_path, use_cpu=False, **overrides)
+    trainer = GraceTrainer(model=student.cuda(), teacher_model=teacher.cuda(), args=args)
+    batch = {k: v.cuda() for k, v in collate(tiny_dataset(student, 2)).items()}
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.gpu
+def test_auto_runs_the_kernels_on_cuda_with_the_torch_paths_loss_and_gradients(tmp_path, monkeypatch):
+    decisions = []
+    wants = quant_module._wants_kernels
+    monkeypatch.setattr(quant_module, "_wants_kernels", lambda w, b: decisions.append(wants(w, b)) or decisions[-1])
+    fused_loss, fused_grads = cuda_step(tmp_path)
+    assert decisions and all(decisions)  # every QAT linear took the kernels
+    torch_loss, torch_grads = cuda_step(tmp_path, fake_quant_backend="torch")
+    torch.testing.assert_close(fused_loss, torch_loss, rtol=1e-6, atol=0)
+    for name, grad in torch_grads.items():
+        tolerance = 1e-5 if name.endswith("log_scale") else 1e-6  # log-scale sums run in another order
+        torch.testing.assert_close(fused_grads[name], grad, rtol=tolerance, atol=1e-8, msg=name)
+
+
+@pytest.mark.gpu
+def test_compiled_padded_teacher_on_cuda_gives_the_eager_loss(tmp_path):
+    """Inductor for real (the CPU test uses dynamo's eager backend)."""
+    eager_loss, _ = cuda_step(tmp_path)
+    try:
+        compiled_loss, _ = cuda_step(tmp_path, teacher_compile=True, teacher_pad_to_multiple_of=64)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=0)
