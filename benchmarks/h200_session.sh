@@ -15,6 +15,9 @@
 #   trainer-extra  the same benchmark's other arms: no-kd, grace+tc (compiled, padded teacher) and grace+liger
 #            (needs liger-kernel in .whl/, see below), with plain / floor / grace again for ratios within the
 #            run; OUT/trainer_step_extra.md   (~5 min with the teacher's compile; run it in its own device call)
+#   trainer-linear  the experimental fused QAT linear (fake_quant_backend="triton_linear": quantized inside the
+#            matmul) against the default: plain, qat, qat+linear, grace, grace+linear; OUT/trainer_step_linear.md
+#            (first GPU run of those kernels: run STAGES="tests" first, which checks them against the torch path)
 #   e2e      benchmarks/e2e.py, both models, bf16 / GRACE / tinygemm, batch 1, one process   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
 #            run it alone in one device call). Its GemLite arm needs the call to carry `.whl` (see below)
@@ -30,7 +33,7 @@
 # second-generation kernels: only tests/test_kernels_gpu.py did, 2026-12-04); 2) STAGES="e2e" with the shipped H200 table;
 # 3) an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds each path");
 # 4) issue 17: STAGES="trainer" (fused fake quant now the default; writes trainer_step_h200.json), then, in its own
-# call with .whl/ carrying liger-kernel, STAGES="trainer-extra" (compiled teacher, Liger).
+# call with .whl/ carrying liger-kernel, STAGES="trainer-extra" (compiled teacher, Liger); STAGES="trainer-linear".
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -73,6 +76,10 @@ for stage in $STAGES; do
       timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
         --arms plain floor grace no-kd grace+tc grace+liger --json none \
         --out "$OUT/trainer_step_extra.md" > "$OUT/trainer_step_extra.log" 2>&1 ;;
+    trainer-linear)
+      timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
+        --arms plain qat qat+linear grace grace+linear --json none \
+        --out "$OUT/trainer_step_linear.md" > "$OUT/trainer_step_linear.log" 2>&1 ;;
     e2e)
       timeout 330 python benchmarks/e2e.py --batches 1 --repeats 5 --deadline-s 290 \
         --out "$OUT/e2e.md" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
@@ -95,7 +102,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 150 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-extra e2e kernels tune sweep ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-extra trainer-linear e2e kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

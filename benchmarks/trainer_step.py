@@ -11,6 +11,8 @@ Arms (fp32 master weights, bf16 autocast on CUDA, AdamW, one micro-batch per ste
   qat-torch, grace-torch   the same on the torch fake-quant path (the reference)
   no-kd        grace with kd_loss="none": the difference to grace is the KD loss's own cost
   grace+tc     grace with teacher_compile=True, teacher_pad_to_multiple_of=64 (compile time is in the warm-up)
+  qat+linear, grace+linear   qat / grace with fake_quant_backend="triton_linear" (experimental: fake quantization
+               inside the QAT linears' matmul kernels)
   grace+liger  grace with Liger Kernel's RMSNorm / RoPE / SwiGLU on student and teacher (fused linear CE off: it
                does not fit GRACE's loss); CUDA with liger_kernel importable only; always run last (Liger patches
                module-wide functions that would leak into later arms)
@@ -44,7 +46,9 @@ from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quant
 from grace_quant.labels import IGNORE_INDEX, next_token_mask
 
 DEFAULT_ARMS = ("plain", "floor", "qat", "grace", "qat-torch", "grace-torch")
-ALL_ARMS = (*DEFAULT_ARMS, "no-kd", "grace+tc", "grace+liger")
+ALL_ARMS = (*DEFAULT_ARMS, "no-kd", "grace+tc", "qat+linear", "grace+linear", "grace+liger")
+#: arms whose failure is noted in the results instead of ending the run (optional peers, experimental kernels)
+FALLIBLE_ARMS = ("qat+linear", "grace+linear", "grace+liger")
 H200_JSON = Path(__file__).resolve().parent / "results" / "trainer_step_h200.json"
 #: GraceTrainingArguments overrides per GRACE arm (the plain arms use transformers' Trainer)
 GRACE_KNOBS = {
@@ -54,6 +58,8 @@ GRACE_KNOBS = {
     "grace-torch": {"fake_quant_backend": "torch"},
     "no-kd": {"kd_loss": "none"},
     "grace+tc": {"teacher_compile": True, "teacher_pad_to_multiple_of": 64},
+    "qat+linear": {"kd_loss": "none", "rcka_weight": 0.0, "fake_quant_backend": "triton_linear"},
+    "grace+linear": {"fake_quant_backend": "triton_linear"},
     "grace+liger": {},
 }
 SIZES = {
@@ -107,8 +113,12 @@ def batch_for(model, size: dict, device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def liger_problem(device: torch.device) -> str | None:
-    """Why the Liger arm cannot run here, or None."""
+def arm_problem(arm: str, device: torch.device) -> str | None:
+    """Why ``arm`` cannot run here, or None: the Liger and fused-linear arms need CUDA (and Liger its package)."""
+    if arm in ("qat+linear", "grace+linear") and device.type != "cuda":
+        return "the fused QAT-linear kernels need CUDA"
+    if arm != "grace+liger":
+        return None
     if device.type != "cuda":
         return "Liger Kernel's kernels need CUDA"
     try:
@@ -135,7 +145,7 @@ def make_trainer(arm: str, size: dict, device: torch.device):
     common = dict(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=device.type == "cpu", bf16=device.type == "cuda",
                   learning_rate=1e-5, per_device_train_batch_size=size["batch"], disable_tqdm=True)  # fmt: skip
     teacher = None
-    if arm not in ("plain", "qat", "qat-torch"):
+    if arm not in ("plain", "qat", "qat-torch", "qat+linear"):
         with torch.device(device):
             teacher = build(size, "teacher").to(torch.bfloat16 if device.type == "cuda" else torch.float32)
         teacher.eval().requires_grad_(False)
@@ -251,18 +261,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arms = sorted(dict.fromkeys(args.arms), key=lambda arm: arm == "grace+liger")  # Liger last
-    notes = []
-    if "grace+liger" in arms and (problem := liger_problem(device)) is not None:
-        arms.remove("grace+liger")
-        notes.append(f"grace+liger not run: {problem}.")
+    notes = [f"{arm} not run: {problem}." for arm in arms if (problem := arm_problem(arm, device)) is not None]
+    arms = [arm for arm in arms if arm_problem(arm, device) is None]
     rows = {}
     for arm in arms:
         try:
             rows[arm] = run_arm(arm, SIZES[args.size], device, args.steps, args.warmup)
-        except Exception as exc:  # only the optional Liger arm may fail (liger-kernel vs transformers versions)
-            if arm != "grace+liger":
+        except Exception as exc:  # an optional peer or an experimental kernel: note it, keep the other arms
+            if arm not in FALLIBLE_ARMS:
                 raise
-            notes.append(f"grace+liger failed: {type(exc).__name__}: {str(exc)[:300]}")
+            notes.append(f"{arm} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     for row in rows.values():
         print(row["arm"], "step times (ms):", [round(t * 1e3, 1) for t in row["times"]])
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grace_quant.kernels import codes_per_word, dequantize, group_size_problem, quant_linear, unpack
-from grace_quant.quant import fake_quant_backend_problem, fake_quantize, mse_scales, pack_weight
+from grace_quant.quant import fake_quant_backend_problem, fake_quantize, fused_qat_linear, mse_scales, pack_weight
 
 
 class _GraceLinearBase(nn.Module):
@@ -43,7 +43,7 @@ class GraceQATLinear(_GraceLinearBase):
     """Linear layer trained with fake-quantized weights (symmetric, per group, learnable scales).
 
     ``fake_quant_backend`` (``grace_quant.quant.FAKE_QUANT_BACKENDS``; default ``"auto"``: fused Triton kernels on
-    CUDA, torch ops elsewhere) is a plain attribute, not state: set it for a whole model with
+    CUDA, torch ops elsewhere; ``"triton_linear"`` quantizes inside the matmul) is a plain attribute, not state: set it for a whole model with
     :func:`set_fake_quant_backend` (``GraceTrainer`` does, from ``GraceTrainingArguments.fake_quant_backend``)."""
 
     fake_quant_backend: str = "auto"
@@ -88,7 +88,12 @@ class GraceQATLinear(_GraceLinearBase):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.quantized_weight(_matmul_dtype(x))
+        dtype = _matmul_dtype(x)
+        if self.fake_quant_backend == "triton_linear":  # experimental: quantize inside the matmul kernels
+            y = fused_qat_linear(x.to(dtype), self.weight, self.log_scale, self.bias, self.group_size, self.bits)
+            if y is not None:
+                return y
+        weight = self.quantized_weight(dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:

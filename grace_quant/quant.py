@@ -19,10 +19,14 @@ from grace_quant.kernels import code_range, dequantize_codes, group_size_problem
 
 MSE_GRID_POINTS = 20
 MSE_GRID_RANGE = (0.3, 1.2)
-FAKE_QUANT_BACKENDS = ("auto", "triton", "torch")
+FAKE_QUANT_BACKENDS = ("auto", "triton", "torch", "triton_linear")
 """Where fake quantization runs: ``"auto"`` (the fused Triton kernels on CUDA, torch ops elsewhere), ``"triton"``
 (the fused kernels; CUDA or ``TRITON_INTERPRET=1``), ``"torch"`` (torch ops: the reference). The two paths give
-the same forward and weight gradient bit for bit (log-scale gradients agree to ~1e-6: another summation order)."""
+the same forward and weight gradient bit for bit (log-scale gradients agree to ~1e-6: another summation order).
+``"triton_linear"`` (experimental, untimed): QAT linears quantize inside their matmul kernels
+(:func:`fused_qat_linear`; equal to the others up to the matmul's summation order), where those kernels apply, and
+fall back to ``"triton"`` elsewhere."""
+KERNEL_BACKENDS = ("triton", "triton_linear")  # backends that require the Triton kernels to be able to run
 FUSED_FAKE_QUANT_ENV = "GRACE_FUSED_FAKE_QUANT"
 """Deprecated: ``1`` / ``0`` overrides ``"auto"`` (fused where the kernels can run / torch ops), with a
 ``FutureWarning``; use ``GraceTrainingArguments(fake_quant_backend=...)`` or :func:`set_fake_quant_backend`."""
@@ -115,9 +119,9 @@ def fake_quant_backend_problem(backend: str, device: torch.device | str | None =
     """Why ``backend`` cannot run fake quantization on ``device`` (None: not checked), or None."""
     if backend not in FAKE_QUANT_BACKENDS:
         return f"fake_quant_backend={backend!r} is unknown; use one of {FAKE_QUANT_BACKENDS}"
-    if backend == "triton" and device is not None and torch.device(device).type != "cuda" and not interpreting():
+    if backend in KERNEL_BACKENDS and device is not None and torch.device(device).type != "cuda" and not interpreting():
         return (
-            f"fake_quant_backend='triton' runs the fused Triton kernels, which need CUDA (or TRITON_INTERPRET=1, "
+            f"fake_quant_backend={backend!r} runs the fused Triton kernels, which need CUDA (or TRITON_INTERPRET=1, "
             f"Triton's CPU interpreter), but this run is on {torch.device(device).type}: use 'auto' (fused on CUDA, "
             "torch ops elsewhere) or 'torch'"
         )
@@ -161,7 +165,7 @@ def _wants_kernels(weight: torch.Tensor, backend: str) -> bool:
     """Whether ``backend`` asks for the fused kernels on this weight; raises where ``"triton"`` cannot run."""
     if backend == "torch":
         return False
-    if backend == "triton":
+    if backend in KERNEL_BACKENDS:
         if (problem := fake_quant_backend_problem(backend, weight.device)) is not None:
             raise RuntimeError(problem)
         return True
@@ -248,6 +252,63 @@ class _FakeQuantize(torch.autograd.Function):
         grad_scale = step.mul_(g).sum(dim=-1)
         grad_log_scale = (grad_scale * torch.exp(log_scale.to(dtype))).to(log_scale.dtype)
         return grad_weight, grad_log_scale, None, None, None, None
+
+
+def fused_qat_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    log_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    bits: int,
+) -> torch.Tensor | None:
+    """``x @ fake_quantize(weight, log_scale)^T + bias`` with the fake quantization inside the matmul kernels
+    (``grace_quant.kernels.triton_qat_linear``; bf16/fp16 ``x``, straight-through and LSQ gradients in the weight
+    gradient's epilogue), or None where those kernels do not apply: the caller then takes the fake-quant path."""
+    if not kernels_can_run(x):
+        return None
+    try:
+        from grace_quant.kernels import triton_qat_linear
+    except ImportError:  # no triton on this platform
+        return None
+    if not triton_qat_linear.supports(x, weight, log_scale, group_size):
+        return None
+    return _FusedQATLinear.apply(x, weight, log_scale, bias, group_size, bits)
+
+
+class _FusedQATLinear(torch.autograd.Function):
+    """The QAT linear on the fused matmul kernels: saves ``x``, the master weight and ``exp(log_scale)`` (never a
+    fake-quant weight), and recomputes the fake-quant tiles in both backward kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, log_scale, bias, group_size: int, bits: int):
+        from grace_quant.kernels import triton_qat_linear
+
+        exp_log_scale = torch.exp(log_scale)  # in torch, as scale_from_log takes it
+        rows = x.reshape(-1, x.shape[-1])
+        y = triton_qat_linear.qat_linear_forward(rows, weight, exp_log_scale, group_size, bits, bias)
+        ctx.save_for_backward(rows, weight, exp_log_scale)
+        ctx.group_size, ctx.bits, ctx.x_shape = group_size, bits, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from grace_quant.kernels import triton_qat_linear
+
+        rows, weight, exp_log_scale = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, weight.shape[0]).to(rows.dtype)
+        grad_x = grad_weight = grad_log_scale = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = triton_qat_linear.qat_linear_grad_input(grad_rows, weight, exp_log_scale, ctx.group_size, ctx.bits)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_weight, grad_log_scale = triton_qat_linear.qat_linear_grad_weight(
+                grad_rows, rows, weight, exp_log_scale, ctx.group_size, ctx.bits
+            )
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_rows.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_log_scale, grad_bias, None, None
 
 
 def scale_from_log(log_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -115,7 +115,9 @@ class GraceTrainingArguments(TrainingArguments):
         metadata={
             "help": f"Where the student's QAT fake quantization runs, one of {FAKE_QUANT_BACKENDS}: 'auto' (fused "
             "Triton kernels on CUDA, torch ops on CPU), 'triton' (the fused kernels; CUDA, or TRITON_INTERPRET=1), "
-            "'torch' (torch ops, the reference). Same forward and weight gradients bit for bit."
+            "'torch' (torch ops, the reference). Same forward and weight gradients bit for bit. 'triton_linear' "
+            "(experimental, untimed): fake quantization inside the QAT linears' matmul kernels (bf16/fp16 "
+            "activations; equal up to summation order)."
         },
     )
     teacher_compile: bool = field(
