@@ -27,8 +27,9 @@
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
-#   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast
-#            (~1 min)
+#   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast,
+#            then the whole linear at 2048 tokens: plain, torch, fused fake quant + cuBLAS, and the experimental
+#            quantize-in-matmul kernel at three tile sizes (~2-3 min with the kernels' compiles)
 # Planned next session (30 device minutes, 10 per call): 1) STAGES="tests" (the whole GPU suite has not run on the
 # second-generation kernels: only tests/test_kernels_gpu.py did, 2026-12-04); 2) STAGES="e2e" with the shipped H200 table;
 # 3) an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds each path");
@@ -100,7 +101,7 @@ for stage in $STAGES; do
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
     fake-quant)
-      timeout 150 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
+      timeout 300 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
       echo "unknown stage '$stage' (choose from: tests trainer trainer-extra trainer-linear e2e kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;

@@ -49,3 +49,12 @@ def test_trainer_step_summary_ratios():
     assert record["plain_ms"] == 100.0 and record["floor_ms"] == 160.0
     assert (record["qat_vs_plain"], record["grace_vs_floor"], record["grace_peak_vs_floor"]) == (1.1, 1.25, 1.1)
     assert script.summary({"plain": rows["plain"]}, "GPU X")["grace_vs_floor"] is None
+
+
+def test_fake_quant_benchmark_runs_both_tables_on_cpu(tmp_path):
+    """The per-weight table and the whole-linear table (CUDA-only arms absent on CPU), one call per arm."""
+    report = load_script("fake_quant").main(["--steps", "1", "--warmup", "0", "--tokens", "4", "--out", str(tmp_path / "fq.md")])
+    assert (tmp_path / "fq.md").read_text() == report
+    assert "| weight (out x in) | cast | torch |" in report
+    assert "## The whole linear, forward + backward, 4 tokens" in report and "| weight (out x in) | plain | torch |" in report
+    assert report.count("| all four |") == 2

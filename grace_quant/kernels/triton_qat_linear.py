@@ -125,9 +125,8 @@ def _qat_linear_dw_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # dW_hat = g^T @ x
     for m0 in range(0, M, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
-        g_t = tl.load(g_ptr + rm[None, :].to(tl.int64) * N + rn[:, None], mask=(rm[None, :] < M) & (rn[:, None] < N),
-                      other=0.0)  # fmt: skip
-        acc = _mma(acc, g_t, _load_tile(x_ptr, rm, rk, M, K), UPCAST)
+        g = _load_tile(g_ptr, rm, rn, M, N)  # coalesced [BLOCK_M, BLOCK_N], transposed in registers
+        acc = _mma(acc, tl.trans(g), _load_tile(x_ptr, rm, rk, M, K), UPCAST)
     _, ratio, rounded, q, mask = _fq_tile(w_ptr, e_ptr, rn, rk, N, K, groups_per_row, LO, HI, W_KIND, GROUP)
     if W_KIND != 0:
         acc = _round_to(acc, W_KIND)  # the gradient reaches the weight dtype, as torch's grad of .to() does
