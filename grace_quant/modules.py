@@ -43,8 +43,9 @@ class GraceQATLinear(_GraceLinearBase):
     """Linear layer trained with fake-quantized weights (symmetric, per group, learnable scales).
 
     ``fake_quant_backend`` (``grace_quant.quant.FAKE_QUANT_BACKENDS``; default ``"auto"``: fused Triton kernels on
-    CUDA, torch ops elsewhere; ``"triton_linear"`` quantizes inside the matmul) is a plain attribute, not state: set it for a whole model with
-    :func:`set_fake_quant_backend` (``GraceTrainer`` does, from ``GraceTrainingArguments.fake_quant_backend``)."""
+    CUDA, torch ops elsewhere; ``"triton_linear"`` quantizes inside the matmul) is a plain attribute, not state:
+    set it for a whole model with :func:`set_fake_quant_backend` (``GraceTrainer`` does, from
+    ``GraceTrainingArguments.fake_quant_backend``)."""
 
     fake_quant_backend: str = "auto"
 
@@ -102,8 +103,8 @@ class GraceQATLinear(_GraceLinearBase):
 
 
 def set_fake_quant_backend(model: nn.Module, backend: str) -> int:
-    """Run every ``GraceQATLinear`` of ``model`` on ``backend`` (``"auto"``, ``"triton"`` or ``"torch"``): the one
-    place the choice reaches the layers. Returns how many layers it set; raises on an unknown backend."""
+    """Run every ``GraceQATLinear`` of ``model`` on ``backend`` (one of ``grace_quant.quant.FAKE_QUANT_BACKENDS``):
+    the one place the choice reaches the layers. Returns how many layers it set; raises on an unknown backend."""
     if (problem := fake_quant_backend_problem(backend)) is not None:
         raise ValueError(problem)
     layers = [module for module in model.modules() if isinstance(module, GraceQATLinear)]
