@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +63,19 @@ def test_fake_quant_benchmark_runs_both_tables_on_cpu(tmp_path):
     assert "| weight (out x in) | cast | torch |" in report
     assert "## The whole linear, forward + backward, 4 tokens" in report and "| weight (out x in) | plain | torch |" in report
     assert report.count("| all four |") == 2
+
+
+@pytest.mark.gpu
+def test_trainer_step_runs_every_arm_on_cuda_at_the_small_size(tmp_path):
+    """Before the 1b stages: every arm once on the tiny pair (fused fake quant, the fused QAT linear, the
+    inductor-compiled teacher, Liger where installed), none failing; in a child process, because Liger patches
+    transformers module-wide."""
+    out, summary = tmp_path / "step.md", tmp_path / "s.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "trainer_step.py"), "--smoke", "--out", str(out),
+               "--json", str(summary)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "failed" not in out.read_text(), out.read_text()
+    record = json.loads(summary.read_text())
+    assert record["grace_peak_vs_floor"] is not None and record["gpu"] != "CPU"
