@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interpreter_harness import result_for, run_interpreted, run_jobs
+from interpreter_harness import grace_step, result_for, run_interpreted, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAD_RTOL = 1e-5  # grad_log_scale: |got - ref| <= GRAD_RTOL * e * sum_group |g * step| (+ a tiny floor)
@@ -248,27 +248,10 @@ def _counted_launches():
 def _run_trainer_step_case() -> dict:
     """One ``GraceTrainer`` loss + backward (CE, gated DKD, RCKA) on a tiny LLaVA pair with
     ``fake_quant_backend="triton"`` (the kernels, in the interpreter) and ``"torch"``, from the same weights."""
-    import tempfile
-
-    from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
-    from grace_quant.labels import next_token_mask
-    from grace_quant.testing import collate, tiny_dataset, tiny_model
-
     runs = {}
     with _counted_launches() as launches:
         for backend in ("triton", "torch"):
-            student = quantize_model(tiny_model("llava"), GraceConfig(group_size=32))
-            args = GraceTrainingArguments(
-                output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], rcka_warmup_steps=0,
-                fake_quant_backend=backend,
-            )  # fmt: skip
-            trainer = GraceTrainer(model=student, teacher_model=tiny_model("llava", seed=1, hidden=96), args=args)
-            batch = collate(tiny_dataset(student, 2))
-            student.train()
-            loss = trainer.compute_loss(student, batch, num_items_in_batch=next_token_mask(batch["labels"]).sum())
-            loss.backward()
-            grads = {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
-            runs[backend] = (loss.detach(), grads, dict(launches))
+            runs[backend] = (*grace_step("llava", backend), dict(launches))
     (loss_f, grads_f, after_fused), (loss_t, grads_t, after_torch) = runs["triton"], runs["torch"]
     scales = [name for name in grads_t if name.endswith("log_scale")]
     return {

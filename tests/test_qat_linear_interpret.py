@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from interpreter_harness import result_for, run_interpreted, run_jobs
+from interpreter_harness import grace_step, result_for, run_interpreted, run_jobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -146,12 +146,7 @@ def _run_module_case() -> dict:
 def _run_trainer_step_case() -> dict:
     """One ``GraceTrainer`` loss + backward under CPU bf16 autocast on a tiny Qwen2-VL pair (q|k|v carry biases),
     ``fake_quant_backend="triton_linear"`` against ``"torch"``, from the same weights."""
-    import tempfile
-
-    from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
     from grace_quant.kernels import triton_fake_quant, triton_qat_linear
-    from grace_quant.labels import next_token_mask
-    from grace_quant.testing import collate, tiny_dataset, tiny_model
 
     launches = {"linear": 0, "fake_quant": 0}
     originals = triton_qat_linear.qat_linear_forward, triton_fake_quant.fake_quant_forward
@@ -168,17 +163,8 @@ def _run_trainer_step_case() -> dict:
     runs = {}
     try:
         for backend in ("triton_linear", "torch"):
-            student = quantize_model(tiny_model("qwen2-vl"), GraceConfig(group_size=32))
-            args = GraceTrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[],
-                                          rcka_warmup_steps=0, fake_quant_backend=backend)  # fmt: skip
-            trainer = GraceTrainer(model=student, teacher_model=tiny_model("qwen2-vl", seed=1, hidden=96), args=args)
-            batch = collate(tiny_dataset(student, 2))
-            student.train()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = trainer.compute_loss(student, batch, num_items_in_batch=next_token_mask(batch["labels"]).sum())
-            loss.backward()
-            grads = {name: p.grad.float() for name, p in student.named_parameters() if p.grad is not None}
-            runs[backend] = (loss.detach().float(), grads, dict(launches))
+            loss, grads = grace_step("qwen2-vl", backend, autocast=True)
+            runs[backend] = (loss.float(), {name: g.float() for name, g in grads.items()}, dict(launches))
     finally:
         triton_qat_linear.qat_linear_forward, triton_fake_quant.fake_quant_forward = originals
     (loss_f, grads_f, after_fused), (loss_t, grads_t, after_torch) = runs["triton_linear"], runs["torch"]
