@@ -4,10 +4,17 @@ A plain bf16-autocast fine-tuning step casts each fp32 master weight to bf16 for
 back; a GRACE QAT step replaces that cast with ``fake_quantize`` (``grace_quant.quant``). Arms, in one process:
   cast   - ``w.to(bf16)`` forward, its gradient backward (the plain step's own per-weight work: the baseline)
   torch  - ``fake_quantize(w, log_scale, 128, 4, bf16)`` on torch ops
-  fused  - the same through the fused Triton kernels (``GRACE_FUSED_FAKE_QUANT=1``; CUDA only)
+  fused  - the same through the fused Triton kernels (the default on CUDA; CUDA only)
 Reported: median milliseconds of forward + backward per shape and the ratio to ``cast``. Shapes are the
 ~1.4B student's of benchmarks/trainer_step.py (Qwen2-VL layout): q|o 1536x1536, k|v 256x1536, gate|up 8960x1536,
 down 1536x8960.
+
+A second table times the whole linear, forward + backward on ``--tokens`` rows (bf16 autocast, ``x`` and the weight
+both needing gradients), the choice issue 17 asks a profile to make:
+  plain   - ``F.linear`` on the fp32 master weight (what plain fine-tuning runs)
+  torch / fused - ``GraceQATLinear`` on the torch fake-quant path / the fused fake-quant kernels, then cuBLAS
+  linear BMxBN - ``fake_quant_backend="triton_linear"``: fake quantization inside the matmul kernels, with the
+            ``--linear-blocks`` tiles (CUDA only; experimental)
 
     python benchmarks/fake_quant.py --out benchmarks/results/fake_quant_cpu.md
 """
@@ -21,8 +28,10 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import grace_quant
+from grace_quant.modules import GraceQATLinear
 from grace_quant.quant import fake_quantize, fused_fake_quant, mse_scales
 
 SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960)]  # (out, in)
@@ -67,22 +76,66 @@ def arms(out_f: int, in_f: int, device: str) -> dict[str, Callable[[], None]]:
     return found
 
 
-def main() -> None:
+def linear_arms(out_f: int, in_f: int, device: str, tokens: int, blocks: list[tuple[int, int]]):
+    """One forward + backward of the whole linear per arm: bf16 autocast, ``x`` and the weight needing gradients."""
+    layer = GraceQATLinear.from_linear(torch.nn.Linear(in_f, out_f, bias=False, device=device), group_size=GROUP,
+                                       bits=BITS)  # fmt: skip
+    x = torch.randn(tokens, in_f, device=device, requires_grad=True)
+    upstream = torch.randn(tokens, out_f, device=device, dtype=torch.bfloat16)
+
+    def step(forward: Callable[[], torch.Tensor]) -> None:
+        x.grad = layer.weight.grad = layer.log_scale.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = forward()
+        y.backward(upstream)
+
+    def qat(backend: str, tiles: tuple[int, int] | None = None) -> Callable[[], None]:
+        def run() -> None:
+            if tiles is not None:
+                from grace_quant.kernels import triton_qat_linear
+
+                triton_qat_linear.BLOCK_M, triton_qat_linear.BLOCK_N = tiles
+            layer.fake_quant_backend = backend
+            step(lambda: layer(x))
+
+        return run
+
+    found = {"plain": lambda: step(lambda: F.linear(x, layer.weight)), "torch": qat("torch")}
+    if device == "cuda":
+        found["fused"] = qat("triton")
+        found.update({f"linear {bm}x{bn}": qat("triton_linear", (bm, bn)) for bm, bn in blocks})
+    return found
+
+
+def table(arms_for: Callable[[int, int], dict[str, Callable[[], None]]], steps: int, warmup: int) -> list[str]:
+    """Markdown rows: per shape (and summed over the four) each arm's median ms and its ratio to the first arm."""
+    rows, totals = [], {}
+    for out_f, in_f in SHAPES:
+        times = {name: median_ms(fn, steps, warmup) for name, fn in arms_for(out_f, in_f).items()}
+        for name, ms in times.items():
+            totals[name] = totals.get(name, 0.0) + ms
+        base = next(iter(times.values()))
+        rows.append(f"| {out_f}x{in_f} | " + " | ".join(f"{ms:.2f} ({ms / base:.1f}x)" for ms in times.values()) + " |")
+    names, base = list(totals), next(iter(totals.values()))
+    return [
+        "| weight (out x in) | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        *rows,
+        "| all four | " + " | ".join(f"{totals[n]:.2f} ({totals[n] / base:.1f}x)" for n in names) + " |",
+    ]
+
+
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15, help="timed calls per arm and shape (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=2048, help="rows of x for the whole-linear table (0: skip it)")
+    parser.add_argument("--linear-blocks", default="64x64,128x64,128x128",
+                        help="BLOCK_MxBLOCK_N tiles of the fused QAT linear to time (CUDA)")  # fmt: skip
     parser.add_argument("--out", help="markdown results file to write")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    rows, totals = [], {}
-    for out_f, in_f in SHAPES:
-        times = {name: median_ms(fn, args.steps, args.warmup) for name, fn in arms(out_f, in_f, device).items()}
-        for name, ms in times.items():
-            totals[name] = totals.get(name, 0.0) + ms
-        cells = [f"{ms:.2f} ({ms / times['cast']:.1f}x)" for ms in times.values()]
-        rows.append(f"| {out_f}x{in_f} | " + " | ".join(cells) + " |")
-    names = list(totals)
     lines = [
         "# QAT fake quantization vs the plain step's weight cast (forward + backward)",
         "",
@@ -90,16 +143,22 @@ def main() -> None:
         f"master weights, bf16 output and upstream gradient, INT4 g{GROUP}; median of {args.steps} calls after "
         f"{args.warmup} warm-up calls; ms (ratio to cast).",
         "",
-        "| weight (out x in) | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-        *rows,
-        "| all four | " + " | ".join(f"{totals[n]:.2f} ({totals[n] / totals['cast']:.1f}x)" for n in names) + " |",
+        *table(lambda out_f, in_f: arms(out_f, in_f, device), args.steps, args.warmup),
     ]
+    if args.tokens > 0:
+        blocks = [tuple(int(v) for v in tile.split("x")) for tile in args.linear_blocks.split(",") if tile]
+        lines += [
+            "",
+            f"## The whole linear, forward + backward, {args.tokens} tokens (ms, ratio to plain)",
+            "",
+            *table(lambda out_f, in_f: linear_arms(out_f, in_f, device, args.tokens, blocks), args.steps, args.warmup),
+        ]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
+    return report
 
 
 if __name__ == "__main__":

@@ -3,13 +3,21 @@
 # from PYTHONPATH). Writes logs and result tables under OUT (default ./gpu_out): 1-4 files per stage (the device
 # tool brings back at most 8, so pick the stages of one call accordingly).
 #
-#   bash benchmarks/h200_session.sh            # GPU tests, trainer step (with fused fake quant), e2e batch 1
+#   bash benchmarks/h200_session.sh            # GPU tests, trainer step (fused fake quant by default), e2e batch 1
 #   STAGES="tests kernels" bash benchmarks/h200_session.sh
 #
 # Stages, run in the order STAGES lists them (each has its own time limit, so a slow one cannot starve the rest):
 #   tests    every GPU-marked test: python -m pytest -m gpu (kernels, fused KD, fused fake quant, compile, and
 #            the CLI's tune, now 3 buckets via --tokens (it took ~250 s over all 12); 86 tests in 326 s on the H200)
-#   trainer  benchmarks/trainer_step.py --size 1b --fused-fake-quant   (~3 min)
+#   trainer  benchmarks/trainer_step.py --size 1b: plain, floor (plain + teacher forward), qat and grace on the default
+#            fake-quant backend (fused kernels on CUDA), qat-torch and grace-torch (the reference path); writes
+#            OUT/trainer_step.md and OUT/trainer_step_h200.json (copy it to benchmarks/results/)   (~4-6 min)
+#   trainer-extra  the same benchmark's other arms: no-kd, grace+tc (compiled, padded teacher) and grace+liger
+#            (needs liger-kernel in .whl/, see below), with plain / floor / grace again for ratios within the
+#            run; OUT/trainer_step_extra.md   (~5 min with the teacher's compile; run it in its own device call)
+#   trainer-linear  the experimental fused QAT linear (fake_quant_backend="triton_linear": quantized inside the
+#            matmul) against the default: plain, qat, qat+linear, grace, grace+linear; OUT/trainer_step_linear.md
+#            (first GPU run of those kernels: run STAGES="tests" first, which checks them against the torch path)
 #   e2e      benchmarks/e2e.py, both models, stock bf16 / GRACE INT4 (grace_decode attention) / bf16 + grace_decode /
 #            tinygemm, batch 1 only, one process   (~5 min; deadline 290 s)
 #   e2e-llava  LLaVA-1.5-7B, the same four arms at batches 1 and 8 (issue 16), with the compiled-vs-eager token checks
@@ -27,18 +35,27 @@
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
-#   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast
-#            (~1 min)
-# Planned next session (30 device minutes, 10 per call), issue 16: 1) STAGES="tests" (includes
-# tests/test_decode_attention_gpu.py: the decode attention kernel on CUDA, under torch.compile + CUDA graphs, and
-# compiled-vs-eager generate with grace_decode); 2) STAGES="e2e-llava"; 3) STAGES="e2e-qwen"; 4) if time is left,
-# STAGES="e2e-host". Each is one device call; benchmarks/results/e2e_h200.md ("Next GPU session") says what to read.
+#   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast,
+#            then the whole linear at 2048 tokens: plain, torch, fused fake quant + cuBLAS, and the experimental
+#            quantize-in-matmul kernel at three tile sizes (~2-3 min with the kernels' compiles)
+# Planned next session (30 device minutes, 10 per call), one device call each, in this order:
+#  1) STAGES="tests": the whole GPU suite has not run on the second-generation kernels (only tests/test_kernels_gpu.py
+#     did, 2026-12-04); it now also holds issue 16's decode attention (tests/test_decode_attention_gpu.py: CUDA kernel,
+#     torch.compile + CUDA graphs, compiled-vs-eager generate) and issue 17's fused fake quant / QAT linear checks;
+#  2) issue 16: STAGES="e2e-llava", then STAGES="e2e-qwen" (benchmarks/results/e2e_h200.md, "Next GPU session");
+#  3) issue 17: STAGES="trainer" (fused fake quant now the default; writes trainer_step_h200.json), then, with .whl/
+#     carrying liger-kernel, STAGES="trainer-extra"; STAGES="trainer-linear";
+#  4) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
+#     each path"); STAGES="e2e-host" if time is left.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
 # Peers that the device machine lacks come as pure-Python wheels in .whl/ (ignored by git, so the device call must
 # name it: carry [".whl"]); GemLite 0.6, for the kernels stage, is built on the developer machine with
 #   pip wheel --no-deps --no-build-isolation -w .whl gemlite==0.6.0   (from its source distribution on PyPI)
+# Liger Kernel 0.8.5, for the trainer-extra stage's grace+liger arm, is a pure-Python wheel on PyPI (its Qwen2-VL
+# patch imports on transformers 5.17, the GPU machine's version, not on 5.25):
+#   pip download --no-deps -d .whl liger-kernel==0.8.5
 # Before any stage, this script installs every .whl/*.whl without an index, which by hand is
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
@@ -66,8 +83,16 @@ for stage in $STAGES; do
     tests)
       timeout 540 python -m pytest -q -m gpu > "$OUT/gpu_tests.log" 2>&1 ;;
     trainer)
-      timeout 300 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 --fused-fake-quant \
-        --out "$OUT/trainer_step.md" > "$OUT/trainer_step.log" 2>&1 ;;
+      timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
+        --out "$OUT/trainer_step.md" --json "$OUT/trainer_step_h200.json" > "$OUT/trainer_step.log" 2>&1 ;;
+    trainer-extra)
+      timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
+        --arms plain floor grace no-kd grace+tc grace+liger --json none \
+        --out "$OUT/trainer_step_extra.md" > "$OUT/trainer_step_extra.log" 2>&1 ;;
+    trainer-linear)
+      timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
+        --arms plain qat qat+linear grace grace+linear --json none \
+        --out "$OUT/trainer_step_linear.md" > "$OUT/trainer_step_linear.log" 2>&1 ;;
     e2e)
       timeout 330 python benchmarks/e2e.py --batches 1 --peer-batches 1 --repeats 5 --deadline-s 290 \
         --out "$OUT/e2e.md" --json "$OUT/e2e.json" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
@@ -97,9 +122,9 @@ for stage in $STAGES; do
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
     fake-quant)
-      timeout 150 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
+      timeout 300 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

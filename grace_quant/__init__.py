@@ -31,6 +31,7 @@ _EXPORTS = {
     "prepare_qat": "grace_quant.convert",
     "quantize_model": "grace_quant.integrations.quantizer",
     "saving_qat_master": "grace_quant.checkpoint",
+    "set_fake_quant_backend": "grace_quant.modules",
     "tune_model": "grace_quant.tuning",
     "unfuse_projections": "grace_quant.fusion",
 }
@@ -48,6 +49,7 @@ __all__ = [
     "prepare_qat",
     "quantize_model",
     "saving_qat_master",
+    "set_fake_quant_backend",
     "tune_model",
     "unfuse_projections",
 ]
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
     from grace_quant.integrations.quantizer import quantize_model
     from grace_quant.integrations.trainer import GraceTrainer
     from grace_quant.integrations.training_args import GraceTrainingArguments
-    from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+    from grace_quant.modules import GraceQATLinear, GraceQuantLinear, set_fake_quant_backend
     from grace_quant.tuning import tune_model
 
 

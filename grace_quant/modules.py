@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grace_quant.kernels import codes_per_word, dequantize, group_size_problem, quant_linear, unpack
-from grace_quant.quant import fake_quantize, mse_scales, pack_weight
+from grace_quant.quant import fake_quant_backend_problem, fake_quantize, fused_qat_linear, mse_scales, pack_weight
 
 
 class _GraceLinearBase(nn.Module):
@@ -40,7 +40,14 @@ class _GraceLinearBase(nn.Module):
 
 
 class GraceQATLinear(_GraceLinearBase):
-    """Linear layer trained with fake-quantized weights (symmetric, per group, learnable scales)."""
+    """Linear layer trained with fake-quantized weights (symmetric, per group, learnable scales).
+
+    ``fake_quant_backend`` (``grace_quant.quant.FAKE_QUANT_BACKENDS``; default ``"auto"``: fused Triton kernels on
+    CUDA, torch ops elsewhere; ``"triton_linear"`` quantizes inside the matmul) is a plain attribute, not state:
+    set it for a whole model with :func:`set_fake_quant_backend` (``GraceTrainer`` does, from
+    ``GraceTrainingArguments.fake_quant_backend``)."""
+
+    fake_quant_backend: str = "auto"
 
     def __init__(
         self,
@@ -77,15 +84,33 @@ class GraceQATLinear(_GraceLinearBase):
     def quantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The fake-quant weight the forward uses (differentiable in ``weight`` and ``log_scale``), in ``dtype``
         (default the weight's): ``fake_quantize(...).to(dtype)``, written directly in ``dtype`` on CUDA."""
-        return fake_quantize(self.weight, self.log_scale, self.group_size, self.bits, out_dtype=dtype)
+        return fake_quantize(
+            self.weight, self.log_scale, self.group_size, self.bits, out_dtype=dtype, backend=self.fake_quant_backend
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.quantized_weight(_matmul_dtype(x))
+        dtype = _matmul_dtype(x)
+        if self.fake_quant_backend == "triton_linear":  # experimental: quantize inside the matmul kernels
+            y = fused_qat_linear(x.to(dtype), self.weight, self.log_scale, self.bias, self.group_size, self.bits)
+            if y is not None:
+                return y
+        weight = self.quantized_weight(dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """``{"weight": packed codes, "scales": scales}`` whose dequantization equals ``quantized_weight()``."""
         return pack_weight(self.weight, self.log_scale, self.group_size, self.bits)
+
+
+def set_fake_quant_backend(model: nn.Module, backend: str) -> int:
+    """Run every ``GraceQATLinear`` of ``model`` on ``backend`` (one of ``grace_quant.quant.FAKE_QUANT_BACKENDS``):
+    the one place the choice reaches the layers. Returns how many layers it set; raises on an unknown backend."""
+    if (problem := fake_quant_backend_problem(backend)) is not None:
+        raise ValueError(problem)
+    layers = [module for module in model.modules() if isinstance(module, GraceQATLinear)]
+    for layer in layers:
+        layer.fake_quant_backend = backend
+    return len(layers)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:

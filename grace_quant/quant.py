@@ -8,18 +8,30 @@ these functions, so a fake-quant weight and its packed form dequantize to the sa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
 
-from grace_quant.kernels import code_range, dequantize_codes, group_size_problem, kernels_can_run, pack
+from grace_quant.kernels import code_range, dequantize_codes, group_size_problem, interpreting, kernels_can_run, pack
 
 MSE_GRID_POINTS = 20
-FUSED_FAKE_QUANT_ENV = "GRACE_FUSED_FAKE_QUANT"
-"""Set to ``1`` to run fake quantization through the fused Triton kernels on CUDA. Opt-in until they have been
-checked and timed on a GPU (they are verified bit for bit against the torch path under Triton's interpreter)."""
 MSE_GRID_RANGE = (0.3, 1.2)
+FAKE_QUANT_BACKENDS = ("auto", "triton", "torch", "triton_linear")
+"""Where fake quantization runs: ``"auto"`` (the fused Triton kernels on CUDA, torch ops elsewhere), ``"triton"``
+(the fused kernels; CUDA or ``TRITON_INTERPRET=1``), ``"torch"`` (torch ops: the reference). The two paths give
+the same forward and weight gradient bit for bit (log-scale gradients agree to ~1e-6: another summation order).
+``"triton_linear"`` (experimental, untimed): QAT linears quantize inside their matmul kernels
+(:func:`fused_qat_linear`; equal to the others up to the matmul's summation order), where those kernels apply, and
+fall back to ``"triton"`` elsewhere."""
+KERNEL_BACKENDS = ("triton", "triton_linear")  # backends that require the Triton kernels to be able to run
+FUSED_FAKE_QUANT_ENV = "GRACE_FUSED_FAKE_QUANT"
+"""Deprecated: ``1`` / ``0`` overrides ``"auto"`` (fused where the kernels can run / torch ops), with a
+``FutureWarning``; use ``GraceTrainingArguments(fake_quant_backend=...)`` or :func:`set_fake_quant_backend`."""
+_AUTO_OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("grace_fused_fake_quant", default=None)
+_warned_env = False
 
 
 def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -85,6 +97,7 @@ def fake_quantize(
     group_size: int,
     bits: int,
     out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``w_hat = s * clamp(round_ste(w / s))`` with ``s = exp(theta)`` rounded to the weight dtype.
 
@@ -93,36 +106,79 @@ def fake_quantize(
     ``out_dtype`` (e.g. the autocast dtype of the matmul that consumes ``w_hat``) returns
     ``w_hat.to(out_dtype)``, written directly in that dtype by the fused kernels on CUDA.
 
-    With ``GRACE_FUSED_FAKE_QUANT=1``, fp32/bf16/fp16 weights with fp32 log-scales on CUDA (or under
-    ``TRITON_INTERPRET=1``) run one Triton kernel forward and one backward
-    (``grace_quant.kernels.triton_fake_quant``); everything else runs torch ops.
+    ``backend`` (one of :data:`FAKE_QUANT_BACKENDS`): with ``"auto"`` (default) fp32/bf16/fp16 weights with fp32
+    log-scales on CUDA run one fused Triton kernel forward and one backward
+    (``grace_quant.kernels.triton_fake_quant``), everything else torch ops; ``"triton"`` also runs the kernels
+    under ``TRITON_INTERPRET=1`` and raises where they cannot run at all; ``"torch"`` always runs torch ops.
+    Tensors the kernels decline (fp64, a group size not a multiple of 8) run torch ops whatever the backend.
     """
-    return _FakeQuantize.apply(weight, log_scale, group_size, bits, out_dtype)
+    return _FakeQuantize.apply(weight, log_scale, group_size, bits, out_dtype, backend)
+
+
+def fake_quant_backend_problem(backend: str, device: torch.device | str | None = None) -> str | None:
+    """Why ``backend`` cannot run fake quantization on ``device`` (None: not checked), or None."""
+    if backend not in FAKE_QUANT_BACKENDS:
+        return f"fake_quant_backend={backend!r} is unknown; use one of {FAKE_QUANT_BACKENDS}"
+    if backend in KERNEL_BACKENDS and device is not None and torch.device(device).type != "cuda" and not interpreting():
+        return (
+            f"fake_quant_backend={backend!r} runs the fused Triton kernels, which need CUDA (or TRITON_INTERPRET=1, "
+            f"Triton's CPU interpreter), but this run is on {torch.device(device).type}: use 'auto' (fused on CUDA, "
+            "torch ops elsewhere) or 'torch'"
+        )
+    return None
 
 
 @contextlib.contextmanager
 def fused_fake_quant(enabled: bool = True) -> Iterator[None]:
-    """Within this block fake quantization runs on the fused Triton kernels (``enabled``) or on torch ops: sets
-    ``GRACE_FUSED_FAKE_QUANT`` for the block and restores what it was."""
-    previous = os.environ.get(FUSED_FAKE_QUANT_ENV)
-    os.environ[FUSED_FAKE_QUANT_ENV] = "1" if enabled else "0"
+    """Within this block, layers on ``backend="auto"`` run fake quantization on the fused Triton kernels wherever
+    they can run (CUDA, or ``TRITON_INTERPRET=1``) when ``enabled``, else on torch ops; explicit backends keep
+    theirs. For code outside ``GraceTrainer`` (benchmarks, tests); the Trainer's switch is ``fake_quant_backend``."""
+    token = _AUTO_OVERRIDE.set(bool(enabled))
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(FUSED_FAKE_QUANT_ENV, None)
-        else:
-            os.environ[FUSED_FAKE_QUANT_ENV] = previous
+        _AUTO_OVERRIDE.reset(token)
 
 
-def _fused_fake_quant_kernels(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int):
-    """The Triton module ``grace_quant.kernels.triton_fake_quant`` when it can run these tensors, else None.
-
-    Triton is imported only for CUDA tensors or under ``TRITON_INTERPRET=1``, never on the CPU path.
-    """
-    if os.environ.get(FUSED_FAKE_QUANT_ENV, "0") != "1":
+def _auto_override() -> bool | None:
+    """What ``"auto"`` is forced to: :func:`fused_fake_quant`'s block, else the deprecated environment variable."""
+    forced = _AUTO_OVERRIDE.get()
+    if forced is not None:
+        return forced
+    value = os.environ.get(FUSED_FAKE_QUANT_ENV)
+    if value is None:
         return None
-    if not kernels_can_run(weight):
+    global _warned_env
+    if not _warned_env:
+        _warned_env = True
+        warnings.warn(
+            f"{FUSED_FAKE_QUANT_ENV} is deprecated: the fused fake-quant kernels are the default on CUDA; choose "
+            "with GraceTrainingArguments(fake_quant_backend='auto'|'triton'|'torch') or "
+            "grace_quant.set_fake_quant_backend(model, ...).",
+            FutureWarning,
+            stacklevel=4,
+        )
+    return value == "1"
+
+
+def _wants_kernels(weight: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` asks for the fused kernels on this weight; raises where ``"triton"`` cannot run."""
+    if backend == "torch":
+        return False
+    if backend in KERNEL_BACKENDS:
+        if (problem := fake_quant_backend_problem(backend, weight.device)) is not None:
+            raise RuntimeError(problem)
+        return True
+    if backend != "auto":
+        raise ValueError(fake_quant_backend_problem(backend))
+    forced = _auto_override()
+    return weight.is_cuda if forced is None else forced and kernels_can_run(weight)
+
+
+def _fused_fake_quant_kernels(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, backend: str = "auto"):
+    """The Triton module ``grace_quant.kernels.triton_fake_quant`` when ``backend`` picks it and it can run these
+    tensors, else None. Triton is imported only when the kernels are wanted, never on the default CPU path."""
+    if not _wants_kernels(weight, backend):
         return None
     if weight.dtype == torch.float64 or log_scale.dtype != torch.float32:
         return None
@@ -149,11 +205,12 @@ class _FakeQuantize(torch.autograd.Function):
         group_size: int,
         bits: int,
         out_dtype: torch.dtype | None = None,
+        backend: str = "auto",
     ) -> torch.Tensor:
         if (problem := group_size_problem(group_size, in_features=weight.shape[-1])) is not None:
             raise ValueError(problem)  # the check grouped() makes, without reshaping on the fused path
         ctx.group_size, ctx.bits = group_size, bits
-        kernels = _fused_fake_quant_kernels(weight, log_scale, group_size)
+        kernels = _fused_fake_quant_kernels(weight, log_scale, group_size, backend)
         ctx.fused = kernels is not None
         if kernels is not None:
             # exp in torch, exactly as scale_from_log takes it: the kernel rounds it to the weight dtype
@@ -180,7 +237,7 @@ class _FakeQuantize(torch.autograd.Function):
             grad_weight, grad_log_scale = triton_fake_quant.fake_quant_backward(
                 weight, exp_log_scale, grad, ctx.group_size, ctx.bits
             )
-            return grad_weight, grad_log_scale, None, None, None
+            return grad_weight, grad_log_scale, None, None, None, None
         weight, log_scale = ctx.saved_tensors
         grad = grad.to(weight.dtype)  # the gradient of w_hat.to(out_dtype)
         lo, hi = code_range(ctx.bits)
@@ -194,7 +251,64 @@ class _FakeQuantize(torch.autograd.Function):
         step = torch.where(inside, rounded.sub_(ratio), codes)  # d w_hat / d s; one pass fewer per temporary
         grad_scale = step.mul_(g).sum(dim=-1)
         grad_log_scale = (grad_scale * torch.exp(log_scale.to(dtype))).to(log_scale.dtype)
-        return grad_weight, grad_log_scale, None, None, None
+        return grad_weight, grad_log_scale, None, None, None, None
+
+
+def fused_qat_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    log_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    bits: int,
+) -> torch.Tensor | None:
+    """``x @ fake_quantize(weight, log_scale)^T + bias`` with the fake quantization inside the matmul kernels
+    (``grace_quant.kernels.triton_qat_linear``; bf16/fp16 ``x``, straight-through and LSQ gradients in the weight
+    gradient's epilogue), or None where those kernels do not apply: the caller then takes the fake-quant path."""
+    if not kernels_can_run(x):
+        return None
+    try:
+        from grace_quant.kernels import triton_qat_linear
+    except ImportError:  # no triton on this platform
+        return None
+    if not triton_qat_linear.supports(x, weight, log_scale, group_size):
+        return None
+    return _FusedQATLinear.apply(x, weight, log_scale, bias, group_size, bits)
+
+
+class _FusedQATLinear(torch.autograd.Function):
+    """The QAT linear on the fused matmul kernels: saves ``x``, the master weight and ``exp(log_scale)`` (never a
+    fake-quant weight), and recomputes the fake-quant tiles in both backward kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, log_scale, bias, group_size: int, bits: int):
+        from grace_quant.kernels import triton_qat_linear
+
+        exp_log_scale = torch.exp(log_scale)  # in torch, as scale_from_log takes it
+        rows = x.reshape(-1, x.shape[-1])
+        y = triton_qat_linear.qat_linear_forward(rows, weight, exp_log_scale, group_size, bits, bias)
+        ctx.save_for_backward(rows, weight, exp_log_scale)
+        ctx.group_size, ctx.bits, ctx.x_shape = group_size, bits, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from grace_quant.kernels import triton_qat_linear
+
+        rows, weight, exp_log_scale = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, weight.shape[0]).to(rows.dtype)
+        grad_x = grad_weight = grad_log_scale = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = triton_qat_linear.qat_linear_grad_input(grad_rows, weight, exp_log_scale, ctx.group_size, ctx.bits)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_weight, grad_log_scale = triton_qat_linear.qat_linear_grad_weight(
+                grad_rows, rows, weight, exp_log_scale, ctx.group_size, ctx.bits
+            )
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_rows.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_log_scale, grad_bias, None, None
 
 
 def scale_from_log(log_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

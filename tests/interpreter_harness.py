@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +82,27 @@ def result_for(results: dict[str, dict], case_id: str) -> dict:
     assert record is not None, f"no result for {case_id}"
     assert "error" not in record, record.get("error")
     return record
+
+
+def grace_step(name: str, backend: str, autocast: bool = False) -> tuple[Any, dict[str, Any]]:
+    """``(loss, {parameter: gradient})`` of one ``GraceTrainer`` micro-batch (CE, gated DKD, RCKA from the first step)
+    on the tiny ``name`` pair (student seed 0, 96-wide teacher seed 1) with ``fake_quant_backend=backend``, under
+    CPU bf16 autocast when ``autocast``: the same weights and batch for every backend."""
+    import tempfile
+
+    import torch
+
+    from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
+    from grace_quant.labels import next_token_mask
+    from grace_quant.testing import collate, tiny_dataset, tiny_model
+
+    student = quantize_model(tiny_model(name), GraceConfig(group_size=32))
+    args = GraceTrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], rcka_warmup_steps=0,
+                                  fake_quant_backend=backend)  # fmt: skip
+    trainer = GraceTrainer(model=student, teacher_model=tiny_model(name, seed=1, hidden=96), args=args)
+    batch = collate(tiny_dataset(student, 2))
+    student.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = trainer.compute_loss(student, batch, num_items_in_batch=next_token_mask(batch["labels"]).sum())
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in student.named_parameters() if p.grad is not None}

@@ -16,6 +16,7 @@ GPU tests at the bottom do the same at a realistic size and check CUDA-graph cap
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interpreter_harness import result_for, run_interpreted, run_jobs
+from interpreter_harness import grace_step, result_for, run_interpreted, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAD_RTOL = 1e-5  # grad_log_scale: |got - ref| <= GRAD_RTOL * e * sum_group |g * step| (+ a tiny floor)
@@ -111,7 +112,7 @@ def _run_fake_quant(w, log_scale, upstream, group, bits, out_dtype, fused: bool)
     if not fused:
         quant._fused_fake_quant_kernels = lambda *args: None
     try:
-        with quant.fused_fake_quant():  # the fused kernels are opt-in
+        with quant.fused_fake_quant():  # "auto" picks torch ops on CPU: force the kernels (the interpreter here)
             w_leaf, ls_leaf = w.clone().requires_grad_(), log_scale.clone().requires_grad_()
             out = quant.fake_quantize(w_leaf, ls_leaf, group, bits, out_dtype=out_dtype)
             (out * upstream).sum().backward()
@@ -197,31 +198,70 @@ def _run_module_case() -> dict:
     layer = GraceQATLinear.from_linear(torch.nn.Linear(256, 48), group_size=64, bits=4)
     x = torch.randn(5, 256)
     results = []
-    for fused in (True, False):
-        original = quant._fused_fake_quant_kernels
-        if not fused:
-            quant._fused_fake_quant_kernels = lambda *args: None
-        try:
+    with _counted_launches() as launches:
+        for backend in ("triton", "torch"):
+            layer.fake_quant_backend = backend
             layer.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = layer(x)
             (y.float() ** 2).sum().backward()
-        finally:
-            quant._fused_fake_quant_kernels = original
-        results.append((y.detach(), layer.weight.grad.clone(), layer.log_scale.grad.clone()))
+            results.append((y.detach(), layer.weight.grad.clone(), layer.log_scale.grad.clone(), dict(launches)))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the forward before out_dtype existed
         quant._fused_fake_quant_kernels, original = (lambda *args: None), quant._fused_fake_quant_kernels
         try:
             before = torch.nn.functional.linear(x, layer.quantized_weight().to(x.dtype), layer.bias)
         finally:
             quant._fused_fake_quant_kernels = original
-    (y_f, gw_f, gls_f), (y_t, gw_t, gls_t) = results
+    (y_f, gw_f, gls_f, after_fused), (y_t, gw_t, gls_t, after_torch) = results
     return {
+        "launches": [after_fused, after_torch],
         "y_dtype": str(y_f.dtype),
         "y_equal": torch.equal(y_f, y_t),
         "y_equal_before": torch.equal(y_f, before),
         "grad_weight_equal": torch.equal(gw_f, gw_t),
         "grad_log_scale_rel": float((gls_f - gls_t).norm() / gls_t.norm()),
+    }
+
+
+@contextlib.contextmanager
+def _counted_launches():
+    """Count the fused kernels' forward / backward launches (a dict updated in place) within the block."""
+    from grace_quant.kernels import triton_fake_quant as tfq
+
+    calls = {"forward": 0, "backward": 0}
+    originals = tfq.fake_quant_forward, tfq.fake_quant_backward
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    tfq.fake_quant_forward, tfq.fake_quant_backward = counted("forward", originals[0]), counted("backward", originals[1])
+    try:
+        yield calls
+    finally:
+        tfq.fake_quant_forward, tfq.fake_quant_backward = originals
+
+
+def _run_trainer_step_case() -> dict:
+    """One ``GraceTrainer`` loss + backward (CE, gated DKD, RCKA) on a tiny LLaVA pair with
+    ``fake_quant_backend="triton"`` (the kernels, in the interpreter) and ``"torch"``, from the same weights."""
+    runs = {}
+    with _counted_launches() as launches:
+        for backend in ("triton", "torch"):
+            runs[backend] = (*grace_step("llava", backend), dict(launches))
+    (loss_f, grads_f, after_fused), (loss_t, grads_t, after_torch) = runs["triton"], runs["torch"]
+    scales = [name for name in grads_t if name.endswith("log_scale")]
+    return {
+        "launches": [after_fused, after_torch],
+        "num_log_scales": len(scales),
+        "same_names": sorted(grads_f) == sorted(grads_t),
+        "loss_equal": torch.equal(loss_f, loss_t),
+        "unequal_grads": [n for n in grads_t if n not in scales and not torch.equal(grads_f[n], grads_t[n])],
+        "num_grads": len(grads_t),
+        "log_scale_rel": max(float((grads_f[n] - grads_t[n]).norm() / grads_t[n].norm()) for n in scales),
     }
 
 
@@ -241,19 +281,22 @@ def _run_support_case() -> dict:
         "fp16_log_scale": tfq.supports(w, torch.zeros(4, 2, dtype=torch.float16)),
         "group_not_multiple_of_8": tfq.supports(torch.randn(4, 60), torch.zeros(4, 5)),
         "shape_mismatch": tfq.supports(w, torch.zeros(3, 2)),
-        "dispatch_fp64": quant._fused_fake_quant_kernels(w64, ls64, 32) is None,
-        "dispatch_fp32": quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32) is not None,
-        "dispatch_off_without_opt_in": _switched_off(lambda: quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32)),
+        "dispatch_fp64": quant._fused_fake_quant_kernels(w64, ls64, 32, "triton") is None,
+        "dispatch_fp32": quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32, "triton") is not None,
+        "dispatch_auto_on_cpu": quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32) is not None,
+        "dispatch_auto_forced": _forced(True, lambda: quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32)),
+        "dispatch_torch_forced": _forced(True, lambda: quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32, "torch")),
+        "dispatch_auto_off": _forced(False, lambda: quant._fused_fake_quant_kernels(w, torch.zeros(4, 2), 32)),
         "fp64_matches_definition": torch.allclose(quant.fake_quantize(w64, ls64, 32, 4), expected, rtol=0, atol=1e-12),
     }
 
 
-def _switched_off(fn):
-    """``fn()`` with the fused kernels switched off, as they are by default."""
+def _forced(enabled: bool, fn):
+    """Whether ``fn()`` inside ``fused_fake_quant(enabled)`` picks the kernels module (not None)."""
     from grace_quant import quant
 
-    with quant.fused_fake_quant(False):
-        return fn()
+    with quant.fused_fake_quant(enabled):
+        return fn() is not None
 
 
 def _main() -> None:
@@ -264,13 +307,14 @@ def _main() -> None:
     assert triton_fake_quant.INTERPRET
     jobs = [(case[0], lambda case=case: _run_case(case)) for case in CASES]
     jobs += [("module-autocast", _run_module_case), ("support", _run_support_case)]
+    jobs += [("trainer-step", _run_trainer_step_case)]
     run_jobs(jobs)
 
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, dict]:
     pytest.importorskip("triton")
-    return run_interpreted(__file__, GRACE_FUSED_FAKE_QUANT="1")
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -293,9 +337,22 @@ def test_kernels_match_torch_path_and_references(interpreted, case):
 
 def test_qat_linear_under_autocast_writes_the_bf16_weight(interpreted):
     rec = result_for(interpreted, "module-autocast")
+    assert rec["launches"][0] == rec["launches"][1] == {"forward": 1, "backward": 1}, rec  # torch arm: none more
     assert rec["y_dtype"] == "torch.bfloat16", rec
     assert rec["y_equal"] and rec["y_equal_before"] and rec["grad_weight_equal"], rec
     assert rec["grad_log_scale_rel"] < 1e-5, rec
+
+
+def test_trainer_step_on_the_kernels_equals_the_torch_path(interpreted):
+    """fake_quant_backend="triton" (kernels under the interpreter) and "torch" give the same loss and the same
+    gradient of every parameter bit for bit; log-scale gradients sum in another order (tolerance)."""
+    rec = result_for(interpreted, "trainer-step")
+    fused, torch_path = rec["launches"]
+    assert fused["forward"] == fused["backward"] == rec["num_log_scales"] > 0, rec  # every QAT linear, once each
+    assert torch_path == fused, rec  # the torch run launched nothing more
+    assert rec["same_names"] and rec["num_grads"] > rec["num_log_scales"], rec
+    assert rec["loss_equal"] and rec["unequal_grads"] == [], rec
+    assert rec["log_scale_rel"] < 1e-5, rec
 
 
 def test_unsupported_inputs_take_the_torch_path(interpreted):
@@ -303,7 +360,9 @@ def test_unsupported_inputs_take_the_torch_path(interpreted):
     assert rec["fp32_supported"], rec
     assert not any(rec[k] for k in ("fp64_weight", "fp16_log_scale", "group_not_multiple_of_8", "shape_mismatch"))
     assert rec["dispatch_fp64"] and rec["fp64_matches_definition"], rec
-    assert rec["dispatch_fp32"] and rec["dispatch_off_without_opt_in"] is None, rec
+    assert rec["dispatch_fp32"] and rec["dispatch_auto_forced"], rec
+    # "auto" on CPU tensors is the torch path even under the interpreter; "torch" stays torch inside the block
+    assert not any(rec[k] for k in ("dispatch_auto_on_cpu", "dispatch_torch_forced", "dispatch_auto_off")), rec
 
 
 def test_cpu_path_does_not_import_triton():

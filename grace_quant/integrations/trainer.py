@@ -26,8 +26,9 @@ from grace_quant.checkpoint import QAT_MASTER, file_kind, saving_qat_master
 from grace_quant.controller import FixedBeta, LagrangianController
 from grace_quant.labels import IGNORE_INDEX, next_token_mask
 from grace_quant.losses import gated_dkd_loss, image_token_id, kd_loss, relational_cka_loss, visual_tokens
-from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+from grace_quant.modules import GraceQATLinear, GraceQuantLinear, set_fake_quant_backend
 from grace_quant.paths import source_problem
+from grace_quant.quant import fake_quant_backend_problem
 from grace_quant.surgery import grace_layers, set_vision_training
 
 from .training_args import GraceTrainingArguments, planned_steps
@@ -39,6 +40,8 @@ TRAINING_ARGS_NAME = "training_args.json"
 #: model types whose forward takes the same inputs (pixel layout, image-token expansion): a teacher from the
 #: student's input family can run on the student's batches; others cannot
 INPUT_FAMILIES = {"qwen2_5_vl": "qwen2_vl"}
+#: the teacher's sequence inputs that right padding extends, and the value each is padded with (None: the pad token)
+TEACHER_PADDED_INPUTS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 
 
 def text_vocab_size(model: nn.Module) -> int:
@@ -164,11 +167,15 @@ class GraceTrainerMixin:
         check_student(model)
         check_train_dataset(kwargs.get("train_dataset"))
         check_output_dir(args.output_dir, local_sources(model, teacher_model))
+        if (problem := fake_quant_backend_problem(args.fake_quant_backend, args.device)) is not None:
+            raise ValueError(f"GraceTrainer: {problem}.")
         if isinstance(model, nn.Module):  # before the optimizer exists, so frozen parameters stay out of it
             set_vision_training(model, not args.freeze_vision_tower, args.train_projector)
+            set_fake_quant_backend(model, args.fake_quant_backend)
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = True  # transformers 5.17: the loss is already normalised, do not divide by GA
         self.teacher_model = self._prepare_teacher(teacher_model)
+        self._teacher_call = self._teacher_callable(self.teacher_model)
         if args.controller == "lagrangian":
             self.controller = LagrangianController(
                 tau=args.tau, eta=args.ib_eta, beta0=args.beta_init, beta_min=args.beta_min,
@@ -201,7 +208,19 @@ class GraceTrainerMixin:
             teacher.to(self.args.device)
         return teacher
 
+    def _teacher_callable(self, teacher: nn.Module | None):
+        """The teacher's forward, compiled when ``teacher_compile`` is set (``dynamic=False``: one graph per input
+        shape, which ``teacher_pad_to_multiple_of`` keeps few; past torch's recompile limit it runs eagerly)."""
+        if teacher is None or not self.args.teacher_compile:
+            return teacher
+        return torch.compile(teacher, dynamic=False)
+
     def _teacher_forward(self, inputs: dict[str, Any], hidden: bool):
+        """The frozen teacher on the student's inputs: eval mode, no autograd graph (``no_grad``, not
+        ``inference_mode``: the KD loss saves the teacher's logits for its backward, which inference tensors
+        refuse), inputs right-padded to ``teacher_pad_to_multiple_of`` and outputs cut back to the real length."""
+        if self.teacher_model.training:  # someone called .train() on it; the teacher never trains (no dropout)
+            self.teacher_model.eval()
         device = next(self.teacher_model.parameters()).device
         dtype = self.teacher_model.dtype
         moved = {
@@ -210,8 +229,17 @@ class GraceTrainerMixin:
             else v
             for k, v in inputs.items()
         }
+        multiple = self.args.teacher_pad_to_multiple_of
+        length = moved["input_ids"].shape[-1] if "input_ids" in moved else None
+        if multiple and length is not None:
+            moved = pad_teacher_inputs(moved, multiple, teacher_pad_id(self.teacher_model.config))
         with torch.no_grad():
-            return self.teacher_model(**moved, output_hidden_states=hidden, return_dict=True)
+            outputs = self._teacher_call(**moved, output_hidden_states=hidden, return_dict=True)
+        if length is not None and outputs.logits.shape[-2] != length:
+            outputs.logits = outputs.logits[..., :length, :]
+            if outputs.hidden_states is not None:
+                outputs.hidden_states = tuple(h[..., :length, :] for h in outputs.hidden_states)
+        return outputs
 
     # ------------------------------------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
@@ -504,6 +532,34 @@ class GraceTrainerMixin:
                 saved = json.load(handle)
             self.controller.load_state_dict(saved["controller"])
             self.nonfinite_steps = saved.get("nonfinite_steps", 0)
+
+
+def teacher_pad_id(config: Any) -> int:
+    """The token right padding feeds the teacher: the text config's pad token, else 0 (masked either way)."""
+    pad = getattr(config.get_text_config(decoder=True), "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def pad_teacher_inputs(inputs: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:
+    """``inputs`` with the sequence inputs of :data:`TEACHER_PADDED_INPUTS` right-padded to a multiple of
+    ``multiple`` tokens, the new columns masked out (an all-ones mask is made when there is none).
+
+    Causal attention never lets a real token see a later column, and positions of earlier columns do not depend
+    on later ones, so the real tokens' outputs are unchanged. Inputs with ``position_ids`` or ``inputs_embeds``
+    (positions or embeddings this cannot extend) are returned unpadded.
+    """
+    ids = inputs["input_ids"]
+    extra = -ids.shape[-1] % multiple
+    if extra == 0 or "position_ids" in inputs or "inputs_embeds" in inputs:
+        return inputs
+    padded = dict(inputs)
+    if padded.get("attention_mask") is None:
+        padded["attention_mask"] = torch.ones_like(ids)
+    for key, value in TEACHER_PADDED_INPUTS.items():
+        tensor = padded.get(key)
+        if torch.is_tensor(tensor) and tensor.shape == ids.shape:
+            padded[key] = F.pad(tensor, (0, extra), value=pad_id if value is None else value)
+    return padded
 
 
 def check_output_dir(output_dir: str, sources: list[str]) -> None:

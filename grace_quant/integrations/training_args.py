@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from grace_quant.quant import FAKE_QUANT_BACKENDS, fake_quant_backend_problem
+
 KD_LOSSES = ("gdkd", "kd", "none")
 CONTROLLERS = ("lagrangian", "fixed")
 
@@ -108,6 +110,30 @@ class GraceTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Train the projector / merger that maps vision features into the decoder (the paper's)."},
     )
+    fake_quant_backend: str = field(
+        default="auto",
+        metadata={
+            "help": f"Where the student's QAT fake quantization runs, one of {FAKE_QUANT_BACKENDS}: 'auto' (fused "
+            "Triton kernels on CUDA, torch ops on CPU), 'triton' (the fused kernels; CUDA, or TRITON_INTERPRET=1), "
+            "'torch' (torch ops, the reference). Same forward and weight gradients bit for bit. 'triton_linear' "
+            "(experimental, untimed): fake quantization inside the QAT linears' matmul kernels (bf16/fp16 "
+            "activations; equal up to summation order)."
+        },
+    )
+    teacher_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the teacher's forward (dynamic=False: one graph per input shape; pair it with "
+            "teacher_pad_to_multiple_of so that few shapes occur)."
+        },
+    )
+    teacher_pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pad the teacher's input sequence on the right to a multiple of this many tokens (masked; the "
+            "outputs are cut back), so a compiled teacher sees few shapes. Real tokens' logits do not change."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep pixel_values and friends (VLM batches)."}
     )
@@ -133,6 +159,13 @@ class GraceTrainingArguments(TrainingArguments):
             raise ValueError(f"ib_eta must be a positive number (or None for the default), got {self.ib_eta!r}.")
         if self.rcka_weight < 0:
             raise ValueError(f"rcka_weight must be >= 0, got {self.rcka_weight!r}.")
+        if (problem := fake_quant_backend_problem(self.fake_quant_backend)) is not None:
+            raise ValueError(f"{problem}.")
+        if self.teacher_pad_to_multiple_of is not None and self.teacher_pad_to_multiple_of < 1:
+            raise ValueError(
+                f"teacher_pad_to_multiple_of must be a positive number of tokens (or None: no padding), got "
+                f"{self.teacher_pad_to_multiple_of!r}."
+            )
         for name in ("rcka_warmup_steps", "ib_calibration_steps"):
             if (problem := steps_problem(name, getattr(self, name))) is not None:
                 raise ValueError(f"{problem}.")

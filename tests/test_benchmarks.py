@@ -1,0 +1,81 @@
+"""Smoke runs of the GPU benchmarks on CPU, so that a GPU session does not find a crash on first contact."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """A benchmark script as a module (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trainer_step_smoke_runs_every_arm_and_writes_the_issue_json(tmp_path):
+    """What ``--smoke`` runs, one step each, minus the compiled-teacher arm (dynamo alone takes ~12 s on this
+    Qwen2-VL pair; test_trainer_step_paths.py compiles a teacher); the JSON has exactly the issue's keys."""
+    script = load_script("trainer_step")
+    smoke = script.parse_args(["--smoke"])
+    assert (smoke.size, smoke.steps, smoke.warmup, smoke.arms) == ("small", 1, 1, list(script.ALL_ARMS))
+    arms = [arm for arm in script.ALL_ARMS if arm != "grace+tc"]
+    out, summary = tmp_path / "step.md", tmp_path / "step.json"
+    argv = ["--size", "small", "--steps", "1", "--warmup", "1", "--out", str(out), "--json", str(summary)]
+    record = script.main([*argv, "--arms", *arms])
+    saved = json.loads(summary.read_text())
+    assert saved == record
+    assert list(saved) == ["date", "gpu", "plain_ms", "floor_ms", "qat_vs_plain", "grace_vs_floor", "grace_peak_vs_floor"]
+    assert saved["gpu"] == "CPU" and saved["grace_peak_vs_floor"] is None  # no peak memory on CPU
+    assert saved["plain_ms"] > 0 and saved["floor_ms"] > 0 and saved["qat_vs_plain"] > 0 and saved["grace_vs_floor"] > 0
+    table = out.read_text()
+    for arm in ("plain", "floor", "qat", "grace", "qat-torch", "grace-torch", "no-kd"):
+        assert f"| {arm} |" in table, arm
+    assert "grace+liger not run: Liger Kernel's kernels need CUDA" in table
+    assert "qat+linear not run: the fused QAT-linear kernels need CUDA" in table and "failed" not in table
+
+
+def test_trainer_step_summary_ratios():
+    script = load_script("trainer_step")
+    rows = {
+        "plain": {"median_s": 0.100, "peak_bytes": 10.0}, "floor": {"median_s": 0.160, "peak_bytes": 20.0},
+        "qat": {"median_s": 0.110, "peak_bytes": 9.0}, "grace": {"median_s": 0.200, "peak_bytes": 22.0},
+    }  # fmt: skip
+    record = script.summary(rows, "GPU X")
+    assert record["plain_ms"] == 100.0 and record["floor_ms"] == 160.0
+    assert (record["qat_vs_plain"], record["grace_vs_floor"], record["grace_peak_vs_floor"]) == (1.1, 1.25, 1.1)
+    assert script.summary({"plain": rows["plain"]}, "GPU X")["grace_vs_floor"] is None
+
+
+def test_fake_quant_benchmark_runs_both_tables_on_cpu(tmp_path):
+    """The per-weight table and the whole-linear table (CUDA-only arms absent on CPU), one call per arm."""
+    report = load_script("fake_quant").main(["--steps", "1", "--warmup", "0", "--tokens", "4", "--out", str(tmp_path / "fq.md")])
+    assert (tmp_path / "fq.md").read_text() == report
+    assert "| weight (out x in) | cast | torch |" in report
+    assert "## The whole linear, forward + backward, 4 tokens" in report and "| weight (out x in) | plain | torch |" in report
+    assert report.count("| all four |") == 2
+
+
+@pytest.mark.gpu
+def test_trainer_step_runs_every_arm_on_cuda_at_the_small_size(tmp_path):
+    """Before the 1b stages: every arm once on the tiny pair (fused fake quant, the fused QAT linear, the
+    inductor-compiled teacher, Liger where installed), none failing; in a child process, because Liger patches
+    transformers module-wide."""
+    out, summary = tmp_path / "step.md", tmp_path / "s.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "trainer_step.py"), "--smoke", "--out", str(out),
+               "--json", str(summary)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "failed" not in out.read_text(), out.read_text()
+    record = json.loads(summary.read_text())
+    assert record["grace_peak_vs_floor"] is not None and record["gpu"] != "CPU"
