@@ -9,6 +9,8 @@
 # Stages, run in the order STAGES lists them (each has its own time limit, so a slow one cannot starve the rest):
 #   tests    every GPU-marked test: python -m pytest -m gpu (kernels, fused KD, fused fake quant, compile, and
 #            the CLI's tune, now 3 buckets via --tokens (it took ~250 s over all 12); 86 tests in 326 s on the H200)
+#   trainer-test  the trainer-step benchmark's GPU test (every arm at the small size, in a subprocess; the tests
+#            stage leaves it out to stay inside its 540 s)
 #   trainer  benchmarks/trainer_step.py --size 1b: plain, floor (plain + teacher forward), qat and grace on the default
 #            fake-quant backend (fused kernels on CUDA), qat-torch and grace-torch (the reference path); writes
 #            OUT/trainer_step.md and OUT/trainer_step_h200.json (copy it to benchmarks/results/)   (~4-6 min)
@@ -81,10 +83,15 @@ for stage in $STAGES; do
   start=$(date +%s)
   case "$stage" in
     tests)
-      timeout 540 python -m pytest -q -m gpu > "$OUT/gpu_tests.log" 2>&1 ;;
+      # the trainer-step benchmark's own GPU test (every arm in a subprocess, up to 480 s) runs in the trainer stage
+      timeout 540 python -m pytest -q -m gpu \
+        --deselect tests/test_benchmarks.py::test_trainer_step_runs_every_arm_on_cuda_at_the_small_size \
+        > "$OUT/gpu_tests.log" 2>&1 ;;
     trainer)
       timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
         --out "$OUT/trainer_step.md" --json "$OUT/trainer_step_h200.json" > "$OUT/trainer_step.log" 2>&1 ;;
+    trainer-test)
+      timeout 540 python -m pytest -q -m gpu tests/test_benchmarks.py > "$OUT/trainer_test.log" 2>&1 ;;
     trainer-extra)
       timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
         --arms plain floor grace no-kd grace+tc grace+liger --json none \
@@ -124,7 +131,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -22,7 +22,7 @@ MSE_GRID_RANGE = (0.3, 1.2)
 FAKE_QUANT_BACKENDS = ("auto", "triton", "torch", "triton_linear")
 """Where fake quantization runs: ``"auto"`` (the fused Triton kernels on CUDA, torch ops elsewhere), ``"triton"``
 (the fused kernels; CUDA or ``TRITON_INTERPRET=1``), ``"torch"`` (torch ops: the reference). The two paths give
-the same forward and weight gradient bit for bit (log-scale gradients agree to ~1e-6: another summation order).
+the same forward and weight gradient bit for bit (log-scale gradients agree to within 1e-5 relative: another summation order).
 ``"triton_linear"`` (experimental, untimed): QAT linears quantize inside their matmul kernels
 (:func:`fused_qat_linear`; equal to the others up to the matmul's summation order), where those kernels apply, and
 fall back to ``"triton"`` elsewhere."""

@@ -71,10 +71,24 @@ def test_compiled_with_cuda_graphs_as_the_cache_position_moves():
             assert _rel(got, ref) < TOL[dtype], p
 
 
+def _first_split_is_a_near_tie(tokens: torch.Tensor, reference, margin: float = 0.05) -> bool:
+    """Greedy runs that round differently (inductor fuses RMSNorm and RoPE; two attention kernels sum in other
+    orders) may part at a near-tie of the top two logits, and only there: true when ``tokens`` equal the reference's,
+    or where they first differ the reference's top-2 logit gap was below ``margin`` (bf16 rounding scale)."""
+    generated = reference.sequences[0, -len(reference.scores) :]
+    ours = tokens[0, -len(reference.scores) :]
+    differ = (ours != generated).nonzero()
+    if differ.numel() == 0:
+        return True
+    step = int(differ[0])
+    top = reference.scores[step][0].float().topk(2).values
+    return float(top[0] - top[1]) < margin
+
+
 @pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
 def test_int4_model_with_grace_decode_generates_like_eager_when_compiled(name):
     """A packed tiny VLM on CUDA gets ``grace_decode`` by default; 32 greedy tokens of the compiled static-cache run
-    equal eager decoding, and sdpa's own tokens."""
+    equal eager decoding, and sdpa's own tokens, up to a near-tie where rounding may pick the other token."""
     from grace_quant import GraceConfig, quantize_model
     from grace_quant.testing import tiny_inputs, tiny_model
 
@@ -86,7 +100,9 @@ def test_int4_model_with_grace_decode_generates_like_eager_when_compiled(name):
     settings = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, cache_implementation="static")
     compiled = model.generate(**inputs, **settings)
     assert hasattr(model, "_compiled_call")
-    eager = model.generate(**inputs, **settings, disable_compile=True)
-    assert torch.equal(compiled, eager)
+    scored = dict(output_scores=True, return_dict_in_generate=True, disable_compile=True)
+    eager = model.generate(**inputs, **settings, **scored)
+    assert _first_split_is_a_near_tie(compiled, eager)
     model.config.get_text_config()._attn_implementation = "sdpa"
-    assert torch.equal(model.generate(**inputs, **settings, disable_compile=True), eager)
+    sdpa = model.generate(**inputs, **settings, **scored)
+    assert _first_split_is_a_near_tie(eager.sequences, sdpa)

@@ -203,17 +203,11 @@ def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Mo
     return model
 
 
-def on_cuda(model: nn.Module) -> bool:
-    """Whether the model's language model sits on a CUDA device (judged by its input embeddings)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.is_cuda
-
-
 def enable_decode_attention(model: nn.Module, config: GraceConfig) -> bool:
-    """``GraceConfig.decode_attention``: a packed model on CUDA gets ``attn_implementation="grace_decode"`` for its
-    language model (the vision tower keeps its own). Returns whether it was set."""
-    if not getattr(config, "decode_attention", True) or not on_cuda(model):
+    """``GraceConfig.decode_attention``: a packed model gets ``attn_implementation="grace_decode"`` for its language
+    model (the vision tower keeps its own), wherever it sits: on CPU every call falls back to sdpa, so a model moved
+    to CUDA after loading gets the kernel too. Returns whether it was set."""
+    if not getattr(config, "decode_attention", True):
         return False
     from .attention import use_decode_attention  # imported late: this module loads while transformers still does
 

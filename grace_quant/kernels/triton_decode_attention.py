@@ -42,8 +42,8 @@ __all__ = ["decode_attention", "decode_attention_reference", "num_splits", "unsu
 def _split_kernel(
     Q, K, V, MASK, LENS, OUT, OP, LSE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, smb, smm, smn, sob, som, soh,
-    L, chunk, scale_log2,
-    G: tl.constexpr, Q_LEN: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    L, chunk, scale_log2, splits,
+    G: tl.constexpr, Q_LEN: tl.constexpr, D: tl.constexpr, ONE_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -52,6 +52,7 @@ def _split_kernel(
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
+    b64 = b.to(tl.int64)  # the cache's batch offset overflows int32 past 2**31 elements (long contexts, big batches)
     rows = tl.arange(0, BLOCK_M)
     qi = rows // G
     head = kvh * G + rows % G
@@ -71,15 +72,15 @@ def _split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * skb + kvh * skh
-    v_base = V + b * svb + kvh * svh
+    k_base = K + b64 * skb + kvh * skh
+    v_base = V + b64 * svb + kvh * svh
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         valid = row_ok[:, None] & (n < hi)[None, :]
         if HAS_LENS:
             valid = valid & (n[None, :] <= last[:, None])
         if HAS_MASK:
-            keep = tl.load(MASK + b * smb + qi[:, None] * smm + n[None, :] * smn, mask=valid, other=0)
+            keep = tl.load(MASK + b64 * smb + qi[:, None] * smm + n[None, :] * smn, mask=valid, other=0)
             valid = valid & (keep != 0)
         needed = tl.max(valid.to(tl.int32), axis=0) > 0  # slots some row attends: the only ones loaded
         kv_mask = needed[:, None] & d_ok[None, :]
@@ -97,12 +98,12 @@ def _split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    if SPLITS == 1:
+    if ONE_SPLIT:
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
         o_ptrs = OUT + b * sob + qi[:, None] * som + head[:, None] * soh + d[None, :]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        part = (b * tl.num_programs(1) + kvh) * SPLITS + split
+        part = (b * tl.num_programs(1) + kvh) * splits + split
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(OP + (part * BLOCK_M + rows[:, None]) * BLOCK_D + d[None, :], out)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
@@ -111,8 +112,8 @@ def _split_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    OP, LSE, OUT, sob, som, soh,
-    G: tl.constexpr, Q_LEN: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    OP, LSE, OUT, sob, som, soh, splits,
+    G: tl.constexpr, Q_LEN: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One (KV head, batch row): the slices' partial outputs weighted by their log-sum-exp, in slice order."""
@@ -120,11 +121,11 @@ def _reduce_kernel(
     b = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    base = (b * tl.num_programs(0) + kvh) * SPLITS
+    base = (b * tl.num_programs(0) + kvh) * splits
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     w = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(SPLITS):
+    for s in range(splits):  # a run-time count: a cache that grows does not compile a kernel per split count
         lse = tl.load(LSE + (base + s) * BLOCK_M + rows)
         part = tl.load(OP + ((base + s) * BLOCK_M + rows[:, None]) * BLOCK_D + d[None, :])
         m_new = tl.maximum(m, lse)
@@ -220,13 +221,13 @@ def decode_attention(
         q, k, v, mask if mask is not None else q, lens if lens is not None else q, out, partial, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), *mask_strides, out.stride(0), out.stride(1), out.stride(2),
-        length, chunk, scale * _LOG2E,
-        G=group, Q_LEN=n_q, D=dim, SPLITS=n_splits, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        length, chunk, scale * _LOG2E, n_splits,
+        G=group, Q_LEN=n_q, D=dim, ONE_SPLIT=n_splits == 1, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         HAS_MASK=mask is not None, HAS_LENS=lens is not None, UPCAST=INTERPRET, num_warps=4,
     )  # fmt: skip
     if n_splits > 1:
         _reduce_kernel[(kv_heads, batch)](
-            partial, lse, out, out.stride(0), out.stride(1), out.stride(2),
-            G=group, Q_LEN=n_q, D=dim, SPLITS=n_splits, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+            partial, lse, out, out.stride(0), out.stride(1), out.stride(2), n_splits,
+            G=group, Q_LEN=n_q, D=dim, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out
