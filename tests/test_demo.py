@@ -24,10 +24,12 @@ def test_mnist_pools_are_disjoint_and_balanced(mnist):
     train, held, test = split_pools(labels)
     assert not set(train.tolist()) & set(test.tolist()) and held.size == 0
     assert np.bincount(labels[train]).tolist() == [400] * 10 and np.bincount(labels[test]).tolist() == [100] * 10
-    train, held, test = split_pools(labels, distill=True)
+    train, held, test = split_pools(labels, distill_per_class=150)
     pools = [set(pool.tolist()) for pool in (train, held, test)]
     assert not (pools[0] & pools[1] or pools[0] & pools[2] or pools[1] & pools[2])
     assert [np.bincount(labels[pool]).tolist() for pool in (train, held, test)] == [[250] * 10, [150] * 10, [100] * 10]
+    with pytest.raises(ValueError, match="distill_per_class=400: choose 0 to 399"):
+        split_pools(labels, distill_per_class=400)
 
 
 def test_dataset_is_deterministic_and_test_digits_never_train(mnist):

@@ -19,8 +19,6 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_TYPES = ("position", "read", "max", "count")
 HARD_QUESTION_TYPES = (*QUESTION_TYPES, "sum")  # the GPU preset adds arithmetic over all four digits
 TRAIN_PER_CLASS = 400
-#: with a distillation split, the last DISTILL_PER_CLASS of each class's training digits feed it instead
-DISTILL_PER_CLASS = 150
 IMAGE_SIZE = 56
 
 
@@ -42,11 +40,13 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
-def split_pools(labels: np.ndarray, distill: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_pools(labels: np.ndarray, distill_per_class: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of training, distillation and test digits, disjoint: per class the first 400 train and the last 100
-    test; with ``distill`` the last 150 of the 400 go to the distillation pool instead (else it is empty)."""
+    test, of which the last ``distill_per_class`` of the 400 go to the distillation pool instead."""
+    if not 0 <= distill_per_class < TRAIN_PER_CLASS:
+        raise ValueError(f"distill_per_class={distill_per_class}: choose 0 to {TRAIN_PER_CLASS - 1} digits per class")
     train, held, test = [], [], []
-    cut = TRAIN_PER_CLASS - (DISTILL_PER_CLASS if distill else 0)
+    cut = TRAIN_PER_CLASS - distill_per_class
     for digit in range(10):
         members = np.flatnonzero(labels == digit)
         train.append(members[:cut])
@@ -105,16 +105,22 @@ def make_examples(
 
 
 def build_dataset(
-    train_size: int, test_size: int, seed: int = 0, kinds: tuple[str, ...] = QUESTION_TYPES, distill_size: int = 0
+    train_size: int,
+    test_size: int,
+    seed: int = 0,
+    kinds: tuple[str, ...] = QUESTION_TYPES,
+    distill_size: int = 0,
+    distill_per_class: int = 150,
 ):
     """The task as a ``datasets.DatasetDict`` with columns image / question / answers / kind / digit_ids: splits
     ``train`` and ``test``, and with ``distill_size`` a ``distill`` split whose digits neither the training nor the
-    test split holds (the data the INT4 students are trained on: images the teacher has not memorised)."""
+    test split holds (the data the INT4 students are trained on: images the teacher has not memorised), drawn from
+    ``distill_per_class`` digits of each class."""
     from datasets import Dataset, DatasetDict, Features, Sequence, Value
     from datasets import Image as ImageFeature
 
     images, labels = load_mnist()
-    train_pool, distill_pool, test_pool = split_pools(labels, distill=distill_size > 0)
+    train_pool, distill_pool, test_pool = split_pools(labels, distill_per_class if distill_size else 0)
     features = Features(
         {"image": ImageFeature(), "question": Value("string"), "answers": Sequence(Value("string")),
          "kind": Value("string"), "digit_ids": Sequence(Value("int64"))}

@@ -30,7 +30,8 @@ class DemoSettings:
     """Sizes and step counts of one demo run (see PRESETS)."""
 
     train_size: int = 8000
-    distill_size: int = 0  # >0: the INT4 students train on this many questions about digits no fp model has seen
+    distill_size: int = 0  # >0: the INT4 students train on this many questions about digits no fp model has seen,
+    distill_per_class: int = 150  # drawn from this many digits per class (taken from the fp models' 400)
     test_size: int = 1000
     vision_steps: int = 600
     teacher_steps: int = 3000
@@ -237,7 +238,7 @@ class Demo:
         """What the training split depends on (every stage that trains on it is keyed by this)."""
         keys = self.settings.key("train_size", "question_types")
         if self.settings.distill_size:  # a distillation split takes digits from the training split; keys without
-            keys["distill_size"] = self.settings.distill_size  # one stay as they were (cached stages still match)
+            keys.update(self.settings.key("distill_size", "distill_per_class"))  # one stay as they were
         return keys
 
     def prepare_data(self) -> None:
@@ -250,7 +251,7 @@ class Demo:
         say("building the dataset (MNIST digit grids) and training the tokenizer")
         with stage.writing() as path:
             dataset = build_dataset(self.settings.train_size, self.settings.test_size, 0, self.settings.question_types,
-                                    self.settings.distill_size)  # fmt: skip
+                                    self.settings.distill_size, self.settings.distill_per_class)  # fmt: skip
             dataset.save_to_disk(os.path.join(path, "dataset"))
             texts = [
                 prompt(q) + " " + a[0]
