@@ -176,6 +176,22 @@ def test_torch_compile_reduce_overhead_matches_eager(m):
         assert rel_err(got, want.double()) < 1e-3
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_first_call_inside_a_compiled_cuda_graph_warm_up(m, monkeypatch):
+    """The split-K counters may first be needed inside torch.compile's CUDA-graph warm-up (a compiled decode step
+    before any eager call, as in LLaVA's generate at batch 1): they must stay out of the graph's private pool."""
+    monkeypatch.setattr(TW, "_COUNTER_BUFFERS", {})
+    torch._dynamo.reset()
+    torch.manual_seed(200 + m)
+    block = _Block(torch.bfloat16).cuda()
+    compiled = torch.compile(block, fullgraph=True, mode="reduce-overhead", dynamic=False)
+    for _ in range(3):  # warm-up (allocates the counters), record, replay
+        x = torch.randn(1, m, 512, device="cuda", dtype=torch.bfloat16)
+        got = compiled(x).clone()
+        assert rel_err(got, block(x).double()) < 1e-3
+    assert int(TW._counters(x.device).abs().sum()) == 0
+
+
 @pytest.mark.parametrize("m", [1, 3, 16, 64, 130])
 def test_manual_cuda_graph_matches_eager(m):
     torch.manual_seed(100 + m)

@@ -419,7 +419,21 @@ def _counters(device: torch.device) -> torch.Tensor:
                 "the W4A16 kernels' split-K counters are allocated on a device's first call, which must not be "
                 "captured: run one eager forward before capturing a CUDA graph"
             )
-        buf = _COUNTER_BUFFERS[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+        buf = _COUNTER_BUFFERS[device] = _allocate_counters(device)
+    return buf
+
+
+def _allocate_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed counters allocated on the device's default stream: torch.compile's CUDA-graph trees run their warm-up
+    calls on a side stream whose allocations go to the graph's private pool, where a buffer that outlives the call
+    is refused ("tensor(s) in the cudagraph pool not tracked as outputs")."""
+    if device.type != "cuda":
+        return torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    current, home = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
+    home.wait_stream(current)
+    with torch.cuda.stream(home):
+        buf = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    current.wait_stream(home)
     return buf
 
 
