@@ -40,15 +40,13 @@
 #   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast,
 #            then the whole linear at 2048 tokens: plain, torch, fused fake quant + cuBLAS, and the experimental
 #            quantize-in-matmul kernel at three tile sizes (~2-3 min with the kernels' compiles)
-# Planned next session (30 device minutes, 10 per call), one device call each, in this order:
-#  1) STAGES="tests": the whole GPU suite has not run on the second-generation kernels (only tests/test_kernels_gpu.py
-#     did, 2026-12-04); it now also holds issue 16's decode attention (tests/test_decode_attention_gpu.py: CUDA kernel,
-#     torch.compile + CUDA graphs, compiled-vs-eager generate) and issue 17's fused fake quant / QAT linear checks;
-#  2) issue 16: STAGES="e2e-llava", then STAGES="e2e-qwen" (benchmarks/results/e2e_h200.md, "Next GPU session");
-#  3) issue 17: STAGES="trainer" (fused fake quant now the default; writes trainer_step_h200.json), then, with .whl/
-#     carrying liger-kernel, STAGES="trainer-extra"; STAGES="trainer-linear";
-#  4) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
-#     each path"); STAGES="e2e-host" if time is left.
+# Done 2026-12-05 (on an H100): tests (119 passed), e2e-llava (GRACE batch 1 failed: CUDA-graph pool error, fixed
+# after), trainer, trainer-extra, trainer-linear (benchmarks/results/{e2e,trainer_step}_h200.md, run E).
+# Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
+#  1) STAGES="tests": checks the split-K counter fix (tests/test_kernels_gpu.py::test_first_call_inside_a_compiled_...);
+#  2) issue 16: STAGES="e2e-llava" (the GRACE batch-1 row), then STAGES="e2e-qwen"; merge both JSON files;
+#  3) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
+#     each path"); issue 17: tune the QAT linear's tiles (STAGES="fake-quant") or drop it; STAGES="e2e-host".
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
