@@ -269,7 +269,7 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = _command(
         subparsers,
         "demo",
-        "offline end-to-end GRACE experiment on a small VLM task (~6 min on 2 CPU cores)",
+        "offline end-to-end GRACE experiment on a small VLM task (~9 min on 2 CPU cores)",
         "Build a visual question-answering task from real MNIST digits (2x2 grids; questions about positions,\n"
         "reading, the largest digit, counting), train a teacher and a smaller fp student (tiny LLaVA models),\n"
         "then make INT4 students four ways: round to nearest (RTN), QAT, QAT + plain KD, and GRACE. Every INT4\n"
@@ -285,8 +285,8 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "default", "full", "gpu"),
         default="default",
-        help="quick: a CI-sized smoke run (well under a minute); default: one seed (~6 min on 2 CPU cores); full: 3 "
-        "seeds, 2,000 test questions and the outlier stress setting (the README quotes both; ~30 min); gpu: a "
+        help="quick: a CI-sized smoke run (well under a minute); default: one seed (~9 min on 2 CPU cores); full: 3 "
+        "seeds, 2,000 test questions and the outlier stress setting (the README quotes both; ~16 min); gpu: a "
         "wider/deeper teacher and student and harder questions (digit sums), for a GPU",
     )
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")

@@ -272,7 +272,7 @@ def test_demo_duration_scales_the_reference_by_this_machines_speed(monkeypatch):
 
     monkeypatch.setattr(pipeline, "probe_seconds", lambda: 2 * pipeline.REFERENCE_PROBE_SECONDS)  # half as fast
     message = pipeline.duration_message("default", 2, "cpu")
-    assert message.startswith("preset 'default' on 2 CPU thread(s): about 11 min on this machine (5.6 min on")
+    assert message.startswith("preset 'default' on 2 CPU thread(s): about 18 min on this machine (9.2 min on")
     assert "no reference timing" in pipeline.duration_message("gpu", 2, "cuda")
 
 
@@ -291,7 +291,7 @@ def test_demo_help_and_readme_agree_on_the_duration():
         "preset help (default)": re.findall(r"default: one seed \(~(\d+) min", preset_help),
         "README quickstart": re.findall(r"offline demo \(below: ~(\d+) minutes", readme),
     }
-    assert all(found == ["6"] for found in minutes.values()), minutes
+    assert all(found == ["9"] for found in minutes.values()), minutes
     from grace_quant.demo.pipeline import REFERENCE_MINUTES
 
-    assert round(REFERENCE_MINUTES["default"]) == 6
+    assert round(REFERENCE_MINUTES["default"]) == 9

@@ -89,12 +89,12 @@ PRESETS = {
 }
 
 
-#: wall-clock minutes of the CPU presets on the reference machine (2 CPU cores, torch 2.13): default idle, full with
-#: other jobs sharing the CPU (both in the README), quick ~15 s; `grace-quant demo` scales them by
-#: :func:`probe_seconds` on this machine (a rough guide: the tiny models' steps are partly Python overhead)
-REFERENCE_MINUTES = {"quick": 0.3, "default": 5.6, "full": 28.0}
+#: wall-clock minutes of the CPU presets on the reference machine (2 CPU cores, torch 2.13, idle; measured 2026-12-05
+#: with the 32-d student, both in the README); `grace-quant demo` scales them by :func:`probe_seconds` on this machine
+#: (a rough guide: the tiny models' steps are partly Python overhead)
+REFERENCE_MINUTES = {"quick": 0.5, "default": 9.2, "full": 16.0}
 #: :func:`probe_seconds` on the reference machine, idle, 2 threads
-REFERENCE_PROBE_SECONDS = 0.045
+REFERENCE_PROBE_SECONDS = 0.075
 
 
 def _cpu_times() -> tuple[int, int] | None:
