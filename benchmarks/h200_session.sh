@@ -20,6 +20,8 @@
 #   trainer-linear  the experimental fused QAT linear (fake_quant_backend="triton_linear": quantized inside the
 #            matmul) against the default: plain, qat, qat+linear, grace, grace+linear; OUT/trainer_step_linear.md
 #            (first GPU run of those kernels: run STAGES="tests" first, which checks them against the torch path)
+#   trainer-profile  plain, qat and grace with one profiled step each (--profile): kernel time vs the step's wall time
+#            (how host-bound each step is) and the heaviest operators and kernels; OUT/trainer_profile.md   (~1-2 min)
 #   e2e      benchmarks/e2e.py, both models, stock bf16 / GRACE INT4 (grace_decode attention) / bf16 + grace_decode /
 #            tinygemm, batch 1 only, one process   (~5 min; deadline 290 s)
 #   e2e-llava  LLaVA-1.5-7B, the same four arms at batches 1 and 8 (issue 16), with the compiled-vs-eager token checks
@@ -45,7 +47,9 @@
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
 #  1) STAGES="tests": checks the split-K counter fix (tests/test_kernels_gpu.py::test_first_call_inside_a_compiled_...);
 #  2) issue 16: STAGES="e2e-llava" (the GRACE batch-1 row), then STAGES="e2e-qwen"; merge both JSON files;
-#  3) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
+#  3) issue 17: STAGES="trainer-profile" (where the QAT step's ~24 ms over plain go: fake-quant kernels, launches,
+#     optimizer over the log-scales);
+#  4) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
 #     each path"); issue 17: tune the QAT linear's tiles (STAGES="fake-quant") or drop it; STAGES="e2e-host".
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
@@ -98,6 +102,9 @@ for stage in $STAGES; do
       timeout 540 python benchmarks/trainer_step.py --size 1b --steps 12 --warmup 3 \
         --arms plain qat qat+linear grace grace+linear --json none \
         --out "$OUT/trainer_step_linear.md" > "$OUT/trainer_step_linear.log" 2>&1 ;;
+    trainer-profile)
+      timeout 300 python benchmarks/trainer_step.py --size 1b --steps 6 --warmup 3 --arms plain qat grace \
+        --profile plain qat grace --json none --out "$OUT/trainer_profile.md" > "$OUT/trainer_profile.log" 2>&1 ;;
     e2e)
       timeout 330 python benchmarks/e2e.py --batches 1 --peer-batches 1 --repeats 5 --deadline-s 290 \
         --out "$OUT/e2e.md" --json "$OUT/e2e.json" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
@@ -129,7 +136,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -20,7 +20,9 @@ Sizes: --size small (CPU: tiny Qwen2-VL pair) or --size 1b (GPU: ~1.4B Qwen2-VL-
 vocabulary 151,936, random weights). Medians over --steps timed steps after --warmup; peak memory per arm.
 Writes the markdown table (--out) and, for the issue's targets, a JSON summary (--json; on CUDA with --size 1b it
 defaults to benchmarks/results/trainer_step_h200.json): date, gpu, plain_ms, floor_ms, qat_vs_plain (qat / plain),
-grace_vs_floor (grace / floor), grace_peak_vs_floor (peak memory, grace / floor).
+grace_vs_floor (grace / floor), grace_peak_vs_floor (peak memory, grace / floor). --profile ARM... adds, per named
+arm, one more step under torch.profiler: the step's wall time against the time the GPU was busy (a step whose
+kernels fill less of its wall time is bound by the host's launches), and the operators and kernels that cost most.
 
     python benchmarks/trainer_step.py --size 1b --out benchmarks/results/trainer_step_h200.md
     python benchmarks/trainer_step.py --smoke          # seconds on a CPU: every arm that can run here, 1 step
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import statistics
@@ -158,8 +161,26 @@ def make_trainer(arm: str, size: dict, device: torch.device):
     return GraceTrainer(model=student, teacher_model=teacher, args=args), student, teacher
 
 
-def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int) -> dict:
-    """Median step time and peak memory of one arm."""
+def timed_step(arm, trainer, student, teacher, batch, teacher_inputs, num_items, device: torch.device) -> float:
+    """Seconds of one optimizer step of ``arm`` (forward, backward, optimizer, controller; synchronized on CUDA)."""
+    start = time.perf_counter()
+    # training_step on an unprepared model gets no autocast from accelerate: apply bf16 autocast explicitly
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        trainer.training_step(student, batch, num_items_in_batch=num_items)
+        if arm == "floor":
+            with torch.no_grad():
+                teacher(**teacher_inputs, output_hidden_states=True)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if isinstance(trainer, GraceTrainer):
+        trainer._controller_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int, profile: bool = False) -> dict:
+    """Median step time and peak memory of one arm (and, with ``profile``, one more step under torch.profiler)."""
     trainer, student, teacher = make_trainer(arm, size, device)
     trainer.create_optimizer()
     batch = batch_for(student, size, device)
@@ -167,32 +188,44 @@ def run_arm(arm: str, size: dict, device: torch.device, steps: int, warmup: int)
     num_items = next_token_mask(batch["labels"]).sum()
     student.train()
     times = []
+    one_step = functools.partial(timed_step, arm, trainer, student, teacher, batch, teacher_inputs, num_items, device)
     for step in range(warmup + steps):
         if step == warmup and device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        # training_step on an unprepared model gets no autocast from accelerate: apply bf16 autocast explicitly
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            trainer.training_step(student, batch, num_items_in_batch=num_items)
-            if arm == "floor":
-                with torch.no_grad():
-                    teacher(**teacher_inputs, output_hidden_states=True)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        if isinstance(trainer, GraceTrainer):
-            trainer._controller_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        elapsed = one_step()
         if step >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    del trainer, student, batch, teacher, teacher_inputs
+    profiled = profile_step(one_step, device) if profile else None
+    del one_step, trainer, student, batch, teacher, teacher_inputs
     gc.collect()
     torch._dynamo.reset()  # the compiled-teacher arm's graphs
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"arm": arm, "median_s": statistics.median(times), "peak_bytes": peak, "times": times}
+    return {"arm": arm, "median_s": statistics.median(times), "peak_bytes": peak, "times": times, "profile": profiled}
+
+
+def profile_step(one_step, device: torch.device, rows: int = 20) -> dict:
+    """One step under torch.profiler: its wall time, the summed device time of its kernels (CUDA; None on CPU)
+    and the operators/kernels that cost most, as a text table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        wall = one_step()
+    averages = prof.key_averages()
+    busy_us = None
+    if device.type == "cuda":
+        busy_us = sum(
+            e.self_device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        )
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {
+        "wall_s": wall,
+        "device_busy_s": None if busy_us is None else busy_us / 1e6,
+        "table": averages.table(sort_by=sort_by, row_limit=rows, max_name_column_width=70),
+    }
 
 
 def summary(rows: dict[str, dict], gpu: str) -> dict:
@@ -236,7 +269,21 @@ def markdown(rows: dict[str, dict], record: dict, size_name: str, args: argparse
     lines += ["", "Issue 17 targets: GRACE / floor <= 1.10x (floor 1.20x), QAT / plain <= 1.10x (1.25x), GRACE peak / "
               "floor peak <= 1.10x (1.15x).", "", "```", json.dumps(record), "```"]  # fmt: skip
     lines += [f"- {note}" for note in notes]
+    for row in rows.values():
+        if row.get("profile"):
+            lines += profile_lines(row["arm"], row["profile"])
     return "\n".join(lines) + "\n"
+
+
+def profile_lines(arm: str, profile: dict) -> list[str]:
+    """The markdown section of one arm's profiled step."""
+    wall_ms = profile["wall_s"] * 1e3
+    if profile["device_busy_s"] is None:
+        busy = "no device timeline (CPU run)"
+    else:
+        busy = f"kernels busy {profile['device_busy_s'] * 1e3:.1f} ms ({profile['device_busy_s'] * 1e3 / wall_ms:.0%} of it)"
+    return ["", f"## Profile of one {arm} step", "", f"Wall {wall_ms:.1f} ms under the profiler; {busy}.", "",
+            "```", profile["table"].rstrip(), "```"]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -248,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"arms to run (default {' '.join(DEFAULT_ARMS)}; 'grace+liger' always runs last)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true",
                         help="quick check that every arm runs: --size small, 1 step after 1 warm-up, all arms")  # fmt: skip
+    parser.add_argument("--profile", nargs="+", default=[], choices=ALL_ARMS, metavar="ARM",
+                        help="profile one extra step of these arms (operators, kernels, GPU busy vs wall time)")  # fmt: skip
     parser.add_argument("--out", help="markdown results file to write")
     parser.add_argument("--json", help="JSON summary to write (default on CUDA with --size 1b: "
                         "benchmarks/results/trainer_step_h200.json; 'none' writes none)")  # fmt: skip
@@ -266,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for arm in arms:
         try:
-            rows[arm] = run_arm(arm, SIZES[args.size], device, args.steps, args.warmup)
+            rows[arm] = run_arm(arm, SIZES[args.size], device, args.steps, args.warmup, arm in args.profile)
         except Exception as exc:  # an optional peer or an experimental kernel: note it, keep the other arms
             if arm not in FALLIBLE_ARMS:
                 raise

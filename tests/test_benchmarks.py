@@ -44,6 +44,20 @@ def test_trainer_step_smoke_runs_every_arm_and_writes_the_issue_json(tmp_path):
     assert "qat+linear not run: the fused QAT-linear kernels need CUDA" in table and "failed" not in table
 
 
+def test_trainer_step_profile_adds_one_profiled_step_of_the_named_arm(tmp_path):
+    """--profile runs one extra step of the arm under torch.profiler and reports its wall time and heaviest operators
+    (on CPU: no device timeline); arms not named get no profile."""
+    script = load_script("trainer_step")
+    out = tmp_path / "step.md"
+    argv = ["--size", "small", "--steps", "1", "--warmup", "0", "--arms", "plain", "qat", "--profile", "qat"]
+    script.main([*argv, "--out", str(out), "--json", "none"])
+    table = out.read_text()
+    assert "## Profile of one qat step" in table and "## Profile of one plain step" not in table
+    section = table.split("## Profile of one qat step", 1)[1]
+    assert "no device timeline (CPU run)" in section
+    assert "aten::" in section and "Self CPU" in section  # torch.profiler's operator table
+
+
 def test_trainer_step_summary_ratios():
     script = load_script("trainer_step")
     rows = {
