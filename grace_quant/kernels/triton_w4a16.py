@@ -28,6 +28,7 @@ tuned during a call. All kernels read the checkpoint layout directly (``packed``
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -424,17 +425,26 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 
 def _allocate_counters(device: torch.device) -> torch.Tensor:
-    """Zeroed counters allocated on the device's default stream: torch.compile's CUDA-graph trees run their warm-up
-    calls on a side stream whose allocations go to the graph's private pool, where a buffer that outlives the call
-    is refused ("tensor(s) in the cudagraph pool not tracked as outputs")."""
+    """Zeroed counters, allocated by a helper thread on CUDA: torch.compile's CUDA-graph trees run their warm-up calls
+    with every allocation of the calling thread (and its stream) routed to the graph's private pool, where a buffer
+    that outlives the call is refused ("tensor(s) in the cudagraph pool not tracked as outputs")."""
     if device.type != "cuda":
         return torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    current, home = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
-    home.wait_stream(current)
-    with torch.cuda.stream(home):
-        buf = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    current.wait_stream(home)
-    return buf
+    made: list = []
+
+    def allocate() -> None:
+        try:
+            made.append(torch.zeros(_COUNTERS, dtype=torch.int32, device=device))
+            torch.cuda.synchronize(device)  # zeroed before any stream of the calling thread reads them
+        except BaseException as exc:  # re-raised in the calling thread
+            made.append(exc)
+
+    worker = threading.Thread(target=allocate, name="grace-quant-counters")
+    worker.start()
+    worker.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def _tile_mode(scales: torch.Tensor, out: torch.dtype) -> int:
