@@ -636,6 +636,8 @@ def linear_with_config(
         return gemv_w4a16(x2, packed, scales, bias, group_size)
     if path == "tc":
         return tc_gemm_w4a16(x2, packed, scales, bias, group_size)
+    if not (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _counters(x2.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
     weight = dequantize_w4(packed, scales, group_size, x2.dtype)
     return F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
 
