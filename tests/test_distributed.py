@@ -112,10 +112,13 @@ def assert_same_run(ranks: list[dict], single: dict) -> None:
     # logged loss components are all-rank means: identical on every rank and equal to the single process's (every
     # rank holds the same number of answer tokens and images, so the mean of rank means is the global mean)
     assert len(single["logs"]) == steps and all(len(r["logs"]) == steps for r in ranks)
+    # TCKD and NCKD are KLs of nearly equal distributions (values ~1e-5) summed from O(1) float32 terms: their
+    # absolute noise is a few float32 ulps of those terms (1.2e-7 measured on TCKD in one CI run, FSDP2 +
+    # accumulation), far below a wrong reduction's error (of the order of the value itself)
     for name in ("ce", "gdkd", "tckd", "nckd", "rcka"):
         per_rank = [[entry[name] for entry in r["logs"]] for r in ranks]
         assert per_rank[0] == per_rank[1], name
-        assert per_rank[0] == pytest.approx([entry[name] for entry in single["logs"]], rel=1e-4, abs=1e-7), name
+        assert per_rank[0] == pytest.approx([entry[name] for entry in single["logs"]], rel=1e-4, abs=1e-6), name
 
 
 def assert_int4_export(out: Path, ranks: list[dict]) -> None:
