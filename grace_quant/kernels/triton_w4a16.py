@@ -27,8 +27,8 @@ tuned during a call. All kernels read the checkpoint layout directly (``packed``
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -430,21 +430,14 @@ def _allocate_counters(device: torch.device) -> torch.Tensor:
     that outlives the call is refused ("tensor(s) in the cudagraph pool not tracked as outputs")."""
     if device.type != "cuda":
         return torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    made: list = []
 
-    def allocate() -> None:
-        try:
-            made.append(torch.zeros(_COUNTERS, dtype=torch.int32, device=device))
-            torch.cuda.synchronize(device)  # zeroed before any stream of the calling thread reads them
-        except BaseException as exc:  # re-raised in the calling thread
-            made.append(exc)
+    def allocate() -> torch.Tensor:
+        buf = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)  # zeroed before any stream of the calling thread reads them
+        return buf
 
-    worker = threading.Thread(target=allocate, name="grace-quant-counters")
-    worker.start()
-    worker.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grace-quant-counters") as pool:
+        return pool.submit(allocate).result()  # an error in the thread is raised here
 
 
 def _tile_mode(scales: torch.Tensor, out: torch.dtype) -> int:
