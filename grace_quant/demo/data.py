@@ -19,6 +19,8 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_TYPES = ("position", "read", "max", "count")
 HARD_QUESTION_TYPES = (*QUESTION_TYPES, "sum")  # the GPU preset adds arithmetic over all four digits
 TRAIN_PER_CLASS = 400
+#: digits per class that a distillation split takes from the training pool, by default
+DISTILL_PER_CLASS = 150
 IMAGE_SIZE = 56
 
 
@@ -110,7 +112,7 @@ def build_dataset(
     seed: int = 0,
     kinds: tuple[str, ...] = QUESTION_TYPES,
     distill_size: int = 0,
-    distill_per_class: int = 150,
+    distill_per_class: int = DISTILL_PER_CLASS,
 ):
     """The task as a ``datasets.DatasetDict`` with columns image / question / answers / kind / digit_ids: splits
     ``train`` and ``test``, and with ``distill_size`` a ``distill`` split whose digits neither the training nor the

@@ -21,6 +21,8 @@ import torch
 
 from grace_quant.config import GraceConfig
 
+from .data import DISTILL_PER_CLASS
+
 METHOD_ORDER = ("teacher", "fp_student", "rtn", "qat", "qat_kd", "grace")
 STRESS_ORDER = ("fp_student_stress", "rtn_stress", "grace_stress")
 
@@ -31,7 +33,7 @@ class DemoSettings:
 
     train_size: int = 8000
     distill_size: int = 0  # >0: the INT4 students train on this many questions about digits no fp model has seen,
-    distill_per_class: int = 150  # drawn from this many digits per class (taken from the fp models' 400)
+    distill_per_class: int = DISTILL_PER_CLASS  # drawn from this many digits per class (taken from the fp models' 400)
     test_size: int = 1000
     vision_steps: int = 600
     teacher_steps: int = 3000
