@@ -9,6 +9,10 @@ Reported: median milliseconds of forward + backward per shape and the ratio to `
 ~1.4B student's of benchmarks/trainer_step.py (Qwen2-VL layout): q|o 1536x1536, k|v 256x1536, gate|up 8960x1536,
 down 1536x8960.
 
+A host table gives each arm's wall time per call over many back-to-back calls on the small k|v weight, one GPU
+sync at the end: a GPU finishes those kernels in a few microseconds, so this is the Python + launch cost per weight
+that a host-bound QAT step pays (``--host-calls 0`` skips it); the fused arm is split into its parts.
+
 A second table times the whole linear, forward + backward on ``--tokens`` rows (bf16 autocast, ``x`` and the weight
 both needing gradients), the choice issue 17 asks a profile to make:
   plain   - ``F.linear`` on the fp32 master weight (what plain fine-tuning runs)
@@ -107,6 +111,48 @@ def linear_arms(out_f: int, in_f: int, device: str, tokens: int, blocks: list[tu
     return found
 
 
+def host_arms(device: str) -> dict[str, Callable[[], None]]:
+    """Per-call host work on the small k|v weight: the plain cast, the fake-quant paths, and the fused path's parts."""
+    out_f, in_f = SHAPES[1]
+    found = arms(out_f, in_f, device)
+    if device != "cuda":
+        return found
+    from grace_quant.kernels import triton_fake_quant
+
+    weight = torch.randn(out_f, in_f, device=device) * 0.02
+    log_scale = torch.log(mse_scales(weight, GROUP, BITS))
+    exp_log_scale = torch.exp(log_scale)
+    grad = torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16)
+
+    def forward_no_grad() -> None:
+        with torch.no_grad(), fused_fake_quant(True):
+            fake_quantize(weight, log_scale, GROUP, BITS, torch.bfloat16)
+
+    found.update({
+        "fused fwd, no grad": forward_no_grad,
+        "exp(log_scale)": lambda: torch.exp(log_scale),
+        "fwd kernel launch": lambda: triton_fake_quant.launch_forward(weight, exp_log_scale, GROUP, BITS, torch.bfloat16),
+        "bwd kernel launch": lambda: triton_fake_quant.launch_backward(weight, exp_log_scale, grad, GROUP, BITS),
+    })  # fmt: skip
+    return found
+
+
+def host_table(device: str, calls: int) -> list[str]:
+    """Markdown rows: microseconds per call of each host arm, ``calls`` calls back to back, one sync at the end."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for name, fn in host_arms(device).items():
+        for _ in range(10):
+            fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        rows.append(f"| {name} | {(time.perf_counter() - start) * 1e6 / calls:.1f} |")
+    return ["| arm | us per call |", "|---|---|", *rows]
+
+
 def table(arms_for: Callable[[int, int], dict[str, Callable[[], None]]], steps: int, warmup: int) -> list[str]:
     """Markdown rows: per shape (and summed over the four) each arm's median ms and its ratio to the first arm."""
     rows, totals = [], {}
@@ -132,6 +178,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--tokens", type=int, default=2048, help="rows of x for the whole-linear table (0: skip it)")
     parser.add_argument("--linear-blocks", default="64x64,128x64,128x128",
                         help="BLOCK_MxBLOCK_N tiles of the fused QAT linear to time (CUDA)")  # fmt: skip
+    parser.add_argument("--host-calls", type=int, default=300, help="calls per arm of the host table (0: skip it)")
     parser.add_argument("--out", help="markdown results file to write")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,6 +192,10 @@ def main(argv: list[str] | None = None) -> str:
         "",
         *table(lambda out_f, in_f: arms(out_f, in_f, device), args.steps, args.warmup),
     ]
+    if args.host_calls > 0:
+        out_f, in_f = SHAPES[1]
+        lines += ["", f"## Host cost per call ({out_f}x{in_f}, {args.host_calls} calls back to back, one sync)", "",
+                  *host_table(device, args.host_calls)]  # fmt: skip
     if args.tokens > 0:
         blocks = [tuple(int(v) for v in tile.split("x")) for tile in args.linear_blocks.split(",") if tile]
         lines += [

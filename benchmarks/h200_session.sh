@@ -20,7 +20,7 @@
 #   trainer-linear  the experimental fused QAT linear (fake_quant_backend="triton_linear": quantized inside the
 #            matmul) against the default: plain, qat, qat+linear, grace, grace+linear; OUT/trainer_step_linear.md
 #            (first GPU run of those kernels: run STAGES="tests" first, which checks them against the torch path)
-#   trainer-profile  plain, qat and grace with one profiled step each (--profile): kernel time vs the step's wall time
+#   trainer-profile  plain, floor, qat and grace with one profiled step each (--profile): kernel time vs the step's wall time
 #            (how host-bound each step is) and the heaviest operators and kernels; OUT/trainer_profile.md   (~1-2 min)
 #   e2e      benchmarks/e2e.py, both models, stock bf16 / GRACE INT4 (grace_decode attention) / bf16 + grace_decode /
 #            tinygemm, batch 1 only, one process   (~5 min; deadline 290 s)
@@ -41,7 +41,8 @@
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
 #   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast,
 #            then the whole linear at 2048 tokens: plain, torch, fused fake quant + cuBLAS, and the experimental
-#            quantize-in-matmul kernel at three tile sizes (~2-3 min with the kernels' compiles)
+#            quantize-in-matmul kernel at three tile sizes (~2-3 min with the kernels' compiles); FQ_TOKENS=0 skips the
+#            whole-linear table; a host table gives the Python + launch cost per call
 # Done 2026-12-05 (on an H100): tests (119 passed), e2e-llava (GRACE batch 1 failed: CUDA-graph pool error, fixed
 # after), trainer, trainer-extra, trainer-linear (benchmarks/results/{e2e,trainer_step}_h200.md, run E).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
@@ -103,8 +104,8 @@ for stage in $STAGES; do
         --arms plain qat qat+linear grace grace+linear --json none \
         --out "$OUT/trainer_step_linear.md" > "$OUT/trainer_step_linear.log" 2>&1 ;;
     trainer-profile)
-      timeout 300 python benchmarks/trainer_step.py --size 1b --steps 6 --warmup 3 --arms plain qat grace \
-        --profile plain qat grace --json none --out "$OUT/trainer_profile.md" > "$OUT/trainer_profile.log" 2>&1 ;;
+      timeout 300 python benchmarks/trainer_step.py --size 1b --steps 6 --warmup 3 --arms plain floor qat grace \
+        --profile plain floor qat grace --json none --out "$OUT/trainer_profile.md" > "$OUT/trainer_profile.log" 2>&1 ;;
     e2e)
       timeout 330 python benchmarks/e2e.py --batches 1 --peer-batches 1 --repeats 5 --deadline-s 290 \
         --out "$OUT/e2e.md" --json "$OUT/e2e.json" --log-dir "$OUT" > "$OUT/e2e.log" 2>&1
@@ -134,7 +135,7 @@ for stage in $STAGES; do
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
     fake-quant)
-      timeout 300 python benchmarks/fake_quant.py --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
+      timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
       echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;

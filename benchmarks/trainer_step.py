@@ -225,6 +225,10 @@ def profile_step(one_step, device: torch.device, rows: int = 20) -> dict:
         "wall_s": wall,
         "device_busy_s": None if busy_us is None else busy_us / 1e6,
         "table": averages.table(sort_by=sort_by, row_limit=rows, max_name_column_width=70),
+        # a host-bound step's time is the host's: on a GPU, the operators that cost most host time too
+        "host_table": averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)
+        if device.type == "cuda"
+        else None,
     }
 
 
@@ -282,8 +286,11 @@ def profile_lines(arm: str, profile: dict) -> list[str]:
         busy = "no device timeline (CPU run)"
     else:
         busy = f"kernels busy {profile['device_busy_s'] * 1e3:.1f} ms ({profile['device_busy_s'] * 1e3 / wall_ms:.0%} of it)"
-    return ["", f"## Profile of one {arm} step", "", f"Wall {wall_ms:.1f} ms under the profiler; {busy}.", "",
-            "```", profile["table"].rstrip(), "```"]  # fmt: skip
+    lines = ["", f"## Profile of one {arm} step", "", f"Wall {wall_ms:.1f} ms under the profiler; {busy}.", "",
+             "```", profile["table"].rstrip(), "```"]  # fmt: skip
+    if profile.get("host_table"):
+        lines += ["", "By host time:", "", "```", profile["host_table"].rstrip(), "```"]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -216,9 +216,9 @@ class _FakeQuantize(torch.autograd.Function):
             # exp in torch, exactly as scale_from_log takes it: the kernel rounds it to the weight dtype
             exp_log_scale = torch.exp(log_scale)
             ctx.save_for_backward(weight, log_scale, exp_log_scale)
-            direct = out_dtype is None or out_dtype in kernels.SUPPORTED_DTYPES
-            w_hat = kernels.fake_quant_forward(weight, exp_log_scale, group_size, bits, out_dtype if direct else None)
-            return w_hat if direct else w_hat.to(out_dtype)
+            direct = out_dtype in kernels.SUPPORTED_DTYPES  # written in out_dtype by the kernel
+            w_hat = kernels.launch_forward(weight, exp_log_scale, group_size, bits, out_dtype if direct else weight.dtype)
+            return w_hat if direct or out_dtype is None else w_hat.to(out_dtype)
         scales = scale_from_log(log_scale, weight.dtype)
         codes = _codes_from_ratio(_ratio(weight, scales, group_size), bits).reshape(weight.shape)
         ctx.save_for_backward(weight, log_scale)
@@ -234,7 +234,7 @@ class _FakeQuantize(torch.autograd.Function):
 
             if grad.dtype not in triton_fake_quant.SUPPORTED_DTYPES:
                 grad = grad.to(weight.dtype)
-            grad_weight, grad_log_scale = triton_fake_quant.fake_quant_backward(
+            grad_weight, grad_log_scale = triton_fake_quant.launch_backward(  # tensors checked in forward
                 weight, exp_log_scale, grad, ctx.group_size, ctx.bits
             )
             return grad_weight, grad_log_scale, None, None, None, None

@@ -98,7 +98,7 @@ def _run_fake_quant(w, log_scale, upstream, group, bits, out_dtype, fused: bool)
     from grace_quant.kernels import triton_fake_quant as tfq
 
     calls = {"forward": 0, "backward": 0}
-    originals = (quant._fused_fake_quant_kernels, tfq.fake_quant_forward, tfq.fake_quant_backward)
+    originals = (quant._fused_fake_quant_kernels, tfq.launch_forward, tfq.launch_backward)
 
     def counted(key, fn):
         def wrapper(*args, **kwargs):
@@ -107,8 +107,8 @@ def _run_fake_quant(w, log_scale, upstream, group, bits, out_dtype, fused: bool)
 
         return wrapper
 
-    tfq.fake_quant_forward = counted("forward", originals[1])
-    tfq.fake_quant_backward = counted("backward", originals[2])
+    tfq.launch_forward = counted("forward", originals[1])
+    tfq.launch_backward = counted("backward", originals[2])
     if not fused:
         quant._fused_fake_quant_kernels = lambda *args: None
     try:
@@ -117,7 +117,7 @@ def _run_fake_quant(w, log_scale, upstream, group, bits, out_dtype, fused: bool)
             out = quant.fake_quantize(w_leaf, ls_leaf, group, bits, out_dtype=out_dtype)
             (out * upstream).sum().backward()
     finally:
-        quant._fused_fake_quant_kernels, tfq.fake_quant_forward, tfq.fake_quant_backward = originals
+        quant._fused_fake_quant_kernels, tfq.launch_forward, tfq.launch_backward = originals
     return out.detach(), w_leaf.grad, ls_leaf.grad, calls
 
 
@@ -229,7 +229,7 @@ def _counted_launches():
     from grace_quant.kernels import triton_fake_quant as tfq
 
     calls = {"forward": 0, "backward": 0}
-    originals = tfq.fake_quant_forward, tfq.fake_quant_backward
+    originals = tfq.launch_forward, tfq.launch_backward
 
     def counted(key, fn):
         def wrapper(*args, **kwargs):
@@ -238,11 +238,11 @@ def _counted_launches():
 
         return wrapper
 
-    tfq.fake_quant_forward, tfq.fake_quant_backward = counted("forward", originals[0]), counted("backward", originals[1])
+    tfq.launch_forward, tfq.launch_backward = counted("forward", originals[0]), counted("backward", originals[1])
     try:
         yield calls
     finally:
-        tfq.fake_quant_forward, tfq.fake_quant_backward = originals
+        tfq.launch_forward, tfq.launch_backward = originals
 
 
 def _run_trainer_step_case() -> dict:

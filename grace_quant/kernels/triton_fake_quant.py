@@ -27,6 +27,8 @@ values only.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -45,7 +47,7 @@ MAX_GROUP = 4096  # one program holds at least one whole group
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # constexpr codes of the storage dtypes
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds |x| < 2**22 to an integer, half to even
 
-__all__ = ["SUPPORTED_DTYPES", "fake_quant_backward", "fake_quant_forward", "supports"]
+__all__ = ["SUPPORTED_DTYPES", "fake_quant_backward", "fake_quant_forward", "launch_backward", "launch_forward", "supports"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,6 +166,7 @@ def supports(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int | No
     )
 
 
+@functools.cache
 def _launch_config(group_size: int, block_elements: int | None) -> tuple[int, int, int]:
     """``(GROUP_PAD, BLOCK_G, num_warps)`` for a group size."""
     group_pad = triton.next_power_of_2(group_size)
@@ -201,6 +204,20 @@ def fake_quant_forward(
     out_dtype = out_dtype or weight.dtype
     if out_dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"out_dtype must be one of {SUPPORTED_DTYPES}, got {out_dtype}")
+    return launch_forward(weight, exp_log_scale, group_size, bits, out_dtype, block_elements=block_elements)
+
+
+def launch_forward(
+    weight: torch.Tensor,
+    exp_log_scale: torch.Tensor,
+    group_size: int,
+    bits: int,
+    out_dtype: torch.dtype,
+    *,
+    block_elements: int | None = None,
+) -> torch.Tensor:
+    """:func:`fake_quant_forward` without its argument checks, for a caller that ran :func:`supports` on these
+    tensors (the autograd function, once per weight per step: a QAT step is host-bound on such per-call work)."""
     lo, hi = code_range(bits)
     weight, exp_log_scale = weight.contiguous(), exp_log_scale.contiguous()
     out = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
@@ -236,6 +253,20 @@ def fake_quant_backward(
             f"grad must be an fp32/bf16/fp16 {tuple(weight.shape)} tensor on {weight.device}, got "
             f"{tuple(grad.shape)} {grad.dtype} on {grad.device}"
         )
+    return launch_backward(weight, exp_log_scale, grad, group_size, bits, block_elements=block_elements)
+
+
+def launch_backward(
+    weight: torch.Tensor,
+    exp_log_scale: torch.Tensor,
+    grad: torch.Tensor,
+    group_size: int,
+    bits: int,
+    *,
+    block_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fake_quant_backward` without its argument checks (the caller checked the tensors, as for
+    :func:`launch_forward`; ``grad`` has the weight's shape and device and a supported dtype)."""
     lo, hi = code_range(bits)
     weight, exp_log_scale, grad = weight.contiguous(), exp_log_scale.contiguous(), grad.contiguous()
     grad_weight = torch.empty_like(weight)
