@@ -9,6 +9,8 @@ Arms (fp32 master weights, bf16 autocast on CUDA, AdamW, one micro-batch per ste
   grace        QAT student + frozen teacher + gated DKD + RCKA + controller (GraceTrainer.training_step), default
                backend
   qat-torch, grace-torch   the same on the torch fake-quant path (the reference)
+  qat-per-layer, grace-per-layer   the same with fake_quant_grouped=False: two fake-quant launches per layer
+               instead of one many-weight launch each way for the whole student (the default on CUDA)
   no-kd        grace with kd_loss="none": the difference to grace is the KD loss's own cost
   grace+tc     grace with teacher_compile=True, teacher_pad_to_multiple_of=64 (compile time is in the warm-up)
   qat+linear, grace+linear   qat / grace with fake_quant_backend="triton_linear" (experimental: fake quantization
@@ -48,7 +50,7 @@ import grace_quant
 from grace_quant import GraceConfig, GraceTrainer, GraceTrainingArguments, quantize_model
 from grace_quant.labels import IGNORE_INDEX, next_token_mask
 
-DEFAULT_ARMS = ("plain", "floor", "qat", "grace", "qat-torch", "grace-torch")
+DEFAULT_ARMS = ("plain", "floor", "qat", "grace", "qat-per-layer", "grace-per-layer", "qat-torch", "grace-torch")
 ALL_ARMS = (*DEFAULT_ARMS, "no-kd", "grace+tc", "qat+linear", "grace+linear", "grace+liger")
 #: arms whose failure is noted in the results instead of ending the run (optional peers, experimental kernels)
 FALLIBLE_ARMS = ("qat+linear", "grace+linear", "grace+liger")
@@ -59,6 +61,8 @@ GRACE_KNOBS = {
     "qat-torch": {"kd_loss": "none", "rcka_weight": 0.0, "fake_quant_backend": "torch"},
     "grace": {},
     "grace-torch": {"fake_quant_backend": "torch"},
+    "qat-per-layer": {"kd_loss": "none", "rcka_weight": 0.0, "fake_quant_grouped": False},
+    "grace-per-layer": {"fake_quant_grouped": False},
     "no-kd": {"kd_loss": "none"},
     "grace+tc": {"teacher_compile": True, "teacher_pad_to_multiple_of": 64},
     "qat+linear": {"kd_loss": "none", "rcka_weight": 0.0, "fake_quant_backend": "triton_linear"},
@@ -148,7 +152,7 @@ def make_trainer(arm: str, size: dict, device: torch.device):
     common = dict(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=device.type == "cpu", bf16=device.type == "cuda",
                   learning_rate=1e-5, per_device_train_batch_size=size["batch"], disable_tqdm=True)  # fmt: skip
     teacher = None
-    if arm not in ("plain", "qat", "qat-torch", "qat+linear"):
+    if arm not in ("plain", "qat", "qat-torch", "qat-per-layer", "qat+linear"):
         with torch.device(device):
             teacher = build(size, "teacher").to(torch.bfloat16 if device.type == "cuda" else torch.float32)
         teacher.eval().requires_grad_(False)

@@ -8,12 +8,23 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from grace_quant.kernels import codes_per_word, dequantize, group_size_problem, quant_linear, unpack
-from grace_quant.quant import fake_quant_backend_problem, fake_quantize, fused_qat_linear, mse_scales, pack_weight
+from grace_quant.quant import (
+    fake_quant_backend_problem,
+    fake_quantize,
+    fake_quantize_many,
+    fused_qat_linear,
+    mse_scales,
+    pack_weight,
+    runs_fused,
+)
 
 
 class _GraceLinearBase(nn.Module):
@@ -48,6 +59,7 @@ class GraceQATLinear(_GraceLinearBase):
     ``GraceTrainingArguments.fake_quant_backend``)."""
 
     fake_quant_backend: str = "auto"
+    _grouped_weight: torch.Tensor | None = None  # set inside grouped_fake_quant(): this step's fake-quant weight
 
     def __init__(
         self,
@@ -94,12 +106,51 @@ class GraceQATLinear(_GraceLinearBase):
             y = fused_qat_linear(x.to(dtype), self.weight, self.log_scale, self.bias, self.group_size, self.bits)
             if y is not None:
                 return y
-        weight = self.quantized_weight(dtype)
+        weight = self._grouped_weight
+        if weight is None or weight.dtype != dtype:
+            weight = self.quantized_weight(dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """``{"weight": packed codes, "scales": scales}`` whose dequantization equals ``quantized_weight()``."""
         return pack_weight(self.weight, self.log_scale, self.group_size, self.bits)
+
+
+@contextlib.contextmanager
+def grouped_fake_quant(model: nn.Module) -> Iterator[int]:
+    """Within the block, the trainable QAT linears of ``model`` that run the fused kernels take their fake-quant weights
+    from :func:`grace_quant.quant.fake_quantize_many`, computed on entry for all of them (one call per group size,
+    bits, dtype and device; the matmul dtype is autocast's where it is on): two kernel launches per step instead of
+    two per layer. Yields how many layers it covers (0 without gradients, where nothing is saved for backward and
+    one weight at a time keeps memory low). Frozen layers and other backends quantize per call as usual.
+
+    For one forward whose backward follows: a layer recomputed after the block (gradient checkpointing) quantizes
+    per call, and the grouped weights' backward then waits for gradients that never come; use it without
+    checkpointing."""
+    layers: dict[tuple, list[GraceQATLinear]] = {}
+    if torch.is_grad_enabled():
+        for module in model.modules():
+            if (
+                isinstance(module, GraceQATLinear)
+                and module.fake_quant_backend in ("auto", "triton")
+                and (module.weight.requires_grad or module.log_scale.requires_grad)
+            ):
+                dtype = _autocast_dtype(module.weight.device.type, module.weight.dtype)
+                key = (module.group_size, module.bits, module.weight.dtype, module.weight.device, dtype)
+                layers.setdefault(key, []).append(module)
+    layers = {key: same for key, same in layers.items() if runs_fused(same[0].weight, same[0].log_scale, key[0],
+                                                                       same[0].fake_quant_backend)}  # fmt: skip
+    grouped = [module for same in layers.values() for module in same]
+    try:
+        for (group_size, bits, _, _, dtype), same in layers.items():
+            weights = fake_quantize_many([m.weight for m in same], [m.log_scale for m in same], group_size, bits,
+                                         dtype, same[0].fake_quant_backend)  # fmt: skip
+            for module, weight in zip(same, weights, strict=True):
+                module._grouped_weight = weight
+        yield len(grouped)
+    finally:
+        for module in grouped:
+            module._grouped_weight = None
 
 
 def set_fake_quant_backend(model: nn.Module, backend: str) -> int:
@@ -116,10 +167,14 @@ def set_fake_quant_backend(model: nn.Module, backend: str) -> int:
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``F.linear(x, w)`` computes in: the autocast dtype when autocast is on for ``x``'s device (it
     casts fp32/fp16/bf16 operands, not fp64), else ``x.dtype``."""
-    device_type = x.device.type
-    if device_type in ("cuda", "cpu") and x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    return _autocast_dtype(x.device.type, x.dtype)
+
+
+def _autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """What autocast makes of a ``dtype`` operand of a matmul on ``device_type``: its dtype if on, else ``dtype``."""
+    if device_type in ("cuda", "cpu") and dtype != torch.float64 and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return dtype
 
 
 def log_scale_init(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -252,6 +252,76 @@ class _FakeQuantize(torch.autograd.Function):
         grad_scale = step.mul_(g).sum(dim=-1)
         grad_log_scale = (grad_scale * torch.exp(log_scale.to(dtype))).to(log_scale.dtype)
         return grad_weight, grad_log_scale, None, None, None, None
+
+
+def runs_fused(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int, backend: str = "auto") -> bool:
+    """Whether :func:`fake_quantize` of this weight runs the fused Triton kernels on ``backend``."""
+    return _fused_fake_quant_kernels(weight, log_scale, group_size, backend) is not None
+
+
+def fake_quantize_many(
+    weights: Sequence[torch.Tensor],
+    log_scales: Sequence[torch.Tensor],
+    group_size: int,
+    bits: int,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """:func:`fake_quantize` of each ``(weight, log_scale)`` pair, equal to it bit for bit (gradients too).
+
+    Where the fused kernels take all of them (``backend`` as for :func:`fake_quantize`; one dtype and device,
+    contiguous), it is one kernel launch forward and one backward for the lot: a QAT step that launches per weight
+    is bound by the host's per-launch work. The backward then runs once every output's gradient is in, at the end
+    of the model's backward. Elsewhere it is :func:`fake_quantize` per pair.
+    """
+    if len(weights) != len(log_scales):
+        raise ValueError(f"fake_quantize_many needs one log_scale per weight, got {len(weights)} weights and "
+                         f"{len(log_scales)} log-scales")  # fmt: skip
+    if not weights:
+        return []
+    kernels = _fused_fake_quant_kernels(weights[0], log_scales[0], group_size, backend)
+    target = out_dtype or weights[0].dtype
+    if kernels is None or target not in kernels.SUPPORTED_DTYPES or not kernels.supports_many(weights, log_scales,
+                                                                                               group_size):  # fmt: skip
+        return [fake_quantize(w, ls, group_size, bits, out_dtype, backend) for w, ls in zip(weights, log_scales, strict=True)]
+    if (problem := group_size_problem(group_size, in_features=weights[0].shape[-1])) is not None:
+        raise ValueError(problem)
+    return list(_FakeQuantizeMany.apply(group_size, bits, target, len(weights), *weights, *log_scales))
+
+
+class _FakeQuantizeMany(torch.autograd.Function):
+    """:class:`_FakeQuantize` of many weights on the many-weight kernels (inputs: the weights, then their log-scales;
+    outputs: the fake-quant weights, views of one flat buffer). Saves the weights and the flat ``exp(log_scale)``."""
+
+    @staticmethod
+    def forward(ctx, group_size: int, bits: int, out_dtype: torch.dtype, count: int, *tensors: torch.Tensor):
+        from grace_quant.kernels import triton_fake_quant
+
+        weights, log_scales = tensors[:count], tensors[count:]
+        # exp in torch, as scale_from_log takes it (elementwise: the same values as one exp per log-scale)
+        exp_log_scale = torch.exp(torch.cat([ls.reshape(-1) for ls in log_scales]))
+        flat = triton_fake_quant.launch_many_forward(weights, exp_log_scale, group_size, bits, out_dtype)
+        ctx.group_size, ctx.bits, ctx.count = group_size, bits, count
+        ctx.shapes = [(w.shape, ls.shape) for w, ls in zip(weights, log_scales, strict=True)]
+        ctx.save_for_backward(*weights, exp_log_scale)
+        return tuple(part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        from grace_quant.kernels import triton_fake_quant
+
+        *weights, exp_log_scale = ctx.saved_tensors
+        kinds = triton_fake_quant.SUPPORTED_DTYPES
+        dtype = grads[0].dtype if grads[0].dtype in kinds and all(g.dtype == grads[0].dtype for g in grads) else None
+        grads = [g.contiguous() if dtype is not None else g.to(weights[0].dtype).contiguous() for g in grads]
+        grad_weight, grad_log_scale = triton_fake_quant.launch_many_backward(
+            weights, exp_log_scale, grads, ctx.group_size, ctx.bits
+        )
+        sizes = [w.numel() for w in weights]
+        grad_weights = [g.view(shape) for g, (shape, _) in zip(grad_weight.split(sizes), ctx.shapes, strict=True)]
+        groups = [s // ctx.group_size for s in sizes]
+        grad_scales = [g.view(shape) for g, (_, shape) in zip(grad_log_scale.split(groups), ctx.shapes, strict=True)]
+        return None, None, None, None, *grad_weights, *grad_scales
 
 
 def fused_qat_linear(

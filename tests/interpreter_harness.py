@@ -84,10 +84,11 @@ def result_for(results: dict[str, dict], case_id: str) -> dict:
     return record
 
 
-def grace_step(name: str, backend: str, autocast: bool = False) -> tuple[Any, dict[str, Any]]:
+def grace_step(name: str, backend: str, autocast: bool = False, grouped: bool = False) -> tuple[Any, dict[str, Any]]:
     """``(loss, {parameter: gradient})`` of one ``GraceTrainer`` micro-batch (CE, gated DKD, RCKA from the first step)
-    on the tiny ``name`` pair (student seed 0, 96-wide teacher seed 1) with ``fake_quant_backend=backend``, under
-    CPU bf16 autocast when ``autocast``: the same weights and batch for every backend."""
+    on the tiny ``name`` pair (student seed 0, 96-wide teacher seed 1) with ``fake_quant_backend=backend`` and
+    ``fake_quant_grouped=grouped``, under CPU bf16 autocast when ``autocast``: the same weights and batch for every
+    backend."""
     import tempfile
 
     import torch
@@ -98,7 +99,7 @@ def grace_step(name: str, backend: str, autocast: bool = False) -> tuple[Any, di
 
     student = quantize_model(tiny_model(name), GraceConfig(group_size=32))
     args = GraceTrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], rcka_warmup_steps=0,
-                                  fake_quant_backend=backend)  # fmt: skip
+                                  fake_quant_backend=backend, fake_quant_grouped=grouped)  # fmt: skip
     trainer = GraceTrainer(model=student, teacher_model=tiny_model(name, seed=1, hidden=96), args=args)
     batch = collate(tiny_dataset(student, 2))
     student.train()

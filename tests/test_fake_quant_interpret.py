@@ -265,6 +265,96 @@ def _run_trainer_step_case() -> dict:
     }
 
 
+# (weight dtype, bits, group, out_dtype, [(out, in, special)]): weights of one many-weight launch, tiles split
+MANY = [
+    ("float32", 4, 32, "bfloat16", [(37, 256, "ties"), (5, 384, None), (19, 64, "ties"), (1, 32, None)]),
+    ("bfloat16", 8, 64, None, [(7, 256, "ties"), (9, 128, None)]),
+    ("float32", 4, 128, "float16", [(3, 256, None), (29, 256, "ties")]),
+]
+
+
+@contextlib.contextmanager
+def _counted_many_launches():
+    """Count the many-weight kernels' forward / backward launches (a dict updated in place) within the block."""
+    from grace_quant.kernels import triton_fake_quant as tfq
+
+    calls = {"forward": 0, "backward": 0}
+    originals = tfq.launch_many_forward, tfq.launch_many_backward
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    tfq.launch_many_forward = counted("forward", originals[0])
+    tfq.launch_many_backward = counted("backward", originals[1])
+    try:
+        yield calls
+    finally:
+        tfq.launch_many_forward, tfq.launch_many_backward = originals
+
+
+def _run_many_case(index: int) -> dict:
+    """``fake_quantize_many`` against ``fake_quantize`` per weight on the kernels (and forward / weight gradient
+    against the torch path): outputs and both gradients bit for bit, one launch each way."""
+    from grace_quant import quant
+
+    dtype_name, bits, group, out_dtype, shapes = MANY[index]
+    cases = [(f"many{index}-{j}", dtype_name, bits, group, o, i, out_dtype, None, sp) for j, (o, i, sp) in
+             enumerate(shapes)]  # fmt: skip
+    inputs = [_inputs(case) for case in cases]
+    out_dt = DTYPES[out_dtype] if out_dtype else None
+
+    def run(fn, fused: bool):
+        ws = [w.clone().requires_grad_() for w, _, _ in inputs]
+        lss = [ls.clone().requires_grad_() for _, ls, _ in inputs]
+        with quant.fused_fake_quant(fused):
+            outs = fn(ws, lss)
+        sum((o.double() * up.double()).sum() for o, (_, _, up) in zip(outs, inputs, strict=True)).backward()
+        return [o.detach() for o in outs], [w.grad for w in ws], [ls.grad for ls in lss]
+
+    def per_weight(ws, lss):
+        return [quant.fake_quantize(w, ls, group, bits, out_dt) for w, ls in zip(ws, lss, strict=True)]
+
+    with _counted_many_launches() as many_calls, _counted_launches() as single_calls:
+        many = run(lambda ws, lss: quant.fake_quantize_many(ws, lss, group, bits, out_dt), True)
+        counts = (dict(many_calls), dict(single_calls))
+    single, torch_path = run(per_weight, True), run(per_weight, False)
+    equal = [all(torch.equal(a, b) for a, b in zip(x, y, strict=True)) for x, y in zip(many, single, strict=True)]
+    return {
+        "launches_many": counts[0],
+        "launches_single": counts[1],
+        "dtypes": sorted({str(o.dtype) for o in many[0]}),
+        "forward_equal": equal[0],
+        "grad_weight_equal": equal[1],
+        "grad_log_scale_equal": equal[2],
+        "forward_equals_torch_path": all(torch.equal(a, b) for a, b in zip(many[0], torch_path[0], strict=True)),
+        "grad_weight_equals_torch_path": all(torch.equal(a, b) for a, b in zip(many[1], torch_path[1], strict=True)),
+    }
+
+
+def _run_grouped_trainer_case() -> dict:
+    """One ``GraceTrainer`` micro-batch on the kernels with ``fake_quant_grouped`` on and off, from the same weights."""
+    runs = {}
+    with _counted_many_launches() as many_calls, _counted_launches() as single_calls:
+        for grouped in (True, False):
+            before = dict(many_calls), dict(single_calls)
+            loss, grads = grace_step("llava", "triton", grouped=grouped)
+            runs[grouped] = (loss, grads, {k: many_calls[k] - before[0][k] for k in many_calls},
+                             {k: single_calls[k] - before[1][k] for k in single_calls})  # fmt: skip
+    (loss_g, grads_g, many_g, single_g), (loss_u, grads_u, many_u, single_u) = runs[True], runs[False]
+    return {
+        "launches_grouped": [many_g, single_g],
+        "launches_ungrouped": [many_u, single_u],
+        "num_log_scales": sum(name.endswith("log_scale") for name in grads_u),
+        "same_names": sorted(grads_g) == sorted(grads_u),
+        "loss_equal": torch.equal(loss_g, loss_u),
+        "unequal_grads": [n for n in grads_u if not torch.equal(grads_g[n], grads_u[n])],
+    }
+
+
 def _run_support_case() -> dict:
     """Inputs the kernels decline run the torch path (fp64 stays fp64)."""
     from grace_quant import quant
@@ -307,7 +397,8 @@ def _main() -> None:
     assert triton_fake_quant.INTERPRET
     jobs = [(case[0], lambda case=case: _run_case(case)) for case in CASES]
     jobs += [("module-autocast", _run_module_case), ("support", _run_support_case)]
-    jobs += [("trainer-step", _run_trainer_step_case)]
+    jobs += [("trainer-step", _run_trainer_step_case), ("grouped-trainer-step", _run_grouped_trainer_case)]
+    jobs += [(f"many-{i}", lambda i=i: _run_many_case(i)) for i in range(len(MANY))]
     run_jobs(jobs)
 
 
@@ -353,6 +444,28 @@ def test_trainer_step_on_the_kernels_equals_the_torch_path(interpreted):
     assert rec["same_names"] and rec["num_grads"] > rec["num_log_scales"], rec
     assert rec["loss_equal"] and rec["unequal_grads"] == [], rec
     assert rec["log_scale_rel"] < 1e-5, rec
+
+
+@pytest.mark.parametrize("index", range(len(MANY)), ids=[f"{m[0]}-b{m[1]}-g{m[2]}-out-{m[3]}" for m in MANY])
+def test_many_weights_in_one_launch_equal_one_launch_per_weight(interpreted, index):
+    rec = result_for(interpreted, f"many-{index}")
+    assert rec["launches_many"] == {"forward": 1, "backward": 1}, rec
+    assert rec["launches_single"] == {"forward": 0, "backward": 0}, rec
+    assert rec["dtypes"] == [str(DTYPES[MANY[index][3] or MANY[index][0]])], rec
+    for key in ("forward_equal", "grad_weight_equal", "grad_log_scale_equal"):
+        assert rec[key], (key, rec)
+    assert rec["forward_equals_torch_path"] and rec["grad_weight_equals_torch_path"], rec
+
+
+def test_grouped_trainer_step_equals_one_launch_per_layer(interpreted):
+    """fake_quant_grouped: one many-weight launch each way for every trainable QAT linear, the frozen ones (the
+    vision tower) per layer forward only; loss and every gradient bit for bit as per layer."""
+    rec = result_for(interpreted, "grouped-trainer-step")
+    (many_g, single_g), (many_u, single_u) = rec["launches_grouped"], rec["launches_ungrouped"]
+    assert many_g == {"forward": 1, "backward": 1} and many_u == {"forward": 0, "backward": 0}, rec
+    assert single_u["forward"] == single_u["backward"] == rec["num_log_scales"] > 0, rec
+    assert single_g["backward"] == 0, rec  # every trainable layer's backward ran in the one launch
+    assert rec["same_names"] and rec["loss_equal"] and rec["unequal_grads"] == [], rec
 
 
 def test_unsupported_inputs_take_the_torch_path(interpreted):
@@ -469,3 +582,35 @@ def test_kernels_replay_in_a_cuda_graph():
     expected_gw, expected_gls = tfq.fake_quant_backward(w, e, upstream, group, 4)
     torch.testing.assert_close(gw, expected_gw, rtol=0, atol=0)
     torch.testing.assert_close(gls, expected_gls, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_many_weights_match_one_launch_per_weight_on_cuda():
+    """The trainer-step student's weight shapes (q|o, k|v, gate|up, down; fp32 masters, bf16 out) in one launch:
+    outputs and both gradients bit for bit as one launch per weight, with no host sync in either launch."""
+    from grace_quant import quant
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    shapes = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (256, 1536)]
+    ws = [torch.randn(o, i, device="cuda", generator=gen) * 0.02 for o, i in shapes]
+    lss = [torch.log(quant.mse_scales(w, 128, 4)) + 0.2 * torch.randn(w.shape[0], w.shape[1] // 128, device="cuda",
+                                                                       generator=gen) for w in ws]  # fmt: skip
+    ups = [torch.randn(w.shape, device="cuda", generator=gen).to(torch.bfloat16) for w in ws]
+
+    def run(fn):
+        w_leaves = [w.clone().requires_grad_() for w in ws]
+        ls_leaves = [ls.clone().requires_grad_() for ls in lss]
+        with quant.fused_fake_quant(True):
+            outs = fn(w_leaves, ls_leaves)
+        torch.autograd.backward(outs, ups)
+        return [o.detach() for o in outs], [w.grad for w in w_leaves], [ls.grad for ls in ls_leaves]
+
+    run(lambda w, ls: quant.fake_quantize_many(w, ls, 128, 4, torch.bfloat16))  # compile first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        many = run(lambda w, ls: quant.fake_quantize_many(w, ls, 128, 4, torch.bfloat16))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    single = run(lambda w, ls: [quant.fake_quantize(a, b, 128, 4, torch.bfloat16) for a, b in zip(w, ls, strict=True)])
+    for got, want in zip(many, single, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -8,6 +8,7 @@ that moves ``beta`` once per optimizer step. Trainer checkpoints hold master wei
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -26,7 +27,7 @@ from grace_quant.checkpoint import QAT_MASTER, file_kind, saving_qat_master
 from grace_quant.controller import FixedBeta, LagrangianController
 from grace_quant.labels import IGNORE_INDEX, next_token_mask
 from grace_quant.losses import gated_dkd_loss, image_token_id, kd_loss, relational_cka_loss, visual_tokens
-from grace_quant.modules import GraceQATLinear, GraceQuantLinear, set_fake_quant_backend
+from grace_quant.modules import GraceQATLinear, GraceQuantLinear, grouped_fake_quant, set_fake_quant_backend
 from grace_quant.paths import source_problem
 from grace_quant.quant import fake_quant_backend_problem
 from grace_quant.surgery import grace_layers, set_vision_training
@@ -285,7 +286,8 @@ class GraceTrainerMixin:
             )
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         use_rcka = args.rcka_weight > 0
-        outputs = model(**model_inputs, output_hidden_states=use_rcka, return_dict=True)
+        with self._grouped_fake_quant(model):
+            outputs = model(**model_inputs, output_hidden_states=use_rcka, return_dict=True)
         # queue the teacher's forward before anything that waits for the GPU (the CE's supervised-row count): the
         # host launches it while the GPU still runs the student's forward
         teacher_out = self._teacher_forward(model_inputs, hidden=use_rcka) if args.uses_teacher else None
@@ -341,6 +343,22 @@ class GraceTrainerMixin:
                 **kd, **gdkd_logged,
             )  # fmt: skip
         return (loss, outputs) if return_outputs else loss
+
+    def _grouped_fake_quant(self, model: nn.Module):
+        """:func:`grouped_fake_quant` around the student's forward where ``fake_quant_grouped`` applies: training,
+        one process, no gradient checkpointing (recomputed layers would quantize again), FSDP or DeepSpeed (they
+        gather each layer's weights in its own forward)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if (
+            not self.args.fake_quant_grouped
+            or not model.training
+            or self.accelerator.num_processes > 1
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+            or getattr(unwrapped, "is_gradient_checkpointing", False)
+        ):
+            return contextlib.nullcontext()
+        return grouped_fake_quant(unwrapped)
 
     def _drop_nonfinite(self, *components: torch.Tensor) -> list[torch.Tensor]:
         """Replace non-finite loss components by 0 for this step and count the step (one host sync)."""

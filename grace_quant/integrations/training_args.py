@@ -120,6 +120,15 @@ class GraceTrainingArguments(TrainingArguments):
             "activations; equal up to summation order)."
         },
     )
+    fake_quant_grouped: bool = field(
+        default=True,
+        metadata={
+            "help": "On the fused kernels ('auto' on CUDA, 'triton'), fake-quantize all trainable QAT linears in one "
+            "kernel launch per forward and one per backward instead of two per layer (the same values bit for bit; "
+            "a QAT step launching per layer is bound by the host). Applies to one process without gradient "
+            "checkpointing, FSDP or DeepSpeed; elsewhere, and with False, each layer quantizes in its own forward."
+        },
+    )
     teacher_compile: bool = field(
         default=False,
         metadata={

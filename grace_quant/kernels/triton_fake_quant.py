@@ -28,6 +28,8 @@ values only.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -47,7 +49,10 @@ MAX_GROUP = 4096  # one program holds at least one whole group
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # constexpr codes of the storage dtypes
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds |x| < 2**22 to an integer, half to even
 
-__all__ = ["SUPPORTED_DTYPES", "fake_quant_backward", "fake_quant_forward", "launch_backward", "launch_forward", "supports"]
+__all__ = [
+    "SUPPORTED_DTYPES", "fake_quant_backward", "fake_quant_forward", "launch_backward", "launch_forward",
+    "launch_many_backward", "launch_many_forward", "supports", "supports_many",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,9 +85,9 @@ def _quantize(w, s, LO: tl.constexpr, HI: tl.constexpr):
 
 
 @triton.jit
-def _tile(pid, num_groups, BLOCK_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr):
-    """Element offsets ``[BLOCK_G, GROUP_PAD]``, their mask, the group indices and their mask for program ``pid``."""
-    gid = pid.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+def _tile(block, num_groups, BLOCK_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """Element offsets ``[BLOCK_G, GROUP_PAD]``, their mask, the group indices and their mask of tile ``block``."""
+    gid = block.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     cols = tl.arange(0, GROUP_PAD)
     g_mask = gid < num_groups
     offs = gid[:, None] * GROUP + cols[None, :]
@@ -94,13 +99,24 @@ def _tile(pid, num_groups, BLOCK_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD
 
 
 @triton.jit
+def _pointer(address, KIND: tl.constexpr):
+    """An int64 ``address`` (read from a pointer table) as a pointer to the storage dtype ``KIND``."""
+    if KIND == 0:
+        return address.to(tl.pointer_type(tl.float32))
+    elif KIND == 1:
+        return address.to(tl.pointer_type(tl.float16))
+    else:
+        return address.to(tl.pointer_type(tl.bfloat16))
+
+
+@triton.jit
 def _weight_tile(
-    w_ptr, e_ptr, num_groups, W_KIND: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr,
+    w_ptr, e_ptr, block, num_groups, W_KIND: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
 ):  # fmt: skip
-    """This program's tile: offsets, masks and group indices (as :func:`_tile`), ``e = exp(theta)`` per group, the
-    scales ``s = e`` rounded to the weight dtype ``[BLOCK_G, 1]`` and the weights in fp32."""
-    offs, mask, gid, g_mask = _tile(tl.program_id(0), num_groups, BLOCK_G, GROUP, GROUP_PAD)
+    """Tile ``block`` of one weight: offsets, masks and group indices (as :func:`_tile`), ``e = exp(theta)`` per
+    group, the scales ``s = e`` rounded to the weight dtype ``[BLOCK_G, 1]`` and the weights in fp32."""
+    offs, mask, gid, g_mask = _tile(block, num_groups, BLOCK_G, GROUP, GROUP_PAD)
     e = tl.load(e_ptr + gid, mask=g_mask, other=1.0).to(tl.float32)
     s = _round_to(e, W_KIND)[:, None]
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -108,12 +124,13 @@ def _weight_tile(
 
 
 @triton.jit
-def _fake_quant_fwd_kernel(
-    w_ptr, e_ptr, out_ptr, num_groups,
+def _forward_tile(
+    w_ptr, e_ptr, out_ptr, block, num_groups,
     LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
-    offs, mask, gid, g_mask, e, s, w = _weight_tile(w_ptr, e_ptr, num_groups, W_KIND, BLOCK_G, GROUP, GROUP_PAD)
+    """``w_hat`` of tile ``block`` of one weight (``w_ptr``, ``e_ptr`` and ``out_ptr`` at its first element/group)."""
+    offs, mask, gid, g_mask, e, s, w = _weight_tile(w_ptr, e_ptr, block, num_groups, W_KIND, BLOCK_G, GROUP, GROUP_PAD)
     _, _, q = _quantize(w, s, LO, HI)
     w_hat = _round_to(q * s, W_KIND)
     if OUT_KIND != W_KIND:
@@ -122,12 +139,13 @@ def _fake_quant_fwd_kernel(
 
 
 @triton.jit
-def _fake_quant_bwd_kernel(
-    w_ptr, e_ptr, g_ptr, gw_ptr, gls_ptr, num_groups,
+def _backward_tile(
+    w_ptr, e_ptr, g_ptr, gw_ptr, gls_ptr, block, num_groups,
     LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, G_KIND: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
-    offs, mask, gid, g_mask, e, s, w = _weight_tile(w_ptr, e_ptr, num_groups, W_KIND, BLOCK_G, GROUP, GROUP_PAD)
+    """``dw`` and ``dtheta`` of tile ``block`` of one weight (every pointer at the weight's first element/group)."""
+    offs, mask, gid, g_mask, e, s, w = _weight_tile(w_ptr, e_ptr, block, num_groups, W_KIND, BLOCK_G, GROUP, GROUP_PAD)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if G_KIND != W_KIND:
         g = _round_to(g, W_KIND)  # the gradient of w_hat.to(out_dtype) arrives in the weight dtype
@@ -138,6 +156,60 @@ def _fake_quant_bwd_kernel(
     contrib = tl.where(mask, g * step, 0.0)
     grad_log_scale = tl.sum(contrib, axis=1) * e
     tl.store(gls_ptr + gid, grad_log_scale.to(gls_ptr.dtype.element_ty), mask=g_mask)
+
+
+@triton.jit
+def _fake_quant_fwd_kernel(
+    w_ptr, e_ptr, out_ptr, num_groups,
+    LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    _forward_tile(w_ptr, e_ptr, out_ptr, tl.program_id(0), num_groups, LO, HI, W_KIND, OUT_KIND, GROUP, GROUP_PAD,
+                  BLOCK_G)  # fmt: skip
+
+
+@triton.jit
+def _fake_quant_bwd_kernel(
+    w_ptr, e_ptr, g_ptr, gw_ptr, gls_ptr, num_groups,
+    LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, G_KIND: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    _backward_tile(w_ptr, e_ptr, g_ptr, gw_ptr, gls_ptr, tl.program_id(0), num_groups, LO, HI, W_KIND, G_KIND, GROUP,
+                   GROUP_PAD, BLOCK_G)  # fmt: skip
+
+
+@triton.jit
+def _many_program(program_weight, program_block, first_group, group_counts):
+    """Which weight this program of a many-weight launch works on, its tile there, that weight's first group in
+    the flat per-group buffers and its group count."""
+    pid = tl.program_id(0)
+    i = tl.load(program_weight + pid)
+    return i, tl.load(program_block + pid), tl.load(first_group + i), tl.load(group_counts + i)
+
+
+@triton.jit
+def _fake_quant_many_fwd_kernel(
+    w_table, e_ptr, out_ptr, program_weight, program_block, first_group, group_counts,
+    LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    i, block, g0, n = _many_program(program_weight, program_block, first_group, group_counts)
+    w_ptr = _pointer(tl.load(w_table + i), W_KIND)
+    _forward_tile(w_ptr, e_ptr + g0, out_ptr + g0 * GROUP, block, n, LO, HI, W_KIND, OUT_KIND, GROUP, GROUP_PAD,
+                  BLOCK_G)  # fmt: skip
+
+
+@triton.jit
+def _fake_quant_many_bwd_kernel(
+    w_table, e_ptr, g_table, gw_ptr, gls_ptr, program_weight, program_block, first_group, group_counts,
+    LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, G_KIND: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    i, block, g0, n = _many_program(program_weight, program_block, first_group, group_counts)
+    w_ptr = _pointer(tl.load(w_table + i), W_KIND)
+    g_ptr = _pointer(tl.load(g_table + i), G_KIND)
+    _backward_tile(w_ptr, e_ptr + g0, g_ptr, gw_ptr + g0 * GROUP, gls_ptr + g0, block, n, LO, HI, W_KIND, G_KIND,
+                   GROUP, GROUP_PAD, BLOCK_G)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,4 +352,118 @@ def launch_backward(
         LO=lo, HI=hi, W_KIND=_KIND[weight.dtype], G_KIND=_KIND[grad.dtype],
         GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g, num_warps=warps,
     )  # fmt: skip
+    return grad_weight, grad_log_scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# many weights in one launch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ManyPlan(NamedTuple):
+    """Static tables of a many-weight launch: weight ``i`` owns groups ``first_group[i] : + group_counts[i]`` of the
+    flat per-group buffers (elements ``* group`` of the flat weight-sized ones); program ``p`` does tile
+    ``program_block[p]`` of weight ``program_weight[p]``."""
+
+    first_group: torch.Tensor  # int64 [N], on the device
+    group_counts: torch.Tensor  # int64 [N]
+    program_weight: torch.Tensor  # int32 [programs]
+    program_block: torch.Tensor  # int32 [programs]
+    total_groups: int
+
+
+@functools.lru_cache(maxsize=16)
+def many_plan(group_counts: tuple[int, ...], block_g: int, device: torch.device) -> ManyPlan:
+    """The tables for weights of ``group_counts`` groups each, ``block_g`` groups per program (cached: the same
+    layers give the same plan every step)."""
+    firsts, weights, blocks, total = [], [], [], 0
+    for i, count in enumerate(group_counts):
+        firsts.append(total)
+        tiles = triton.cdiv(count, block_g)
+        weights += [i] * tiles
+        blocks += range(tiles)
+        total += count
+
+    def table(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device)
+
+    return ManyPlan(table(firsts, torch.int64), table(list(group_counts), torch.int64), table(weights, torch.int32),
+                    table(blocks, torch.int32), total)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=32)
+def _address_table(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The int64 tensor of ``addresses`` on ``device``, copied without a host sync (pinned memory, non-blocking) and
+    cached: a table is only numbers, so the same addresses give the same table whatever lives there now."""
+    table = torch.tensor(addresses, dtype=torch.int64)
+    if device.type != "cuda":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def addresses(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A device table of the tensors' data pointers (all on one device) for the many-weight kernels."""
+    return _address_table(tuple(t.data_ptr() for t in tensors), tensors[0].device)
+
+
+def supports_many(weights: Sequence[torch.Tensor], log_scales: Sequence[torch.Tensor], group_size: int) -> bool:
+    """Whether one many-weight launch takes these ``[out, in]`` weights with their fp32 log-scales: each one as
+    :func:`supports` says, all contiguous, of one dtype, on one device."""
+    if not weights or len(weights) != len(log_scales):
+        return False
+    first = weights[0]
+    return all(
+        w.dtype == first.dtype and w.device == first.device and w.is_contiguous() and supports(w, ls, group_size)
+        for w, ls in zip(weights, log_scales, strict=True)
+    )
+
+
+def launch_many_forward(
+    weights: Sequence[torch.Tensor],
+    exp_log_scale: torch.Tensor,
+    group_size: int,
+    bits: int,
+    out_dtype: torch.dtype,
+    *,
+    block_elements: int | None = None,
+) -> torch.Tensor:
+    """:func:`launch_forward` of every weight in one launch: the flat ``w_hat`` of all of them, weight after
+    weight (``out_dtype``). ``exp_log_scale`` is the flat ``exp(log_scale)`` of all of them in the same order; the
+    caller checked :func:`supports_many`."""
+    group_pad, block_g, warps = _launch_config(group_size, block_elements)
+    plan = many_plan(tuple(w.numel() // group_size for w in weights), block_g, exp_log_scale.device)
+    lo, hi = code_range(bits)
+    out = torch.empty(plan.total_groups * group_size, dtype=out_dtype, device=exp_log_scale.device)
+    if plan.total_groups:
+        _fake_quant_many_fwd_kernel[(plan.program_weight.numel(),)](
+            addresses(weights), exp_log_scale, out, plan.program_weight, plan.program_block, plan.first_group,
+            plan.group_counts, LO=lo, HI=hi, W_KIND=_KIND[weights[0].dtype], OUT_KIND=_KIND[out_dtype],
+            GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g, num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
+def launch_many_backward(
+    weights: Sequence[torch.Tensor],
+    exp_log_scale: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    group_size: int,
+    bits: int,
+    *,
+    block_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`launch_backward` of every weight in one launch: the flat ``grad_weight`` (weight dtype) and flat
+    ``grad_log_scale`` (fp32) of all of them. ``grads`` are contiguous, each of its weight's shape, of one
+    supported dtype."""
+    group_pad, block_g, warps = _launch_config(group_size, block_elements)
+    plan = many_plan(tuple(w.numel() // group_size for w in weights), block_g, exp_log_scale.device)
+    lo, hi = code_range(bits)
+    grad_weight = torch.empty(plan.total_groups * group_size, dtype=weights[0].dtype, device=exp_log_scale.device)
+    grad_log_scale = torch.empty_like(exp_log_scale)
+    if plan.total_groups:
+        _fake_quant_many_bwd_kernel[(plan.program_weight.numel(),)](
+            addresses(weights), exp_log_scale, addresses(grads), grad_weight, grad_log_scale, plan.program_weight,
+            plan.program_block, plan.first_group, plan.group_counts, LO=lo, HI=hi, W_KIND=_KIND[weights[0].dtype],
+            G_KIND=_KIND[grads[0].dtype], GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g, num_warps=warps,
+        )  # fmt: skip
     return grad_weight, grad_log_scale
