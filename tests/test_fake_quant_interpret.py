@@ -224,25 +224,28 @@ def _run_module_case() -> dict:
 
 
 @contextlib.contextmanager
-def _counted_launches():
-    """Count the fused kernels' forward / backward launches (a dict updated in place) within the block."""
+def _counted_launches(forward: str = "launch_forward", backward: str = "launch_backward"):
+    """Count the fused kernels' forward / backward launches (a dict updated in place) within the block: calls of
+    the ``triton_fake_quant`` functions named ``forward`` and ``backward``."""
     from grace_quant.kernels import triton_fake_quant as tfq
 
     calls = {"forward": 0, "backward": 0}
-    originals = tfq.launch_forward, tfq.launch_backward
+    originals = {"forward": getattr(tfq, forward), "backward": getattr(tfq, backward)}
 
-    def counted(key, fn):
+    def counted(key):
         def wrapper(*args, **kwargs):
             calls[key] += 1
-            return fn(*args, **kwargs)
+            return originals[key](*args, **kwargs)
 
         return wrapper
 
-    tfq.launch_forward, tfq.launch_backward = counted("forward", originals[0]), counted("backward", originals[1])
+    setattr(tfq, forward, counted("forward"))
+    setattr(tfq, backward, counted("backward"))
     try:
         yield calls
     finally:
-        tfq.launch_forward, tfq.launch_backward = originals
+        setattr(tfq, forward, originals["forward"])
+        setattr(tfq, backward, originals["backward"])
 
 
 def _run_trainer_step_case() -> dict:
@@ -273,27 +276,9 @@ MANY = [
 ]
 
 
-@contextlib.contextmanager
 def _counted_many_launches():
-    """Count the many-weight kernels' forward / backward launches (a dict updated in place) within the block."""
-    from grace_quant.kernels import triton_fake_quant as tfq
-
-    calls = {"forward": 0, "backward": 0}
-    originals = tfq.launch_many_forward, tfq.launch_many_backward
-
-    def counted(key, fn):
-        def wrapper(*args, **kwargs):
-            calls[key] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    tfq.launch_many_forward = counted("forward", originals[0])
-    tfq.launch_many_backward = counted("backward", originals[1])
-    try:
-        yield calls
-    finally:
-        tfq.launch_many_forward, tfq.launch_many_backward = originals
+    """Count the many-weight kernels' forward / backward launches within the block (as :func:`_counted_launches`)."""
+    return _counted_launches("launch_many_forward", "launch_many_backward")
 
 
 def _run_many_case(index: int) -> dict:
