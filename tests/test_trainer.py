@@ -450,3 +450,26 @@ def test_packed_checkpoints_say_packed_and_trainer_checkpoints_say_qat(tmp_path)
     trainer.save_model(str(tmp_path / "int4"))
     mode = lambda folder: json.loads((folder / "config.json").read_text())["quantization_config"]["mode"]  # noqa: E731
     assert mode(tmp_path / "int4") == "packed" and mode(tmp_path / "run" / "checkpoint-1") == "qat"
+
+
+def test_grouped_fake_quant_wraps_the_forward_only_where_it_applies(tmp_path):
+    """fake_quant_grouped: the student's forward is wrapped while training in one process; not with the switch off,
+    in eval mode or with gradient checkpointing (recomputed layers would quantize again)."""
+    import contextlib
+
+    student, teacher = make_pair("llava")
+    trainer = GraceTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path))
+    student.train()
+    assert not isinstance(trainer._grouped_fake_quant(student), contextlib.nullcontext)
+    student.eval()
+    assert isinstance(trainer._grouped_fake_quant(student), contextlib.nullcontext)
+    student.train()
+    on, off = (("activation_checkpointing_enable", "activation_checkpointing_disable")
+               if hasattr(student, "activation_checkpointing_enable")
+               else ("gradient_checkpointing_enable", "gradient_checkpointing_disable"))  # transformers 5.17  # fmt: skip
+    getattr(student, on)()
+    assert isinstance(trainer._grouped_fake_quant(student), contextlib.nullcontext)
+    getattr(student, off)()
+    assert not isinstance(trainer._grouped_fake_quant(student), contextlib.nullcontext)
+    switched_off = GraceTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, fake_quant_grouped=False))
+    assert isinstance(switched_off._grouped_fake_quant(student), contextlib.nullcontext)

@@ -355,7 +355,7 @@ class GraceTrainerMixin:
             or self.accelerator.num_processes > 1
             or self.is_fsdp_enabled
             or self.is_deepspeed_enabled
-            or getattr(unwrapped, "is_gradient_checkpointing", False)
+            or activation_checkpointing(unwrapped)
         ):
             return contextlib.nullcontext()
         return grouped_fake_quant(unwrapped)
@@ -550,6 +550,14 @@ class GraceTrainerMixin:
                 saved = json.load(handle)
             self.controller.load_state_dict(saved["controller"])
             self.nonfinite_steps = saved.get("nonfinite_steps", 0)
+
+
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is on: ``is_activation_checkpointing`` from transformers 5.25
+    (``is_gradient_checkpointing``, which 5.17 has, warns there)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def teacher_pad_id(config: Any) -> int:
