@@ -597,5 +597,5 @@ def test_many_weights_match_one_launch_per_weight_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     single = run(lambda w, ls: [quant.fake_quantize(a, b, 128, 4, torch.bfloat16) for a, b in zip(w, ls, strict=True)])
-    for got, want in zip(many, single, strict=True):
-        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    for name, got, want in zip(("w_hat", "grad_weight", "grad_log_scale"), many, single, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), name

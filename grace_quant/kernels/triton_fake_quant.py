@@ -99,14 +99,19 @@ def _tile(block, num_groups, BLOCK_G: tl.constexpr, GROUP: tl.constexpr, GROUP_P
 
 
 @triton.jit
-def _pointer(address, KIND: tl.constexpr):
-    """An int64 ``address`` (read from a pointer table) as a pointer to the storage dtype ``KIND``."""
+def _pointer(address, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """An int64 ``address`` (read from a pointer table) as a pointer to the storage dtype ``KIND``; ``ALIGNED``: the
+    caller checked it is a multiple of 16 bytes, as a tensor argument's is, so loads vectorize (and reduce in the
+    same order) as in the one-weight kernels."""
     if KIND == 0:
-        return address.to(tl.pointer_type(tl.float32))
+        pointer = address.to(tl.pointer_type(tl.float32))
     elif KIND == 1:
-        return address.to(tl.pointer_type(tl.float16))
+        pointer = address.to(tl.pointer_type(tl.float16))
     else:
-        return address.to(tl.pointer_type(tl.bfloat16))
+        pointer = address.to(tl.pointer_type(tl.bfloat16))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
@@ -191,10 +196,10 @@ def _many_program(program_weight, program_block, first_group, group_counts):
 def _fake_quant_many_fwd_kernel(
     w_table, e_ptr, out_ptr, program_weight, program_block, first_group, group_counts,
     LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     i, block, g0, n = _many_program(program_weight, program_block, first_group, group_counts)
-    w_ptr = _pointer(tl.load(w_table + i), W_KIND)
+    w_ptr = _pointer(tl.load(w_table + i), W_KIND, ALIGNED)
     _forward_tile(w_ptr, e_ptr + g0, out_ptr + g0 * GROUP, block, n, LO, HI, W_KIND, OUT_KIND, GROUP, GROUP_PAD,
                   BLOCK_G)  # fmt: skip
 
@@ -203,11 +208,11 @@ def _fake_quant_many_fwd_kernel(
 def _fake_quant_many_bwd_kernel(
     w_table, e_ptr, g_table, gw_ptr, gls_ptr, program_weight, program_block, first_group, group_counts,
     LO: tl.constexpr, HI: tl.constexpr, W_KIND: tl.constexpr, G_KIND: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_G: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     i, block, g0, n = _many_program(program_weight, program_block, first_group, group_counts)
-    w_ptr = _pointer(tl.load(w_table + i), W_KIND)
-    g_ptr = _pointer(tl.load(g_table + i), G_KIND)
+    w_ptr = _pointer(tl.load(w_table + i), W_KIND, ALIGNED)
+    g_ptr = _pointer(tl.load(g_table + i), G_KIND, ALIGNED)
     _backward_tile(w_ptr, e_ptr + g0, g_ptr, gw_ptr + g0 * GROUP, gls_ptr + g0, block, n, LO, HI, W_KIND, G_KIND,
                    GROUP, GROUP_PAD, BLOCK_G)  # fmt: skip
 
@@ -401,6 +406,11 @@ def _address_table(addresses: tuple[int, ...], device: torch.device) -> torch.Te
     return table.pin_memory().to(device, non_blocking=True)
 
 
+def aligned(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor starts at a multiple of 16 bytes (a fresh allocation does; a view may not)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
 def addresses(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A device table of the tensors' data pointers (all on one device) for the many-weight kernels."""
     return _address_table(tuple(t.data_ptr() for t in tensors), tensors[0].device)
@@ -438,7 +448,8 @@ def launch_many_forward(
         _fake_quant_many_fwd_kernel[(plan.program_weight.numel(),)](
             addresses(weights), exp_log_scale, out, plan.program_weight, plan.program_block, plan.first_group,
             plan.group_counts, LO=lo, HI=hi, W_KIND=_KIND[weights[0].dtype], OUT_KIND=_KIND[out_dtype],
-            GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g, num_warps=warps,
+            GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g, ALIGNED=aligned(weights),
+            num_warps=warps,
         )  # fmt: skip
     return out
 
@@ -464,6 +475,7 @@ def launch_many_backward(
         _fake_quant_many_bwd_kernel[(plan.program_weight.numel(),)](
             addresses(weights), exp_log_scale, addresses(grads), grad_weight, grad_log_scale, plan.program_weight,
             plan.program_block, plan.first_group, plan.group_counts, LO=lo, HI=hi, W_KIND=_KIND[weights[0].dtype],
-            G_KIND=_KIND[grads[0].dtype], GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g, num_warps=warps,
+            G_KIND=_KIND[grads[0].dtype], GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g,
+            ALIGNED=aligned([*weights, *grads]), num_warps=warps,
         )  # fmt: skip
     return grad_weight, grad_log_scale
