@@ -45,13 +45,15 @@
 #            whole-linear table; a host table gives the Python + launch cost per call
 # Done 2026-12-05 (on an H100): tests (119 passed), e2e-llava (GRACE batch 1 failed: CUDA-graph pool error, fixed
 # after), trainer, trainer-extra, trainer-linear (benchmarks/results/{e2e,trainer_step}_h200.md, run E).
+# Done 2026-12-06: on the H200, tests (120 passed; the tune test's count was wrong on a GPU with a shipped table, fixed),
+# trainer-profile, trainer (run F); on H100s (the tool lent those for the H200 kind afterwards): trainer x3 with the
+# grouped fake quant (run G: issue 17's targets met), fake-quant (host table), e2e (LLaVA batch 1, run F: GRACE 1.73x).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
-#  1) STAGES="tests": checks the split-K counter fix (tests/test_kernels_gpu.py::test_first_call_inside_a_compiled_...);
-#  2) issue 16: STAGES="e2e-llava" (the GRACE batch-1 row), then STAGES="e2e-qwen"; merge both JSON files;
-#  3) issue 17: STAGES="trainer-profile" (where the QAT step's ~24 ms over plain go: fake-quant kernels, launches,
-#     optimizer over the log-scales);
-#  4) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
-#     each path"); issue 17: tune the QAT linear's tiles (STAGES="fake-quant") or drop it; STAGES="e2e-host".
+#  1) STAGES="trainer" on an H200 (run G's grouped default has H100 numbers only);
+#  2) issue 16: STAGES="e2e-qwen" (no Qwen2-VL row since run D), then STAGES="e2e-host" (the generate - tight-loop
+#     gap, 1.2-1.3 ms per step in every arm, caps GRACE at ~1.7x on LLaVA);
+#  3) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
+#     each path"); the INT4 prefill (M ~ 600) is why GRACE's TTFT is 1.37x bf16's.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
