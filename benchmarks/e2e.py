@@ -21,7 +21,9 @@ cache with ``disable_compile=True``, and the dynamic cache), and a gpt-fast-styl
 ``StaticCache``, then one compiled ``forward + argmax`` call per token) whose step time, subtracted from
 ``generate``'s, is the per-token cost of transformers' generate loop. ``--host-tweaks`` runs ``generate`` without the
 per-step logits processor that ``min_new_tokens`` adds (EOS switched off instead, so the length is still fixed) and
-with transformers' deferred stop check (which skips the host sync per token; transformers enables it on MPS only).
+with transformers' deferred stop check (which skips the host sync per token; transformers enables it on MPS only;
+``grace_quant.deferred_stop_check`` turns it on for CUDA) in every arm; the ``grace+defer`` arm is GRACE INT4 with
+that switch alone.
 
     python benchmarks/e2e.py --out benchmarks/results/e2e_h200.md --json benchmarks/results/e2e_h200.json
     python benchmarks/e2e.py --device cpu --tiny --new-tokens 6 --repeats 1   # CPU smoke run of every code path
@@ -53,7 +55,7 @@ from transformers import (
 )
 
 import grace_quant
-from grace_quant import GraceConfig, quantize_model
+from grace_quant import GraceConfig, deferred_stop_check, quantize_model
 from grace_quant.integrations.attention import use_decode_attention
 from grace_quant.surgery import resolve_layers, set_submodule
 from grace_quant.testing import tiny_inputs, tiny_llava_config, tiny_qwen2_vl_config
@@ -61,7 +63,7 @@ from grace_quant.testing import tiny_inputs, tiny_llava_config, tiny_qwen2_vl_co
 PROMPT_TOKENS = 20
 CHECK_TOKENS = 32  # greedy tokens compared between the compiled and the eager run
 QWEN_GRID = (1, 24, 24)  # a 336 x 336 image: 576 patches -> 144 visual tokens after the 2x2 merge
-ARMS = ("bf16", "bf16-grace-attn", "grace", "grace-sdpa", "grace-unfused", "tinygemm")
+ARMS = ("bf16", "bf16-grace-attn", "grace", "grace+defer", "grace-sdpa", "grace-unfused", "tinygemm")
 REFERENCE_ARM = "bf16"  # stock bf16 with sdpa: the 1.0 of every ratio
 
 
@@ -234,9 +236,10 @@ def make_arm(name: str, arm: str) -> nn.Module:
     group = Setup.group_size()
     if arm == "bf16-grace-attn":
         use_decode_attention(model)
-    elif arm == "grace":
+    elif arm in ("grace", "grace+defer"):
         quantize_model(model, GraceConfig(mode="packed", group_size=group))
         use_decode_attention(model)  # a no-op on CUDA, where quantize_model already set it
+        model._bench_defer_stop = arm == "grace+defer"
     elif arm == "grace-sdpa":
         quantize_model(model, GraceConfig(mode="packed", group_size=group, decode_attention=False))
     elif arm == "grace-unfused":
@@ -278,30 +281,16 @@ def _length(new_tokens: int) -> dict:
     return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
 
 
+def defers(model: nn.Module) -> bool:
+    """Whether ``generate`` runs with the deferred stop check: the ``grace+defer`` arm, and every arm under
+    ``--host-tweaks``."""
+    return HOST_TWEAKS or getattr(model, "_bench_defer_stop", False)
+
+
 def generate(model: nn.Module, inputs: dict, new_tokens: int, **extra) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache (compiled decode on CUDA)."""
-    return model.generate(**inputs, **_length(new_tokens), do_sample=False, cache_implementation="static", **extra)
-
-
-def deferred_stop_check(enabled: bool) -> None:
-    """transformers' deferred stop check (reads the "all finished" flag one step late, no host sync per token) is
-    enabled on MPS only; ``--host-tweaks`` allows it on CUDA too (an experiment, not a library setting)."""
-    from transformers.generation import utils as gen_utils
-
-    check = getattr(gen_utils, "DeferredStopCheck", None)
-    if check is None:
-        return
-    if not hasattr(check, "_grace_original"):
-        check._grace_original = check.is_supported
-    original = check._grace_original
-    if enabled:
-        check.is_supported = staticmethod(
-            lambda device, cache, returned, is_assistant=False: original(
-                torch.device("mps") if device.type == "cuda" else device, cache, returned, is_assistant=is_assistant
-            )
-        )
-    else:
-        check.is_supported = staticmethod(original)
+    with deferred_stop_check(defers(model)):
+        return model.generate(**inputs, **_length(new_tokens), do_sample=False, cache_implementation="static", **extra)
 
 
 def timed(fn, repeats: int) -> float:
@@ -336,7 +325,8 @@ def eager_checks(model: nn.Module, inputs: dict, compiled: torch.Tensor, prompt:
     the same static cache without compilation, and the dynamic cache (which sums attention over no masked slots)."""
     n = min(CHECK_TOKENS, compiled.shape[1])
     static = generate(model, inputs, n, disable_compile=True)[:, prompt:].cpu()
-    dynamic = model.generate(**inputs, **_length(n), do_sample=False)[:, prompt:].cpu()
+    with deferred_stop_check(defers(model)):
+        dynamic = model.generate(**inputs, **_length(n), do_sample=False)[:, prompt:].cpu()
     return {
         "check_tokens": n,
         "first_mismatch_eager_static": first_mismatch(compiled[:, :n], static),
@@ -577,7 +567,6 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("benchmarks/e2e.py needs a CUDA GPU (or --device cpu --tiny for a smoke run).")
         torch.backends.cuda.enable_cudnn_sdp(False)
     HOST_TWEAKS = args.host_tweaks
-    deferred_stop_check(args.host_tweaks)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"models": {}}

@@ -29,6 +29,8 @@
 #            480 s, arms in order of importance, so a slow compile drops tinygemm first)
 #   e2e-qwen   the same for Qwen2-VL-2B: OUT/e2e_qwen.{md,json}   (~7-8 min, alone in one call). Merge the two JSON
 #            files with `python benchmarks/e2e.py --merge-json benchmarks/results/e2e_h200.json OUT/e2e_*.json`
+#   e2e-defer  stock bf16, GRACE INT4 with grace_quant.deferred_stop_check (no host sync per token) and GRACE INT4
+#            without it, LLaVA-1.5-7B and Qwen2-VL-2B, batches 1 and 8   (~8 min, alone in one call)
 #   e2e-host   --host-tweaks (no min-length processor, deferred stop check), both models, bf16 and GRACE, batch 1:
 #            the generate - tight-loop gap with transformers' host work trimmed   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
@@ -50,8 +52,11 @@
 # grouped fake quant (run G: issue 17's targets met), fake-quant (host table), e2e (LLaVA batch 1, run F: GRACE 1.73x).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
 #  1) STAGES="trainer" on an H200 (run G's grouped default has H100 numbers only);
-#  2) issue 16: STAGES="e2e-qwen" (no Qwen2-VL row since run D), then STAGES="e2e-host" (the generate - tight-loop
-#     gap, 1.2-1.3 ms per step in every arm, caps GRACE at ~1.7x on LLaVA);
+#  2) issue 16: STAGES="tests" (includes tests/test_generation.py's GPU test of deferred_stop_check, never run yet),
+#     then STAGES="e2e-defer": the generate - tight-loop gap (1.2-1.3 ms per step in every arm) caps GRACE at ~1.7x on
+#     LLaVA; by run F's tight loop (3.50 ms GRACE vs 8.36 ms stock generate) overlapping that host work with the GPU
+#     would put LLaVA b1 near 2.3x. If it wins, make it the default for GRACE INT4 generate on CUDA (GraceConfig
+#     switch, as decode_attention), then STAGES="e2e-llava" / "e2e-qwen" for the issue's table;
 #  3) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
 #     each path"); the INT4 prefill (M ~ 600) is why GRACE's TTFT is 1.37x bf16's.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
@@ -117,6 +122,11 @@ for stage in $STAGES; do
       timeout 580 python benchmarks/e2e.py --models "$model" --batches 1 8 --peer-batches 1 8 --repeats 3 \
         --deadline-s 480 --out "$OUT/$stage.md" --json "$OUT/$stage.json" --log-dir "$OUT" > "$OUT/$stage.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
+    e2e-defer)
+      timeout 580 python benchmarks/e2e.py --models llava-1.5-7b qwen2-vl-2b --arms bf16 grace+defer grace --batches 1 8 \
+        --repeats 3 --deadline-s 480 --out "$OUT/e2e_defer.md" --json "$OUT/e2e_defer.json" --log-dir "$OUT" \
+        > "$OUT/e2e_defer.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
     e2e-host)
       timeout 330 python benchmarks/e2e.py --arms bf16 grace --batches 1 --repeats 3 --host-tweaks --deadline-s 290 \
         --out "$OUT/e2e_host.md" --log-dir "$OUT" > "$OUT/e2e_host.log" 2>&1
@@ -139,7 +149,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

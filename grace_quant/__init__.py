@@ -27,6 +27,7 @@ _EXPORTS = {
     "GraceTrainer": "grace_quant.integrations.trainer",
     "GraceTrainingArguments": "grace_quant.integrations.training_args",
     "convert_to_packed": "grace_quant.convert",
+    "deferred_stop_check": "grace_quant.integrations.generation",
     "fuse_projections": "grace_quant.fusion",
     "prepare_qat": "grace_quant.convert",
     "quantize_model": "grace_quant.integrations.quantizer",
@@ -45,6 +46,7 @@ __all__ = [
     "GraceTrainer",
     "GraceTrainingArguments",
     "convert_to_packed",
+    "deferred_stop_check",
     "fuse_projections",
     "prepare_qat",
     "quantize_model",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from grace_quant.fusion import fuse_projections, unfuse_projections
     from grace_quant.integrations import AutoModelForVision2Seq
     from grace_quant.integrations.collator import GraceDataCollator
+    from grace_quant.integrations.generation import deferred_stop_check
     from grace_quant.integrations.quantizer import quantize_model
     from grace_quant.integrations.trainer import GraceTrainer
     from grace_quant.integrations.training_args import GraceTrainingArguments

@@ -1,0 +1,89 @@
+"""``grace_quant.deferred_stop_check``: transformers' deferred stop check on CUDA, scoped to a block.
+
+On CPU the switch's decision is checked against transformers' own rule (CPU has no events, so the deferred loop
+itself runs on a GPU only); on a GPU, greedy tokens with and without it are equal, stopping at EOS included.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from grace_quant import deferred_stop_check
+from grace_quant.integrations.generation import _stop_check_class, deferred_stop_check_available
+
+CUDA, CPU, MPS = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
+pytestmark = pytest.mark.skipif(not deferred_stop_check_available(), reason="this transformers has no DeferredStopCheck")
+
+
+def supported(device: torch.device, cache=None, returned: bool = False) -> bool:
+    return _stop_check_class().is_supported(device, cache, returned, is_assistant=False)
+
+
+def test_cuda_defers_only_inside_the_block_and_other_devices_keep_transformers_rule():
+    before = {d.type: supported(d) for d in (CUDA, CPU, MPS)}
+    assert before == {"cuda": False, "cpu": False, "mps": True}  # transformers' rule: MPS only
+    with deferred_stop_check() as active:
+        assert active and supported(CUDA) and not supported(CPU) and supported(MPS)
+        with deferred_stop_check(enabled=False) as inner:
+            assert not inner and not supported(CUDA)
+        assert supported(CUDA)
+    assert {d.type: supported(d) for d in (CUDA, CPU, MPS)} == before
+
+
+def test_a_returned_cache_that_cannot_be_cropped_still_opts_out():
+    class Uncroppable:
+        is_croppable = False
+
+    with deferred_stop_check():
+        assert not supported(CUDA, Uncroppable(), returned=True)  # the last step could not be undone
+        assert supported(CUDA, Uncroppable(), returned=False)
+
+
+def test_the_switch_is_per_thread():
+    seen = []
+    with deferred_stop_check():
+        worker = threading.Thread(target=lambda: seen.append(supported(CUDA)))
+        worker.start()
+        worker.join()
+        assert supported(CUDA)
+    assert seen == [False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_greedy_tokens_are_the_same_with_the_deferred_check_on_cuda(cache):
+    """GRACE INT4 tiny LLaVA on CUDA: 24 greedy tokens, and a run stopped early by EOS, equal with and without it."""
+    from transformers.generation import utils as generation_utils
+
+    from grace_quant import GraceConfig, quantize_model
+    from grace_quant.testing import collate, tiny_dataset, tiny_model
+
+    model = quantize_model(tiny_model("llava").to("cuda"), GraceConfig(mode="packed", group_size=32)).eval()
+    batch = {k: v.to("cuda") for k, v in collate(tiny_dataset(model, 2)).items() if k != "labels"}
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    made = []
+    original_init = generation_utils.DeferredStopCheck.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        original_init(self, *args, **kwargs)
+
+    def run(defer: bool, **kwargs):
+        with deferred_stop_check(defer):
+            return model.generate(**batch, do_sample=False, **extra, **kwargs)
+
+    plain = run(False, max_new_tokens=24, min_new_tokens=24)
+    generation_utils.DeferredStopCheck.__init__ = counting_init
+    try:
+        deferred = run(True, max_new_tokens=24, min_new_tokens=24)
+        assert made, "generate did not take the deferred stop check"
+        prompt = batch["input_ids"].shape[1]
+        eos = int(plain[0, prompt + 5])  # a token the first row emits at step 6: both rows stop by then or at 24
+        stopped = run(True, max_new_tokens=24, eos_token_id=eos, pad_token_id=0)
+    finally:
+        generation_utils.DeferredStopCheck.__init__ = original_init
+    assert torch.equal(deferred, plain)
+    assert torch.equal(stopped, run(False, max_new_tokens=24, eos_token_id=eos, pad_token_id=0))
