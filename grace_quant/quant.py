@@ -301,7 +301,7 @@ class _FakeQuantizeMany(torch.autograd.Function):
         # exp in torch, as scale_from_log takes it (elementwise: the same values as one exp per log-scale)
         exp_log_scale = torch.exp(torch.cat([ls.reshape(-1) for ls in log_scales]))
         flat = triton_fake_quant.launch_many_forward(weights, exp_log_scale, group_size, bits, out_dtype)
-        ctx.group_size, ctx.bits, ctx.count = group_size, bits, count
+        ctx.group_size, ctx.bits = group_size, bits
         ctx.shapes = [(w.shape, ls.shape) for w, ls in zip(weights, log_scales, strict=True)]
         ctx.save_for_backward(*weights, exp_log_scale)
         return tuple(part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True))
