@@ -192,3 +192,20 @@ def test_compiled_padded_teacher_on_cuda_gives_the_eager_loss(tmp_path):
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+def test_grouped_fake_quant_on_cuda_gives_the_per_layer_loss_and_gradients_bit_for_bit(tmp_path, monkeypatch):
+    """fake_quant_grouped (the default): one many-weight launch each way, the same loss and every gradient (log-scales
+    included: the many-weight kernels reduce in the one-weight kernels' order) as one launch per layer."""
+    from grace_quant.kernels import triton_fake_quant
+
+    launches = []
+    many = triton_fake_quant.launch_many_forward
+    monkeypatch.setattr(triton_fake_quant, "launch_many_forward", lambda *a, **k: launches.append(1) or many(*a, **k))
+    grouped_loss, grouped_grads = cuda_step(tmp_path)
+    assert launches == [1]
+    loss, grads = cuda_step(tmp_path, fake_quant_grouped=False)
+    assert launches == [1] and torch.equal(grouped_loss, loss) and grouped_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grouped_grads[name], grad), name
