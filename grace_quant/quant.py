@@ -284,8 +284,6 @@ def fake_quantize_many(
     if kernels is None or target not in kernels.SUPPORTED_DTYPES or not kernels.supports_many(weights, log_scales,
                                                                                                group_size):  # fmt: skip
         return [fake_quantize(w, ls, group_size, bits, out_dtype, backend) for w, ls in zip(weights, log_scales, strict=True)]
-    if (problem := group_size_problem(group_size, in_features=weights[0].shape[-1])) is not None:
-        raise ValueError(problem)
     return list(_FakeQuantizeMany.apply(group_size, bits, target, len(weights), *weights, *log_scales))
 
 
@@ -302,7 +300,6 @@ class _FakeQuantizeMany(torch.autograd.Function):
         exp_log_scale = torch.exp(torch.cat([ls.reshape(-1) for ls in log_scales]))
         flat = triton_fake_quant.launch_many_forward(weights, exp_log_scale, group_size, bits, out_dtype)
         ctx.group_size, ctx.bits = group_size, bits
-        ctx.shapes = [(w.shape, ls.shape) for w, ls in zip(weights, log_scales, strict=True)]
         ctx.save_for_backward(*weights, exp_log_scale)
         return tuple(part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True))
 
@@ -318,9 +315,10 @@ class _FakeQuantizeMany(torch.autograd.Function):
             weights, exp_log_scale, grads, ctx.group_size, ctx.bits
         )
         sizes = [w.numel() for w in weights]
-        grad_weights = [g.view(shape) for g, (shape, _) in zip(grad_weight.split(sizes), ctx.shapes, strict=True)]
-        groups = [s // ctx.group_size for s in sizes]
-        grad_scales = [g.view(shape) for g, (_, shape) in zip(grad_log_scale.split(groups), ctx.shapes, strict=True)]
+        grad_weights = [g.view(w.shape) for g, w in zip(grad_weight.split(sizes), weights, strict=True)]
+        groups = [size // ctx.group_size for size in sizes]
+        # a log-scale is [out, in / group_size] (supports_many checked it)
+        grad_scales = [g.view(w.shape[0], -1) for g, w in zip(grad_log_scale.split(groups), weights, strict=True)]
         return None, None, None, None, *grad_weights, *grad_scales
 
 

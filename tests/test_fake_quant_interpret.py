@@ -95,29 +95,17 @@ def _inputs(case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _run_fake_quant(w, log_scale, upstream, group, bits, out_dtype, fused: bool):
     """``fake_quantize`` forward and backward on the fused (counted launches) or the torch path."""
     from grace_quant import quant
-    from grace_quant.kernels import triton_fake_quant as tfq
 
-    calls = {"forward": 0, "backward": 0}
-    originals = (quant._fused_fake_quant_kernels, tfq.launch_forward, tfq.launch_backward)
-
-    def counted(key, fn):
-        def wrapper(*args, **kwargs):
-            calls[key] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    tfq.launch_forward = counted("forward", originals[1])
-    tfq.launch_backward = counted("backward", originals[2])
+    original = quant._fused_fake_quant_kernels
     if not fused:
         quant._fused_fake_quant_kernels = lambda *args: None
     try:
-        with quant.fused_fake_quant():  # "auto" picks torch ops on CPU: force the kernels (the interpreter here)
+        with _counted_launches() as calls, quant.fused_fake_quant():  # "auto" picks torch ops on CPU: force them
             w_leaf, ls_leaf = w.clone().requires_grad_(), log_scale.clone().requires_grad_()
             out = quant.fake_quantize(w_leaf, ls_leaf, group, bits, out_dtype=out_dtype)
             (out * upstream).sum().backward()
     finally:
-        quant._fused_fake_quant_kernels, tfq.launch_forward, tfq.launch_backward = originals
+        quant._fused_fake_quant_kernels = original
     return out.detach(), w_leaf.grad, ls_leaf.grad, calls
 
 

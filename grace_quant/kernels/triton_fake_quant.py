@@ -376,6 +376,11 @@ class ManyPlan(NamedTuple):
     program_block: torch.Tensor  # int32 [programs]
     total_groups: int
 
+    @property
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four tables in the order both many-weight kernels take them (their last pointer arguments)."""
+        return self.program_weight, self.program_block, self.first_group, self.group_counts
+
 
 @functools.lru_cache(maxsize=16)
 def many_plan(group_counts: tuple[int, ...], block_g: int, device: torch.device) -> ManyPlan:
@@ -440,16 +445,12 @@ def launch_many_forward(
     """:func:`launch_forward` of every weight in one launch: the flat ``w_hat`` of all of them, weight after
     weight (``out_dtype``). ``exp_log_scale`` is the flat ``exp(log_scale)`` of all of them in the same order; the
     caller checked :func:`supports_many`."""
-    group_pad, block_g, warps = _launch_config(group_size, block_elements)
-    plan = many_plan(tuple(w.numel() // group_size for w in weights), block_g, exp_log_scale.device)
-    lo, hi = code_range(bits)
+    plan, options = _many_launch(weights, group_size, bits, block_elements, exp_log_scale.device)
     out = torch.empty(plan.total_groups * group_size, dtype=out_dtype, device=exp_log_scale.device)
     if plan.total_groups:
         _fake_quant_many_fwd_kernel[(plan.program_weight.numel(),)](
-            addresses(weights), exp_log_scale, out, plan.program_weight, plan.program_block, plan.first_group,
-            plan.group_counts, LO=lo, HI=hi, W_KIND=_KIND[weights[0].dtype], OUT_KIND=_KIND[out_dtype],
-            GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g, ALIGNED=aligned(weights),
-            num_warps=warps,
+            addresses(weights), exp_log_scale, out, *plan.tables, OUT_KIND=_KIND[out_dtype], ALIGNED=aligned(weights),
+            **options,
         )  # fmt: skip
     return out
 
@@ -466,16 +467,24 @@ def launch_many_backward(
     """:func:`launch_backward` of every weight in one launch: the flat ``grad_weight`` (weight dtype) and flat
     ``grad_log_scale`` (fp32) of all of them. ``grads`` are contiguous, each of its weight's shape, of one
     supported dtype."""
-    group_pad, block_g, warps = _launch_config(group_size, block_elements)
-    plan = many_plan(tuple(w.numel() // group_size for w in weights), block_g, exp_log_scale.device)
-    lo, hi = code_range(bits)
+    plan, options = _many_launch(weights, group_size, bits, block_elements, exp_log_scale.device)
     grad_weight = torch.empty(plan.total_groups * group_size, dtype=weights[0].dtype, device=exp_log_scale.device)
     grad_log_scale = torch.empty_like(exp_log_scale)
     if plan.total_groups:
         _fake_quant_many_bwd_kernel[(plan.program_weight.numel(),)](
-            addresses(weights), exp_log_scale, addresses(grads), grad_weight, grad_log_scale, plan.program_weight,
-            plan.program_block, plan.first_group, plan.group_counts, LO=lo, HI=hi, W_KIND=_KIND[weights[0].dtype],
-            G_KIND=_KIND[grads[0].dtype], GROUP=group_size, GROUP_PAD=group_pad, BLOCK_G=block_g,
-            ALIGNED=aligned([*weights, *grads]), num_warps=warps,
+            addresses(weights), exp_log_scale, addresses(grads), grad_weight, grad_log_scale, *plan.tables,
+            G_KIND=_KIND[grads[0].dtype], ALIGNED=aligned([*weights, *grads]), **options,
         )  # fmt: skip
     return grad_weight, grad_log_scale
+
+
+def _many_launch(
+    weights: Sequence[torch.Tensor], group_size: int, bits: int, block_elements: int | None, device: torch.device
+) -> tuple[ManyPlan, dict]:
+    """The plan of a many-weight launch and the launch options both kernels share (code range, weight dtype, tile)."""
+    group_pad, block_g, warps = _launch_config(group_size, block_elements)
+    plan = many_plan(tuple(w.numel() // group_size for w in weights), block_g, device)
+    lo, hi = code_range(bits)
+    options = dict(LO=lo, HI=hi, W_KIND=_KIND[weights[0].dtype], GROUP=group_size, GROUP_PAD=group_pad,
+                   BLOCK_G=block_g, num_warps=warps)  # fmt: skip
+    return plan, options
