@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from grace_quant.kernels.dispatch import M_BUCKETS, m_bucket
 from grace_quant.kernels.tables import device_name, table
 from grace_quant.kernels.tuner import tune_shapes
 
@@ -30,13 +31,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--retune", action="store_true", help="time keys that already have a configuration too")
+    parser.add_argument("--ms", default=None, help="comma-separated M buckets to tune (default: all of them)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels.py times kernels on a CUDA GPU; none is available here.")
     cuda = torch.device("cuda", torch.cuda.current_device())
     shapes = {(n, k, 128, torch.bfloat16, cuda) for model in args.models for k, n in SHAPES[model]}
     start = time.perf_counter()
-    tuned = tune_shapes(shapes, retune=args.retune)
+    m_values = M_BUCKETS if args.ms is None else [m_bucket(int(v)) for v in args.ms.split(",")]
+    tuned = tune_shapes(shapes, m_values, retune=args.retune)
     device = device_name(cuda)
     print(f"{len(tuned)} configurations tuned in {time.perf_counter() - start:.0f} s on {device}")
     print(f"table: {table(device).user_path}")

@@ -83,6 +83,10 @@ FORCED = [
     ("gemv", dict(), 3, 1536, 8960, 128),
     ("gemv", dict(splits=5, block_n=8), 4, 72, 1152, 64),
     ("gemv", dict(step_k=1024, num_warps=8, block_n=32), 1, 4096, 4096, 128),
+    ("pipe", dict(block_j=64, block_n=8, num_warps=2), 1, 11008, 4096, 128),
+    ("pipe", dict(block_j=32, block_n=32, splits=5), 2, 4096, 11008, 128),
+    ("pipe", dict(block_j=16, num_stages=6, splits=1), 3, 200, 1152, 64),
+    ("pipe", dict(block_j=8, block_n=16), 4, 1536, 8960, 32),
     ("tc", dict(splits=1), 16, 200, 640, 128),
     ("tc", dict(block_m=64), 33, 72, 640, 32),
     ("tc", dict(), 5, 4096, 4096, 128),
@@ -102,7 +106,8 @@ def test_forced_configs(dtype, kernel, cfg, m, n, k, group):
     packed, scales, bias = make(n, k, group, dtype, True)
     x = torch.randn(m, k, device="cuda").to(dtype)
     poison()
-    fn = TW.gemv_w4a16 if kernel == "gemv" else TW.tc_gemm_w4a16
+    fn = {"gemv": TW.gemv_w4a16, "pipe": TW.gemv_pipe_w4a16, "tc": TW.tc_gemm_w4a16}[kernel]
+    assert kernel != "pipe" or TW.supports_pipe(x, scales, group, cfg["block_j"])
     y = fn(x, packed, scales, bias, group, **cfg)
     assert torch.isfinite(y).all()
     err = rel_err(y, ref_fp64(x, packed, scales, bias, group))

@@ -42,6 +42,10 @@ CASES = [
     ("gemv-m4-split3-bf16", "gemv", 4, 200, 1152, 128, "bfloat16", True, {"splits": 3}),
     ("gemv-step1024-g32-bf16", "gemv", 1, 72, 1152, 32, "bfloat16", True, {"step_k": 1024, "splits": 2}),
     ("gemv-step1024-g64-fp16", "gemv", 1, 200, 1152, 64, "float16", False, {"step_k": 1024}),
+    ("pipe-m1-j32-bf16", "pipe", 1, 72, 1024, 128, "bfloat16", True, {"block_j": 32}),
+    ("pipe-m3-j16-g64-split3-fp16", "pipe", 3, 200, 768, 64, "float16", False, {"block_j": 16, "splits": 3}),
+    ("pipe-m2-j8-g32-bn16-bf16", "pipe", 2, 72, 512, 32, "bfloat16", True, {"block_j": 8, "block_n": 16, "splits": 2}),
+    ("pipe-m4-j64-st3-fp16", "pipe", 4, 40, 2048, 128, "float16", True, {"block_j": 64, "num_stages": 3}),
     ("tc-nosplit-bf16", "tc", 16, 200, 384, 128, "bfloat16", False, {"splits": 1}),
     ("tc-split3-bm64-fp16", "tc", 33, 72, 384, 32, "float16", True, {"splits": 3, "block_m": 64}),
     ("tc-m5-bn128-bf16", "tc", 5, 200, 256, 64, "bfloat16", True, {"block_n": 128}),
@@ -70,6 +74,9 @@ def _run_case(kmod, tw, case) -> dict:
         y = tw.w4a16_linear(x, packed, scales, bias, group)
     elif entry == "gemv":
         y = tw.gemv_w4a16(x, packed, scales, bias, group, **extra)
+    elif entry == "pipe":
+        assert tw.supports_pipe(x, scales, group, extra["block_j"])
+        y = tw.gemv_pipe_w4a16(x, packed, scales, bias, group, **extra)
     elif entry == "tc":
         y = tw.tc_gemm_w4a16(x, packed, scales, bias, group, **extra)
     elif entry == "batched":
@@ -107,7 +114,12 @@ def _run_split_reduction(kmod, tw) -> dict:
     x = torch.randn(3, k).to(dtype)
     ref = _reference_fp64(kmod, x, packed, scales, None, group)
     out = {}
-    for name, fn, kw in (("tc", tw.tc_gemm_w4a16, {"block_n": 32, "block_k": 64}), ("gemv", tw.gemv_w4a16, {})):
+    kernels = (
+        ("tc", tw.tc_gemm_w4a16, {"block_n": 32, "block_k": 64}),
+        ("gemv", tw.gemv_w4a16, {}),
+        ("pipe", tw.gemv_pipe_w4a16, {"block_j": 16}),
+    )
+    for name, fn, kw in kernels:
         first = fn(x, packed, scales, None, group, splits=4, **kw)
         zero_after_first = bool((tw._counters(x.device) == 0).all())
         again = fn(x, packed, scales, None, group, splits=4, **kw)
@@ -128,11 +140,13 @@ def _run_tuned(kmod, tw) -> dict:
         1: {"block_n": 4, "step_k": 256, "num_warps": 2, "target_programs_per_sm": 4},  # split-K GEMV
         5: {"block_n": 32, "num_warps": 4, "num_stages": 2, "target_programs_per_sm": 2},
     }
+    configs[2] = {"block_n": 8, "block_j": 16, "num_warps": 2, "num_stages": 3, "target_programs_per_sm": 4}  # pipelined
     configs[70] = {"tc": 1, "block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}  # the race's tc winner
     configs[130] = {"tc": 0}  # the race's dequantize + cuBLAS winner
-    calls = []
-    tc_gemm = tw.tc_gemm_w4a16
+    calls, pipe_calls = [], []
+    tc_gemm, gemv_pipe = tw.tc_gemm_w4a16, tw.gemv_pipe_w4a16
     tw.tc_gemm_w4a16 = lambda *args, **kwargs: calls.append(kwargs) or tc_gemm(*args, **kwargs)
+    tw.gemv_pipe_w4a16 = lambda *args, **kwargs: pipe_calls.append(kwargs) or gemv_pipe(*args, **kwargs)
     out = {}
     try:
         for m, config in configs.items():
@@ -143,12 +157,42 @@ def _run_tuned(kmod, tw) -> dict:
             x = torch.randn(m, k).to(dtype)
             used = dispatch.config_for(x, n, group) == config
             calls.clear()
+            pipe_calls.clear()
             y = tw.w4a16_linear(x, packed, scales, None, group)
             ref = _reference_fp64(kmod, x, packed, scales, None, group)
             err = ((y.double() - ref).norm() / ref.norm()).item()
-            out[f"m{m}"] = {"used": used, "err": err, "tc_calls": calls[:]}
+            out[f"m{m}"] = {"used": used, "err": err, "tc_calls": calls[:], "pipe_calls": pipe_calls[:]}
     finally:
-        tw.tc_gemm_w4a16 = tc_gemm
+        tw.tc_gemm_w4a16, tw.gemv_pipe_w4a16 = tc_gemm, gemv_pipe
+    return out
+
+
+def _run_pipe_heuristic(kmod, tw) -> dict:
+    """Without a tuned entry, the GEMV path takes the pipelined GEMV for weights of at least ``_PIPE_MIN_WEIGHTS``
+    (lowered here: the interpreter is slow) with the widest step that tiles K, and the first-generation GEMV where the
+    scales are not in the activations' dtype (the pipelined kernel reads them as 16-bit pairs)."""
+    calls = []
+    gemv_pipe, threshold = tw.gemv_pipe_w4a16, tw._PIPE_MIN_WEIGHTS
+    tw.gemv_pipe_w4a16 = lambda *args, **kwargs: calls.append(kwargs) or gemv_pipe(*args, **kwargs)
+    tw._PIPE_MIN_WEIGHTS = 72 * 768
+    out = {}
+    try:
+        for name, n, k, scale_dtype in (
+            ("k1024", 72, 1024, torch.float16), ("k768", 72, 768, torch.float16), ("small", 40, 768, torch.float16),
+            ("fp32-scales", 72, 1024, torch.float32),
+        ):  # fmt: skip
+            packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
+            scales = (torch.rand(n, k // 128) * 0.05 + 0.001).to(scale_dtype)
+            x = torch.randn(1, k).to(torch.float16)
+            calls.clear()
+            y = tw.w4a16_linear(x, packed, scales, None, 128)
+            ref = _reference_fp64(kmod, x, packed, scales, None, 128)
+            out[name] = {
+                "err": ((y.double() - ref).norm() / ref.norm()).item(),
+                "block_j": [c["block_j"] for c in calls],
+            }
+    finally:
+        tw.gemv_pipe_w4a16, tw._PIPE_MIN_WEIGHTS = gemv_pipe, threshold
     return out
 
 
@@ -166,6 +210,7 @@ def _main() -> None:
         ("dequant", lambda: _run_dequant(kmod, tw)),
         ("split", lambda: _run_split_reduction(kmod, tw)),
         ("tuned", lambda: _run_tuned(kmod, tw)),
+        ("pipe-heuristic", lambda: _run_pipe_heuristic(kmod, tw)),
     ])  # fmt: skip
 
 
@@ -186,8 +231,9 @@ def test_kernel_matches_fp64_reference(interpreted, case):
 def test_tuned_configs_reach_the_kernels_and_keep_results(interpreted):
     rec = interpreted.get("tuned")
     assert rec is not None and "error" not in rec, rec
-    for m in ("m1", "m5", "m70", "m130"):
+    for m in ("m1", "m2", "m5", "m70", "m130"):
         assert rec[m]["used"] and rec[m]["err"] < TOL["float16"], rec
+    assert [c["block_j"] for c in rec["m2"]["pipe_calls"]] == [16] and rec["m1"]["pipe_calls"] == []
     # above M = 64 the tuned race decides: the tensor-core kernel with the winner's tiles, or dequantize + cuBLAS
     assert rec["m70"]["tc_calls"] == [{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "splits": 1}]
     assert rec["m130"]["tc_calls"] == [] and len(rec["m5"]["tc_calls"]) == 1
@@ -196,8 +242,17 @@ def test_tuned_configs_reach_the_kernels_and_keep_results(interpreted):
 def test_split_k_resets_its_counters_and_repeats_bit_for_bit(interpreted):
     rec = interpreted["split"]
     assert "error" not in rec, rec
-    for name in ("tc", "gemv"):
+    for name in ("tc", "gemv", "pipe"):
         assert rec[name]["counters_zero"] and rec[name]["repeat_equal"], rec
+        assert rec[name]["err"] < TOL["float16"], rec
+
+
+def test_gemv_path_picks_the_pipelined_gemv_only_where_it_reads_the_layout(interpreted):
+    rec = interpreted["pipe-heuristic"]
+    assert "error" not in rec, rec
+    assert rec["k1024"]["block_j"] == [64] and rec["k768"]["block_j"] == [32]  # the widest step tiling K
+    assert rec["small"]["block_j"] == [] and rec["fp32-scales"]["block_j"] == []  # first-generation GEMV
+    for name in rec:
         assert rec[name]["err"] < TOL["float16"], rec
 
 

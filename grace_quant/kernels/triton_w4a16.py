@@ -3,7 +3,9 @@
 Three paths, chosen from the token count ``M`` alone (no host syncs, CUDA-graph safe):
 
 * ``M <= GEMV_MAX_M`` (``gemv``): a CUDA-core GEMV (up to 4 rows) or, where the tuned table says it won, the
-  tensor-core kernel with its token tile padded to 16;
+  tensor-core kernel with its token tile padded to 16. Two GEMVs: the pipelined one (every load issued ``STAGES``
+  steps ahead through shared memory by Triton's pipeliner, scales read as int32 pairs; large weights) and the
+  first-generation one (software prefetch of one step; small weights, and layouts the pipelined one does not read);
 * up to ``TC_MAX_M`` (``tc``): the tensor-core kernel with split-K;
 * larger ``M`` (``large``): dequantize to the activation dtype + cuBLAS (the robust fallback), unless this GPU's
   tuned table says the tensor-core kernel won the race for that shape and M bucket.
@@ -51,10 +53,12 @@ _COUNTERS = 1 << 16  # split-K arrival counters per device (one per output tile 
 __all__ = [
     "GEMV_ROWS",
     "dequantize_w4",
+    "gemv_pipe_w4a16",
     "gemv_w4a16",
     "linear_unchecked",
     "linear_with_config",
     "supports",
+    "supports_pipe",
     "tc_gemm_w4a16",
     "w4a16_linear",
 ]
@@ -296,6 +300,48 @@ def _gemv_kernel(
     offs_m = tl.arange(0, 4)
     _store_tile(
         acc, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, tl.num_programs(1), offs_n, offs_m, n_mask, offs_m < M,
+        M, N, stride_ym, SPLIT, HAS_BIAS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gemv_pipe_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, KW, KP, stride_xm, stride_ym, words_per_split, magic,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    STAGES: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """``y = x W^T`` for up to ``ROWS`` tokens on CUDA cores, every load pipelined ``STAGES`` deep by Triton: a step
+    reads ``BLOCK_J`` words of ``BLOCK_N`` rows (whole pairs of groups; the scales as int32 pairs, ``s_ptr``
+    ``[N, KP]``) and the matching activations, decodes each word's 8 codes in its thread and reduces them there."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPG: tl.constexpr = GROUP // 8
+    PPS: tl.constexpr = BLOCK_J // (2 * WPG)  # scale pairs per step
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, ROWS)
+    r_mask = offs_r < M
+    offs_j = tl.arange(0, BLOCK_J)
+    j_begin = pid_k * words_per_split
+    j_end = tl.minimum(j_begin + words_per_split, KW)
+    w_ptrs = w_ptr + offs_n[:, None] * KW + offs_j[None, :]
+    s_ptrs = s_ptr + offs_n[:, None] * KP + tl.arange(0, PPS)[None, :]
+    x_ptrs = x_ptr + offs_r[:, None, None] * stride_xm + offs_j[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    acc = tl.zeros([BLOCK_N, ROWS, 2 * PPS], dtype=tl.float32)
+    for j0 in tl.range(j_begin, j_end, BLOCK_J, num_stages=STAGES):
+        words = tl.load(w_ptrs + j0, mask=n_mask[:, None], other=0)
+        sp = tl.load(s_ptrs + j0 // (2 * WPG), mask=n_mask[:, None], other=0)
+        xv = tl.load(x_ptrs + j0 * 8, mask=r_mask[:, None, None], other=0.0).to(tl.float32)
+        codes = tl.reshape(_codes_joined(words, magic), [BLOCK_N, 1, BLOCK_J, 8])
+        part = tl.sum(codes * xv[None, :, :, :], axis=3)  # [BN, ROWS, BJ]: each word's dot product, in its thread
+        part = tl.sum(tl.reshape(part, [BLOCK_N, ROWS, 2 * PPS, WPG]), axis=3)  # per group
+        s16 = tl.reshape(tl.join(sp & 0xFFFF, (sp >> 16) & 0xFFFF), [BLOCK_N, 2 * PPS])
+        sc = s16.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        acc += part * sc[:, None, :]
+    out = tl.sum(acc, axis=2)  # [BN, ROWS]
+    _store_tile(
+        out, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, tl.num_programs(1), offs_n, offs_r, n_mask, r_mask,
         M, N, stride_ym, SPLIT, HAS_BIAS,
     )  # fmt: skip
 
@@ -594,8 +640,73 @@ def tc_gemm_w4a16(
     return y
 
 
+def supports_pipe(x2: torch.Tensor, scales: torch.Tensor, group_size: int, block_j: int) -> bool:
+    """Whether :func:`gemv_pipe_w4a16` runs this call with ``block_j`` words per step: 16-bit scales in the
+    activations' dtype (read as int32 pairs), steps of whole group pairs that tile K exactly, at most 4 rows."""
+    m, k = x2.shape
+    return (
+        m <= GEMV_ROWS
+        and scales.dtype == x2.dtype
+        and (8 * block_j) % (2 * group_size) == 0
+        and k % (8 * block_j) == 0
+        and scales.is_contiguous()
+    )
+
+
+def gemv_pipe_w4a16(
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    *,
+    block_n: int = 8,
+    block_j: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    target_programs: int | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """The pipelined CUDA-core GEMV (:func:`_gemv_pipe_kernel`) for 1..4 rows, ``block_j`` words per step; K is split
+    so that the programs reach ``target_programs`` (default 4 per SM), or into ``splits``. Callers check
+    :func:`supports_pipe` first."""
+    m, k = x2.shape
+    n = packed.shape[0]
+    kw = k // 8
+    steps = kw // block_j
+    tiles = triton.cdiv(n, block_n)
+    target = 4 * _sms(x2) if target_programs is None else target_programs
+    per = _split_groups(steps, tiles, target, 1) if splits is None else triton.cdiv(steps, splits)
+    splits = triton.cdiv(steps, per)
+    y, ws, cnt = _outputs(x2, packed, tiles, splits)
+    _gemv_pipe_kernel[(tiles, splits)](
+        x2, packed, scales.view(torch.int32), bias if bias is not None else scales, y, ws, cnt,
+        m, n, kw, k // (2 * group_size), x2.stride(0), y.stride(0), per * block_j, _MAGIC,
+        GROUP=group_size, ROWS=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_J=block_j, STAGES=num_stages,
+        SPLIT=splits > 1, HAS_BIAS=bias is not None, num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
 _TC_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prefetch")
 _GEMV_KEYS = ("block_n", "step_k", "num_warps")
+_PIPE_KEYS = ("block_n", "block_j", "num_warps", "num_stages")
+_PIPE_MIN_WEIGHTS = 12 << 20
+"""Below ~12M weights the pipelined GEMV's prologue and split costs outweigh its deeper pipeline (H100 lab run,
+benchmarks/results/kernel_lab_h100.md): the first-generation GEMV serves them when no tuned entry says otherwise."""
+
+
+def _pipe_heuristic(x2: torch.Tensor, n: int, scales: torch.Tensor, group_size: int) -> dict[str, int] | None:
+    """The pipelined GEMV's untuned configuration for this call (the H100 lab's most frequent winners), or None where
+    the first-generation GEMV serves it (small weights, or a layout the pipelined kernel does not read)."""
+    k = x2.shape[1]
+    if n * k < _PIPE_MIN_WEIGHTS:
+        return None
+    if supports_pipe(x2, scales, group_size, 64):
+        return {"block_n": 8, "block_j": 64, "num_warps": 2, "num_stages": 4, "target_programs": 8 * _sms(x2)}
+    if supports_pipe(x2, scales, group_size, 32):
+        return {"block_n": 32, "block_j": 32, "num_warps": 4, "num_stages": 4, "target_programs": 2 * _sms(x2)}
+    return None
 
 
 def _overrides(config: dict[str, int], names: tuple[str, ...], x2: torch.Tensor) -> dict[str, int]:
@@ -617,15 +728,21 @@ def linear_with_config(
 ) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` on ``path`` (``gemv``, ``tc`` or ``large``; see ``kernels.dispatch``) with a tuned
     ``config`` from the table, or the path's built-in heuristic when ``config`` is None (``large``: dequantize +
-    cuBLAS). An entry names its kernel: ``"tc": 1`` the tensor-core kernel, ``"step_k"`` the GEMV (up to
-    ``GEMV_ROWS`` rows), ``"tc": 0`` dequantize + cuBLAS."""
+    cuBLAS). An entry names its kernel: ``"tc": 1`` the tensor-core kernel, ``"step_k"`` the GEMV and ``"block_j"``
+    the pipelined GEMV (up to ``GEMV_ROWS`` rows; a pipelined entry the call's layout does not fit runs the path's
+    heuristic), ``"tc": 0`` dequantize + cuBLAS."""
     if path not in ("gemv", "tc", "large"):
         raise ValueError(f"unknown kernel path {path!r} (expected 'gemv', 'tc' or 'large')")
     if config is not None and config.get("tc"):
         return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_overrides(config, _TC_KEYS, x2))
     if config is not None and "step_k" in config and x2.shape[0] <= GEMV_ROWS:
         return gemv_w4a16(x2, packed, scales, bias, group_size, **_overrides(config, _GEMV_KEYS, x2))
+    if config is not None and "block_j" in config and supports_pipe(x2, scales, group_size, config["block_j"]):
+        return gemv_pipe_w4a16(x2, packed, scales, bias, group_size, **_overrides(config, _PIPE_KEYS, x2))
     if path == "gemv":
+        pipe = _pipe_heuristic(x2, packed.shape[0], scales, group_size)
+        if pipe is not None:
+            return gemv_pipe_w4a16(x2, packed, scales, bias, group_size, **pipe)
         return gemv_w4a16(x2, packed, scales, bias, group_size)
     if path == "tc":
         return tc_gemm_w4a16(x2, packed, scales, bias, group_size)

@@ -25,6 +25,16 @@ GEMV_SPACE: tuple[Config, ...] = tuple(
 )
 """Candidates for the CUDA-core GEMV, M <= 4 (``target_programs_per_sm`` 0: no split-K)."""
 
+PIPE_SPACE: tuple[Config, ...] = tuple(
+    {"block_n": bn, "block_j": bj, "num_warps": nw, "num_stages": ns, "target_programs_per_sm": tp}
+    for bn, bj, nw, ns, tp in (
+        (8, 64, 2, 4, 8), (8, 128, 4, 3, 4), (16, 64, 4, 4, 4), (8, 64, 4, 6, 4),
+        (32, 32, 4, 4, 2), (8, 32, 4, 4, 4), (4, 32, 2, 4, 8), (16, 32, 4, 6, 4),
+    )
+)  # fmt: skip
+"""Candidates for the pipelined GEMV, M <= 4: the H100 lab's winners (benchmarks/results/kernel_lab_h100.md); a
+candidate whose step does not tile the shape's K is skipped."""
+
 TC_SMALL_SPACE: tuple[Config, ...] = tuple(
     {"tc": 1, "block_m": 16, "block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": ns,
      "target_programs_per_sm": tp, "prefetch": pf}
@@ -56,6 +66,7 @@ MeasureFactory = Callable[[int, int, int, int, torch.dtype, torch.device], Calla
 __all__ = [
     "GEMV_SPACE",
     "LARGE_SPACE",
+    "PIPE_SPACE",
     "TC_SMALL_SPACE",
     "TC_SPACE",
     "MeasureFactory",
@@ -72,7 +83,7 @@ def space_for(m: int) -> tuple[Config, ...]:
     if path == "large":
         return LARGE_SPACE
     small = TC_SMALL_SPACE if m <= 16 else TC_SPACE
-    return (GEMV_SPACE + small) if m <= GEMV_ROWS else small
+    return (GEMV_SPACE + PIPE_SPACE + small) if m <= GEMV_ROWS else small
 
 
 def tune_key(
@@ -116,6 +127,8 @@ def cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device:
         return triton_w4a16.linear_with_config(x, packed, scales, None, group, path_for(m), config)
 
     def measure(config: Config) -> float:
+        if "block_j" in config and not triton_w4a16.supports_pipe(x, copies[0][1], group, config["block_j"]):
+            raise ValueError(f"a step of {config['block_j']} words does not tile K = {k} in group pairs")
         return graph_time_us([lambda p=p, s=s: run(config, p, s) for p, s in copies], replays=10) * 1e-6
 
     return measure
