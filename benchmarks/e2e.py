@@ -22,8 +22,9 @@ cache with ``disable_compile=True``, and the dynamic cache), and a gpt-fast-styl
 ``generate``'s, is the per-token cost of transformers' generate loop. ``--host-tweaks`` runs ``generate`` without the
 per-step logits processor that ``min_new_tokens`` adds (EOS switched off instead, so the length is still fixed) and
 with transformers' deferred stop check (which skips the host sync per token; transformers enables it on MPS only;
-``grace_quant.deferred_stop_check`` turns it on for CUDA) in every arm; the ``grace+defer`` arm is GRACE INT4 with
-that switch alone.
+``grace_quant.deferred_stop_check`` turns it on for CUDA) in every arm. GRACE INT4 models defer the stop check by
+default (``GraceConfig.deferred_stop_check``), so the ``grace`` arm runs with it; ``grace-nodefer`` is the same model
+with it switched off (a ``deferred_stop_check(False)`` block around ``generate``).
 
     python benchmarks/e2e.py --out benchmarks/results/e2e_h200.md --json benchmarks/results/e2e_h200.json
     python benchmarks/e2e.py --device cpu --tiny --new-tokens 6 --repeats 1   # CPU smoke run of every code path
@@ -32,6 +33,7 @@ that switch alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import inspect
@@ -63,7 +65,7 @@ from grace_quant.testing import tiny_inputs, tiny_llava_config, tiny_qwen2_vl_co
 PROMPT_TOKENS = 20
 CHECK_TOKENS = 32  # greedy tokens compared between the compiled and the eager run
 QWEN_GRID = (1, 24, 24)  # a 336 x 336 image: 576 patches -> 144 visual tokens after the 2x2 merge
-ARMS = ("bf16", "bf16-grace-attn", "grace", "grace+defer", "grace-sdpa", "grace-unfused", "tinygemm")
+ARMS = ("bf16", "bf16-grace-attn", "grace", "grace-nodefer", "grace-sdpa", "grace-unfused", "tinygemm")
 REFERENCE_ARM = "bf16"  # stock bf16 with sdpa: the 1.0 of every ratio
 
 
@@ -236,10 +238,11 @@ def make_arm(name: str, arm: str) -> nn.Module:
     group = Setup.group_size()
     if arm == "bf16-grace-attn":
         use_decode_attention(model)
-    elif arm in ("grace", "grace+defer"):
+    elif arm in ("grace", "grace-nodefer"):
         quantize_model(model, GraceConfig(mode="packed", group_size=group))
         use_decode_attention(model)  # a no-op on CUDA, where quantize_model already set it
-        model._bench_defer_stop = arm == "grace+defer"
+        if arm == "grace-nodefer":
+            model._bench_defer_stop = False
     elif arm == "grace-sdpa":
         quantize_model(model, GraceConfig(mode="packed", group_size=group, decode_attention=False))
     elif arm == "grace-unfused":
@@ -281,15 +284,19 @@ def _length(new_tokens: int) -> dict:
     return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
 
 
-def defers(model: nn.Module) -> bool:
-    """Whether ``generate`` runs with the deferred stop check: the ``grace+defer`` arm, and every arm under
-    ``--host-tweaks``."""
-    return HOST_TWEAKS or getattr(model, "_bench_defer_stop", False)
+def stop_check(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The block ``generate`` runs in: the deferred stop check on under ``--host-tweaks``, off for ``grace-nodefer``,
+    and otherwise none (the model's own default: GRACE INT4 defers, bf16 does not)."""
+    if HOST_TWEAKS:
+        return deferred_stop_check(True)
+    if getattr(model, "_bench_defer_stop", None) is False:
+        return deferred_stop_check(False)
+    return contextlib.nullcontext()
 
 
 def generate(model: nn.Module, inputs: dict, new_tokens: int, **extra) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache (compiled decode on CUDA)."""
-    with deferred_stop_check(defers(model)):
+    with stop_check(model):
         return model.generate(**inputs, **_length(new_tokens), do_sample=False, cache_implementation="static", **extra)
 
 
@@ -325,7 +332,7 @@ def eager_checks(model: nn.Module, inputs: dict, compiled: torch.Tensor, prompt:
     the same static cache without compilation, and the dynamic cache (which sums attention over no masked slots)."""
     n = min(CHECK_TOKENS, compiled.shape[1])
     static = generate(model, inputs, n, disable_compile=True)[:, prompt:].cpu()
-    with deferred_stop_check(defers(model)):
+    with stop_check(model):
         dynamic = model.generate(**inputs, **_length(n), do_sample=False)[:, prompt:].cpu()
     return {
         "check_tokens": n,

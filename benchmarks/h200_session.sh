@@ -29,8 +29,8 @@
 #            480 s, arms in order of importance, so a slow compile drops tinygemm first)
 #   e2e-qwen   the same for Qwen2-VL-2B: OUT/e2e_qwen.{md,json}   (~7-8 min, alone in one call). Merge the two JSON
 #            files with `python benchmarks/e2e.py --merge-json benchmarks/results/e2e_h200.json OUT/e2e_*.json`
-#   e2e-defer  stock bf16, GRACE INT4 with grace_quant.deferred_stop_check (no host sync per token) and GRACE INT4
-#            without it, LLaVA-1.5-7B and Qwen2-VL-2B, batches 1 and 8   (~8 min, alone in one call)
+#   e2e-defer  stock bf16, GRACE INT4 (deferred stop check on by default: no host sync per token) and GRACE INT4
+#            without it (grace-nodefer), LLaVA-1.5-7B and Qwen2-VL-2B, batches 1 and 8   (~8 min, alone in one call)
 #   e2e-host   --host-tweaks (no min-length processor, deferred stop check), both models, bf16 and GRACE, batch 1:
 #            the generate - tight-loop gap with transformers' host work trimmed   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
@@ -123,7 +123,7 @@ for stage in $STAGES; do
         --deadline-s 480 --out "$OUT/$stage.md" --json "$OUT/$stage.json" --log-dir "$OUT" > "$OUT/$stage.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
     e2e-defer)
-      timeout 580 python benchmarks/e2e.py --models llava-1.5-7b qwen2-vl-2b --arms bf16 grace+defer grace --batches 1 8 \
+      timeout 580 python benchmarks/e2e.py --models llava-1.5-7b qwen2-vl-2b --arms bf16 grace grace-nodefer --batches 1 8 \
         --repeats 3 --deadline-s 480 --out "$OUT/e2e_defer.md" --json "$OUT/e2e_defer.json" --log-dir "$OUT" \
         > "$OUT/e2e_defer.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;

@@ -53,6 +53,11 @@ class GraceConfig(QuantizationConfigMixin):
             as ``attn_implementation="grace_decode"``: decode steps use grace-quant's split-KV Triton kernel, which reads
             only the cache slots the mask keeps; prefill and everything else run transformers' sdpa. The vision
             tower keeps its attention. ``False`` leaves the attention as loaded. Default ``True``.
+        deferred_stop_check: GRACE INT4 models loaded (or packed in memory) run ``generate`` with transformers'
+            deferred stop check on CUDA: the host reads "all sequences finished" one step late instead of waiting
+            for every step, so it queues the next step while the GPU runs this one (same tokens; one extra step is
+            run and undone at the end). A caller's own ``grace_quant.deferred_stop_check(...)`` block wins.
+            ``False``: ``generate`` as transformers runs it. Default ``True``.
         allow_nonfinite: quantize weights holding NaN/inf with those values set to 0, instead of refusing them
             with the layer's name. A loading policy, not a property of the checkpoint: never written to
             ``config.json``. Default ``False``.
@@ -72,6 +77,7 @@ class GraceConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         fuse_projections: bool = True,
         decode_attention: bool = True,
+        deferred_stop_check: bool = True,
         allow_nonfinite: bool = False,
         quant_method: str = "grace",
         **kwargs: Any,
@@ -86,6 +92,7 @@ class GraceConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.fuse_projections = fuse_projections
         self.decode_attention = decode_attention
+        self.deferred_stop_check = deferred_stop_check
         self.allow_nonfinite = allow_nonfinite
         # Keys written by a newer grace-quant are kept (so re-saving does not drop them) but not interpreted.
         self.unknown_keys = {k: v for k, v in kwargs.items() if k != "unknown_keys"}
@@ -118,6 +125,10 @@ class GraceConfig(QuantizationConfigMixin):
             raise ValueError(f"GraceConfig: fuse_projections must be True or False, got {self.fuse_projections!r}.")
         if not isinstance(self.decode_attention, bool):
             raise ValueError(f"GraceConfig: decode_attention must be True or False, got {self.decode_attention!r}.")
+        if not isinstance(self.deferred_stop_check, bool):
+            raise ValueError(
+                f"GraceConfig: deferred_stop_check must be True or False, got {self.deferred_stop_check!r}."
+            )
         if not isinstance(self.allow_nonfinite, bool):
             raise ValueError(f"GraceConfig: allow_nonfinite must be True or False, got {self.allow_nonfinite!r}.")
         if not isinstance(self.format_version, int) or self.format_version < 1:

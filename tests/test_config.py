@@ -34,6 +34,7 @@ def test_defaults_follow_the_method():
         ({"format_version": 99}, "upgrade"),
         ({"modules_to_not_convert": [3]}, "list of module-name strings"),
         ({"decode_attention": "yes"}, "decode_attention must be True or False, got 'yes'"),
+        ({"deferred_stop_check": 1}, "deferred_stop_check must be True or False, got 1"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs, message):
@@ -92,12 +93,13 @@ def test_from_dict_accepts_quant_method_and_keeps_unknown_keys():
     assert GraceConfig.from_dict(written).to_dict() == config.to_dict()
 
 
-def test_decode_attention_switch_defaults_on_and_survives_the_round_trip():
-    assert GraceConfig().decode_attention is True
-    written = json.loads(GraceConfig(decode_attention=False).to_json_string(use_diff=False))
-    assert written["decode_attention"] is False
-    assert AutoQuantizationConfig.from_dict(written).decode_attention is False
-    assert GraceConfig.from_dict(json.loads(GraceConfig().to_json_string(use_diff=False))).decode_attention is True
+@pytest.mark.parametrize("switch", ["decode_attention", "deferred_stop_check"])
+def test_inference_switches_default_on_and_survive_the_round_trip(switch):
+    assert getattr(GraceConfig(), switch) is True
+    written = json.loads(GraceConfig(**{switch: False}).to_json_string(use_diff=False))
+    assert written[switch] is False
+    assert getattr(AutoQuantizationConfig.from_dict(written), switch) is False
+    assert getattr(GraceConfig.from_dict(json.loads(GraceConfig().to_json_string(use_diff=False))), switch) is True
 
 
 def test_registration_is_idempotent_and_public_names_exist():

@@ -14,6 +14,7 @@ from test_decode_attention_interpret import _fp64_reference
 import grace_quant.kernels as K
 from grace_quant import GraceConfig, quantize_model
 from grace_quant.integrations import attention
+from grace_quant.integrations.generation import deferred_stop_check_available
 from grace_quant.testing import tiny_inputs, tiny_model
 
 
@@ -123,6 +124,7 @@ def test_loading_a_packed_checkpoint_sets_grace_decode_and_sdpa_is_one_call_away
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert loaded.config.quantization_config.decode_attention is True
     assert loaded.config.get_text_config()._attn_implementation == "grace_decode"
+    assert getattr(loaded.generate, "_grace_defers", False) is deferred_stop_check_available()  # deferred_stop_check
     assert loaded.config.vision_config._attn_implementation == "sdpa"
     loaded.set_attn_implementation("sdpa")  # what the README says turns it off for a saved checkpoint
     assert loaded.config.get_text_config()._attn_implementation == "sdpa"

@@ -52,6 +52,39 @@ def test_the_switch_is_per_thread():
     assert seen == [False]
 
 
+def _flag_seen_by_generate(model, batch) -> list:
+    """What the stop-check rule says for CUDA while ``model.generate`` runs, read by a logits processor each step."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    seen = []
+
+    class Probe(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(supported(CUDA))
+            return scores
+
+    model.generate(**batch, do_sample=False, max_new_tokens=2, logits_processor=LogitsProcessorList([Probe()]))
+    return seen
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_grace_models_defer_in_generate_by_default_and_callers_blocks_win(switch):
+    """``GraceConfig(deferred_stop_check=...)``: a packed tiny LLaVA's own ``generate`` defers on CUDA (or not), a
+    caller's ``deferred_stop_check(...)`` block decides over the model's default, and nothing leaks outside."""
+    from grace_quant import GraceConfig, quantize_model
+    from grace_quant.testing import collate, tiny_dataset, tiny_model
+
+    config = GraceConfig(mode="packed", group_size=32, deferred_stop_check=switch)
+    model = quantize_model(tiny_model("llava"), config).eval()
+    batch = {k: v for k, v in collate(tiny_dataset(model, 1)).items() if k != "labels"}
+    assert _flag_seen_by_generate(model, batch) == [switch, switch]
+    with deferred_stop_check(enabled=not switch):
+        assert _flag_seen_by_generate(model, batch) == [not switch, not switch]
+    assert not supported(CUDA)
+    plain = quantize_model(tiny_model("llava"), GraceConfig(mode="qat", group_size=32)).eval()
+    assert _flag_seen_by_generate(plain, batch) == [False, False]  # QAT (training) models generate as transformers does
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_greedy_tokens_are_the_same_with_the_deferred_check_on_cuda(cache):

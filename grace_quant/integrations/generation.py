@@ -6,20 +6,25 @@ cannot queue step ``t + 1`` while the GPU runs step ``t``, so every step pays th
 preparation, logits processors, stopping criteria; ~1.2-1.9 ms per step measured in ``benchmarks/results/e2e_h200.md``)
 on top of the GPU's. transformers has the remedy, ``DeferredStopCheck`` (it reads the flag one step late through a
 pinned copy and an event, runs one step too many at the end and undoes it), but turns it on for Apple's MPS only.
-Within :func:`deferred_stop_check` it is on for CUDA too. Nothing changes outside the block, for any model.
+Within :func:`deferred_stop_check` it is on for CUDA too. Nothing changes outside the block, for any model, except
+GRACE INT4 models loaded with ``GraceConfig(deferred_stop_check=True)`` (the default): their ``generate`` runs inside
+the block (:func:`defer_by_default`) unless the caller's own ``deferred_stop_check(...)`` block says otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
-__all__ = ["deferred_stop_check", "deferred_stop_check_available"]
+__all__ = ["defer_by_default", "deferred_stop_check", "deferred_stop_check_available"]
 
-_ON_CUDA: contextvars.ContextVar[bool] = contextvars.ContextVar("grace_deferred_stop_check", default=False)
+_ON_CUDA: contextvars.ContextVar[bool | None] = contextvars.ContextVar("grace_deferred_stop_check", default=None)
+"""True / False inside a :func:`deferred_stop_check` block; None outside any (a model's default then decides)."""
 
 
 def _stop_check_class():
@@ -46,7 +51,7 @@ def _install() -> bool:
     original = check.is_supported
 
     def is_supported(device: torch.device, *args, **kwargs) -> bool:
-        if _ON_CUDA.get() and device.type == "cuda":
+        if _ON_CUDA.get() is True and device.type == "cuda":
             device = torch.device("mps")  # transformers' rule, as it applies to MPS
         return original(device, *args, **kwargs)
 
@@ -71,3 +76,25 @@ def deferred_stop_check(enabled: bool = True) -> Iterator[bool]:
         yield active
     finally:
         _ON_CUDA.reset(token)
+
+
+def defer_by_default(model: nn.Module) -> bool:
+    """``GraceConfig.deferred_stop_check``: ``model.generate`` runs inside :func:`deferred_stop_check` unless the
+    caller's own block (on or off) decides. Once per model; returns whether ``generate`` now defers on CUDA (False
+    where this transformers has no deferred stop check)."""
+    generate = model.generate
+    if getattr(generate, "_grace_defers", False):
+        return True
+    if not deferred_stop_check_available():
+        return False
+
+    @functools.wraps(generate)
+    def deferred_generate(*args, **kwargs):
+        if _ON_CUDA.get() is not None:  # inside the caller's own deferred_stop_check(...) block
+            return generate(*args, **kwargs)
+        with deferred_stop_check():
+            return generate(*args, **kwargs)
+
+    deferred_generate._grace_defers = True
+    model.generate = deferred_generate
+    return True

@@ -98,6 +98,7 @@ class GraceHfQuantizer(HfQuantizer):
             fuse_projections(model)
         if self.layer_kind == "packed":
             enable_decode_attention(model, self.quantization_config)
+            enable_deferred_stop_check(model, self.quantization_config)
         publish_grace_card(model)
         return model
 
@@ -199,6 +200,7 @@ def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Mo
     if config.mode == "packed":
         convert_to_packed(model, config.backend)
         enable_decode_attention(model, config)
+        enable_deferred_stop_check(model, config)
     publish_grace_card(model)
     return model
 
@@ -212,6 +214,16 @@ def enable_decode_attention(model: nn.Module, config: GraceConfig) -> bool:
     from .attention import use_decode_attention  # imported late: this module loads while transformers still does
 
     return use_decode_attention(model)
+
+
+def enable_deferred_stop_check(model: nn.Module, config: GraceConfig) -> bool:
+    """``GraceConfig.deferred_stop_check``: a packed model's ``generate`` reads its stop flag one step late on CUDA
+    (no host sync per token; ``integrations.generation``). Returns whether it was set."""
+    if not getattr(config, "deferred_stop_check", True):
+        return False
+    from .generation import defer_by_default
+
+    return defer_by_default(model)
 
 
 def cast_floating_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
