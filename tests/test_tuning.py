@@ -175,3 +175,29 @@ def test_timing_copies_cover_l2_rotation_within_the_cap(bytes_per_copy):
     assert copies == 2 or (copies - 1) * bytes_per_copy < timing.ROTATE_BYTES
     with pytest.raises(ValueError, match="positive"):
         timing.copies_for(0)
+
+
+@pytest.mark.parametrize("path", sorted(tables.SHIPPED_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_shipped_tables_name_kernels_that_run_their_keys(path):
+    """Every entry of a shipped table names one kernel with that kernel's own settings, and a pipelined-GEMV entry
+    fits its key's shape (a step that tiles K in group pairs, at most the GEMV's rows)."""
+    from grace_quant.kernels import triton_w4a16 as tw
+
+    data = json.loads(path.read_text())
+    assert data["generation"] == tables.GENERATION and path.name == tables._file_name(data["device"])
+    kinds = {
+        "tc": set(tw._TC_KEYS) | {"tc", "target_programs_per_sm"},
+        "gemv": set(tw._GEMV_KEYS) | {"target_programs_per_sm"},
+        "pipe": set(tw._PIPE_KEYS) | {"target_programs_per_sm"},
+    }
+    for key, config in data["configs"].items():
+        path_name, bucket, n, k, group, dtype = key.split("|")
+        assert key == dispatch.key_for(int(bucket), int(n), int(k), int(group), getattr(torch, dtype)), key
+        kind = "pipe" if "block_j" in config else "gemv" if "step_k" in config else "tc"
+        assert set(config) <= kinds[kind] or config == {"tc": 0}, (key, config)
+        if kind in ("pipe", "gemv"):
+            assert int(bucket) <= dispatch.GEMV_ROWS, key
+        if kind == "pipe":
+            x = torch.empty(int(bucket), int(k), dtype=getattr(torch, dtype))
+            scales = torch.empty(int(n), int(k) // int(group), dtype=x.dtype)
+            assert tw.supports_pipe(x, scales, int(group), config["block_j"]), (key, config)
