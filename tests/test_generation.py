@@ -6,6 +6,7 @@ itself runs on a GPU only); on a GPU, greedy tokens with and without it are equa
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -81,6 +82,9 @@ def test_grace_models_defer_in_generate_by_default_and_callers_blocks_win(switch
     with deferred_stop_check(enabled=not switch):
         assert _flag_seen_by_generate(model, batch) == [not switch, not switch]
     assert not supported(CUDA)
+    twin = copy.deepcopy(model)  # its generate runs the copy, not the original
+    assert (getattr(twin.generate, "model", None) is twin) is switch
+    assert _flag_seen_by_generate(twin, batch) == [switch, switch]
     plain = quantize_model(tiny_model("llava"), GraceConfig(mode="qat", group_size=32)).eval()
     assert _flag_seen_by_generate(plain, batch) == [False, False]  # QAT (training) models generate as transformers does
 

@@ -78,23 +78,33 @@ def deferred_stop_check(enabled: bool = True) -> Iterator[bool]:
         _ON_CUDA.reset(token)
 
 
-def defer_by_default(model: nn.Module) -> bool:
-    """``GraceConfig.deferred_stop_check``: ``model.generate`` runs inside :func:`deferred_stop_check` unless the
-    caller's own block (on or off) decides. Once per model; returns whether ``generate`` now defers on CUDA (False
-    where this transformers has no deferred stop check)."""
-    generate = model.generate
-    if getattr(generate, "_grace_defers", False):
-        return True
-    if not deferred_stop_check_available():
-        return False
+class _DeferringGenerate:
+    """``model.generate`` of a model that defers its stop check by default (:func:`defer_by_default`). An object, not a
+    closure, so that ``copy.deepcopy(model)`` gets one bound to the copy."""
 
-    @functools.wraps(generate)
-    def deferred_generate(*args, **kwargs):
+    _grace_defers = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        functools.update_wrapper(self, type(model).generate)
+
+    def __call__(self, *args, **kwargs):
+        generate = type(self.model).generate.__get__(self.model)
         if _ON_CUDA.get() is not None:  # inside the caller's own deferred_stop_check(...) block
             return generate(*args, **kwargs)
         with deferred_stop_check():
             return generate(*args, **kwargs)
 
-    deferred_generate._grace_defers = True
-    model.generate = deferred_generate
+
+def defer_by_default(model: nn.Module) -> bool:
+    """``GraceConfig.deferred_stop_check``: ``model.generate`` runs inside :func:`deferred_stop_check` unless the
+    caller's own block (on or off) decides. Once per model; returns whether ``generate`` now defers on CUDA (False
+    where this transformers has no deferred stop check, or where the model's ``generate`` was already replaced on
+    the instance, which is left alone)."""
+    own = vars(model).get("generate")
+    if own is not None:
+        return isinstance(own, _DeferringGenerate)
+    if not deferred_stop_check_available():
+        return False
+    model.generate = _DeferringGenerate(model)
     return True
