@@ -50,15 +50,18 @@
 # Done 2026-12-06: on the H200, tests (120 passed; the tune test's count was wrong on a GPU with a shipped table, fixed),
 # trainer-profile, trainer (run F); on H100s (the tool lent those for the H200 kind afterwards): trainer x3 with the
 # grouped fake quant (run G: issue 17's targets met), fake-quant (host table), e2e (LLaVA batch 1, run F: GRACE 1.73x).
+# Done 2026-12-06, second session (H100s only; ~5 of 30 minutes lost to refused starts): kernel_lab.py runs 1-3
+# (benchmarks/results/kernel_lab_h100.md: pipelined tensor-core kernel lost, pipelined GEMV kept, chunked dequant lost),
+# GPU tests of generation / grouped trainer step / tune (6 passed) and of the pipelined GEMV (8 passed), e2e run G
+# (LLaVA b1 2.67x, b8 1.83x, Qwen2-VL b1 1.86x; TTFT 1.40x), tune_kernels.py --ms 1,2 (the shipped H100 table).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
-#  1) STAGES="trainer" on an H200 (run G's grouped default has H100 numbers only);
-#  2) issue 16: STAGES="tests" (includes tests/test_generation.py's GPU test of deferred_stop_check, never run yet),
-#     then STAGES="e2e-defer": the generate - tight-loop gap (1.2-1.3 ms per step in every arm) caps GRACE at ~1.7x on
-#     LLaVA; by run F's tight loop (3.50 ms GRACE vs 8.36 ms stock generate) overlapping that host work with the GPU
-#     would put LLaVA b1 near 2.3x. If it wins, make it the default for GRACE INT4 generate on CUDA (GraceConfig
-#     switch, as decode_attention), then STAGES="e2e-llava" / "e2e-qwen" for the issue's table;
-#  3) issue 15: an ncu profile of the tensor-core kernel at M = 16 (benchmarks/results/kernels_h200.md, "What bounds
-#     each path"); the INT4 prefill (M ~ 600) is why GRACE's TTFT is 1.37x bf16's.
+#  1) STAGES="tests" (the whole GPU suite has not run since the grouped fake quant, the pipelined GEMV, the deferred
+#     stop check by default and the H100 table; on an H200, the shipped H200 table predates the pipelined GEMV);
+#  2) on an H200: `tune_kernels.py --ms 1,2 --retune` (its table's M = 1-2 entries lack the pipelined GEMV), then
+#     STAGES="kernels" for issue 15's identical-shape table with the new GEMV, and STAGES="e2e-llava" / "e2e-qwen";
+#  3) issue 16's last floor is TTFT (1.40x vs <= 1.1x): the INT4 prefill at M ~ 600. kernel_lab_h100.md says why both
+#     fused tensor-core attempts lose to dequantize + cuBLAS there (the dequantized tile's trip through shared memory
+#     into the MMA operand, ~5 instructions per weight); read it before spending device time on issue 15's large M.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
