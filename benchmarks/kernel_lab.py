@@ -1,5 +1,7 @@
-"""Kernel lab: the pipelined tensor-core W4A16 kernel (``tc_pairs_gemm_w4a16``) at a grid of launch configurations
-against cuBLAS bf16, the shipped dispatch and dequantize + cuBLAS, for the LLaVA-1.5-7B / Qwen2-VL-2B layer shapes.
+"""Kernel lab: candidate W4A16 kernels at a grid of launch configurations against cuBLAS bf16, the shipped dispatch
+and dequantize + cuBLAS, for the LLaVA-1.5-7B / Qwen2-VL-2B layer shapes: the pipelined GEMV at M <= 4 (as tuned
+entries, through ``linear_with_config``; a step that does not tile K is skipped) and dequantize + cuBLAS in L2-sized
+chunks at M >= 128. Results and what earlier runs tried: benchmarks/results/kernel_lab_h100.md.
 
     python benchmarks/kernel_lab.py --out /tmp/lab --ms 1,4,16,64,256,1024
 """
@@ -25,7 +27,7 @@ SHAPES = {
 }
 
 
-GEMV_GRID = [  # block_n, block_j, num_warps, num_stages, per_sm
+GEMV_GRID = [  # block_n, block_j, num_warps, num_stages, target_programs_per_sm
     (4, 32, 2, 4, 8), (4, 64, 2, 4, 8), (8, 32, 4, 4, 4), (8, 64, 4, 4, 4), (8, 64, 4, 6, 4), (16, 32, 4, 4, 4),
     (16, 64, 4, 4, 4), (8, 64, 2, 4, 8), (4, 64, 4, 5, 8), (16, 64, 8, 4, 2), (8, 128, 4, 3, 4), (32, 32, 4, 4, 2),
 ]
@@ -35,8 +37,8 @@ def variants(m: int) -> list[tuple[str, dict[str, int]]]:
     """(kind, launch configuration) worth timing at ``m`` tokens."""
     if m <= 4:
         return [
-            ("gemv", dict(block_n=bn, block_j=bj, num_warps=w, num_stages=st, per_sm=ps))
-            for bn, bj, w, st, ps in GEMV_GRID
+            ("gemv", dict(block_n=bn, block_j=bj, num_warps=w, num_stages=st, target_programs_per_sm=tp))
+            for bn, bj, w, st, tp in GEMV_GRID
         ]
     if m >= 128:
         return [("chunk", dict(rows=r)) for r in (1024, 2048, 4096)]
@@ -55,7 +57,7 @@ def chunked(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, rows: i
 
 def run(kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, v: dict[str, int]) -> torch.Tensor:
     if kind == "gemv":
-        return tk.gemv_pipe_w4a16(x, packed, scales, None, 128, **v)
+        return tk.linear_with_config(x, packed, scales, None, 128, "gemv", v)
     return chunked(x, packed, scales, v["rows"])
 
 
@@ -93,25 +95,27 @@ def main() -> None:
                 row["deq"] = graph_time_us(
                     [lambda p=p, s=s, x=x: F.linear(x, tk.dequantize_w4(p, s, 128, dtype)) for p, s in copies]
                 )
-                row["tcp"] = {}
+                row["lab"] = {}
                 for kind, v in variants(m):
+                    if kind == "gemv" and not tk.supports_pipe(x, copies[0][1], 128, v["block_j"]):
+                        continue  # linear_with_config would time the heuristic's kernel instead
                     try:
                         y = run(kind, x, *copies[0], v)
                         err = ((y.double() - ref).norm() / ref.norm()).item()
                         if not err < 1e-2:
-                            row["tcp"][label(kind, v)] = f"wrong {err:.2e}"
+                            row["lab"][label(kind, v)] = f"wrong {err:.2e}"
                             continue
-                        row["tcp"][label(kind, v)] = graph_time_us(
+                        row["lab"][label(kind, v)] = graph_time_us(
                             [lambda p=p, s=s, x=x, v=v, kind=kind: run(kind, x, p, s, v) for p, s in copies]
                         )
                     except Exception as exc:  # noqa: BLE001 - a lab: report and go on (shared memory, etc.)
-                        row["tcp"][label(kind, v)] = f"{type(exc).__name__}: {str(exc)[:80]}"
-                timed = {a: b for a, b in row["tcp"].items() if isinstance(b, float)}
+                        row["lab"][label(kind, v)] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                timed = {a: b for a, b in row["lab"].items() if isinstance(b, float)}
                 best = min(timed, key=timed.get) if timed else None
                 row["best"] = best
                 print(
                     f"{model} {k}x{n} M={m}: bf16 {row['bf16']:.1f} ours {row['ours']:.1f} ({row['bf16'] / row['ours']:.2f}x) "
-                    f"deq {row['deq']:.1f} | tcp best {best} {timed.get(best, float('nan')):.1f} "
+                    f"deq {row['deq']:.1f} | lab best {best} {timed.get(best, float('nan')):.1f} "
                     f"({row['bf16'] / timed[best] if best else float('nan'):.2f}x)",
                     flush=True,
                 )  # fmt: skip
@@ -127,10 +131,10 @@ def main() -> None:
                 continue
             tot = {a: sum(r[a] * r["count"] for r in rs) for a in ("bf16", "ours", "deq")}
             bestp = sum(
-                min([t for t in r["tcp"].values() if isinstance(t, float)] + [r["ours"]]) * r["count"] for r in rs
+                min([t for t in r["lab"].values() if isinstance(t, float)] + [r["ours"]]) * r["count"] for r in rs
             )
             print(f"LAYER {model} M={m}: bf16 {tot['bf16']:.1f} ours {tot['ours']:.1f} ({tot['bf16'] / tot['ours']:.2f}x) "
-                  f"deq {tot['deq']:.1f} ({tot['bf16'] / tot['deq']:.2f}x) best(ours,tcp) {bestp:.1f} "
+                  f"deq {tot['deq']:.1f} ({tot['bf16'] / tot['deq']:.2f}x) best(ours,lab) {bestp:.1f} "
                   f"({tot['bf16'] / bestp:.2f}x)", flush=True)  # fmt: skip
 
 
