@@ -40,6 +40,9 @@
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
+#   prefill  benchmarks/prefill.py: TTFT, forward, host and GPU time of the prefill, bf16 vs GRACE with JIT / direct
+#            kernel launches, both models, plus cProfile tables (OUT/prefill_cprofile_*.txt), then host_overhead.py
+#            (OUT/host_overhead.md)   (~4 min)
 #   qwen-profile  Qwen2-VL-2B bf16 vs GRACE with decode + prefill profiles, prefill host time by Python stack (~3 min)
 #   fake-quant  benchmarks/fake_quant.py: QAT fake quantization per weight, torch path and fused kernels vs the cast,
 #            then the whole linear at 2048 tokens: plain, torch, fused fake quant + cuBLAS, and the experimental
@@ -142,6 +145,10 @@ for stage in $STAGES; do
       timeout 240 python benchmarks/e2e.py --ttft-only --batches 1 8 32 --peer-batches 1 --repeats 5 \
         --out "$OUT/ttft.md" --log-dir "$OUT" > "$OUT/ttft.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
+    prefill)
+      timeout 420 python benchmarks/prefill.py --out "$OUT/prefill.md" --json "$OUT/prefill.json" --log-dir "$OUT" \
+        > "$OUT/prefill.log" 2>&1
+      timeout 120 python benchmarks/host_overhead.py > "$OUT/host_overhead.md" 2>&1 ;;
     qwen-profile)
       timeout 300 python benchmarks/e2e.py --models qwen2-vl-2b --arms bf16 grace --batches 1 --profile bf16 grace \
         --profile-stacks --out "$OUT/qwen_profile.md" --log-dir "$OUT" > "$OUT/qwen_profile.log" 2>&1
@@ -152,7 +159,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune sweep ttft qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -2,7 +2,9 @@
 
 A small layer (1536 x 1536) keeps the GPU work short, so back-to-back calls measure the host path: cuBLAS
 ``F.linear`` (bf16) against the ``grace_quant::w4a16_linear`` custom op, the Triton entry point called directly,
-and ``GraceQuantLinear`` (the module users run). Medians of 5 rounds of 300 calls; GPU time from CUDA events.
+and ``GraceQuantLinear`` (the module users run), each with its Triton kernels launched through the JIT and directly
+(``kernels.launch``), and the pieces of the prefill path (dequantize kernel, the dense weight's allocation, the
+tuned-table lookup). Medians of 5 rounds of 300 calls; GPU time from CUDA events.
 
     python benchmarks/host_overhead.py
 """
@@ -16,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from grace_quant.kernels import pack, triton_w4a16, w4a16_linear_op
+from grace_quant.kernels.dispatch import config_for
 from grace_quant.modules import GraceQuantLinear
 
 N = K = 1536
 GROUP = 128
 CALLS = 300
+NO_LAUNCH = ("F.linear bf16", "torch.empty of the dense weight", "config_for (table lookup)")  # no Triton inside
 
 
 def per_call_us(fn) -> tuple[float, float]:
@@ -49,8 +53,8 @@ def main() -> None:
     layer = GraceQuantLinear(K, N, bias=False, group_size=GROUP, device="cuda", dtype=torch.bfloat16)
     layer.weight, layer.scales = packed, scales
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {K}x{N}, eager, no grad")
-    print("| M | arm | wall us/call | GPU us/call |")
-    print("|---|---|---|---|")
+    print("| M | arm | launch | wall us/call | GPU us/call |")
+    print("|---|---|---|---|---|")
     with torch.no_grad():
         for m in (1, 16, 597):
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
@@ -59,10 +63,18 @@ def main() -> None:
                 "custom op": lambda x=x: w4a16_linear_op(x, packed, scales, None, GROUP),
                 "triton_w4a16.w4a16_linear": lambda x=x: triton_w4a16.w4a16_linear(x, packed, scales, None, GROUP),
                 "GraceQuantLinear (eager fast path)": lambda x=x: layer(x),
+                "dequantize_w4 alone": lambda: triton_w4a16.dequantize_w4(packed, scales, GROUP, torch.bfloat16),
+                "torch.empty of the dense weight": lambda: torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
+                "config_for (table lookup)": lambda x=x: config_for(x, N, GROUP),
             }
-            for arm, fn in arms.items():
-                wall, gpu = per_call_us(fn)
-                print(f"| {m} | {arm} | {wall:.1f} | {gpu:.1f} |")
+            for direct in (False, True):  # every launch through Triton's JIT, then direct launches (the default)
+                for name in ("_launch_gemv", "_launch_gemv_pipe", "_launch_tc", "_launch_dequant"):
+                    getattr(triton_w4a16, name).direct = direct
+                for arm, fn in arms.items():
+                    if direct and arm in NO_LAUNCH:
+                        continue
+                    wall, gpu = per_call_us(fn)
+                    print(f"| {m} | {arm} | {'direct' if direct else 'JIT'} | {wall:.1f} | {gpu:.1f} |")
 
 
 if __name__ == "__main__":

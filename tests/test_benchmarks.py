@@ -93,3 +93,22 @@ def test_trainer_step_runs_every_arm_on_cuda_at_the_small_size(tmp_path):
     assert "failed" not in out.read_text(), out.read_text()
     record = json.loads(summary.read_text())
     assert record["grace_peak_vs_floor"] is not None and record["gpu"] != "CPU"
+
+
+def test_prefill_benchmark_smoke_run_reports_every_arm(tmp_path):
+    """``benchmarks/prefill.py --device cpu --tiny``: both arms (GRACE with JIT and direct launches), the report,
+    the JSON and the cProfile tables, so the script does not crash on its first GPU contact."""
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "--device", "cpu", "--tiny", "--models", "llava-1.5-7b",
+        "--repeats", "1", "--rounds", "1", "--rows", "5", "--out", str(tmp_path / "p.md"),
+        "--json", str(tmp_path / "p.json"), "--log-dir", str(tmp_path),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arms = json.loads((tmp_path / "p.json").read_text())["models"]["llava-1.5-7b"]
+    assert set(arms) == {"bf16", "grace-jit", "grace"}
+    for r in arms.values():
+        assert r["ttft_ms"] > 0 and 0 < r["host_ms"] <= r["forward_ms"]
+    assert "generate" in (tmp_path / "prefill_cprofile_llava-1.5-7b_grace.txt").read_text()
+    assert "| llava-1.5-7b | grace |" in (tmp_path / "p.md").read_text()

@@ -145,6 +145,55 @@ def test_split_k_is_deterministic_and_resets_its_counters(kernel):
     assert rel_err(outs[0], ref_fp64(x, packed, scales, bias, 128)) < TOL[torch.bfloat16]
 
 
+_LAUNCHERS = {
+    "gemv": (TW.gemv_w4a16, "_launch_gemv"),
+    "pipe": (TW.gemv_pipe_w4a16, "_launch_gemv_pipe"),
+    "tc": (TW.tc_gemm_w4a16, "_launch_tc"),
+}
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "pipe", "tc", "dequant"])
+def test_direct_launches_equal_the_jit_launch_and_key_on_alignment(kernel, monkeypatch):
+    """Launches after the first skip Triton's JIT (``kernels.launch``): the same bits as the JIT launch; an input off
+    16-byte alignment (which Triton compiles separately) goes through the JIT once and computes the right result."""
+    launcher = getattr(TW, _LAUNCHERS[kernel][1] if kernel != "dequant" else "_launch_dequant")
+    jit, trips = launcher.fn, []
+
+    class Spy:  # counts launches through the JIT
+        arg_names = jit.arg_names
+
+        def __getitem__(self, grid):
+            trips.append(grid)
+            return jit[grid]
+
+    monkeypatch.setattr(launcher, "fn", Spy())
+    monkeypatch.setattr(launcher, "compiled", {})
+    torch.manual_seed(11)
+    n, k, group, m = 4096, 4096, 128, 2 if kernel in ("gemv", "pipe") else 24
+    packed, scales, bias = make(n, k, group, torch.bfloat16, True)
+    if kernel == "dequant":
+        ref = KM.dequantize(packed, scales, group, 4)
+        outs = [TW.dequantize_w4(packed, scales, group, torch.bfloat16) for _ in range(3)]
+        shifted = torch.empty(packed.numel() + 1, dtype=packed.dtype, device="cuda")[1:].view_as(packed)
+        shifted.copy_(packed)  # 4 bytes off 16-byte alignment
+        off = TW.dequantize_w4(shifted, scales, group, torch.bfloat16)
+        torch.testing.assert_close(off, ref, rtol=0, atol=0)
+    else:
+        fn = _LAUNCHERS[kernel][0]
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        ref = ref_fp64(x, packed, scales, bias, group)
+        outs = [fn(x, packed, scales, bias, group) for _ in range(3)]
+        wide = torch.randn(m, k + 1, device="cuda").to(torch.bfloat16)[:, 1:]  # 2 bytes off, odd row stride
+        wide.copy_(x)
+        off = fn(wide, packed, scales, bias, group)
+        assert rel_err(off, ref) < TOL[torch.bfloat16]
+        assert rel_err(outs[0], ref) < TOL[torch.bfloat16]
+    assert len(trips) == 2, f"expected one JIT launch per alignment, got {len(trips)}"
+    assert all(torch.equal(outs[0], y) for y in outs[1:])
+    if kernel == "dequant":
+        torch.testing.assert_close(outs[0], ref, rtol=0, atol=0)
+
+
 class _QLinear(torch.nn.Module):
     def __init__(self, n: int, k: int, group: int, dtype: torch.dtype):
         super().__init__()

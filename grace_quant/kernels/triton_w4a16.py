@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import GEMV_ROWS, SUPPORTED_GROUPS, config_for, path_for
+from .launch import DirectLauncher
 from .packing import group_size_problem
 from .runtime import interpreting
 
@@ -441,6 +442,12 @@ def _dequant_kernel(
 # host side
 # ----------------------------------------------------------------------------------------------------------------
 
+# repeat launches skip the JIT's argument binding (eager prefill pays a launch per INT4 linear)
+_launch_gemv = DirectLauncher(_gemv_kernel)
+_launch_gemv_pipe = DirectLauncher(_gemv_pipe_kernel)
+_launch_tc = DirectLauncher(_tc_kernel)
+_launch_dequant = DirectLauncher(_dequant_kernel)
+
 
 @functools.cache
 def _num_sms(device_index: int | None) -> int:
@@ -575,7 +582,8 @@ def gemv_w4a16(
         per = triton.cdiv(triton.cdiv(kg, splits), ng) * ng
     splits = triton.cdiv(kg, per)
     y, ws, cnt = _outputs(x2, packed, tiles, splits)
-    _gemv_kernel[(tiles, splits)](
+    _launch_gemv(
+        (tiles, splits),
         x2, packed, scales, bias if bias is not None else scales, y, ws, cnt,
         n, k // 8, kg, x2.stride(0), y.stride(0), per, _MAGIC,
         M=m, GROUP=group_size, BLOCK_N=block_n, NG=ng, SPLIT=splits > 1, HAS_BIAS=bias is not None,
@@ -630,7 +638,8 @@ def tc_gemm_w4a16(
     per = _split_groups(k_tiles, tiles, target, 1) if splits is None else triton.cdiv(k_tiles, splits)
     splits = triton.cdiv(k_tiles, per)
     y, ws, cnt = _outputs(x2, packed, tiles, splits)
-    _tc_kernel[(tiles, splits)](
+    _launch_tc(
+        (tiles, splits),
         x2, packed, scales, bias if bias is not None else scales, y, ws, cnt,
         m, n, k // 8, k // group_size, x2.stride(0), y.stride(0), per, _MAGIC,
         GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_TILES_M=group_tiles_m,
@@ -679,7 +688,8 @@ def gemv_pipe_w4a16(
     per = _split_groups(steps, tiles, target, 1) if splits is None else triton.cdiv(steps, splits)
     splits = triton.cdiv(steps, per)
     y, ws, cnt = _outputs(x2, packed, tiles, splits)
-    _gemv_pipe_kernel[(tiles, splits)](
+    _launch_gemv_pipe(
+        (tiles, splits),
         x2, packed, scales.view(torch.int32), bias if bias is not None else scales, y, ws, cnt,
         m, n, kw, k // (2 * group_size), x2.stride(0), y.stride(0), per * block_j, _MAGIC,
         GROUP=group_size, ROWS=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_J=block_j, STAGES=num_stages,
@@ -758,7 +768,8 @@ def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, d
     kg = kw * 8 // group_size
     out = torch.empty((n, kw * 8), dtype=dtype, device=packed.device)
     block_n = 64 if group_size <= 64 else 32
-    _dequant_kernel[(triton.cdiv(n, block_n), kg)](
+    _launch_dequant(
+        (triton.cdiv(n, block_n), kg),
         packed,
         scales,
         out,

@@ -1,0 +1,100 @@
+"""``kernels.launch.DirectLauncher``: which launches go through Triton's JIT and which reuse its compiled kernel.
+
+A stand-in JIT function records every launch, so the cache's keys are checked on CPU: a compiled kernel is reused
+only for arguments Triton would specialize the same way. The real kernels, launched both ways on a GPU, are
+compared in ``tests/test_kernels_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grace_quant.kernels.launch import DirectLauncher
+
+
+class _Compiled:
+    def __init__(self, log: list):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class _Jit:
+    """Triton's ``JITFunction`` surface that DirectLauncher uses: ``arg_names`` and ``fn[grid](...)``."""
+
+    arg_names = ["x_ptr", "n", "scale", "BLOCK", "MODE"]
+
+    def __init__(self):
+        self.log: list = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return _Compiled(self.log)
+
+        return launch
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    launch = DirectLauncher(_Jit())
+    launch.direct = True  # as on a GPU (this process may run under the interpreter)
+    return launch
+
+
+def _kinds(launch):
+    return [entry[0] for entry in launch.fn.log]
+
+
+def test_first_launch_compiles_through_the_jit_and_later_ones_reuse_it(launcher):
+    x = torch.zeros(64)
+    for _ in range(3):
+        launcher((4, 2), x, 32, 0.5, BLOCK=16, MODE=1, num_warps=4)
+    assert _kinds(launcher) == ["jit", "direct", "direct"]
+    # the direct launch passes the runtime arguments, then the constexprs in parameter order, on a 3-D grid
+    assert launcher.fn.log[1] == ("direct", (4, 2, 1), (x, 32, 0.5, 16, 1))
+    assert launcher.fn.log[0][3] == {"BLOCK": 16, "MODE": 1, "num_warps": 4}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"x": torch.zeros(65)[1:]},  # 4 bytes off 16-byte alignment
+        {"x": torch.zeros(64, dtype=torch.float16)},  # another dtype
+        {"n": 33},  # not a multiple of 16
+        {"n": 1},  # Triton specializes 1
+        {"n": 2**31},  # 64-bit integer
+        {"BLOCK": 32},  # another constexpr
+        {"num_warps": 8},  # another launch option
+    ],
+    ids=["misaligned", "dtype", "n-odd", "n-one", "n-64bit", "constexpr", "option"],
+)
+def test_anything_triton_specializes_on_goes_through_the_jit_again(launcher, change):
+    args = {"x": torch.zeros(64), "n": 32, "BLOCK": 16, "num_warps": 4}
+    launcher((1,), args["x"], args["n"], 1.0, BLOCK=args["BLOCK"], MODE=0, num_warps=args["num_warps"])
+    args.update(change)
+    launcher((1,), args["x"], args["n"], 1.0, BLOCK=args["BLOCK"], MODE=0, num_warps=args["num_warps"])
+    assert _kinds(launcher) == ["jit", "jit"]
+
+
+def test_values_triton_does_not_specialize_on_reuse_the_kernel(launcher):
+    """Another tensor of the same dtype and alignment, another multiple of 16, another float: the same kernel."""
+    launcher((1,), torch.zeros(64), 32, 1.0, BLOCK=16, MODE=0)
+    launcher((7,), torch.ones(128), 48, 3.0, BLOCK=16, MODE=0)
+    assert _kinds(launcher) == ["jit", "direct"]
+    assert launcher.fn.log[1][1] == (7, 1, 1)
+
+
+def test_under_the_interpreter_every_launch_goes_through_the_jit(launcher):
+    launcher.direct = False
+    for _ in range(2):
+        launcher((1,), torch.zeros(64), 32, 1.0, BLOCK=16, MODE=0)
+    assert _kinds(launcher) == ["jit", "jit"]
+
+
+def test_an_argument_of_unknown_kind_is_refused(launcher):
+    with pytest.raises(TypeError, match="DirectLauncher takes tensors"):
+        launcher((1,), torch.zeros(64), "32", 1.0, BLOCK=16, MODE=0)
