@@ -3,8 +3,9 @@
 Per arm, in one process, eager as transformers runs prefill: the time to first token (``generate`` of one token with
 a static cache, as ``e2e.py`` measures it), the model's forward alone, the host's share of that forward (the time
 until the forward returns, before the final sync: with no sync inside, the GPU cannot hold the host back), the GPU's
-kernel time (profiler), and the host's hottest Python functions (cProfile). GRACE runs with its kernels launched
-through Triton's JIT (``grace-jit``) and with direct launches (``grace``, the library default), alternating.
+kernel time (profiler), and the host's hottest Python functions (cProfile). GRACE also runs with its eager INT4 path
+swapped (see ``Variant``). Both models stay in memory and every variant is measured once per round, rounds
+interleaved: a host-bound number drifts with the machine.
 
     python benchmarks/prefill.py --out prefill.md --json prefill.json
     python benchmarks/prefill.py --device cpu --tiny --repeats 1     # CPU smoke run of every code path
@@ -13,6 +14,7 @@ through Triton's JIT (``grace-jit``) and with direct launches (``grace``, the li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime
 import io
@@ -24,19 +26,59 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (the sibling benchmark: models, inputs, arms, generate)
 
 from grace_quant.kernels import triton_w4a16  # noqa: E402
+from grace_quant.kernels.custom_op import cuda_linear  # noqa: E402
 
-LAUNCHERS = ("_launch_gemv", "_launch_gemv_pipe", "_launch_tc", "_launch_dequant")
+
+class Variant(contextlib.AbstractContextManager):
+    """GRACE's eager INT4 linear path swapped for another, to attribute the prefill's extra time: ``unplanned`` is the
+    per-call dispatch (checks, table lookup, dequantize launch through ``DirectLauncher`` on every call: the path
+    before ``triton_w4a16.eager_linear``); ``dense-linear`` sends every call to ``F.linear`` on dense weights
+    dequantized once and cached (what the module and fused-projection Python alone cost)."""
+
+    def __init__(self, kind: str | None):
+        self.kind, self.dense, self.saved = kind, {}, triton_w4a16.eager_linear
+
+    def _dense_linear(self, x, packed, scales, bias, group_size):
+        key = (packed.data_ptr(), tuple(packed.shape), x.dtype)
+        if key not in self.dense:
+            self.dense[key] = triton_w4a16.dequantize_w4(packed, scales, group_size, x.dtype)
+        return F.linear(x, self.dense[key], bias)
+
+    def __enter__(self):
+        if self.kind == "unplanned":
+            triton_w4a16.eager_linear = cuda_linear
+        elif self.kind == "dense-linear":
+            triton_w4a16.eager_linear = self._dense_linear
+        return self
+
+    def __exit__(self, *exc):
+        triton_w4a16.eager_linear = self.saved
+        return None
 
 
-def set_direct_launch(on: bool) -> None:
-    """Direct launches (the default) or every launch through Triton's JIT, for all W4A16 kernels."""
-    for name in LAUNCHERS:
-        getattr(triton_w4a16, name).direct = on and not triton_w4a16.INTERPRET
+def host_ops(model, inputs: dict, rows: int) -> dict:
+    """The profiler's view of one forward (CPU + CUDA): top host ops by self time, allocator and sync calls."""
+    if e2e.Setup.device != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    e2e.sync()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _forward(model, inputs)
+        e2e.sync()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    counts = {
+        name: sum(1 for e in prof.events() if e.name == name)
+        for name in ("cudaMalloc", "cudaFree", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaLaunchKernel",
+                     "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemcpyAsync")
+    }  # fmt: skip
+    return {"table": table, "counts": counts}
 
 
 def _forward(model, inputs: dict):
@@ -88,33 +130,94 @@ def hot_functions(model, inputs: dict, rows: int) -> str:
     return text.getvalue()
 
 
-def measure(model, inputs: dict, repeats: int) -> dict:
+def measure(model, inputs: dict, repeats: int, gpu: bool = True) -> dict:
     ttft = e2e.timed(lambda: e2e.generate(model, inputs, 1), repeats) * 1e3
     forward, host = forward_split(model, inputs, repeats)
-    gpu, kernels = gpu_time(model, inputs)
+    gpu, kernels = gpu_time(model, inputs) if gpu else (0.0, 0)
     return {"ttft_ms": ttft, "forward_ms": forward, "host_ms": host, "gpu_ms": gpu, "kernels": kernels}
 
 
+def _segments(model) -> list[tuple[str, torch.nn.Module]]:
+    """The vision tower and the text decoder's layer list, where the timeline puts its marks."""
+    found = []
+    for name, module in model.named_modules():
+        if name.endswith(("vision_tower", "visual")) and not found:
+            found.append(("vision", module))
+        if name.endswith("language_model.layers") or name == "model.layers":
+            found.append(("decoder layers", module))
+            break
+    return found
+
+
+@torch.no_grad()
+def timeline(model, inputs: dict) -> dict[str, tuple[float, float]]:
+    """Per stretch of one forward (before the vision tower, the tower, up to the decoder layers, the layers, the
+    rest): (host ms, GPU ms), from ``perf_counter`` and CUDA events taken at the same marks. A stretch whose GPU time
+    exceeds its host time held the host back (GPU-bound); the reverse left the GPU waiting (host-bound)."""
+    if e2e.Setup.device != "cuda":
+        return {}
+    marks: list[tuple[str, float, torch.cuda.Event]] = []
+
+    def mark(label: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((label, time.perf_counter(), event))
+
+    handles = []
+    for label, module in _segments(model):
+        first, last = (module[0], module[-1]) if isinstance(module, torch.nn.ModuleList) else (module, module)
+        handles.append(first.register_forward_pre_hook(lambda *_, label=label: mark(f"{label} start")))
+        handles.append(last.register_forward_hook(lambda *_, label=label: mark(f"{label} end")))
+    try:
+        e2e.sync()
+        mark("forward start")
+        _forward(model, inputs)
+        mark("forward end")
+        e2e.sync()
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for (a, host_a, gpu_a), (b, host_b, gpu_b) in zip(marks, marks[1:], strict=False):
+        out[f"{a} -> {b}"] = ((host_b - host_a) * 1e3, gpu_a.elapsed_time(gpu_b))
+    return out
+
+
 def run_model(name: str, args: argparse.Namespace, log_dir: Path) -> dict:
-    rows: dict = {}
-    for arm in ("bf16", "grace"):
-        torch._dynamo.reset()
-        model = e2e.make_arm(name, arm)
-        inputs = e2e.inputs_for(model, 1)
+    """Both models in memory, every variant measured once per round, rounds interleaved (a noisy host drifts)."""
+    torch._dynamo.reset()
+    models = {arm: e2e.make_arm(name, arm) for arm in ("bf16", "grace")}
+    inputs = e2e.inputs_for(models["bf16"], 1)
+    for model in models.values():
         for _ in range(2):  # warm-ups: compiles the kernels, fills the allocator
             e2e.generate(model, inputs, 1)
-        variants = [("bf16", True)] if arm == "bf16" else [("grace-jit", False), ("grace", True)] * args.rounds
-        for label, direct in variants:
-            set_direct_launch(direct)
-            e2e.generate(model, inputs, 1)
-            rows.setdefault(label, []).append(measure(model, inputs, args.repeats))
+    variants = [("bf16", "bf16", None), ("grace", "grace", None)]
+    variants += [(f"grace-{kind}", "grace", kind) for kind in args.variants]
+    rows: dict = {label: [] for label, *_ in variants}
+    extra: dict = {}
+    for round_ in range(args.rounds):
+        for label, arm, kind in variants:
+            with Variant(kind):
+                e2e.generate(models[arm], inputs, 1)
+                rows[label].append(measure(models[arm], inputs, args.repeats, gpu=round_ == 0))
+                if round_ == 0:
+                    extra[label] = {"timeline": timeline(models[arm], inputs)}
             print(name, label, rows[label][-1], flush=True)
-        set_direct_launch(True)
-        profile_arm = "bf16" if arm == "bf16" else "grace"
-        (log_dir / f"prefill_cprofile_{name}_{profile_arm}.txt").write_text(hot_functions(model, inputs, args.rows))
-        del model
-        e2e.free_memory()
-    return {label: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for label, runs in rows.items()}
+    for arm, model in models.items():
+        (log_dir / f"prefill_cprofile_{name}_{arm}.txt").write_text(hot_functions(model, inputs, args.rows))
+        ops = host_ops(model, inputs, args.rows)
+        if ops:
+            (log_dir / f"prefill_ops_{name}_{arm}.txt").write_text(f"{ops['counts']}\n\n{ops['table']}")
+    del models, model
+    e2e.free_memory()
+    summary = {}
+    for label, runs in rows.items():
+        summary[label] = {
+            key: statistics.median(r[key] for r in runs) for key in runs[0] if key not in ("gpu_ms", "kernels")
+        }
+        summary[label].update({f"{key}_min": min(r[key] for r in runs) for key in ("ttft_ms", "forward_ms")})
+        summary[label].update({key: runs[0][key] for key in ("gpu_ms", "kernels")}, **extra[label])
+    return summary
 
 
 def report(results: dict) -> str:
@@ -124,16 +227,22 @@ def report(results: dict) -> str:
         f"torch {results['torch']}, transformers {results['transformers']}. Eager prefill, medians; host = time until "
         "the forward returns (before the final sync); GPU = the kernels' summed time in one forward (profiler).",
         "",
-        "| model | arm | TTFT ms | vs bf16 | forward ms | host ms | GPU ms | kernels |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | arm | TTFT ms | vs bf16 | TTFT min ms | forward ms | forward min ms | host ms | GPU ms | kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arms in results["models"].items():
         base = arms["bf16"]["ttft_ms"]
         for arm, r in arms.items():
             lines.append(
-                f"| {name} | {arm} | {r['ttft_ms']:.1f} | {r['ttft_ms'] / base:.2f}x | {r['forward_ms']:.1f} | "
-                f"{r['host_ms']:.1f} | {r['gpu_ms']:.1f} | {r['kernels']:.0f} |"
+                f"| {name} | {arm} | {r['ttft_ms']:.1f} | {r['ttft_ms'] / base:.2f}x | {r['ttft_ms_min']:.1f} | "
+                f"{r['forward_ms']:.1f} | {r['forward_ms_min']:.1f} | {r['host_ms']:.1f} | {r['gpu_ms']:.1f} | "
+                f"{r['kernels']:.0f} |"
             )
+    lines += ["", "Timeline of one forward per arm (host ms / GPU ms between marks):", ""]
+    for name, arms in results["models"].items():
+        for arm, r in arms.items():
+            parts = "; ".join(f"{k}: {h:.1f} / {g:.1f}" for k, (h, g) in r.get("timeline", {}).items())
+            lines.append(f"- {name} {arm}: {parts}")
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +250,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["llava-1.5-7b", "qwen2-vl-2b"], choices=sorted(e2e.MODELS))
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement (median)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of grace-jit and grace")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds over all variants (interleaved; medians of rounds)"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=["unplanned", "dense-linear"],
+        choices=["unplanned", "dense-linear"],
+        help="GRACE with its eager INT4 linear path swapped (see Variant)",
+    )
     parser.add_argument("--rows", type=int, default=30, help="functions per cProfile table")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny stand-in models (the CPU smoke run)")

@@ -194,6 +194,39 @@ def test_direct_launches_equal_the_jit_launch_and_key_on_alignment(kernel, monke
         torch.testing.assert_close(outs[0], ref, rtol=0, atol=0)
 
 
+def test_eager_plans_launch_the_dequantize_kernel_through_the_jit_once_and_hold_no_tensor(monkeypatch):
+    """``eager_linear`` at prefill sizes: one JIT launch of the dequantize kernel per call shape, then its bound
+    runner; a second weight of the same shape takes the same plan and computes with its own tensors; results equal
+    the custom op's bit for bit (both dequantize, then cuBLAS on the same 2-D product)."""
+    launcher, trips = TW._launch_dequant, []
+    jit = launcher.fn
+
+    class Spy:
+        arg_names = jit.arg_names
+
+        def __getitem__(self, grid):
+            trips.append(grid)
+            return jit[grid]
+
+    monkeypatch.setattr(launcher, "fn", Spy())
+    monkeypatch.setattr(launcher, "compiled", {})
+    monkeypatch.setattr(TW, "_EAGER_PLANS", {})
+    torch.manual_seed(5)
+    for _ in range(2):
+        packed, scales, bias = make(1536, 1024, 128, torch.bfloat16, True)
+        for x in (torch.randn(600, 1024, device="cuda"), torch.randn(2, 300, 1024, device="cuda")):
+            x = x.to(torch.bfloat16)
+            with torch.no_grad():
+                y = KM.quant_linear(x, packed, scales, bias, group_size=128)
+                again = KM.quant_linear(x, packed, scales, bias, group_size=128)
+            expected = KM.w4a16_linear_op(x, packed, scales, bias, 128)
+            assert torch.equal(y, expected) and torch.equal(again, expected)
+            reference = ref_fp64(x.reshape(-1, 1024), packed, scales, bias, 128)
+            assert rel_err(y.reshape(-1, 1536), reference) < TOL[torch.bfloat16]
+    assert len(trips) == 1, f"expected one JIT launch of the dequantize kernel, got {len(trips)}"
+    assert len(TW._EAGER_PLANS) == 1  # [600, K] and [2, 300, K]: one M bucket, one plan
+
+
 class _QLinear(torch.nn.Module):
     def __init__(self, n: int, k: int, group: int, dtype: torch.dtype):
         super().__init__()

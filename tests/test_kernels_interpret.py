@@ -196,6 +196,45 @@ def _run_pipe_heuristic(kmod, tw) -> dict:
     return out
 
 
+def _run_eager(kmod, tw) -> dict:
+    """``eager_linear`` (the dispatch resolved once per call shape): every path, 3-D and strided inputs, a bias in
+    another dtype, fp32 scales, no tokens, and a group the kernels lack. Each shape runs twice with other tensors of
+    that shape (the second call takes the first one's plan, which must hold no tensor), against ``w4a16_linear``
+    (bit for bit where the kernels apply) and the fp64 reference."""
+    torch.manual_seed(9)
+    out = {}
+    cases = (  # name, x shape, n, k, group, x dtype, scales dtype, bias dtype, strided x
+        ("gemv", (1, 384), 72, 384, 64, torch.float16, torch.float16, torch.float16, False),
+        ("tc-3d", (2, 8, 256), 200, 256, 128, torch.bfloat16, torch.bfloat16, None, False),
+        ("large-bias-fp32", (70, 384), 72, 384, 32, torch.bfloat16, torch.bfloat16, torch.float32, False),
+        ("large-strided-fp32-scales", (1, 66, 256), 40, 256, 64, torch.float16, torch.float32, torch.float16, True),
+        ("empty", (0, 256), 40, 256, 64, torch.float16, torch.float16, None, False),
+        ("group48-reference", (3, 192), 40, 192, 48, torch.float16, torch.float16, None, False),
+    )
+    for name, shape, n, k, group, dtype, sdtype, bdtype, strided in cases:
+        rec = {"equal_direct": [], "err": [], "repeat": []}
+        before = len(tw._EAGER_PLANS)
+        for _ in range(2):
+            packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
+            scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(sdtype)
+            bias = None if bdtype is None else torch.randn(n).to(bdtype)
+            x = torch.randn(*shape[:-1], shape[-1] + 8 * strided).to(dtype)[..., 8 * strided :]
+            y = tw.eager_linear(x, packed, scales, bias, group)
+            assert y.shape == (*shape[:-1], n) and y.dtype == dtype, (y.shape, y.dtype)
+            if name == "group48-reference":
+                direct = kmod.quant_linear_reference(x, packed, scales, bias, group, 4)
+            else:
+                direct = tw.w4a16_linear(x, packed, scales, bias, group)
+            rec["equal_direct"].append(bool(torch.equal(y, direct)))
+            rec["repeat"].append(bool(torch.equal(y, tw.eager_linear(x, packed, scales, bias, group))))
+            if x.numel():
+                ref = _reference_fp64(kmod, x.reshape(-1, k), packed, scales, bias, group)
+                rec["err"].append(((y.reshape(-1, n).double() - ref).norm() / ref.norm()).item())
+        rec["plans_added"] = len(tw._EAGER_PLANS) - before
+        out[name] = rec
+    return out
+
+
 def _main() -> None:
     """Subprocess entry: run every case under the interpreter and print one JSON line per result."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
@@ -211,6 +250,7 @@ def _main() -> None:
         ("split", lambda: _run_split_reduction(kmod, tw)),
         ("tuned", lambda: _run_tuned(kmod, tw)),
         ("pipe-heuristic", lambda: _run_pipe_heuristic(kmod, tw)),
+        ("eager", lambda: _run_eager(kmod, tw)),
     ])  # fmt: skip
 
 
@@ -318,3 +358,14 @@ def test_custom_op_backward_matches_the_reference_autograd():
         grads.append((xi.grad, bi.grad))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-12) and torch.allclose(grads[0][1], grads[1][1], atol=1e-12)
     torch.library.opcheck(w4a16_linear_op, (x.requires_grad_(), packed, scales, bias.requires_grad_(), 32))
+
+
+def test_eager_linear_resolves_each_call_shape_once_and_matches_the_kernels(interpreted):
+    rec = interpreted["eager"]
+    assert "error" not in rec, rec.get("error")
+    for name, case in rec.items():
+        # two weights of one shape: one plan, and each call computes with its own tensors
+        assert case["plans_added"] == 1, (name, case)
+        assert all(case["equal_direct"]) and all(case["repeat"]), (name, case)
+        assert all(err < TOL["bfloat16"] for err in case["err"]), (name, case)
+    assert rec["empty"]["err"] == [] and len(rec["gemv"]["err"]) == 2

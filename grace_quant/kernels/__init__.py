@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .custom_op import cuda_linear, decode_attention_op, w4a16_linear_op
+from .custom_op import decode_attention_op, w4a16_linear_op
 from .dispatch import SUPPORTED_GROUPS
 from .packing import SUPPORTED_BITS, code_range, codes_per_word, group_size_problem, pack, unpack
 from .reference import decode_attention_reference, dequantize, dequantize_codes, quant_linear_reference
@@ -66,7 +66,9 @@ def quant_linear(
     if backend == "auto":
         if bits == 4 and x.is_cuda and packed.is_cuda and scales.is_cuda:
             if _eager_inference(x, bias):
-                return cuda_linear(x, packed, scales, bias, group_size)
+                from .triton_w4a16 import eager_linear  # the dispatch resolved once per call shape
+
+                return eager_linear(x, packed, scales, bias, group_size)
             return w4a16_linear_op(x, packed, scales, bias, group_size)
         return quant_linear_reference(x, packed, scales, bias, group_size, bits)
     return _quant_linear_triton(x, packed, scales, bias, group_size, bits)

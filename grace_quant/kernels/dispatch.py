@@ -10,6 +10,8 @@ an entry runs the path's built-in heuristic. Lookups are dictionary reads on the
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from .tables import Config, device_name, table
@@ -43,7 +45,7 @@ def m_bucket(m: int) -> int:
     """The smallest bucket of :data:`M_BUCKETS` that holds ``m`` tokens; the last bucket for larger ``m``."""
     if m < 1:
         raise ValueError(f"m must be at least 1 token, got {m}")
-    return next((bucket for bucket in M_BUCKETS if m <= bucket), M_BUCKETS[-1])
+    return M_BUCKETS[min(bisect.bisect_left(M_BUCKETS, m), len(M_BUCKETS) - 1)]
 
 
 def path_for(m: int) -> str:

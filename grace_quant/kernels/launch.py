@@ -11,6 +11,7 @@ directly. Under Triton's CPU interpreter every call goes through the JIT.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,3 +61,23 @@ class DirectLauncher:
             return
         constexprs = tuple(kwargs[name] for name in self.names[len(args) :])
         kernel[(*grid, 1, 1)[:3]](*args, *constexprs)
+
+    def bind(self, grid: tuple[int, ...], **kwargs: Any) -> Callable[..., None]:
+        """A launcher of ``fn`` on ``grid`` with these constexprs and options, for callers whose runtime arguments
+        specialize alike on every call (same dtypes, alignment and integer classes): the first call goes through
+        :meth:`__call__`, later ones straight to the compiled kernel's runner, with no key computed."""
+        if not self.direct:
+            return lambda *args: self.fn[grid](*args, **kwargs)
+        bound: list = []
+
+        def launch(*args: Any) -> None:
+            if bound:
+                bound[0](*args, *bound[1])
+                return
+            self(grid, *args, **kwargs)
+            key = (torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(kwargs.items()))
+            bound.extend(
+                [self.compiled[key][(*grid, 1, 1)[:3]], tuple(kwargs[name] for name in self.names[len(args) :])]
+            )
+
+        return launch

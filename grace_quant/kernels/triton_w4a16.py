@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import GEMV_ROWS, SUPPORTED_GROUPS, config_for, path_for
+from .dispatch import GEMV_ROWS, SUPPORTED_GROUPS, config_for, m_bucket, path_for
 from .launch import DirectLauncher
 from .packing import group_size_problem
 from .runtime import interpreting
@@ -54,6 +55,7 @@ _COUNTERS = 1 << 16  # split-K arrival counters per device (one per output tile 
 __all__ = [
     "GEMV_ROWS",
     "dequantize_w4",
+    "eager_linear",
     "gemv_pipe_w4a16",
     "gemv_w4a16",
     "linear_unchecked",
@@ -816,3 +818,82 @@ def linear_unchecked(
     else:
         y = linear_with_config(x2, packed, scales, bias, group_size, path_for(m), config_for(x2, n, group_size))
     return y.reshape(*x.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eager inference: the dispatch resolved once per call shape
+# ----------------------------------------------------------------------------------------------------------------
+
+_Plan = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+_EAGER_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096  # distinct call shapes kept (a model has a handful per M bucket)
+
+
+def eager_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """:func:`w4a16_linear` (the torch reference where the kernels do not apply) for eager calls that need no
+    gradient, with everything that depends only on the call's shape resolved by its first call: the checks, the
+    tuned-table lookup and, on the dequantize + cuBLAS path, the dequantize kernel's launch. Eager prefill is
+    host-bound, and these cost more host time than cuBLAS itself (``benchmarks/results/prefill_h100.md``)."""
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    key = (
+        m_bucket(m) if m else 0, x.dtype, x.device, k, group_size,
+        packed.shape, packed.dtype, packed.device, packed.stride(), packed.data_ptr() % 16,
+        scales.shape, scales.dtype, scales.device, scales.stride(), scales.data_ptr() % 16,
+        None if bias is None else (bias.shape, bias.dtype, bias.device),
+    )  # fmt: skip
+    plan = _EAGER_PLANS.get(key)
+    if plan is None:
+        if len(_EAGER_PLANS) >= _MAX_PLANS:
+            _EAGER_PLANS.clear()
+        plan = _EAGER_PLANS[key] = _plan(x, packed, scales, bias, group_size)
+    return plan(x, packed, scales, bias)
+
+
+def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int) -> _Plan:
+    """How every call shaped like this one runs (see :func:`eager_linear`)."""
+    from .reference import quant_linear_reference
+
+    if not supports(x, packed, scales, group):
+        return lambda x, p, s, b: quant_linear_reference(x, p, s, b, group, 4)
+    k, m = x.shape[-1], x.numel() // x.shape[-1]
+    if m == 0 or not (packed.is_contiguous() and scales.is_contiguous()):
+        return lambda x, p, s, b: linear_unchecked(x, p, s, b, group)
+    n = packed.shape[0]
+    path = path_for(m)
+    config = config_for(x.reshape(-1, k), n, group)
+    if path != "large" or (config is not None and config.get("tc")):
+
+        def generic(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            x2 = x.reshape(-1, k)
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return linear_with_config(x2, p, s, b, group, path, config).reshape(*x.shape[:-1], n)
+
+        return generic
+    if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+        _counters(x.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
+    return _dequant_matmul_plan(n, k, group, x.dtype, _tile_mode(scales, x.dtype), bias)
+
+
+def _dequant_matmul_plan(n: int, k: int, group: int, dtype: torch.dtype, mode: int, bias: torch.Tensor | None) -> _Plan:
+    """Dequantize (one launch, bound once) + cuBLAS: what :func:`linear_with_config` runs on the ``large`` path."""
+    block_n = 64 if group <= 64 else 32
+    launch = _launch_dequant.bind(
+        (triton.cdiv(n, block_n), k // group), GROUP=group, BLOCK_N=block_n, MODE=mode, num_warps=4
+    )
+    cast = bias is not None and bias.dtype != dtype
+    kw, kg = k // 8, k // group
+
+    def dequant_matmul(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        weight = torch.empty((n, k), dtype=dtype, device=x.device)
+        launch(p, s, weight, n, kw, kg, _MAGIC)
+        b = b.to(dtype) if cast else b
+        if x.is_contiguous():  # F.linear folds the leading dimensions itself: the 2-D product, bit for bit
+            return F.linear(x, weight, b)
+        x2 = x.reshape(-1, k)  # as linear_unchecked passes it, so both paths give the same bits
+        return F.linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, b).reshape(*x.shape[:-1], n)
+
+    return dequant_matmul
