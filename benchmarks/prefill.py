@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (the sibling benchmark: models, inputs, arms, generate)
 
+from grace_quant.integrations.generation import deferred_stop_check  # noqa: E402
 from grace_quant.kernels import triton_w4a16  # noqa: E402
 from grace_quant.kernels.custom_op import cuda_linear  # noqa: E402
 
@@ -39,7 +40,8 @@ class Variant(contextlib.AbstractContextManager):
     """GRACE's eager INT4 linear path swapped for another, to attribute the prefill's extra time: ``unplanned`` is the
     per-call dispatch (checks, table lookup, dequantize launch through ``DirectLauncher`` on every call: the path
     before ``triton_w4a16.eager_linear``); ``dense-linear`` sends every call to ``F.linear`` on dense weights
-    dequantized once and cached (what the module and fused-projection Python alone cost)."""
+    dequantized once and cached (what the module and fused-projection Python alone cost); ``nodefer`` runs ``generate``
+    without the deferred stop check (on by default for GRACE INT4 models; it sets up pinned copies and events)."""
 
     def __init__(self, kind: str | None):
         self.kind, self.dense, self.saved = kind, {}, triton_w4a16.eager_linear
@@ -51,6 +53,8 @@ class Variant(contextlib.AbstractContextManager):
         return F.linear(x, self.dense[key], bias)
 
     def __enter__(self):
+        self.block = deferred_stop_check(False) if self.kind == "nodefer" else contextlib.nullcontext()
+        self.block.__enter__()
         if self.kind == "unplanned":
             triton_w4a16.eager_linear = cuda_linear
         elif self.kind == "dense-linear":
@@ -59,6 +63,7 @@ class Variant(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc):
         triton_w4a16.eager_linear = self.saved
+        self.block.__exit__(*exc)
         return None
 
 
@@ -256,8 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         nargs="*",
-        default=["unplanned", "dense-linear"],
-        choices=["unplanned", "dense-linear"],
+        default=["unplanned", "dense-linear", "nodefer"],
+        choices=["unplanned", "dense-linear", "nodefer"],
         help="GRACE with its eager INT4 linear path swapped (see Variant)",
     )
     parser.add_argument("--rows", type=int, default=30, help="functions per cProfile table")

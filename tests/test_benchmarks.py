@@ -107,7 +107,7 @@ def test_prefill_benchmark_smoke_run_reports_every_arm(tmp_path):
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = json.loads((tmp_path / "p.json").read_text())["models"]["llava-1.5-7b"]
-    assert set(arms) == {"bf16", "grace", "grace-unplanned", "grace-dense-linear"}
+    assert set(arms) == {"bf16", "grace", "grace-unplanned", "grace-dense-linear", "grace-nodefer"}
     for r in arms.values():
         assert r["ttft_ms"] > 0 and 0 < r["host_ms"] <= r["forward_ms"]
     assert "generate" in (tmp_path / "prefill_cprofile_llava-1.5-7b_grace.txt").read_text()
