@@ -57,14 +57,19 @@
 # (benchmarks/results/kernel_lab_h100.md: pipelined tensor-core kernel lost, pipelined GEMV kept, chunked dequant lost),
 # GPU tests of generation / grouped trainer step / tune (6 passed) and of the pipelined GEMV (8 passed), e2e run G
 # (LLaVA b1 2.67x, b8 1.83x, Qwen2-VL b1 1.86x; TTFT 1.40x), tune_kernels.py --ms 1,2 (the shipped H100 table).
+# Done 2026-12-06, third session (H100s; 30 device minutes): prefill.py x4 (where TTFT goes: host-bound end to end;
+# the INT4 calls' per-call dispatch; benchmarks/results/prefill_h100.md), a host-cost lab (its arms now in
+# host_overhead.py), GPU tests of the direct launches and eager plans, prefill.py with eager_linear (LLaVA TTFT 1.17-1.19x,
+# Qwen2-VL 1.07-1.11x, arms interleaved), the ttft stage, tests (138 passed, 1 skipped), e2e Qwen2-VL b1/b8 (run H: 1.96x
+# / 1.71x).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
-#  1) STAGES="tests" (the whole GPU suite has not run since the grouped fake quant, the pipelined GEMV, the deferred
-#     stop check by default and the H100 table; on an H200, the shipped H200 table predates the pipelined GEMV);
+#  1) TTFT, issue 16's last floor (LLaVA 1.17x vs <= 1.1x): prefill_h100.md lists the host levers left (one dequantize
+#     launch per decoder layer, plans keyed by tensor identity, a scratch weight per shape); measure each with
+#     STAGES="prefill" (arms interleaved; never trust TTFT ratios of arms run minutes apart on these hosts);
 #  2) on an H200: `tune_kernels.py --ms 1,2 --retune` (its table's M = 1-2 entries lack the pipelined GEMV), then
-#     STAGES="kernels" for issue 15's identical-shape table with the new GEMV, and STAGES="e2e-llava" / "e2e-qwen";
-#  3) issue 16's last floor is TTFT (1.40x vs <= 1.1x): the INT4 prefill at M ~ 600. kernel_lab_h100.md says why both
-#     fused tensor-core attempts lose to dequantize + cuBLAS there (the dequantized tile's trip through shared memory
-#     into the MMA operand, ~5 instructions per weight); read it before spending device time on issue 15's large M.
+#     STAGES="kernels" for issue 15's identical-shape table with the new GEMV, and STAGES="e2e-llava";
+#  3) issue 15's large M: kernel_lab_h100.md says why both fused tensor-core attempts lose to dequantize + cuBLAS
+#     (the dequantized tile's trip through shared memory into the MMA operand, ~5 instructions per weight).
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #

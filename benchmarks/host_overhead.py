@@ -1,10 +1,10 @@
 """Host cost of one eager INT4 linear call on the GPU (what prefill and eager decode pay per layer).
 
 A small layer (1536 x 1536) keeps the GPU work short, so back-to-back calls measure the host path: cuBLAS
-``F.linear`` (bf16) against the ``grace_quant::w4a16_linear`` custom op, the Triton entry point called directly,
-and ``GraceQuantLinear`` (the module users run), each with its Triton kernels launched through the JIT and directly
-(``kernels.launch``), and the pieces of the prefill path (dequantize kernel, the dense weight's allocation, the
-tuned-table lookup). Medians of 5 rounds of 300 calls; GPU time from CUDA events.
+``F.linear`` (bf16) against the ``grace_quant::w4a16_linear`` custom op, the Triton entry point with its dispatch
+per call, ``eager_linear`` (the dispatch resolved once per call shape) and ``GraceQuantLinear`` (the module users
+run), and the pieces of the prefill path (dequantize kernel, the dense weight's allocation, the tuned-table lookup).
+Medians of 5 rounds of 300 calls; host CPU time of the calling thread; GPU time from CUDA events.
 
     python benchmarks/host_overhead.py
 """
@@ -24,26 +24,28 @@ from grace_quant.modules import GraceQuantLinear
 N = K = 1536
 GROUP = 128
 CALLS = 300
-NO_LAUNCH = ("F.linear bf16", "torch.empty of the dense weight", "config_for (table lookup)")  # no Triton inside
 
 
-def per_call_us(fn) -> tuple[float, float]:
-    """(wall us per call, GPU us per call) for ``CALLS`` back-to-back calls, median of 5 rounds."""
+def per_call_us(fn) -> tuple[float, float, float]:
+    """(wall, host CPU, GPU) us per call for ``CALLS`` back-to-back calls, medians of 5 rounds. The host CPU time is
+    the calling thread's (``time.thread_time``): what the call costs the host, steadier than wall time on a shared
+    machine."""
     fn()
     torch.cuda.synchronize()
-    walls, gpus = [], []
+    walls, cpus, gpus = [], [], []
     for _ in range(5):
         start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         start_event.record()
         for _ in range(CALLS):
             fn()
         end_event.record()
+        cpus.append((time.thread_time() - cpu) / CALLS * 1e6)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - start) / CALLS * 1e6)
         gpus.append(start_event.elapsed_time(end_event) / CALLS * 1e3)
-    return statistics.median(walls), statistics.median(gpus)
+    return statistics.median(walls), statistics.median(cpus), statistics.median(gpus)
 
 
 def main() -> None:
@@ -53,7 +55,7 @@ def main() -> None:
     layer = GraceQuantLinear(K, N, bias=False, group_size=GROUP, device="cuda", dtype=torch.bfloat16)
     layer.weight, layer.scales = packed, scales
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {K}x{N}, eager, no grad")
-    print("| M | arm | launch | wall us/call | GPU us/call |")
+    print("| M | arm | wall us/call | host CPU us/call | GPU us/call |")
     print("|---|---|---|---|---|")
     with torch.no_grad():
         for m in (1, 16, 597):
@@ -61,20 +63,20 @@ def main() -> None:
             arms = {
                 "F.linear bf16": lambda x=x: F.linear(x, dense),
                 "custom op": lambda x=x: w4a16_linear_op(x, packed, scales, None, GROUP),
-                "triton_w4a16.w4a16_linear": lambda x=x: triton_w4a16.w4a16_linear(x, packed, scales, None, GROUP),
-                "GraceQuantLinear (eager fast path)": lambda x=x: layer(x),
+                "w4a16_linear (dispatch per call)": lambda x=x: triton_w4a16.w4a16_linear(
+                    x, packed, scales, None, GROUP
+                ),
+                "eager_linear (dispatch once per call shape)": lambda x=x: triton_w4a16.eager_linear(
+                    x, packed, scales, None, GROUP
+                ),
+                "GraceQuantLinear (the module: eager_linear)": lambda x=x: layer(x),
                 "dequantize_w4 alone": lambda: triton_w4a16.dequantize_w4(packed, scales, GROUP, torch.bfloat16),
                 "torch.empty of the dense weight": lambda: torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
                 "config_for (table lookup)": lambda x=x: config_for(x, N, GROUP),
             }
-            for direct in (False, True):  # every launch through Triton's JIT, then direct launches (the default)
-                for name in ("_launch_gemv", "_launch_gemv_pipe", "_launch_tc", "_launch_dequant"):
-                    getattr(triton_w4a16, name).direct = direct
-                for arm, fn in arms.items():
-                    if direct and arm in NO_LAUNCH:
-                        continue
-                    wall, gpu = per_call_us(fn)
-                    print(f"| {m} | {arm} | {'direct' if direct else 'JIT'} | {wall:.1f} | {gpu:.1f} |")
+            for arm, fn in arms.items():
+                wall, cpu, gpu = per_call_us(fn)
+                print(f"| {m} | {arm} | {wall:.1f} | {cpu:.1f} | {gpu:.1f} |")
 
 
 if __name__ == "__main__":

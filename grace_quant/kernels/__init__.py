@@ -54,7 +54,8 @@ def quant_linear(
     """``y = x @ W^T + b`` with ``W`` given as packed ``bits``-bit codes and per-group ``scales``.
 
     ``backend="torch"`` always runs the reference; ``"auto"`` runs the ``grace_quant::w4a16_linear`` custom op
-    (Triton kernels) for 4-bit weights on CUDA (the same kernels directly, without the op's dispatch, in eager
+    (Triton kernels) for 4-bit weights on CUDA (the same kernels through ``triton_w4a16.eager_linear``, without the op's
+    dispatch and with the call's checks and kernel choice resolved once per call shape, in eager
     code that needs no gradient) and the reference otherwise; ``"triton"`` insists on the Triton
     kernels and raises if they cannot run (not CUDA and not ``TRITON_INTERPRET=1``, bits != 4, unsupported
     dtype or group size).

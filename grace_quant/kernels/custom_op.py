@@ -27,8 +27,9 @@ def _fake(
 def cuda_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
-    """The op's CUDA implementation: the Triton kernels where they apply, the torch reference otherwise (also
-    called directly by eager code that needs no gradient, without the op's dispatch)."""
+    """The op's CUDA implementation: the Triton kernels where they apply, the torch reference otherwise (eager code
+    that needs no gradient skips the op and calls ``triton_w4a16.eager_linear``, the same rule resolved once per call
+    shape)."""
     from . import triton_w4a16
 
     if triton_w4a16.supports(x, packed, scales, group_size):
