@@ -232,7 +232,33 @@ def _run_eager(kmod, tw) -> dict:
                 rec["err"].append(((y.reshape(-1, n).double() - ref).norm() / ref.norm()).item())
         rec["plans_added"] = len(tw._EAGER_PLANS) - before
         out[name] = rec
+    out["retuned"] = _eager_after_a_table_edit(kmod, tw)
     return out
+
+
+def _eager_after_a_table_edit(kmod, tw) -> dict:
+    """A plan made before a table edit is not reused after it: the shape's new tuned entry (the tensor-core kernel
+    where the heuristic took dequantize + cuBLAS) serves the next call."""
+    from grace_quant.kernels import dispatch, tables
+
+    n, k, group, dtype = 40, 256, 64, torch.float16
+    packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
+    scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(dtype)
+    x = torch.randn(70, k).to(dtype)
+    calls, tc_gemm = [], tw.tc_gemm_w4a16
+    tw.tc_gemm_w4a16 = lambda *args, **kwargs: calls.append(kwargs) or tc_gemm(*args, **kwargs)
+    try:
+        before = tw.eager_linear(x, packed, scales, None, group)
+        tc_before = len(calls)
+        tables.table(tables.INTERPRETER_DEVICE).put(
+            dispatch.key_for(70, n, k, group, dtype), {"tc": 1, "block_m": 64, "block_n": 32, "num_warps": 4}
+        )
+        after = tw.eager_linear(x, packed, scales, None, group)
+    finally:
+        tw.tc_gemm_w4a16 = tc_gemm
+    ref = _reference_fp64(kmod, x, packed, scales, None, group)
+    errs = [((y.double() - ref).norm() / ref.norm()).item() for y in (before, after)]
+    return {"tc_before": tc_before, "tc_after": len(calls) - tc_before, "err": errs}
 
 
 def _main() -> None:
@@ -364,8 +390,16 @@ def test_eager_linear_resolves_each_call_shape_once_and_matches_the_kernels(inte
     rec = interpreted["eager"]
     assert "error" not in rec, rec.get("error")
     for name, case in rec.items():
+        if name == "retuned":
+            continue
         # two weights of one shape: one plan, and each call computes with its own tensors
         assert case["plans_added"] == 1, (name, case)
         assert all(case["equal_direct"]) and all(case["repeat"]), (name, case)
         assert all(err < TOL["bfloat16"] for err in case["err"]), (name, case)
     assert rec["empty"]["err"] == [] and len(rec["gemv"]["err"]) == 2
+
+
+def test_eager_plans_follow_a_table_edit(interpreted):
+    rec = interpreted["eager"]["retuned"]
+    assert rec["tc_before"] == 0 and rec["tc_after"] == 1, rec
+    assert all(err < TOL["float16"] for err in rec["err"]), rec

@@ -76,7 +76,9 @@ class ConfigTable:
         return self.configs.get(key)
 
     def put(self, key: str, config: Config) -> None:
+        global EDITS
         self.configs[key] = dict(config)
+        EDITS += 1
 
     def save(self, path: Path | None = None) -> Path:
         """Write every configuration to ``path`` (default: the user's cache) through a temporary file + rename."""
@@ -96,6 +98,9 @@ class ConfigTable:
 
 
 _TABLES: dict[str, ConfigTable] = {}
+EDITS = 0
+"""Changes to any table in this process (``put``, :func:`reset`): callers that keep what a lookup returned (the eager
+plans of ``triton_w4a16.eager_linear``) look again when it moves."""
 
 
 def table(device: str) -> ConfigTable:
@@ -107,4 +112,6 @@ def table(device: str) -> ConfigTable:
 
 def reset() -> None:
     """Forget loaded tables (the next lookup re-reads the files)."""
+    global EDITS
     _TABLES.clear()
+    EDITS += 1

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import tables
 from .dispatch import GEMV_ROWS, SUPPORTED_GROUPS, config_for, m_bucket, path_for
 from .launch import DirectLauncher
 from .packing import group_size_problem
@@ -834,12 +835,13 @@ def eager_linear(
 ) -> torch.Tensor:
     """:func:`w4a16_linear` (the torch reference where the kernels do not apply) for eager calls that need no
     gradient, with everything that depends only on the call's shape resolved by its first call: the checks, the
-    tuned-table lookup and, on the dequantize + cuBLAS path, the dequantize kernel's launch. Eager prefill is
-    host-bound, and these cost more host time than cuBLAS itself (``benchmarks/results/prefill_h100.md``)."""
+    tuned-table lookup and, on the dequantize + cuBLAS path, the dequantize kernel's launch (a table edit makes every
+    shape look again). Eager prefill is host-bound, and these cost more host time than cuBLAS itself
+    (``benchmarks/results/prefill_h100.md``)."""
     k = x.shape[-1]
     m = x.numel() // k if k else 0
     key = (
-        m_bucket(m) if m else 0, x.dtype, x.device, k, group_size,
+        m_bucket(m) if m else 0, x.dtype, x.device, k, group_size, tables.EDITS,
         packed.shape, packed.dtype, packed.device, packed.stride(), packed.data_ptr() % 16,
         scales.shape, scales.dtype, scales.device, scales.stride(), scales.data_ptr() % 16,
         None if bias is None else (bias.shape, bias.dtype, bias.device),
