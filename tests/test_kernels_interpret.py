@@ -203,8 +203,9 @@ def _run_eager(kmod, tw) -> dict:
     (bit for bit where the kernels apply) and the fp64 reference."""
     torch.manual_seed(9)
     out = {}
-    cases = (  # name, x shape, n, k, group, x dtype, scales dtype, bias dtype, strided x
+    cases = (  # name, x shape, n, k, group, x dtype, scales dtype, bias dtype, strided x (and bias)
         ("gemv", (1, 384), 72, 384, 64, torch.float16, torch.float16, torch.float16, False),
+        ("tc-strided-bias", (16, 256), 40, 256, 64, torch.float16, torch.float16, torch.float16, True),
         ("tc-3d", (2, 8, 256), 200, 256, 128, torch.bfloat16, torch.bfloat16, None, False),
         ("large-bias-fp32", (70, 384), 72, 384, 32, torch.bfloat16, torch.bfloat16, torch.float32, False),
         ("large-strided-fp32-scales", (1, 66, 256), 40, 256, 64, torch.float16, torch.float32, torch.float16, True),
@@ -217,7 +218,8 @@ def _run_eager(kmod, tw) -> dict:
         for _ in range(2):
             packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
             scales = (torch.rand(n, k // group) * 0.05 + 0.001).to(sdtype)
-            bias = None if bdtype is None else torch.randn(n).to(bdtype)
+            bias = None if bdtype is None else torch.randn(2 * n).to(bdtype)[:: 1 + strided]
+            bias = None if bias is None else bias[:n]
             x = torch.randn(*shape[:-1], shape[-1] + 8 * strided).to(dtype)[..., 8 * strided :]
             y = tw.eager_linear(x, packed, scales, bias, group)
             assert y.shape == (*shape[:-1], n) and y.dtype == dtype, (y.shape, y.dtype)

@@ -872,6 +872,7 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
             x2 = x.reshape(-1, k)
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
+            b = None if b is None else b.contiguous()  # the kernels read the bias with unit stride
             return linear_with_config(x2, p, s, b, group, path, config).reshape(*x.shape[:-1], n)
 
         return generic
