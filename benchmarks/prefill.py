@@ -1,9 +1,10 @@
 """Where the time to first token goes: stock bf16 against GRACE INT4 prefill (issue 16's TTFT floor).
 
 Per arm, in one process, eager as transformers runs prefill: the time to first token (``generate`` of one token with
-a static cache, as ``e2e.py`` measures it), the model's forward alone, the host's share of that forward (the time
-until the forward returns, before the final sync: with no sync inside, the GPU cannot hold the host back), the GPU's
-kernel time (profiler), and the host's hottest Python functions (cProfile). GRACE also runs with its eager INT4 path
+a static cache, as ``e2e.py`` measures it), the model's forward alone, the time until that forward returns (before
+the final sync), the GPU's kernel time (profiler), host and GPU clocks at the vision tower and the decoder layers (a
+stretch whose GPU time equals its host time kept the GPU waiting), and the host's hottest Python functions
+(cProfile), with the profiler's host ops and sync counts. GRACE also runs with its eager INT4 path
 swapped (see ``Variant``). Both models stay in memory and every variant is measured once per round, rounds
 interleaved: a host-bound number drifts with the machine.
 

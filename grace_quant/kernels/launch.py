@@ -1,7 +1,9 @@
 """Launch a Triton kernel without the JIT's per-call argument binding after its first launch.
 
 ``kernel[grid](...)`` binds and specializes every argument, hashes a cache key and looks the compiled kernel up
-on each call: tens of microseconds of host time, which eager prefill pays for every INT4 linear. A
+on each call: host time that eager prefill pays for every INT4 linear (the dequantize kernel's launch took 30-36 us
+of host CPU through ``dequantize_w4``, 18-21 us through a bound runner, allocation included, on an H100 host:
+``benchmarks/results/prefill_h100.md``). A
 :class:`DirectLauncher` keys the compiled kernel by what Triton specializes on (each tensor's dtype and 16-byte
 alignment; each integer's divisibility by 16, equality to 1 and width; every constexpr and launch option; the
 device), a key at least as fine as Triton's own, so the compiled kernel it keeps is the one Triton would pick.
