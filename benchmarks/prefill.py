@@ -18,23 +18,31 @@ import argparse
 import contextlib
 import cProfile
 import datetime
+import importlib.util
 import io
 import json
 import pstats
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import e2e  # noqa: E402  (the sibling benchmark: models, inputs, arms, generate)
+from grace_quant.integrations.generation import deferred_stop_check
+from grace_quant.kernels import triton_w4a16
+from grace_quant.kernels.custom_op import cuda_linear
 
-from grace_quant.integrations.generation import deferred_stop_check  # noqa: E402
-from grace_quant.kernels import triton_w4a16  # noqa: E402
-from grace_quant.kernels.custom_op import cuda_linear  # noqa: E402
+
+def _sibling(name: str):
+    """A sibling benchmark loaded by path (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+e2e = _sibling("e2e")  # models, inputs, arms, generate
 
 
 class Variant(contextlib.AbstractContextManager):
