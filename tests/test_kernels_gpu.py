@@ -145,21 +145,11 @@ def test_split_k_is_deterministic_and_resets_its_counters(kernel):
     assert rel_err(outs[0], ref_fp64(x, packed, scales, bias, 128)) < TOL[torch.bfloat16]
 
 
-_LAUNCHERS = {
-    "gemv": (TW.gemv_w4a16, "_launch_gemv"),
-    "pipe": (TW.gemv_pipe_w4a16, "_launch_gemv_pipe"),
-    "tc": (TW.tc_gemm_w4a16, "_launch_tc"),
-}
-
-
-@pytest.mark.parametrize("kernel", ["gemv", "pipe", "tc", "dequant"])
-def test_direct_launches_equal_the_jit_launch_and_key_on_alignment(kernel, monkeypatch):
-    """Launches after the first skip Triton's JIT (``kernels.launch``): the same bits as the JIT launch; an input off
-    16-byte alignment (which Triton compiles separately) goes through the JIT once and computes the right result."""
-    launcher = getattr(TW, _LAUNCHERS[kernel][1] if kernel != "dequant" else "_launch_dequant")
+def _count_jit_launches(launcher, monkeypatch) -> list:
+    """The grids of ``launcher``'s launches through Triton's JIT from here on (its compiled kernels forgotten)."""
     jit, trips = launcher.fn, []
 
-    class Spy:  # counts launches through the JIT
+    class Spy:
         arg_names = jit.arg_names
 
         def __getitem__(self, grid):
@@ -168,6 +158,22 @@ def test_direct_launches_equal_the_jit_launch_and_key_on_alignment(kernel, monke
 
     monkeypatch.setattr(launcher, "fn", Spy())
     monkeypatch.setattr(launcher, "compiled", {})
+    return trips
+
+
+_LAUNCHERS = {
+    "gemv": (TW.gemv_w4a16, "_launch_gemv"),
+    "pipe": (TW.gemv_pipe_w4a16, "_launch_gemv_pipe"),
+    "tc": (TW.tc_gemm_w4a16, "_launch_tc"),
+    "dequant": (TW.dequantize_w4, "_launch_dequant"),
+}
+
+
+@pytest.mark.parametrize("kernel", list(_LAUNCHERS))
+def test_direct_launches_equal_the_jit_launch_and_key_on_alignment(kernel, monkeypatch):
+    """Launches after the first skip Triton's JIT (``kernels.launch``): the same bits as the JIT launch; an input off
+    16-byte alignment (which Triton compiles separately) goes through the JIT once and computes the right result."""
+    trips = _count_jit_launches(getattr(TW, _LAUNCHERS[kernel][1]), monkeypatch)
     torch.manual_seed(11)
     n, k, group, m = 4096, 4096, 128, 2 if kernel in ("gemv", "pipe") else 24
     packed, scales, bias = make(n, k, group, torch.bfloat16, True)
@@ -198,18 +204,7 @@ def test_eager_plans_launch_the_dequantize_kernel_through_the_jit_once_and_hold_
     """``eager_linear`` at prefill sizes: one JIT launch of the dequantize kernel per call shape, then its bound
     runner; a second weight of the same shape takes the same plan and computes with its own tensors; results equal
     the custom op's bit for bit (both dequantize, then cuBLAS on the same 2-D product)."""
-    launcher, trips = TW._launch_dequant, []
-    jit = launcher.fn
-
-    class Spy:
-        arg_names = jit.arg_names
-
-        def __getitem__(self, grid):
-            trips.append(grid)
-            return jit[grid]
-
-    monkeypatch.setattr(launcher, "fn", Spy())
-    monkeypatch.setattr(launcher, "compiled", {})
+    trips = _count_jit_launches(TW._launch_dequant, monkeypatch)
     monkeypatch.setattr(TW, "_EAGER_PLANS", {})
     torch.manual_seed(5)
     for _ in range(2):

@@ -98,3 +98,20 @@ def test_under_the_interpreter_every_launch_goes_through_the_jit(launcher):
 def test_an_argument_of_unknown_kind_is_refused(launcher):
     with pytest.raises(TypeError, match="DirectLauncher takes tensors"):
         launcher((1,), torch.zeros(64), "32", 1.0, BLOCK=16, MODE=0)
+
+
+def test_a_bound_launch_compiles_through_the_jit_once_then_runs_the_compiled_kernel(launcher):
+    launch = launcher.bind((3, 2), BLOCK=16, MODE=1, num_warps=4)
+    x = torch.zeros(64)
+    for _ in range(3):
+        launch(x, 32, 0.5)
+    assert _kinds(launcher) == ["jit", "direct", "direct"]
+    assert launcher.fn.log[2] == ("direct", (3, 2, 1), (x, 32, 0.5, 16, 1))
+
+
+def test_a_bound_launch_under_the_interpreter_always_goes_through_the_jit(launcher):
+    launcher.direct = False
+    launch = launcher.bind((1,), BLOCK=16, MODE=0)
+    for _ in range(2):
+        launch(torch.zeros(64), 32, 1.0)
+    assert _kinds(launcher) == ["jit", "jit"]

@@ -53,6 +53,10 @@ class DirectLauncher:
         if not self.direct:
             self.fn[grid](*args, **kwargs)
             return
+        self._launch(grid, args, kwargs)
+
+    def _launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> Any:
+        """Launch (through the JIT on a key's first call) and return the compiled kernel that ran."""
         key = (torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(kwargs.items()))
         kernel = self.compiled.get(key)
         if kernel is None:
@@ -60,9 +64,13 @@ class DirectLauncher:
             if hasattr(kernel, "result"):  # an asynchronous compile's future (Triton 3.6)
                 kernel = kernel.result()
             self.compiled[key] = kernel
-            return
-        constexprs = tuple(kwargs[name] for name in self.names[len(args) :])
-        kernel[(*grid, 1, 1)[:3]](*args, *constexprs)
+        else:
+            kernel[_grid3(grid)](*args, *self._constexprs(args, kwargs))
+        return kernel
+
+    def _constexprs(self, args: tuple, kwargs: dict) -> tuple:
+        """The parameters after the runtime ones, in the kernel's order (the compiled runner takes them all)."""
+        return tuple(kwargs[name] for name in self.names[len(args) :])
 
     def bind(self, grid: tuple[int, ...], **kwargs: Any) -> Callable[..., None]:
         """A launcher of ``fn`` on ``grid`` with these constexprs and options, for callers whose runtime arguments
@@ -76,10 +84,11 @@ class DirectLauncher:
             if bound:
                 bound[0](*args, *bound[1])
                 return
-            self(grid, *args, **kwargs)
-            key = (torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(kwargs.items()))
-            bound.extend(
-                [self.compiled[key][(*grid, 1, 1)[:3]], tuple(kwargs[name] for name in self.names[len(args) :])]
-            )
+            kernel = self._launch(grid, args, kwargs)
+            bound.extend([kernel[_grid3(grid)], self._constexprs(args, kwargs)])
 
         return launch
+
+
+def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    return (*grid, 1, 1)[:3]

@@ -42,6 +42,7 @@ from . import tables
 from .dispatch import GEMV_ROWS, SUPPORTED_GROUPS, config_for, m_bucket, path_for
 from .launch import DirectLauncher
 from .packing import group_size_problem
+from .reference import quant_linear_reference
 from .runtime import interpreting
 
 INTERPRET = interpreting()
@@ -768,24 +769,17 @@ def linear_with_config(
 def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype`` from the packed format, with the Triton dequantize kernel."""
     n, kw = packed.shape
-    kg = kw * 8 // group_size
     out = torch.empty((n, kw * 8), dtype=dtype, device=packed.device)
-    block_n = 64 if group_size <= 64 else 32
-    _launch_dequant(
-        (triton.cdiv(n, block_n), kg),
-        packed,
-        scales,
-        out,
-        n,
-        kw,
-        kg,
-        _MAGIC,
-        GROUP=group_size,
-        BLOCK_N=block_n,
-        MODE=_tile_mode(scales, dtype),
-        num_warps=4,
-    )
+    grid, constexprs = _dequant_launch(n, kw * 8, group_size, _tile_mode(scales, dtype))
+    _launch_dequant(grid, packed, scales, out, n, kw, kw * 8 // group_size, _MAGIC, **constexprs)
     return out
+
+
+def _dequant_launch(n: int, k: int, group: int, mode: int) -> tuple[tuple[int, int], dict[str, int]]:
+    """Grid and constexprs of the dequantize kernel for an ``[n, k]`` weight: one group of ``BLOCK_N`` rows per
+    program."""
+    block_n = 64 if group <= 64 else 32
+    return (triton.cdiv(n, block_n), k // group), {"GROUP": group, "BLOCK_N": block_n, "MODE": mode, "num_warps": 4}
 
 
 def w4a16_linear(
@@ -801,9 +795,15 @@ def w4a16_linear(
 
 
 def linear_unchecked(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    resolved: tuple[str, dict[str, int] | None] | None = None,
 ) -> torch.Tensor:
-    """:func:`w4a16_linear` for callers that already checked :func:`supports` (one check per call on the host)."""
+    """:func:`w4a16_linear` for callers that already checked :func:`supports` (one check per call on the host);
+    ``resolved`` = ``(path, config)`` for callers that looked the dispatch up already (at least one token)."""
     k = x.shape[-1]
     n = packed.shape[0]
     x2 = x.reshape(-1, k)
@@ -817,7 +817,8 @@ def linear_unchecked(
     if m == 0:
         y = x2.new_empty((0, n))
     else:
-        y = linear_with_config(x2, packed, scales, bias, group_size, path_for(m), config_for(x2, n, group_size))
+        path, config = resolved or (path_for(m), config_for(x2, n, group_size))
+        y = linear_with_config(x2, packed, scales, bias, group_size, path, config)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -856,8 +857,6 @@ def eager_linear(
 
 def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int) -> _Plan:
     """How every call shaped like this one runs (see :func:`eager_linear`)."""
-    from .reference import quant_linear_reference
-
     if not supports(x, packed, scales, group):
         return lambda x, p, s, b: quant_linear_reference(x, p, s, b, group, 4)
     k, m = x.shape[-1], x.numel() // x.shape[-1]
@@ -867,15 +866,7 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
     path = path_for(m)
     config = config_for(x.reshape(-1, k), n, group)
     if path != "large" or (config is not None and config.get("tc")):
-
-        def generic(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            x2 = x.reshape(-1, k)
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            b = None if b is None else b.contiguous()  # the kernels read the bias with unit stride
-            return linear_with_config(x2, p, s, b, group, path, config).reshape(*x.shape[:-1], n)
-
-        return generic
+        return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, (path, config))
     if x.is_cuda and not torch.cuda.is_current_stream_capturing():
         _counters(x.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
     return _dequant_matmul_plan(n, k, group, x.dtype, _tile_mode(scales, x.dtype), bias)
@@ -883,10 +874,8 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
 
 def _dequant_matmul_plan(n: int, k: int, group: int, dtype: torch.dtype, mode: int, bias: torch.Tensor | None) -> _Plan:
     """Dequantize (one launch, bound once) + cuBLAS: what :func:`linear_with_config` runs on the ``large`` path."""
-    block_n = 64 if group <= 64 else 32
-    launch = _launch_dequant.bind(
-        (triton.cdiv(n, block_n), k // group), GROUP=group, BLOCK_N=block_n, MODE=mode, num_warps=4
-    )
+    grid, constexprs = _dequant_launch(n, k, group, mode)
+    launch = _launch_dequant.bind(grid, **constexprs)
     cast = bias is not None and bias.dtype != dtype
     kw, kg = k // 8, k // group
 
