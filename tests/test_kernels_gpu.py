@@ -200,6 +200,43 @@ def test_direct_launches_equal_the_jit_launch_and_key_on_alignment(kernel, monke
         torch.testing.assert_close(outs[0], ref, rtol=0, atol=0)
 
 
+def test_native_launches_equal_the_kernels_runner_and_leave_launch_hooks_to_it():
+    """On Triton 3.6 a direct launch calls the compiled kernel's C launch function itself (``launch.native_runner``):
+    the same bits as the kernel's own runner; with a launch hook installed the call goes through that runner, which
+    calls the hook."""
+    import triton
+    from triton import knobs
+
+    from grace_quant.kernels.launch import native_runner
+
+    torch.manual_seed(3)
+    packed, scales, _ = make(1000, 1024, 128, torch.bfloat16, False)
+    grid, constexprs = TW._dequant_launch(1000, 1024, 128, TW._tile_mode(scales, torch.bfloat16))
+    first = torch.empty(1000, 1024, dtype=torch.bfloat16, device="cuda")
+    args = (packed, scales, first, 1000, 128, 8, TW._MAGIC)
+    kernel = TW._dequant_kernel[grid](*args, **constexprs)
+    kernel = kernel.result() if hasattr(kernel, "result") else kernel
+    native = native_runner(kernel)
+    if triton.__version__.startswith("3.6."):
+        assert native is not None, "Triton 3.6's launcher should be called directly"
+    if native is None:
+        pytest.skip(f"no direct C launch on Triton {triton.__version__}")
+    consts = tuple(constexprs[name] for name in ("GROUP", "BLOCK_N", "MODE"))
+    hooked = []
+    for hook in (False, True):
+        poison()
+        out = torch.empty_like(first)
+        if hook:
+            knobs.runtime.launch_enter_hook.add(hooked.append)
+        try:
+            native((*grid, 1), packed, scales, out, 1000, 128, 8, TW._MAGIC, *consts)
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hooked.append)
+        torch.testing.assert_close(out, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, KM.dequantize(packed, scales, 128, 4), rtol=0, atol=0)
+    assert len(hooked) == 1
+
+
 def test_eager_plans_launch_the_dequantize_kernel_through_the_jit_once_and_hold_no_tensor(monkeypatch):
     """``eager_linear`` at prefill sizes: one JIT launch of the dequantize kernel per call shape, then its bound
     runner; a second weight of the same shape takes the same plan and computes with its own tensors; results equal

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grace_quant.kernels import launch as launch_mod
 from grace_quant.kernels.launch import DirectLauncher
 
 
@@ -115,3 +116,90 @@ def test_a_bound_launch_under_the_interpreter_always_goes_through_the_jit(launch
     for _ in range(2):
         launch(torch.zeros(64), 32, 1.0)
     assert _kinds(launcher) == ["jit", "jit"]
+
+
+class _CLaunch:
+    """Stands in for the compiled C launch function (not a Python function, as in Triton)."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+class CudaLauncher:  # the type name native_runner checks, as Triton 3.6 names its launcher
+    def __init__(self, scratch: int = 0):
+        self.launch = _CLaunch()
+        self.global_scratch_size = scratch
+        self.profile_scratch_size = 0
+        self.launch_cooperative_grid = False
+        self.launch_pdl = True
+
+
+class _Kernel:
+    """Triton 3.6's ``CompiledKernel`` surface: handles, ``run`` (the launcher), ``function``, metadata, runner."""
+
+    def __init__(self, launcher):
+        self.run, self.function, self.packed_metadata = launcher, 0xF00, (4, 1, 1024)
+        self.runner_calls: list = []
+
+    def _init_handles(self):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *args: self.runner_calls.append((grid, args))
+
+
+@pytest.fixture
+def triton36(monkeypatch):
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 1, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7000 + device, raising=False)
+
+
+def test_native_runner_calls_the_c_launch_with_what_the_wrappers_pass(triton36):
+    kernel = _Kernel(CudaLauncher())
+    run = launch_mod.native_runner(kernel)
+    x = torch.zeros(4)
+    run((3, 2, 1), x, 17, 16)
+    # grid, the current device's stream, function, cooperative / PDL flags, no scratch, metadata, no hooks, args
+    assert kernel.run.launch.calls == [(3, 2, 1, 7001, 0xF00, False, True, None, None, (4, 1, 1024), None, None, None,
+                                        x, 17, 16)]  # fmt: skip
+    assert kernel.runner_calls == []
+
+
+def test_native_runner_leaves_hooks_to_the_kernels_own_runner(triton36):
+    from triton import knobs
+
+    kernel = _Kernel(CudaLauncher())
+    run = launch_mod.native_runner(kernel)
+    hook = knobs.runtime.launch_enter_hook
+    seen = []
+    hook.add(seen.append)
+    try:
+        run((1, 1, 1), 5)
+    finally:
+        hook.remove(seen.append)
+    run((2, 1, 1), 6)
+    assert kernel.runner_calls == [((1, 1, 1), (5,))]
+    assert [call[0] for call in kernel.run.launch.calls] == [2]
+
+
+@pytest.mark.parametrize("case", ["version", "scratch", "tensordesc", "launcher"])
+def test_native_runner_declines_what_it_was_not_checked_on(triton36, monkeypatch, case):
+    import triton
+
+    launcher = CudaLauncher(scratch=64 if case == "scratch" else 0)
+    if case == "version":
+        monkeypatch.setattr(triton, "__version__", "3.7.0")
+    elif case == "tensordesc":
+        launcher.launch = lambda *args: None  # Triton wraps the C function in Python for tensor descriptors
+    elif case == "launcher":
+        launcher = _CLaunch()
+    assert launch_mod.native_runner(_Kernel(launcher)) is None
+    kernel = _Kernel(launcher)
+    launch_mod.runner(kernel)((1, 1, 1), 9)  # the fallback: the compiled kernel's own runner
+    assert kernel.runner_calls == [((1, 1, 1), (9,))]

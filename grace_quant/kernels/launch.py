@@ -9,20 +9,32 @@ alignment; each integer's divisibility by 16, equality to 1 and width; every con
 device), a key at least as fine as Triton's own, so the compiled kernel it keeps is the one Triton would pick.
 The first call of a key goes through the JIT (which compiles if needed); later calls launch the compiled kernel
 directly. Under Triton's CPU interpreter every call goes through the JIT.
+
+On Triton 3.6 (the version whose launcher was read and checked on a GPU) the direct launch also skips the compiled
+kernel's Python wrappers (the stream lookup through the driver object, the launch-metadata dictionary built for
+hooks, two calls of empty hook chains, the scratch allocators) and calls its C launch function with what those
+wrappers would pass, while no launch hook is installed and the kernel needs no scratch memory. Other versions, or
+any hook, go through the compiled kernel's own runner.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import triton
 
 from .runtime import interpreting
 
-__all__ = ["DirectLauncher"]
+__all__ = ["DirectLauncher", "native_runner", "runner"]
 
 _I32 = (-(2**31), 2**31)
+_NATIVE_TRITON = ((3, 6),)
+"""Triton versions whose C launch function :func:`native_runner` calls directly (its arguments read from 3.6)."""
+
+_Runner = Callable[..., None]  # runner(grid3, *args): one launch on the current device's current stream
 
 
 def _arg_key(arg: Any) -> Any:
@@ -55,18 +67,18 @@ class DirectLauncher:
             return
         self._launch(grid, args, kwargs)
 
-    def _launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> Any:
-        """Launch (through the JIT on a key's first call) and return the compiled kernel that ran."""
+    def _launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> _Runner:
+        """Launch (through the JIT on a key's first call) and return the runner of the compiled kernel that ran."""
         key = (torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(kwargs.items()))
-        kernel = self.compiled.get(key)
-        if kernel is None:
+        run = self.compiled.get(key)
+        if run is None:
             kernel = self.fn[grid](*args, **kwargs)  # binds, compiles if needed, launches
             if hasattr(kernel, "result"):  # an asynchronous compile's future (Triton 3.6)
                 kernel = kernel.result()
-            self.compiled[key] = kernel
+            run = self.compiled[key] = runner(kernel)
         else:
-            kernel[_grid3(grid)](*args, *self._constexprs(args, kwargs))
-        return kernel
+            run(_grid3(grid), *args, *self._constexprs(args, kwargs))
+        return run
 
     def _constexprs(self, args: tuple, kwargs: dict) -> tuple:
         """The parameters after the runtime ones, in the kernel's order (the compiled runner takes them all)."""
@@ -79,15 +91,59 @@ class DirectLauncher:
         if not self.direct:
             return lambda *args: self.fn[grid](*args, **kwargs)
         bound: list = []
+        grid3 = _grid3(grid)
 
         def launch(*args: Any) -> None:
             if bound:
-                bound[0](*args, *bound[1])
+                bound[0](grid3, *args, *bound[1])
                 return
-            kernel = self._launch(grid, args, kwargs)
-            bound.extend([kernel[_grid3(grid)], self._constexprs(args, kwargs)])
+            bound.extend([self._launch(grid, args, kwargs), self._constexprs(args, kwargs)])
 
         return launch
+
+
+def runner(kernel: Any) -> _Runner:
+    """``run(grid3, *args)`` launching a compiled kernel: :func:`native_runner` where it applies, else the compiled
+    kernel's own runner."""
+    native = native_runner(kernel)
+    if native is not None:
+        return native
+    return lambda grid3, *args: kernel[grid3](*args)
+
+
+def native_runner(kernel: Any) -> _Runner | None:
+    """The compiled kernel's C launch function called as Triton 3.6's wrappers call it (``CompiledKernel.__getitem__``'s
+    runner, then ``CudaLauncher.__call__``), or None where that does not hold: another Triton version, a launcher of
+    another type or wrapped for tensor descriptors, or a kernel that needs global or profile scratch memory. A launch
+    hook installed later sends the call through the kernel's own runner, which calls the hooks."""
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if version not in _NATIVE_TRITON or not hasattr(kernel, "_init_handles"):
+        return None
+    kernel._init_handles()
+    launcher = kernel.run
+    launch = getattr(launcher, "launch", None)
+    if type(launcher).__name__ != "CudaLauncher" or launch is None or isinstance(launch, types.FunctionType):
+        return None  # a Python function here is Triton's tensor-descriptor wrapper
+    if launcher.global_scratch_size or launcher.profile_scratch_size:
+        return None
+    from triton import knobs
+
+    hooks = knobs.runtime
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+    if not (hasattr(enter, "calls") and hasattr(leave, "calls")):
+        return None
+    function, metadata = kernel.function, kernel.packed_metadata
+    cooperative, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
+    stream, device = torch._C._cuda_getCurrentRawStream, torch._C._cuda_getDevice
+
+    def native(grid3: tuple[int, int, int], *args: Any) -> None:
+        if enter.calls or leave.calls or hooks.launch_enter_hook is not enter or hooks.launch_exit_hook is not leave:
+            kernel[grid3](*args)  # a profiler's hooks: the runner that calls them
+            return
+        gx, gy, gz = grid3
+        launch(gx, gy, gz, stream(device()), function, cooperative, pdl, None, None, metadata, None, None, None, *args)
+
+    return native
 
 
 def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
