@@ -96,18 +96,20 @@ def test_trainer_step_runs_every_arm_on_cuda_at_the_small_size(tmp_path):
 
 
 def test_prefill_benchmark_smoke_run_reports_every_arm(tmp_path):
-    """``benchmarks/prefill.py --device cpu --tiny``: both arms (GRACE with JIT and direct launches), the report,
+    """``benchmarks/prefill.py --device cpu --tiny``: both arms and every variant of GRACE's eager path, the report,
     the JSON and the cProfile tables, so the script does not crash on its first GPU contact."""
     command = [
         sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "--device", "cpu", "--tiny", "--models", "llava-1.5-7b",
         "--repeats", "1", "--rounds", "1", "--rows", "5", "--out", str(tmp_path / "p.md"),
         "--json", str(tmp_path / "p.json"), "--log-dir", str(tmp_path),
+        "--variants", "unshared", "jit-runner", "unplanned", "dense-linear", "nodefer",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = json.loads((tmp_path / "p.json").read_text())["models"]["llava-1.5-7b"]
-    assert set(arms) == {"bf16", "grace", "grace-unplanned", "grace-dense-linear", "grace-nodefer"}
+    variants = ("unshared", "jit-runner", "unplanned", "dense-linear", "nodefer")
+    assert set(arms) == {"bf16", "grace", *(f"grace-{kind}" for kind in variants)}
     for r in arms.values():
         assert r["ttft_ms"] > 0 and 0 < r["host_ms"] <= r["forward_ms"]
     assert "generate" in (tmp_path / "prefill_cprofile_llava-1.5-7b_grace.txt").read_text()
