@@ -7,7 +7,7 @@ kernel is memory-bound. This lab times, on the GPU alone (the host queues everyt
 decoder layers at prefill size (fused q|k|v, causal SDPA, o, fused gate|up, SiLU-gate, down):
 
 - ``bf16``: dense bf16 weights (the fused shapes);
-- ``serial``: each layer dequantizes its four weights with one launch (``dequantize_many``), then runs;
+- ``serial``: each layer dequantizes its four weights (a launch each), then runs;
 - ``overlap``: a side stream dequantizes layer i+1 while the main stream runs layer i (two layers' dense weights
   alive at a time);
 - ``dequant-only`` and the per-layer sum of ``serial`` minus ``bf16`` for reference.
@@ -44,17 +44,22 @@ def layer_weights(hidden: int, heads: int, kv: int, inter: int) -> list[tuple[to
     return out
 
 
+def dequantize_layer(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """A layer's four dense weights, one dequantize launch each (what eager prefill runs)."""
+    return [tw.dequantize_w4(packed, scales, GROUP, torch.bfloat16) for packed, scales in weights]
+
+
 def run_layer(x: torch.Tensor, dense: list[torch.Tensor], heads: int, kv: int) -> torch.Tensor:
     hidden = x.shape[-1]
     head = hidden // heads
     t = x.shape[0]
-    qkv = F.linear(x, dense[0])
+    qkv = F.linear(F.rms_norm(x, (hidden,)), dense[0])
     q = qkv[:, :hidden].view(1, t, heads, head).transpose(1, 2)
     k = qkv[:, hidden : hidden + kv * head].view(1, t, kv, head).transpose(1, 2)
     v = qkv[:, hidden + kv * head :].view(1, t, kv, head).transpose(1, 2)
     a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != heads)
     x = x + F.linear(a.transpose(1, 2).reshape(t, hidden), dense[1])
-    gate, up = F.linear(x, dense[2]).chunk(2, dim=-1)
+    gate, up = F.linear(F.rms_norm(x, (hidden,)), dense[2]).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, dense[3])
 
 
@@ -76,7 +81,7 @@ def lab(name: str, tokens: int, repeats: int) -> dict:
     hidden, heads, kv, inter, layers = MODELS[name]
     torch.manual_seed(0)
     packed = [layer_weights(hidden, heads, kv, inter) for _ in range(layers)]
-    dense = [tw.dequantize_many(w, GROUP, torch.bfloat16) for w in packed]
+    dense = [dequantize_layer(w) for w in packed]
     x0 = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) * 0.1
     side = torch.cuda.Stream()
 
@@ -89,7 +94,7 @@ def lab(name: str, tokens: int, repeats: int) -> dict:
     def serial():
         x = x0
         for w in packed:
-            x = run_layer(x, tw.dequantize_many(w, GROUP, torch.bfloat16), heads, kv)
+            x = run_layer(x, dequantize_layer(w), heads, kv)
         return x
 
     def overlap():
@@ -98,12 +103,12 @@ def lab(name: str, tokens: int, repeats: int) -> dict:
         ready = [None] * layers
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            ready[0] = (tw.dequantize_many(packed[0], GROUP, torch.bfloat16), torch.cuda.Event())
+            ready[0] = (dequantize_layer(packed[0]), torch.cuda.Event())
             ready[0][1].record(side)
         for i in range(layers):
             if i + 1 < layers:
                 with torch.cuda.stream(side):
-                    ready[i + 1] = (tw.dequantize_many(packed[i + 1], GROUP, torch.bfloat16), torch.cuda.Event())
+                    ready[i + 1] = (dequantize_layer(packed[i + 1]), torch.cuda.Event())
                     ready[i + 1][1].record(side)
             weights, event = ready[i]
             main.wait_event(event)
@@ -115,7 +120,7 @@ def lab(name: str, tokens: int, repeats: int) -> dict:
 
     def dequant_only():
         for w in packed:
-            tw.dequantize_many(w, GROUP, torch.bfloat16)
+            dequantize_layer(w)
 
     out = {}
     for arm, fn in (("bf16", bf16), ("serial", serial), ("overlap", overlap), ("dequant-only", dequant_only)):

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from grace_quant.fusion import share_dequantization, unshare_dequantization
 from grace_quant.integrations.generation import deferred_stop_check
 from grace_quant.kernels import launch, triton_w4a16
 from grace_quant.kernels.custom_op import cuda_linear
@@ -48,17 +47,16 @@ e2e = _sibling("e2e")  # models, inputs, arms, generate
 
 class Variant(contextlib.AbstractContextManager):
     """GRACE's eager INT4 path with one of its parts switched off, to attribute the prefill's extra time:
-    ``unshared`` dequantizes per linear (no ``share_dequantization``: a launch and allocation per INT4 linear);
     ``jit-runner`` launches through the compiled kernel's own Python runner (no direct C launch, Triton 3.6);
     ``unplanned`` is the per-call dispatch (checks, table lookup, dequantize launch on every call: the path before
     ``triton_w4a16.eager_linear``); ``dense-linear`` sends every call to ``F.linear`` on dense weights dequantized
     once and cached (what the module and fused-projection Python alone cost); ``nodefer`` runs ``generate`` without
     the deferred stop check (on by default for GRACE INT4 models; it sets up pinned copies and events)."""
 
-    def __init__(self, kind: str | None, model=None):
-        self.kind, self.model, self.dense, self.saved = kind, model, {}, triton_w4a16.eager_linear
+    def __init__(self, kind: str | None):
+        self.kind, self.dense, self.saved = kind, {}, triton_w4a16.eager_linear
 
-    def _dense_linear(self, x, packed, scales, bias, group_size, shared=None):
+    def _dense_linear(self, x, packed, scales, bias, group_size):
         key = (packed.data_ptr(), tuple(packed.shape), x.dtype)
         if key not in self.dense:
             self.dense[key] = triton_w4a16.dequantize_w4(packed, scales, group_size, x.dtype)
@@ -68,20 +66,16 @@ class Variant(contextlib.AbstractContextManager):
         self.block = deferred_stop_check(False) if self.kind == "nodefer" else contextlib.nullcontext()
         self.block.__enter__()
         if self.kind == "unplanned":
-            triton_w4a16.eager_linear = lambda x, p, s, b, group, shared=None: cuda_linear(x, p, s, b, group)
+            triton_w4a16.eager_linear = cuda_linear
         elif self.kind == "dense-linear":
             triton_w4a16.eager_linear = self._dense_linear
-        elif self.kind == "unshared":
-            unshare_dequantization(self.model)
         elif self.kind == "jit-runner":
             self._runners(())
         return self
 
     def __exit__(self, *exc):
         triton_w4a16.eager_linear = self.saved
-        if self.kind == "unshared":
-            share_dequantization(self.model)
-        elif self.kind == "jit-runner":
+        if self.kind == "jit-runner":
             self._runners(self.native)
         self.block.__exit__(*exc)
         return None
@@ -90,7 +84,6 @@ class Variant(contextlib.AbstractContextManager):
         """Launch through the Triton versions' direct C launch or not: forget every runner and plan made so far."""
         self.native, launch._NATIVE_TRITON = launch._NATIVE_TRITON, versions
         triton_w4a16._EAGER_PLANS.clear()
-        triton_w4a16._MANY_PLANS.clear()
         for launcher in vars(triton_w4a16).values():
             if isinstance(launcher, launch.DirectLauncher):
                 launcher.compiled.clear()
@@ -231,7 +224,7 @@ def run_model(name: str, args: argparse.Namespace, log_dir: Path) -> dict:
     extra: dict = {}
     for round_ in range(args.rounds):
         for label, arm, kind in variants:
-            with Variant(kind, models[arm]):
+            with Variant(kind):
                 e2e.generate(models[arm], inputs, 1)
                 rows[label].append(measure(models[arm], inputs, args.repeats, gpu=round_ == 0))
                 if round_ == 0:
@@ -290,8 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         nargs="*",
-        default=["unshared", "jit-runner", "dense-linear"],
-        choices=["unshared", "jit-runner", "unplanned", "dense-linear", "nodefer"],
+        default=["jit-runner", "dense-linear"],
+        choices=["jit-runner", "unplanned", "dense-linear", "nodefer"],
         help="GRACE with its eager INT4 linear path swapped (see Variant)",
     )
     parser.add_argument("--rows", type=int, default=30, help="functions per cProfile table")

@@ -34,7 +34,6 @@ _EXPORTS = {
     "saving_qat_master": "grace_quant.checkpoint",
     "set_fake_quant_backend": "grace_quant.modules",
     "tune_model": "grace_quant.tuning",
-    "share_dequantization": "grace_quant.fusion",
     "unfuse_projections": "grace_quant.fusion",
 }
 
@@ -54,7 +53,6 @@ __all__ = [
     "saving_qat_master",
     "set_fake_quant_backend",
     "tune_model",
-    "share_dequantization",
     "unfuse_projections",
 ]
 
@@ -62,7 +60,7 @@ if TYPE_CHECKING:
     from grace_quant.checkpoint import saving_qat_master
     from grace_quant.config import GraceConfig
     from grace_quant.convert import convert_to_packed, prepare_qat
-    from grace_quant.fusion import fuse_projections, share_dequantization, unfuse_projections
+    from grace_quant.fusion import fuse_projections, unfuse_projections
     from grace_quant.integrations import AutoModelForVision2Seq
     from grace_quant.integrations.collator import GraceDataCollator
     from grace_quant.integrations.generation import deferred_stop_check

@@ -47,9 +47,8 @@ class GraceConfig(QuantizationConfigMixin):
         backend: kernel choice for packed layers: ``"auto"``, ``"torch"`` (reference) or ``"triton"``.
         format_version: version of the packed checkpoint format (see docs/FORMAT.md).
         fuse_projections: when a model is loaded (or converted) to packed layers for inference, run ``q|k|v``
-            and ``gate|up`` as one matmul each (7 kernel launches per decoder layer -> 4), and at eager prefill
-            dequantize a decoder layer's INT4 weights with one launch for all of them (same results, less host
-            time). In memory only: the checkpoint keeps the separate layers. Default ``True``.
+            and ``gate|up`` as one matmul each (7 kernel launches per decoder layer -> 4). In memory only: the
+            checkpoint keeps the separate layers. Default ``True``.
         decode_attention: GRACE INT4 models loaded (or packed in memory) on CUDA run their language model's attention
             as ``attn_implementation="grace_decode"``: decode steps use grace-quant's split-KV Triton kernel, which reads
             only the cache slots the mask keeps; prefill and everything else run transformers' sdpa. The vision

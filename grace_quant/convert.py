@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from grace_quant.fusion import fuse_projections, share_dequantization, unfuse_projections
+from grace_quant.fusion import fuse_projections, unfuse_projections
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
 from grace_quant.surgery import grace_layers, set_submodule
 
@@ -46,5 +46,4 @@ def convert_to_packed(model: nn.Module, backend: str | None = None, fuse: bool |
     _set_layer_kind(model, "packed")
     if getattr(config, "fuse_projections", True) if fuse is None else fuse:
         fuse_projections(model)
-        share_dequantization(model)
     return model

@@ -1,5 +1,4 @@
-"""Fused sibling projections for INT4 inference: one kernel launch for q|k|v and one for gate|up;
-and one dequantize launch for all the INT4 linears of a decoder layer at eager prefill.
+"""Fused sibling projections for INT4 inference: one kernel launch for q|k|v and one for gate|up.
 
 A decoder layer calls ``q_proj``, ``k_proj`` and ``v_proj`` (and ``gate_proj``, ``up_proj``) on the same
 input one after another. :func:`fuse_projections` concatenates their packed weights, scales and biases into
@@ -8,10 +7,6 @@ tensors into views of the fused ones. The first member called with an input runs
 the others take their column slice of that output, as long as they receive the very same input tensor.
 A member called with another input, or twice, starts a new fused matmul, so results never depend on call
 order; once every member has its slice, the fused output is released. The checkpoint keeps the unfused names: fusion exists only in memory.
-
-:func:`share_dequantization` gives the INT4 linears of each repeated block (a decoder layer's q|k|v, o, gate|up and
-down) one :class:`~grace_quant.kernels.SharedDequant`: at eager prefill the first of them dequantizes all of their
-weights with one kernel launch and each takes its own (host time: ``benchmarks/results/prefill_h100.md``).
 """
 
 from __future__ import annotations
@@ -22,21 +17,13 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from grace_quant.kernels import SharedDequant, quant_linear
+from grace_quant.kernels import quant_linear
 from grace_quant.modules import GraceQuantLinear
 
 SIBLING_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Names of sibling projections that read one input in the decoder layers of LLaMA/LLaVA and Qwen2(-VL)."""
 
-__all__ = [
-    "SIBLING_GROUPS",
-    "FusedProjection",
-    "fuse_projections",
-    "fused_groups",
-    "share_dequantization",
-    "unfuse_projections",
-    "unshare_dequantization",
-]
+__all__ = ["SIBLING_GROUPS", "FusedProjection", "fuse_projections", "fused_groups", "unfuse_projections"]
 
 
 class _PendingOutput:
@@ -75,7 +62,6 @@ class FusedProjection(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self._all_taken = (1 << len(members)) - 1
         self._pending = _PendingOutput()
-        self._shared: tuple[SharedDequant, int] | None = None  # its layer's one dequantize launch
         # plain attribute (not a registered child): the members stay where the model has them
         self._members = tuple(members)
         self._point_members()
@@ -92,8 +78,6 @@ class FusedProjection(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # `model.to(...)`, `.half()`, ...: the members were moved as separate copies; share storage again.
-        if self._shared is not None:  # a shared launch's views are of the old tensors
-            self._shared[0].release()
         result = super()._apply(fn, recurse)
         self._point_members()
         return result
@@ -104,9 +88,8 @@ class FusedProjection(nn.Module):
         if pending.input is not x or (pending.taken >> slot) & 1:
             pending.input = x
             pending.output = quant_linear(
-                x, self.weight, self.scales, self.bias, group_size=self.group_size, bits=self.bits,
-                backend=self.backend, shared=self._shared,
-            )  # fmt: skip
+                x, self.weight, self.scales, self.bias, group_size=self.group_size, bits=self.bits, backend=self.backend
+            )
             pending.taken = 0
         start, end = self.bounds[slot]
         y = pending.output[..., start:end]
@@ -167,9 +150,7 @@ def fused_groups(model: nn.Module) -> Iterator[tuple[str, FusedProjection]]:
 
 
 def unfuse_projections(model: nn.Module) -> int:
-    """Undo :func:`fuse_projections` (and :func:`share_dequantization`) in place: each member gets its own contiguous
-    tensors back."""
-    unshare_dequantization(model)
+    """Undo :func:`fuse_projections` in place: each member gets its own contiguous tensors back."""
     undone = 0
     for name, holder in list(fused_groups(model)):
         for member in holder._members:
@@ -182,53 +163,3 @@ def unfuse_projections(model: nn.Module) -> int:
         delattr(model.get_submodule(parent_name) if parent_name else model, child)
         undone += 1
     return undone
-
-
-def share_dequantization(model: nn.Module) -> int:
-    """Give the packed 4-bit linears of each element of every ``nn.ModuleList`` (a decoder layer, a vision block)
-    one shared dequantize launch at eager prefill; returns how many blocks share one. Call it after
-    :func:`fuse_projections` (a fused group counts as one linear). Blocks nested in a block share on their own; linears
-    of other group sizes, devices or scale dtypes than the block's first are left alone; results are unchanged."""
-    shared = 0
-    for blocks in list(model.modules()):
-        if not isinstance(blocks, nn.ModuleList):
-            continue
-        for block in blocks:
-            units = [u for u in _block_units(block) if u._shared is None]
-            if units:
-                first = units[0]
-                key = (first.group_size, first.weight.device, first.scales.dtype)
-                units = [u for u in units if (u.group_size, u.weight.device, u.scales.dtype) == key]
-            if len(units) < 2:
-                continue
-            group = SharedDequant(units, first.group_size)
-            for slot, unit in enumerate(units):
-                unit._shared = (group, slot)
-            shared += 1
-    return shared
-
-
-def _block_units(block: nn.Module) -> Iterator[nn.Module]:
-    """The 4-bit linears one call of ``block`` runs on its own (fused groups as one), outside nested module lists."""
-    if isinstance(block, FusedProjection):
-        if block.bits == 4 and block.weight.device.type != "meta":
-            yield block
-        return
-    if type(block) is GraceQuantLinear:
-        if block._fusion is None and block.bits == 4 and block.weight.device.type != "meta":
-            yield block
-        return
-    for child in block.children():
-        if not isinstance(child, nn.ModuleList):
-            yield from _block_units(child)
-
-
-def unshare_dequantization(model: nn.Module) -> int:
-    """Undo :func:`share_dequantization` in place; returns how many linears it released."""
-    released = 0
-    for module in model.modules():
-        if isinstance(module, (FusedProjection, GraceQuantLinear)) and getattr(module, "_shared", None) is not None:
-            module._shared[0].release()
-            module._shared = None
-            released += 1
-    return released

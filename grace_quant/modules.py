@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grace_quant.kernels import SharedDequant, codes_per_word, dequantize, group_size_problem, quant_linear, unpack
+from grace_quant.kernels import codes_per_word, dequantize, group_size_problem, quant_linear, unpack
 from grace_quant.quant import (
     fake_quant_backend_problem,
     fake_quantize,
@@ -204,7 +204,6 @@ class GraceQuantLinear(_GraceLinearBase):
         self.register_buffer("scales", torch.ones(out_features, self.num_groups, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._fusion: tuple[nn.Module, int] | None = None  # (FusedProjection, slot) once fused
-        self._shared: tuple[SharedDequant, int] | None = None  # its layer's one dequantize launch (fusion.py)
 
     @classmethod
     def from_qat(cls, layer: GraceQATLinear, backend: str = "auto") -> GraceQuantLinear:
@@ -237,14 +236,8 @@ class GraceQuantLinear(_GraceLinearBase):
             holder, slot = self._fusion
             return holder.project(x, slot)
         return quant_linear(
-            x, self.weight, self.scales, self.bias, group_size=self.group_size, bits=self.bits, backend=self.backend,
-            shared=self._shared,
-        )  # fmt: skip
-
-    def _apply(self, fn, recurse: bool = True):
-        if self._shared is not None:  # moved or cast: a shared launch's views are of the old tensors
-            self._shared[0].release()
-        return super()._apply(fn, recurse)
+            x, self.weight, self.scales, self.bias, group_size=self.group_size, bits=self.bits, backend=self.backend
+        )
 
     def to_qat(self) -> GraceQATLinear:
         """A trainable QAT layer starting from these codes: ``weight = dequantized``, ``theta = log(scales)``."""

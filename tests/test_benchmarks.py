@@ -102,13 +102,13 @@ def test_prefill_benchmark_smoke_run_reports_every_arm(tmp_path):
         sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "--device", "cpu", "--tiny", "--models", "llava-1.5-7b",
         "--repeats", "1", "--rounds", "1", "--rows", "5", "--out", str(tmp_path / "p.md"),
         "--json", str(tmp_path / "p.json"), "--log-dir", str(tmp_path),
-        "--variants", "unshared", "jit-runner", "unplanned", "dense-linear", "nodefer",
+        "--variants", "jit-runner", "unplanned", "dense-linear", "nodefer",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = json.loads((tmp_path / "p.json").read_text())["models"]["llava-1.5-7b"]
-    variants = ("unshared", "jit-runner", "unplanned", "dense-linear", "nodefer")
+    variants = ("jit-runner", "unplanned", "dense-linear", "nodefer")
     assert set(arms) == {"bf16", "grace", *(f"grace-{kind}" for kind in variants)}
     for r in arms.values():
         assert r["ttft_ms"] > 0 and 0 < r["host_ms"] <= r["forward_ms"]

@@ -19,11 +19,9 @@ from grace_quant import (
     fuse_projections,
     prepare_qat,
     quantize_model,
-    share_dequantization,
     unfuse_projections,
 )
 from grace_quant.fusion import FusedProjection, fused_groups
-from grace_quant.kernels import pack
 from grace_quant.surgery import grace_layers
 from grace_quant.testing import tiny_inputs, tiny_model
 
@@ -185,116 +183,3 @@ def test_fuse_projections_config_is_validated():
     with pytest.raises(ValueError, match="fuse_projections must be True or False"):
         GraceConfig(fuse_projections="yes")
     assert GraceConfig().to_dict()["fuse_projections"] is True
-
-
-def _shared_groups(model) -> dict:
-    """``{id(group): [(slot, unit name)]}`` of the shared dequantize launches (``fusion.share_dequantization``)."""
-    groups: dict = {}
-    for name, module in model.named_modules():
-        if getattr(module, "_shared", None) is not None:
-            group, slot = module._shared
-            groups.setdefault(id(group), []).append((slot, name.rsplit(".", 2)[-2:]))
-    return groups
-
-
-def test_each_decoder_layer_shares_one_dequantize_launch_for_its_linears():
-    plain, fused = packed_pair("llava")
-    assert _shared_groups(plain) == {}  # fuse_projections=False leaves the model as loaded
-    layers = fused.model.language_model.layers
-    for layer in layers:
-        units = [layer.self_attn.grace_fused_q_k_v, layer.self_attn.o_proj, layer.mlp.grace_fused_gate_up,
-                 layer.mlp.down_proj]  # fmt: skip
-        group = units[0]._shared[0]
-        assert all(unit._shared[0] is group and group.members[unit._shared[1]] is unit for unit in units)
-        assert len(group.members) == 4
-        # fused members run through their holder, which is the unit
-        assert all(getattr(layer.self_attn, p)._shared is None for p in ("q_proj", "k_proj", "v_proj"))
-    assert len({id(layer.self_attn.o_proj._shared[0]) for layer in layers}) == LAYERS
-    assert share_dequantization(fused) == 0  # already shared
-    # a deep copy shares among its own linears
-    copied = copy.deepcopy(fused)
-    layer = copied.model.language_model.layers[0]
-    group, slot = layer.self_attn.o_proj._shared
-    assert group.members[slot] is layer.self_attn.o_proj
-    assert unfuse_projections(copied) == 2 * LAYERS
-    assert _shared_groups(copied) == {}
-    assert share_dequantization(copied) == len(_shared_groups(copied)) >= LAYERS  # 7 linears per layer now
-    assert len(copied.model.language_model.layers[0].self_attn.o_proj._shared[0].members) == 7
-    inputs = tiny_inputs(plain)
-    assert torch.equal(logits(plain, inputs), logits(fused, inputs))
-
-
-class _Layer(torch.nn.Module):
-    """A decoder layer's seven packed INT4 linears (LLaMA names) at sizes the shared launch takes (K % 128 == 0)."""
-
-    def __init__(self, hidden: int = 256, kv: int = 128, inter: int = 384):
-        super().__init__()
-        shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
-                  "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}  # fmt: skip
-        self.self_attn, self.mlp = torch.nn.Module(), torch.nn.Module()
-        for name, (n, k) in shapes.items():
-            layer = GraceQuantLinear(k, n, bias=name in ("q_proj", "k_proj", "v_proj"), group_size=64, device="cuda",
-                                     dtype=torch.bfloat16)  # fmt: skip
-            layer.weight.copy_(pack(torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda"), 4))
-            layer.scales.copy_(torch.rand(n, k // 64, device="cuda") * 0.05 + 0.001)
-            if layer.bias is not None:
-                layer.bias.data.normal_()
-            setattr(self.self_attn if name[0] in "qkvo" else self.mlp, name, layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.self_attn
-        h = x + a.o_proj(a.q_proj(x) * a.k_proj(x).repeat(1, 1, 2) + a.v_proj(x).repeat(1, 1, 2))
-        return h + self.mlp.down_proj(torch.nn.functional.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
-
-
-@pytest.mark.gpu
-def test_shared_dequantize_launches_on_cuda_compute_the_same_bits(monkeypatch):
-    """Eager prefill on CUDA: one ``dequantize_many`` launch per layer and pass, no per-linear dequantize launch;
-    logits equal the unshared layers' bit for bit (the same dense weights, the same cuBLAS calls); decode-sized
-    calls launch nothing shared, and no dense weight is held after a pass."""
-    from grace_quant.kernels import triton_w4a16 as TW
-
-    torch.manual_seed(4)
-    model = torch.nn.ModuleList([_Layer(), _Layer()])
-    fuse_projections(model)
-    reference = copy.deepcopy(model)
-    assert share_dequantization(model) == 2
-    monkeypatch.setattr(TW, "_EAGER_PLANS", {})
-    monkeypatch.setattr(TW, "_MANY_PLANS", {})
-    launches = {"many": 0, "single": 0}
-    many_plan, single_bind = TW._many_plan, TW._launch_dequant.bind
-
-    def counted(launch, key):
-        def wrapper(*args):
-            launches[key] += 1
-            return launch(*args)
-
-        return wrapper
-
-    def counting_many(*args):
-        plan = many_plan(*args)
-        return None if plan is None else counted(plan, "many")
-
-    def counting_bind(*args, **kwargs):
-        return counted(single_bind(*args, **kwargs), "single")
-
-    monkeypatch.setattr(TW, "_many_plan", counting_many)
-    monkeypatch.setattr(TW._launch_dequant, "bind", counting_bind)
-
-    def run(layers, x):
-        for layer in layers:
-            x = layer(x)
-        return x
-
-    with torch.no_grad():
-        for tokens in (300, 300, 2):
-            x = torch.randn(1, tokens, 256, device="cuda", dtype=torch.bfloat16)
-            before = dict(launches)
-            got = run(model, x)
-            shared_launches = launches["many"] - before["many"]
-            single = launches["single"] - before["single"]
-            want = run(reference, x)  # unshared: a dequantize launch per linear
-            assert launches["single"] - before["single"] - single == (8 if tokens > 64 else 0)
-            assert torch.equal(got, want)
-            assert (shared_launches, single) == ((2, 0) if tokens > 64 else (0, 0)), (tokens, launches)
-            assert all(layer.self_attn.o_proj._shared[0].pending is None for layer in model)

@@ -263,81 +263,6 @@ def _eager_after_a_table_edit(kmod, tw) -> dict:
     return {"tc_before": tc_before, "tc_after": len(calls) - tc_before, "err": errs}
 
 
-def _run_shared(kmod, tw) -> dict:
-    """``dequantize_many`` (one launch for several weights, a fused member's row view among them) against
-    ``dequantize_w4``; ``SharedDequant`` serving four linears of one layer at prefill size through ``eager_linear``:
-    launches per pass, results against ``w4a16_linear``, and the cases that must start a new launch."""
-    from types import SimpleNamespace
-
-    from grace_quant.kernels.shared import SharedDequant
-
-    torch.manual_seed(21)
-
-    def weight(n, k, group, sdtype):
-        packed = kmod.pack(torch.randint(-8, 8, (n, k), dtype=torch.int8), 4)
-        return packed, (torch.rand(n, k // group) * 0.05 + 0.001).to(sdtype)
-
-    out = {"many_equal": []}
-    for dtype, sdtype, group in ((torch.bfloat16, torch.bfloat16, 128), (torch.float16, torch.float32, 64)):
-        fused = weight(96, 256, group, sdtype)
-        weights = [weight(72, 128, group, sdtype), (fused[0][32:], fused[1][32:]), weight(40, 384, group, sdtype)]
-        dense = tw.dequantize_many(weights, group, dtype)
-        out["many_equal"] += [
-            bool(torch.equal(d, tw.dequantize_w4(p, s, group, dtype))) for (p, s), d in zip(weights, dense, strict=True)
-        ]
-    shifted = torch.zeros(72 * 16 + 1, dtype=torch.int32)[1:].view(72, 16)  # 4 bytes off 16-byte alignment
-    try:
-        tw.dequantize_many([(shifted, torch.ones(72, 1)), weight(40, 128, 128, torch.float32)], 128, torch.float16)
-        out["misaligned_error"] = ""
-    except ValueError as exc:
-        out["misaligned_error"] = str(exc)
-
-    group, dtype = 64, torch.bfloat16
-    members = [SimpleNamespace(weight=p, scales=s) for p, s in (weight(n, k, group, dtype) for n, k in
-               ((96, 128), (128, 256), (64, 128), (128, 384)))]  # fmt: skip
-    shared = SharedDequant(members, group)
-    launches = {"many": 0}
-    many_plan = tw._many_plan
-
-    def counting_plan(*args):
-        plan = many_plan(*args)
-
-        def launch(weights):
-            launches["many"] += 1
-            return plan(weights)
-
-        return None if plan is None else launch
-
-    tw._many_plan = counting_plan
-
-    def call(slot, m, x_dtype=dtype):
-        member = members[slot]
-        x = torch.randn(m, member.weight.shape[1] * 8).to(x_dtype)
-        y = tw.eager_linear(x, member.weight, member.scales, None, group, (shared, slot))
-        return bool(torch.equal(y, tw.w4a16_linear(x, member.weight, member.scales, None, group)))
-
-    try:
-        passes = []
-        for order in ((0, 1, 2, 3), (0, 1, 2, 3), (2, 0, 2, 1, 3)):  # in order twice; out of order, slot 2 twice
-            before = launches["many"]
-            equal = [call(slot, 70) for slot in order]
-            passes.append({"equal": equal, "launches": launches["many"] - before, "held": shared.pending is not None})
-        out["passes"] = passes
-        shared.release()
-        before = launches["many"]
-        call(0, 70)
-        members[1].weight.copy_(weight(128, 256, group, dtype)[0])  # written in place after the launch
-        equal = [call(1, 70)]
-        members[2].weight = weight(64, 128, group, dtype)[0]  # replaced after the launch
-        equal += [call(2, 70), call(3, 70, torch.float16)]  # then another dtype
-        out["changed"] = {"equal": equal, "launches": launches["many"] - before}
-        before = launches["many"]
-        out["decode"] = {"equal": [call(slot, 2) for slot in range(4)], "launches": launches["many"] - before}
-    finally:
-        tw._many_plan = many_plan
-    return out
-
-
 def _main() -> None:
     """Subprocess entry: run every case under the interpreter and print one JSON line per result."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
@@ -354,7 +279,6 @@ def _main() -> None:
         ("tuned", lambda: _run_tuned(kmod, tw)),
         ("pipe-heuristic", lambda: _run_pipe_heuristic(kmod, tw)),
         ("eager", lambda: _run_eager(kmod, tw)),
-        ("shared", lambda: _run_shared(kmod, tw)),
     ])  # fmt: skip
 
 
@@ -481,25 +405,3 @@ def test_eager_plans_follow_a_table_edit(interpreted):
     rec = interpreted["eager"]["retuned"]
     assert rec["tc_before"] == 0 and rec["tc_after"] == 1, rec
     assert all(err < TOL["float16"] for err in rec["err"]), rec
-
-
-def test_dequantize_many_equals_one_launch_per_weight(interpreted):
-    rec = interpreted["shared"]
-    assert "error" not in rec, rec.get("error")
-    assert rec["many_equal"] == [True] * 6, rec["many_equal"]
-    assert "16-byte aligned" in rec["misaligned_error"] and "dequantize_w4" in rec["misaligned_error"]
-
-
-def test_shared_dequant_serves_a_layer_with_one_launch_and_relaunches_on_any_change(interpreted):
-    rec = interpreted["shared"]
-    assert "error" not in rec, rec.get("error")
-    first, second, shuffled = rec["passes"]
-    # one launch per pass over the layer; every result equals the member's own kernels bit for bit
-    assert first == second == {"equal": [True] * 4, "launches": 1, "held": False}, rec["passes"]
-    # slot 2 asking twice starts a second launch (the first launch's views go with it); slot 0's view of the second
-    # launch is held until a call takes it or the layer's next launch replaces it
-    assert shuffled == {"equal": [True] * 5, "launches": 2, "held": True}, shuffled
-    # a member written in place, a member replaced, another dtype: each starts a launch of the current tensors
-    assert rec["changed"] == {"equal": [True] * 3, "launches": 4}, rec["changed"]
-    # decode-sized calls run the GEMV and launch nothing shared
-    assert rec["decode"] == {"equal": [True] * 4, "launches": 0}, rec["decode"]

@@ -28,7 +28,7 @@ from grace_quant.checkpoint import (
 )
 from grace_quant.config import GraceConfig
 from grace_quant.convert import convert_to_packed
-from grace_quant.fusion import fuse_projections, share_dequantization, unfuse_projections
+from grace_quant.fusion import fuse_projections, unfuse_projections
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear, log_scale_init
 from grace_quant.quant import nonfinite_problem, pack_weight, zero_nonfinite
 from grace_quant.surgery import GRACE_LAYERS, grace_layers, replace_with_empty_layers, resolve_layers, set_submodule
@@ -96,7 +96,6 @@ class GraceHfQuantizer(HfQuantizer):
             cast_floating_tensors(model, dtype)
         if self.layer_kind == "packed" and getattr(self.quantization_config, "fuse_projections", True):
             fuse_projections(model)
-            share_dequantization(model)
         if self.layer_kind == "packed":
             enable_decode_attention(model, self.quantization_config)
             enable_deferred_stop_check(model, self.quantization_config)

@@ -16,7 +16,6 @@ from .dispatch import SUPPORTED_GROUPS
 from .packing import SUPPORTED_BITS, code_range, codes_per_word, group_size_problem, pack, unpack
 from .reference import decode_attention_reference, dequantize, dequantize_codes, quant_linear_reference
 from .runtime import interpreting, kernels_can_run
-from .shared import SharedDequant
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -24,7 +23,6 @@ __all__ = [
     "BACKENDS",
     "SUPPORTED_BITS",
     "SUPPORTED_GROUPS",
-    "SharedDequant",
     "code_range",
     "decode_attention",
     "decode_attention_op",
@@ -52,7 +50,6 @@ def quant_linear(
     group_size: int,
     bits: int = 4,
     backend: str = "auto",
-    shared: tuple[SharedDequant, int] | None = None,
 ) -> torch.Tensor:
     """``y = x @ W^T + b`` with ``W`` given as packed ``bits``-bit codes and per-group ``scales``.
 
@@ -61,8 +58,7 @@ def quant_linear(
     dispatch and with the call's checks and kernel choice resolved once per call shape, in eager
     code that needs no gradient) and the reference otherwise; ``"triton"`` insists on the Triton
     kernels and raises if they cannot run (not CUDA and not ``TRITON_INTERPRET=1``, bits != 4, unsupported
-    dtype or group size). ``shared`` = ``(SharedDequant, slot)``: on that eager path, a dense weight for dequantize +
-    cuBLAS comes from one launch for all the linears of a decoder layer (:mod:`.shared`).
+    dtype or group size).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -73,7 +69,7 @@ def quant_linear(
             if _eager_inference(x, bias):
                 from .triton_w4a16 import eager_linear  # the dispatch resolved once per call shape
 
-                return eager_linear(x, packed, scales, bias, group_size, shared)
+                return eager_linear(x, packed, scales, bias, group_size)
             return w4a16_linear_op(x, packed, scales, bias, group_size)
         return quant_linear_reference(x, packed, scales, bias, group_size, bits)
     return _quant_linear_triton(x, packed, scales, bias, group_size, bits)

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -430,39 +429,8 @@ def _dequant_kernel(
 ):  # fmt: skip
     """Dense ``W[n, k] = q * s`` in ``out``'s dtype, one group of ``BLOCK_N`` rows per program (the tile rule of the
     tensor-core kernel, so both round identically)."""
-    _dequant_block(w_ptr, s_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, KW, KG, magic, GROUP, BLOCK_N, MODE)
-
-
-@triton.jit
-def _dequant_many_kernel(
-    table_ptr, w_ptr, s_ptr, out_ptr, magic,
-    NUM: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-):  # fmt: skip
-    """``NUM`` weights dequantized into one buffer by one launch (:func:`dequantize_many`). Row ``i`` of the int64
-    table: member ``i``'s packed and scales offsets (elements from ``w_ptr`` / ``s_ptr``, 16-byte aligned), its
-    output offset, N, K/8 and its first program; programs ascend by member, each one group of ``BLOCK_N`` rows."""
-    pid = tl.program_id(0)
-    row = 0
-    for i in tl.static_range(1, NUM):
-        row += (pid >= tl.load(table_ptr + i * 6 + 5)).to(tl.int32)
-    entry = table_ptr + row * 6
-    w_off = tl.multiple_of(tl.load(entry), 4)
-    s_off = tl.load(entry + 1)
-    out_off = tl.multiple_of(tl.load(entry + 2), 8)
-    n = tl.load(entry + 3).to(tl.int32)
-    kw = tl.multiple_of(tl.load(entry + 4).to(tl.int32), 16)
-    local = pid - tl.load(entry + 5).to(tl.int32)
-    blocks = tl.cdiv(n, BLOCK_N)
-    _dequant_block(
-        w_ptr + w_off, s_ptr + s_off, out_ptr + out_off, local % blocks, local // blocks, n, kw, kw * 8 // GROUP,
-        magic, GROUP, BLOCK_N, MODE,
-    )  # fmt: skip
-
-
-@triton.jit
-def _dequant_block(w_ptr, s_ptr, out_ptr, pid_n, g, N, KW, KG, magic, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MODE: tl.constexpr):  # fmt: skip
-    """Rows ``pid_n * BLOCK_N ...`` of group ``g`` of one ``[N, KW * 8]`` weight."""
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_w = tl.arange(0, GROUP // 8)
@@ -483,7 +451,6 @@ _launch_gemv = DirectLauncher(_gemv_kernel)
 _launch_gemv_pipe = DirectLauncher(_gemv_pipe_kernel)
 _launch_tc = DirectLauncher(_tc_kernel)
 _launch_dequant = DirectLauncher(_dequant_kernel)
-_launch_dequant_many = DirectLauncher(_dequant_many_kernel)
 
 
 @functools.cache
@@ -811,91 +778,8 @@ def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, d
 def _dequant_launch(n: int, k: int, group: int, mode: int) -> tuple[tuple[int, int], dict[str, int]]:
     """Grid and constexprs of the dequantize kernel for an ``[n, k]`` weight: one group of ``BLOCK_N`` rows per
     program."""
-    block_n = _dequant_rows(group)
+    block_n = 64 if group <= 64 else 32
     return (triton.cdiv(n, block_n), k // group), {"GROUP": group, "BLOCK_N": block_n, "MODE": mode, "num_warps": 4}
-
-
-def _dequant_rows(group: int) -> int:
-    """Rows per program of the dequantize kernels (one group of columns each)."""
-    return 64 if group <= 64 else 32
-
-
-def dequantize_many(
-    weights: Sequence[tuple[torch.Tensor, torch.Tensor]], group_size: int, dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """Dense ``[N, K]`` weights in ``dtype`` of several packed matrices (one group size, one scales dtype, one
-    device) from one kernel launch, as views of one buffer; bit-identical to :func:`dequantize_w4` of each. For
-    callers that need several at once: a decoder layer's linears at eager prefill pay one launch and one allocation
-    instead of one per linear (``kernels.shared``)."""
-    plan = _many_plan(weights, group_size, dtype)
-    if plan is None:
-        raise ValueError(
-            "dequantize_many needs contiguous int32 packed [N, K/8] weights at 16-byte aligned addresses with K a "
-            f"multiple of 128 and contiguous scales [N, K/group] of one dtype, all on one CUDA device (or under "
-            f"TRITON_INTERPRET=1), and group_size in {SUPPORTED_GROUPS}; dequantize them one by one with "
-            "dequantize_w4 otherwise"
-        )
-    return plan(weights)
-
-
-_MANY_PLANS: dict[tuple, Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], list[torch.Tensor]] | None] = {}
-
-
-def _many_plan(
-    weights: Sequence[tuple[torch.Tensor, torch.Tensor]], group: int, dtype: torch.dtype
-) -> Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], list[torch.Tensor]] | None:
-    """:func:`dequantize_many`'s launch for these tensors (by address and layout: the table of offsets lives on the
-    device), or None where the kernel does not apply."""
-    first = weights[0][1]
-    key = (group, dtype, first.dtype, first.get_device(), *(
-        v for p, s in weights for v in (p.data_ptr(), p.shape, p.is_contiguous(), s.data_ptr(), s.shape,
-                                         s.is_contiguous(), p.dtype)
-    ))  # fmt: skip
-    if key not in _MANY_PLANS:
-        if len(_MANY_PLANS) >= _MAX_PLANS:
-            _MANY_PLANS.clear()
-        _MANY_PLANS[key] = _make_many_plan(weights, group, dtype)
-    return _MANY_PLANS[key]
-
-
-def _make_many_plan(
-    weights: Sequence[tuple[torch.Tensor, torch.Tensor]], group: int, dtype: torch.dtype
-) -> Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], list[torch.Tensor]] | None:
-    packed0, scales0 = weights[0]
-    device = packed0.device
-    if group not in SUPPORTED_GROUPS or dtype not in _KERNEL_DTYPES or not (packed0.is_cuda or INTERPRET):
-        return None
-    for packed, scales in weights:
-        n, kw = packed.shape if packed.dim() == 2 else (0, 0)
-        if not (
-            n and packed.dtype == torch.int32 and packed.is_contiguous() and packed.data_ptr() % 16 == 0
-            and kw % 16 == 0 and group_size_problem(group, 4, kw * 8) is None
-            and scales.is_contiguous() and scales.dtype == scales0.dtype
-            and tuple(scales.shape) == (n, kw * 8 // group)
-            and packed.device == device and scales.device == device
-        ):  # fmt: skip
-            return None
-    block_n = _dequant_rows(group)
-    rows, shapes, start, program = [], [], 0, 0
-    for packed, scales in weights:
-        n, kw = packed.shape
-        w_off = (packed.data_ptr() - packed0.data_ptr()) // 4
-        s_off = (scales.data_ptr() - scales0.data_ptr()) // scales.element_size()
-        rows.append([w_off, s_off, start, n, kw, program])
-        shapes.append((start, n, kw * 8))
-        start += n * kw * 8
-        program += triton.cdiv(n, block_n) * (kw * 8 // group)
-    table = torch.tensor(rows, dtype=torch.int64).to(device)
-    constexprs = {"NUM": len(weights), "GROUP": group, "BLOCK_N": block_n, "MODE": _tile_mode(scales0, dtype)}
-    launch = _launch_dequant_many.bind((program,), **constexprs, num_warps=4)
-    total = start
-
-    def dequant_many(weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        out = torch.empty(total, dtype=dtype, device=device)
-        launch(table, weights[0][0], weights[0][1], out, _MAGIC)
-        return [out[o : o + n * k].view(n, k) for o, n, k in shapes]
-
-    return dequant_many
 
 
 def w4a16_linear(
@@ -942,25 +826,19 @@ def linear_unchecked(
 # eager inference: the dispatch resolved once per call shape
 # ----------------------------------------------------------------------------------------------------------------
 
-_Plan = Callable[..., torch.Tensor]  # plan(x, packed, scales, bias, shared) -> y
+_Plan = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 _EAGER_PLANS: dict[tuple, _Plan] = {}
 _MAX_PLANS = 4096  # distinct call shapes kept (a model has a handful per M bucket)
 
 
 def eager_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int,
-    shared: tuple[Any, int] | None = None,
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """:func:`w4a16_linear` (the torch reference where the kernels do not apply) for eager calls that need no
     gradient, with everything that depends only on the call's shape resolved by its first call: the checks, the
     tuned-table lookup and, on the dequantize + cuBLAS path, the dequantize kernel's launch (a table edit makes every
     shape look again). Eager prefill is host-bound, and these cost more host time than cuBLAS itself
-    (``benchmarks/results/prefill_h100.md``). ``shared`` = ``(SharedDequant, slot)`` (``kernels.shared``) takes the
-    dense weight of the dequantize + cuBLAS path from one launch for the linears of a decoder layer."""
+    (``benchmarks/results/prefill_h100.md``)."""
     k = x.shape[-1]
     m = x.numel() // k if k else 0
     key = (
@@ -974,12 +852,12 @@ def eager_linear(
         if len(_EAGER_PLANS) >= _MAX_PLANS:
             _EAGER_PLANS.clear()
         plan = _EAGER_PLANS[key] = _plan(x, packed, scales, bias, group_size)
-    return plan(x, packed, scales, bias, shared)
+    return plan(x, packed, scales, bias)
 
 
 def dense_path(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a call of ``m`` tokens on an ``[n, k]`` weight runs dequantize + cuBLAS (the ``large`` path without a
-    tuned entry for the tensor-core kernel): the one rule for :func:`eager_linear` and ``kernels.shared``."""
+    tuned entry for the tensor-core kernel)."""
     if path_for(m) != "large":
         return False
     config = config_at(m, n, k, group, dtype, device)
@@ -989,34 +867,29 @@ def dense_path(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: t
 def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int) -> _Plan:
     """How every call shaped like this one runs (see :func:`eager_linear`)."""
     if not supports(x, packed, scales, group):
-        return lambda x, p, s, b, shared: quant_linear_reference(x, p, s, b, group, 4)
+        return lambda x, p, s, b: quant_linear_reference(x, p, s, b, group, 4)
     k, m = x.shape[-1], x.numel() // x.shape[-1]
     if m == 0 or not (packed.is_contiguous() and scales.is_contiguous()):
-        return lambda x, p, s, b, shared: linear_unchecked(x, p, s, b, group)
+        return lambda x, p, s, b: linear_unchecked(x, p, s, b, group)
     n = packed.shape[0]
     if not dense_path(m, n, k, group, x.dtype, x.device):
         resolved = (path_for(m), config_for(x.reshape(-1, k), n, group))
-        return lambda x, p, s, b, shared: linear_unchecked(x, p, s, b, group, resolved)
+        return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, resolved)
     if x.is_cuda and not torch.cuda.is_current_stream_capturing():
         _counters(x.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
     return _dequant_matmul_plan(n, k, group, x.dtype, _tile_mode(scales, x.dtype), bias)
 
 
 def _dequant_matmul_plan(n: int, k: int, group: int, dtype: torch.dtype, mode: int, bias: torch.Tensor | None) -> _Plan:
-    """Dequantize (one launch, bound once, or the view a shared launch made) + cuBLAS: what
-    :func:`linear_with_config` runs on the ``large`` path."""
+    """Dequantize (one launch, bound once) + cuBLAS: what :func:`linear_with_config` runs on the ``large`` path."""
     grid, constexprs = _dequant_launch(n, k, group, mode)
     launch = _launch_dequant.bind(grid, **constexprs)
     cast = bias is not None and bias.dtype != dtype
     kw, kg = k // 8, k // group
 
-    def dequant_matmul(
-        x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, shared
-    ) -> torch.Tensor:
-        weight = None if shared is None else shared[0].weight(shared[1], p, s, x.numel() // k, dtype)
-        if weight is None:
-            weight = torch.empty((n, k), dtype=dtype, device=x.device)
-            launch(p, s, weight, n, kw, kg, _MAGIC)
+    def dequant_matmul(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        weight = torch.empty((n, k), dtype=dtype, device=x.device)
+        launch(p, s, weight, n, kw, kg, _MAGIC)
         b = b.to(dtype) if cast else b
         if x.is_contiguous():  # F.linear folds the leading dimensions itself: the 2-D product, bit for bit
             return F.linear(x, weight, b)
