@@ -101,10 +101,6 @@ def _run_dequant(kmod, tw) -> dict:
         name = str(dtype).removeprefix("torch.")
         out[name + "_mismatches"] = int((got != ref).sum())
         out[name + "_max_rel"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
-        # other tiles: several groups per program (a group tail when they do not divide K), streaming stores
-        for config in ({"block_n": 64, "groups": 2}, {"block_n": 16, "groups": 4, "num_warps": 8, "stream": 1}):
-            tiled = tw.dequantize_w4(packed, scales, group, dtype, config).float()
-            out[name + "_tile_mismatches"] = out.get(name + "_tile_mismatches", 0) + int((tiled != ref).sum())
     return out
 
 
@@ -331,7 +327,6 @@ def test_gemv_path_picks_the_pipelined_gemv_only_where_it_reads_the_layout(inter
 def test_dequantize_kernel_matches_torch_dequantize(interpreted):
     rec = interpreted["dequant"]
     assert rec["float16_mismatches"] == 0 and rec["bfloat16_mismatches"] == 0, rec
-    assert rec["float16_tile_mismatches"] == 0 and rec["bfloat16_tile_mismatches"] == 0, rec
 
 
 @pytest.mark.parametrize("has_bias", [True, False])

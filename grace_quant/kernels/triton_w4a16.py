@@ -425,27 +425,21 @@ def _tc_kernel(
 @triton.jit
 def _dequant_kernel(
     w_ptr, s_ptr, out_ptr, N, KW, KG, magic,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, GROUPS: tl.constexpr = 1,
-    STREAM: tl.constexpr = False,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
-    """Dense ``W[n, k] = q * s`` in ``out``'s dtype, ``GROUPS`` groups of ``BLOCK_N`` rows per program (the tile rule of
-    the tensor-core kernel, so both round identically); ``STREAM`` stores with the streaming cache hint."""
+    """Dense ``W[n, k] = q * s`` in ``out``'s dtype, one group of ``BLOCK_N`` rows per program (the tile rule of the
+    tensor-core kernel, so both round identically)."""
     pid_n = tl.program_id(0)
+    g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_w = tl.arange(0, GROUP // 8)
     offs_k = tl.arange(0, GROUP)
-    for j in tl.static_range(GROUPS):
-        g = tl.program_id(1) * GROUPS + j
-        mask = n_mask & ((g + tl.zeros([BLOCK_N], dtype=tl.int32)) < KG)
-        words = tl.load(w_ptr + offs_n[:, None] * KW + g * (GROUP // 8) + offs_w[None, :], mask=mask[:, None], other=0)
-        sc = tl.load(s_ptr + offs_n * KG + g, mask=mask, other=0.0)
-        w = _dequant_tile(words, sc, magic, GROUP, out_ptr.dtype.element_ty, MODE)
-        out_ptrs = out_ptr + offs_n[:, None] * (KW * 8) + g * GROUP + offs_k[None, :]
-        if STREAM:
-            tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask[:, None], cache_modifier=".cs")
-        else:
-            tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask[:, None])
+    words = tl.load(w_ptr + offs_n[:, None] * KW + g * (GROUP // 8) + offs_w[None, :], mask=n_mask[:, None], other=0)
+    sc = tl.load(s_ptr + offs_n * KG + g, mask=n_mask, other=0.0)
+    w = _dequant_tile(words, sc, magic, GROUP, out_ptr.dtype.element_ty, MODE)
+    out_ptrs = out_ptr + offs_n[:, None] * (KW * 8) + g * GROUP + offs_k[None, :]
+    tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -772,28 +766,20 @@ def linear_with_config(
     return F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
 
 
-def dequantize_w4(
-    packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype, config: dict[str, int] | None = None
-) -> torch.Tensor:
-    """Dense ``[N, K]`` weight in ``dtype`` from the packed format, with the Triton dequantize kernel (``config``: its
-    tile, see :func:`_dequant_launch`)."""
+def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype`` from the packed format, with the Triton dequantize kernel."""
     n, kw = packed.shape
     out = torch.empty((n, kw * 8), dtype=dtype, device=packed.device)
-    grid, constexprs = _dequant_launch(n, kw * 8, group_size, _tile_mode(scales, dtype), config)
+    grid, constexprs = _dequant_launch(n, kw * 8, group_size, _tile_mode(scales, dtype))
     _launch_dequant(grid, packed, scales, out, n, kw, kw * 8 // group_size, _MAGIC, **constexprs)
     return out
 
 
-def _dequant_launch(
-    n: int, k: int, group: int, mode: int, config: dict[str, int] | None = None
-) -> tuple[tuple[int, int], dict[str, int]]:
-    """Grid and constexprs of the dequantize kernel for an ``[n, k]`` weight: ``block_n`` rows by ``groups`` groups
-    per program (``config`` overrides the defaults; a lab's candidates)."""
-    config = {"block_n": 64 if group <= 64 else 32, "groups": 1, "num_warps": 4, "stream": 0, **(config or {})}
-    block_n, groups = config["block_n"], config["groups"]
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k // group, groups))
-    constexprs = {"GROUP": group, "BLOCK_N": block_n, "MODE": mode, "GROUPS": groups, "STREAM": bool(config["stream"])}
-    return grid, {**constexprs, "num_warps": config["num_warps"]}
+def _dequant_launch(n: int, k: int, group: int, mode: int) -> tuple[tuple[int, int], dict[str, int]]:
+    """Grid and constexprs of the dequantize kernel for an ``[n, k]`` weight: one group of ``BLOCK_N`` rows per
+    program."""
+    block_n = 64 if group <= 64 else 32
+    return (triton.cdiv(n, block_n), k // group), {"GROUP": group, "BLOCK_N": block_n, "MODE": mode, "num_warps": 4}
 
 
 def w4a16_linear(
