@@ -410,3 +410,43 @@ def test_eager_fast_path_equals_the_custom_op_and_keeps_autograd():
         y.float().sum().backward()
         w = KM.dequantize(packed, scales, 64, 4).to(torch.bfloat16)
         torch.testing.assert_close(xg.grad, torch.ones_like(y) @ w)
+
+
+_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages)
+    (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3)),
+    (torch.float16, True, 77, 384, 1024, 128, (64, 128, 4)),
+    (torch.bfloat16, True, 1000, 128, 384, 64, (128, 64, 4)),
+    (torch.bfloat16, False, 1, 256, 256, 128, (128, 128, 4)),
+    (torch.float16, False, 2048, 512, 4096, 128, (256, 128, 3)),
+]
+
+
+@pytest.mark.parametrize("case", _WGMMA_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}")
+def test_wgmma_kernel_matches_the_fp64_reference(case):
+    """The Gluon prefill kernel (weight in registers as the MMA's A operand): every tile config against fp64, with a
+    token tail inside a tile, bias, fewer K tiles than pipeline stages, and both 16-bit dtypes."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon W4A16 kernel targets Hopper (sm_90)")
+    gw = importlib.import_module("grace_quant.kernels.gluon_w4a16")
+    dtype, bias, m, n, k, group, (bm, bk, st) = case
+    torch.manual_seed(m + n)
+    packed, scales, b = make(n, k, group, dtype, bias)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    assert gw.supports(x, packed, scales, group, bk)
+    poison()
+    y = gw.wgmma_w4a16(x, packed, scales, b, group, block_m=bm, block_k=bk, stages=st)
+    assert rel_err(y, ref_fp64(x, packed, scales, b, group)) < TOL[dtype]
+    again = gw.wgmma_w4a16(x, packed, scales, b, group, block_m=bm, block_k=bk, stages=st)
+    assert torch.equal(y, again)
+
+
+def test_wgmma_kernel_declines_what_it_does_not_implement():
+    gw = importlib.import_module("grace_quant.kernels.gluon_w4a16")
+    packed, scales, _ = make(256, 512, 64, torch.bfloat16, False)
+    x = torch.randn(64, 512, device="cuda").to(torch.bfloat16)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert gw.supports(x, packed, scales, 64, 64) == hopper
+    assert not gw.supports(x, packed, scales, 64, 128)  # groups narrower than the K tile
+    assert not gw.supports(x, packed, scales.float(), 64, 64)  # scales in another dtype
+    assert not gw.supports(x, packed[:200], scales[:200], 64, 64)  # N not a multiple of 128
+    assert not gw.supports(x.cpu(), packed, scales, 64, 64)

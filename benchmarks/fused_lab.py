@@ -1,0 +1,96 @@
+"""Prefill lab: the Gluon W4A16 kernel (``kernels.gluon_w4a16``, the weight dequantized in registers as the MMA's A
+operand) against cuBLAS bf16 and dequantize + cuBLAS on the fused decoder-layer shapes (q|k|v, o, gate|up, down).
+
+Every arm is timed with CUDA graphs over weight copies cycled past L2 (``kernels.timing``); per model and M the
+table sums the four shapes (one decoder layer) and gives each arm's ratio to cuBLAS bf16 (above 1 is faster).
+
+    python benchmarks/fused_lab.py --ms 256,600,1024,2048 --json fused_lab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from grace_quant.kernels import gluon_w4a16 as gw
+from grace_quant.kernels import triton_w4a16 as tw
+from grace_quant.kernels.reference import dequantize
+from grace_quant.kernels.timing import copies_for, dense_time_us, graph_time_us, w4_copies
+
+SHAPES = {
+    "llava-1.5-7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)],
+    "qwen2-vl-2b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
+}
+CONFIGS = [  # block_m, block_k, stages
+    (64, 128, 4), (128, 128, 3), (128, 128, 4), (128, 64, 4), (256, 128, 3), (256, 64, 4),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ms", default="256,600,1024,2048")
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--json", default="fused_lab.json")
+    args = parser.parse_args()
+    dtype, group = torch.bfloat16, 128
+    rows = []
+    for model in args.models:
+        for m in (int(v) for v in args.ms.split(",")):
+            total = {"bf16": 0.0, "deq+cublas": 0.0}
+            best_total = 0.0
+            per_config = {c: 0.0 for c in CONFIGS}
+            for n, k in SHAPES[model]:
+                copies = w4_copies(n, k, group, dtype, "cuda")
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                ref = F.linear(x.double(), dequantize(*copies[0], group, 4).double())
+                bf16 = dense_time_us(n, k, m, dtype)
+                deq = graph_time_us([lambda c=c, x=x: F.linear(x, tw.dequantize_w4(*c, group, dtype)) for c in copies])
+                total["bf16"] += bf16
+                total["deq+cublas"] += deq
+                times = {}
+                for config in CONFIGS:
+                    bm, bk, st = config
+                    try:
+                        y = gw.wgmma_w4a16(x, *copies[0], None, group, block_m=bm, block_k=bk, stages=st)
+                        err = ((y.double() - ref).norm() / ref.norm()).item()
+                        if err > 5e-3:
+                            raise RuntimeError(f"relative error {err:.2e}")
+                        times[config] = graph_time_us(
+                            [lambda c=c, t=config, x=x: gw.wgmma_w4a16(x, *c, None, group, block_m=t[0], block_k=t[1],
+                                                                       stages=t[2]) for c in copies]
+                        )  # fmt: skip
+                    except Exception as exc:  # noqa: BLE001 - a lab: report and go on
+                        print(f"  {model} m={m} [{n},{k}] {config}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                        times[config] = float("inf")
+                    per_config[config] += times[config]
+                best = min(times.values())
+                best_total += best
+                print(
+                    f"{model} m={m} [{n}, {k}]: bf16 {bf16:.1f} us, deq+cublas {deq:.1f}, fused best {best:.1f} "
+                    f"{min(times, key=times.get)}  ({', '.join(f'{c}: {t:.1f}' for c, t in times.items())})",
+                    flush=True,
+                )
+                del copies
+                torch.cuda.empty_cache()
+            row = {
+                "model": model, "m": m, "bf16_us": total["bf16"], "deq_cublas_us": total["deq+cublas"],
+                "fused_best_us": best_total,
+                "fused_config_us": {str(c): t for c, t in per_config.items()},
+            }  # fmt: skip
+            rows.append(row)
+            print(
+                f"== {model} m={m} layer: bf16 {total['bf16']:.1f} us, deq+cublas {total['deq+cublas']:.1f} "
+                f"({total['bf16'] / total['deq+cublas']:.2f}x), fused best-per-shape {best_total:.1f} "
+                f"({total['bf16'] / best_total:.2f}x), best single config "
+                f"{min(per_config.values()):.1f} {min(per_config, key=per_config.get)}",
+                flush=True,
+            )
+    with open(args.json, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "copies_rule": copies_for(1), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

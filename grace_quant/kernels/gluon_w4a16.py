@@ -1,0 +1,178 @@
+"""W4A16 GEMM for prefill on Hopper in Gluon: the weight dequantized in registers as the tensor cores' A operand.
+
+``y^T = W x^T``: each program owns 128 weight rows and ``block_m`` tokens. The token tile (the MMA's B operand) comes
+through TMA into a ring of shared-memory stages; the weight tile never touches shared memory. Each thread loads the
+packed words of its own fragment rows (16-byte loads; the four threads of a quad read the same words) and turns
+nibbles ``2c`` and ``2c + 1`` of every word, ``c`` being its lane in the quad, into one 32-bit pair of 16-bit floats:
+exactly the elements ``k = 8 * word + 2c + {0, 1}`` that ``wgmma``'s register A fragment puts in that thread
+(``convert_layout(..., assert_trivial=True)`` proves it at compile time: no data moves). Per pair: a shift, one
+``lop3`` into the mantissa of 2**7 (bf16) or 2**10 (fp16), one FMA removing the offset exactly and one multiplying
+by the scale (the one rounding ``kernels.reference.dequantize`` makes), so results match dequantize + matmul up to
+the summation order. The MMA of one K tile runs asynchronously while the next tile is dequantized.
+
+Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this kernel is checked on GPUs only
+(``tests/test_kernels_gpu.py``). Why it exists: ``benchmarks/results/prefill_h100.md`` (dequantize + cuBLAS writes
+and re-reads every weight in bf16, which bounds INT4 prefill above bf16's time).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["BLOCK_N", "supports", "wgmma_w4a16"]
+
+BLOCK_N = 128
+"""Weight rows per program (two warpgroups of 64): N must be a multiple."""
+_WARPS = 8
+
+# One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats.
+_PAIR_PTX = """{
+.reg .b32 a, v, one, off, nz;
+mov.b32 one, ONE;
+mov.b32 off, OFF;
+mov.b32 nz, 0x80008000;
+shl.b32 a, $2, 12;
+or.b32 a, a, $2;
+lop3.b32 v, a, 0x000F000F, MAGIC, 0xEA;
+fma.rn.TY v, v, one, off;
+fma.rn.TY v, v, $3, nz;
+mov.b32 {$0, $1}, v;
+}"""
+_BF16_PAIR = gl.constexpr(
+    _PAIR_PTX.replace("ONE", "0x3F803F80").replace("OFF", "0xC308C308").replace("MAGIC", "0x43004300")
+    .replace("TY", "bf16x2")
+)  # fmt: skip
+_FP16_PAIR = gl.constexpr(
+    _PAIR_PTX.replace("ONE", "0x3C003C00").replace("OFF", "0xE408E408").replace("MAGIC", "0x64006400")
+    .replace("TY", "f16x2")
+)  # fmt: skip
+
+
+@functools.cache
+def _layouts(block_m: int, block_k: int) -> tuple:
+    """(MMA accumulator, A operand, words ``[BLOCK_N, block_k / 8, 4]``, epilogue) layouts for 8 warps."""
+    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_WARPS, 1], instr_shape=[16, block_m, 16])
+    dot = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    # registers: the word index, then the row 8 below; lanes: the quad's c, then rows; warps: 16-row bands
+    reg = [[0, 1 << bit, 0] for bit in range((block_k // 8).bit_length() - 1)] + [[8, 0, 0]]
+    lane = [[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp = [[16, 0, 0], [32, 0, 0], [64, 0, 0]]
+    words = gl.DistributedLinearLayout(reg, lane, warp, [], [BLOCK_N, block_k // 8, 4])
+    out = gl.BlockedLayout([4, 1], [32, 1], [1, _WARPS], [0, 1])
+    return mma, dot, words, out
+
+
+@gluon.jit
+def _kernel(
+    x_desc, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, KG, stride_ym,
+    BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+    PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
+):  # fmt: skip
+    BN: gl.constexpr = 128
+    pid_m = gl.program_id(0)  # token tiles fastest: programs in flight share weight rows (read once into L2)
+    pid_n = gl.program_id(1)
+    n0 = pid_n * BN
+    m0 = pid_m * BM
+    num_k = (KW * 8) // BK
+    rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
+    wi = gl.arange(0, BK // 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, WORDS)))
+    quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
+    r3 = gl.expand_dims(gl.expand_dims(rows, 1), 2)
+    c3 = gl.expand_dims(gl.expand_dims(quad, 0), 1)
+    w_off = r3 * KW + gl.expand_dims(gl.expand_dims(wi, 0), 2) + c3 * 0
+    w_ptrs = w_ptr + gl.max_contiguous(gl.multiple_of(w_off, [1, BK // 8, 1]), [1, BK // 8, 1])
+    shift = c3 * 8
+    srows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(1, WORDS)))
+    squad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
+    s_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(srows, 1) * KG + gl.expand_dims(squad, 0) * 0, 1)
+
+    smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    for s in gl.static_range(STAGES - 1):
+        if s < num_k:
+            mbarrier.expect(bars.index(s), x_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [m0, s * BK], bars.index(s), smem.index(s))
+    acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    for kt in range(num_k):
+        words = gl.load(w_ptrs + kt * (BK // 8))
+        sc = gl.load(s_ptrs + (kt * BK) // GROUP)
+        s16 = sc.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        e0, e1 = gl.inline_asm_elementwise(
+            PAIR, "=h,=h,r,r", [words >> shift, s16 | (s16 << 16)], dtype=(gl.int16, gl.int16), is_pure=True, pack=1
+        )
+        w = gl.reshape(gl.join(e0, e1), [BN, BK]).to(x_desc.dtype, bitcast=True)  # k = 8 * word + 2c + {0, 1}
+        a = gl.convert_layout(w, DOT, assert_trivial=True)
+        stage = kt % STAGES
+        mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
+        acc = warpgroup_mma(a, smem.index(stage).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])  # the previous tile's MMA is done: its stage can be refilled
+        refill = kt + STAGES - 1
+        if refill < num_k:
+            slot = refill % STAGES
+            mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [m0, refill * BK], bars.index(slot), smem.index(slot))
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+    out = gl.convert_layout(acc, OUT)
+    on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
+    om = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT))
+    if HAS_BIAS:
+        out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
+    y_ptrs = y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1)
+    gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(om < M, 0))
+
+
+def supports(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, block_k: int = 128) -> bool:
+    """Whether :func:`wgmma_w4a16` takes this call: a Hopper GPU, 16-bit activations with scales of the same dtype,
+    N a multiple of 128, K of ``block_k``, groups of at least ``block_k`` columns, 16-byte aligned rows."""
+    if not (x2.is_cuda and torch.cuda.get_device_capability(x2.device)[0] == 9):
+        return False
+    n, kw = packed.shape
+    k = kw * 8
+    return (
+        x2.dtype in (torch.float16, torch.bfloat16) and scales.dtype == x2.dtype and x2.dim() == 2
+        and x2.stride(-1) == 1 and (x2.stride(0) * 2) % 16 == 0 and x2.data_ptr() % 16 == 0
+        and n % BLOCK_N == 0 and k % block_k == 0 and group % block_k == 0 and k % group == 0
+        and packed.is_contiguous() and scales.is_contiguous() and packed.data_ptr() % 16 == 0
+    )  # fmt: skip
+
+
+def wgmma_w4a16(
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    group: int,
+    *,
+    block_m: int = 128,
+    block_k: int = 128,
+    stages: int = 3,
+) -> torch.Tensor:
+    """``x2 @ W^T (+ bias)`` for ``x2 [M, K]`` (see :func:`supports`), one launch."""
+    m, k = x2.shape
+    n = packed.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return y
+    mma, dot, words, out = _layouts(block_m, block_k)
+    dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    desc = TensorDescriptor.from_tensor(x2, [block_m, block_k], gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype))
+    pair = _BF16_PAIR if x2.dtype == torch.bfloat16 else _FP16_PAIR
+    bias = None if bias is None else bias.to(x2.dtype).contiguous()
+    grid = (triton.cdiv(m, block_m), n // BLOCK_N)
+    _kernel[grid](
+        desc, packed, scales, bias if bias is not None else y, y, m, n, k // 8, k // group, y.stride(0),
+        BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=bias is not None, PAIR=pair, MMA=mma,
+        DOT=dot, WORDS=words, OUT=out, num_warps=_WARPS,
+    )  # fmt: skip
+    return y
