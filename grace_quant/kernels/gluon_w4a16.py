@@ -71,7 +71,7 @@ def _layouts(block_m: int, block_k: int) -> tuple:
 
 @gluon.jit
 def _kernel(
-    x_desc, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, KG, stride_ym,
+    x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KW, KG, stride_ym,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
 ):  # fmt: skip
@@ -81,46 +81,52 @@ def _kernel(
     n0 = pid_n * BN
     m0 = pid_m * BM
     num_k = (KW * 8) // BK
-    rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
-    wi = gl.arange(0, BK // 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, WORDS)))
+    # scales: one per row and K tile, loaded two tiles ahead (registers carried through the loop)
+    srows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
+    s_rows = s_ptr + srows * KG
+    sc_next = gl.load(s_rows)
+    sc_after = gl.load(s_rows + BK // GROUP, mask=(srows * 0 + 1) < num_k)
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    r3 = gl.expand_dims(gl.expand_dims(rows, 1), 2)
-    c3 = gl.expand_dims(gl.expand_dims(quad, 0), 1)
-    w_off = r3 * KW + gl.expand_dims(gl.expand_dims(wi, 0), 2) + c3 * 0
-    w_ptrs = w_ptr + gl.max_contiguous(gl.multiple_of(w_off, [1, BK // 8, 1]), [1, BK // 8, 1])
-    shift = c3 * 8
-    srows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(1, WORDS)))
-    squad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    s_ptrs = s_ptr + gl.expand_dims(gl.expand_dims(srows, 1) * KG + gl.expand_dims(squad, 0) * 0, 1)
+    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * 8  # [1, 1, 4]: lane c of a quad takes nibbles 2c, 2c+1
 
-    smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     for s in gl.static_range(STAGES - 1):
         if s < num_k:
-            mbarrier.expect(bars.index(s), x_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [m0, s * BK], bars.index(s), smem.index(s))
+            mbarrier.expect(bars.index(s), nbytes)
+            tma.async_copy_global_to_shared(x_desc, [m0, s * BK], bars.index(s), x_smem.index(s))
+            tma.async_copy_global_to_shared(w_desc, [n0, s * (BK // 8)], bars.index(s), w_smem.index(s))
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+    a_prev = gl.zeros([BN, BK], x_desc.dtype, layout=DOT)
     for kt in range(num_k):
-        words = gl.load(w_ptrs + kt * (BK // 8))
-        sc = gl.load(s_ptrs + (kt * BK) // GROUP)
+        stage = kt % STAGES
+        mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
+        words = gl.expand_dims(w_smem.index(stage).load(gl.SliceLayout(2, WORDS)), 2)
+        sc = sc_next
+        sc_next = sc_after
+        sc_after = gl.load(s_rows + ((kt + 2) * BK) // GROUP, mask=(srows * 0 + kt + 2) < num_k)
         s16 = sc.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        s2 = gl.expand_dims(gl.expand_dims(s16 | (s16 << 16), 1), 2)
         e0, e1 = gl.inline_asm_elementwise(
-            PAIR, "=h,=h,r,r", [words >> shift, s16 | (s16 << 16)], dtype=(gl.int16, gl.int16), is_pure=True, pack=1
+            PAIR, "=h,=h,r,r", [words >> shift, s2], dtype=(gl.int16, gl.int16), is_pure=True, pack=1
         )
         w = gl.reshape(gl.join(e0, e1), [BN, BK]).to(x_desc.dtype, bitcast=True)  # k = 8 * word + 2c + {0, 1}
         a = gl.convert_layout(w, DOT, assert_trivial=True)
-        stage = kt % STAGES
-        mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
-        acc = warpgroup_mma(a, smem.index(stage).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(1, deps=[acc])  # the previous tile's MMA is done: its stage can be refilled
+        acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+        # the previous tile's MMA is done: its stage can be refilled and its A registers reused
+        acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
+        a_prev = a
         refill = kt + STAGES - 1
         if refill < num_k:
             slot = refill % STAGES
-            mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [m0, refill * BK], bars.index(slot), smem.index(slot))
-    acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.expect(bars.index(slot), nbytes)
+            tma.async_copy_global_to_shared(x_desc, [m0, refill * BK], bars.index(slot), x_smem.index(slot))
+            tma.async_copy_global_to_shared(w_desc, [n0, refill * (BK // 8)], bars.index(slot), w_smem.index(slot))
+    acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     out = gl.convert_layout(acc, OUT)
@@ -166,13 +172,16 @@ def wgmma_w4a16(
         return y
     mma, dot, words, out = _layouts(block_m, block_k)
     dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
-    desc = TensorDescriptor.from_tensor(x2, [block_m, block_k], gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype))
+    x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype)
+    w_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, block_k // 8], gl.int32)
+    x_desc = TensorDescriptor.from_tensor(x2, [block_m, block_k], x_layout)
+    w_desc = TensorDescriptor.from_tensor(packed, [BLOCK_N, block_k // 8], w_layout)
     pair = _BF16_PAIR if x2.dtype == torch.bfloat16 else _FP16_PAIR
     bias = None if bias is None else bias.to(x2.dtype).contiguous()
     grid = (triton.cdiv(m, block_m), n // BLOCK_N)
     _kernel[grid](
-        desc, packed, scales, bias if bias is not None else y, y, m, n, k // 8, k // group, y.stride(0),
-        BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=bias is not None, PAIR=pair, MMA=mma,
-        DOT=dot, WORDS=words, OUT=out, num_warps=_WARPS,
+        x_desc, w_desc, scales, bias if bias is not None else y, y, m, n, k // 8, k // group, y.stride(0),
+        BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=bias is not None, PAIR=pair, MMA=mma, DOT=dot,
+        WORDS=words, OUT=out, num_warps=_WARPS,
     )  # fmt: skip
     return y
