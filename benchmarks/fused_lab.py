@@ -25,7 +25,6 @@ SHAPES = {
     "qwen2-vl-2b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
 }
 CONFIGS = [  # block_m, block_k, stages
-    (64, 128, 4),
     (128, 128, 3),
     (128, 128, 4),
     (128, 64, 4),
@@ -61,7 +60,7 @@ def main() -> None:
                     try:
                         y = gw.wgmma_w4a16(x, *copies[0], None, group, block_m=bm, block_k=bk, stages=st)
                         err = ((y.double() - ref).norm() / ref.norm()).item()
-                        if err > 5e-3:
+                        if not err < 5e-3:  # NaN fails too
                             raise RuntimeError(f"relative error {err:.2e}")
                         times[config] = graph_time_us(
                             [lambda c=c, t=config, x=x: gw.wgmma_w4a16(x, *c, None, group, block_m=t[0], block_k=t[1],

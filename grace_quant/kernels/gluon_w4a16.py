@@ -32,15 +32,16 @@ BLOCK_N = 128
 """Weight rows per program (two warpgroups of 64): N must be a multiple."""
 _WARPS = 8
 
-# One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats.
+# One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats: nibble 0
+# and nibble 1 (moved to bit 16) into the two mantissas of MAGIC, the offset removed exactly, one rounding by the scale.
 _PAIR_PTX = """{
 .reg .b32 a, v, one, off, nz;
 mov.b32 one, ONE;
 mov.b32 off, OFF;
 mov.b32 nz, 0x80008000;
 shl.b32 a, $2, 12;
-or.b32 a, a, $2;
-lop3.b32 v, a, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 v, $2, 0x0000000F, MAGIC, 0xEA;
+lop3.b32 v, a, 0x000F0000, v, 0xEA;
 fma.rn.TY v, v, one, off;
 fma.rn.TY v, v, $3, nz;
 mov.b32 {$0, $1}, v;
