@@ -8,7 +8,7 @@ exactly the elements ``k = 8 * word + 2c + {0, 1}`` that ``wgmma``'s register A 
 (``convert_layout(..., assert_trivial=True)`` proves it at compile time: no data moves). Per pair: a shift, one
 ``lop3`` into the mantissa of 2**7 (bf16) or 2**10 (fp16), one FMA removing the offset exactly and one multiplying
 by the scale (the one rounding ``kernels.reference.dequantize`` makes), so results match dequantize + matmul up to
-the summation order. The MMA of one K tile runs asynchronously while the next tile is dequantized.
+the summation order. The MMA of one K tile overlaps the dequantization of other programs on the SM.
 
 Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this kernel is checked on GPUs only
 (``tests/test_kernels_gpu.py``). Why it exists: ``benchmarks/results/prefill_h100.md`` (dequantize + cuBLAS writes
@@ -102,7 +102,6 @@ def _kernel(
             tma.async_copy_global_to_shared(x_desc, [m0, s * BK], bars.index(s), x_smem.index(s))
             tma.async_copy_global_to_shared(w_desc, [n0, s * (BK // 8)], bars.index(s), w_smem.index(s))
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    a_prev = gl.zeros([BN, BK], x_desc.dtype, layout=DOT)
     for kt in range(num_k):
         stage = kt % STAGES
         mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
@@ -118,16 +117,17 @@ def _kernel(
         w = gl.reshape(gl.join(e0, e1), [BN, BK]).to(x_desc.dtype, bitcast=True)  # k = 8 * word + 2c + {0, 1}
         a = gl.convert_layout(w, DOT, assert_trivial=True)
         acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-        # the previous tile's MMA is done: its stage can be refilled and its A registers reused
-        acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
-        a_prev = a
+        # wgmma reads its A registers while it runs: retire it before the next tile's dequantization may reuse them
+        # (keeping one MMA in flight with the previous tile's A alive gave wrong, run-to-run varying results on an
+        # H100: the compiler's loop-carried copies do not pin the registers the hardware reads). Other programs on
+        # the SM overlap their dequantization with this MMA.
+        acc, a = warpgroup_mma_wait(0, deps=[acc, a])
         refill = kt + STAGES - 1
         if refill < num_k:
             slot = refill % STAGES
             mbarrier.expect(bars.index(slot), nbytes)
             tma.async_copy_global_to_shared(x_desc, [m0, refill * BK], bars.index(slot), x_smem.index(slot))
             tma.async_copy_global_to_shared(w_desc, [n0, refill * (BK // 8)], bars.index(slot), w_smem.index(slot))
-    acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     out = gl.convert_layout(acc, OUT)
