@@ -1,4 +1,4 @@
-"""Prefill lab: the Gluon W4A16 kernel (``kernels.gluon_w4a16``, the weight dequantized in registers as the MMA's A
+"""Prefill lab: the Gluon W4A16 lab kernel (``gluon_lab_kernel.py``, the weight dequantized in registers as the MMA's A
 operand) against cuBLAS bf16 and dequantize + cuBLAS on the fused decoder-layer shapes (q|k|v, o, gate|up, down).
 
 Every arm is timed with CUDA graphs over weight copies cycled past L2 (``kernels.timing``); per model and M the
@@ -10,15 +10,27 @@ table sums the four shapes (one decoder layer) and gives each arm's ratio to cuB
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from grace_quant.kernels import gluon_w4a16 as gw
 from grace_quant.kernels import triton_w4a16 as tw
 from grace_quant.kernels.reference import dequantize
 from grace_quant.kernels.timing import copies_for, dense_time_us, graph_time_us, w4_copies
+
+
+def _sibling(name: str):
+    """A sibling script loaded by path (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gw = _sibling("gluon_lab_kernel")
 
 SHAPES = {
     "llava-1.5-7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)],

@@ -412,6 +412,14 @@ def test_eager_fast_path_equals_the_custom_op_and_keeps_autograd():
         torch.testing.assert_close(xg.grad, torch.ones_like(y) @ w)
 
 
+def _gluon_lab_kernel():
+    """``benchmarks/gluon_lab_kernel.py`` (a lab kernel whose timings ``fused_lab.py`` reports), loaded by path."""
+    spec = importlib.util.spec_from_file_location("gluon_lab_kernel", ROOT / "benchmarks" / "gluon_lab_kernel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 _WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages)
     (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3)),
     (torch.float16, True, 77, 384, 1024, 128, (64, 128, 4)),
@@ -423,11 +431,11 @@ _WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages)
 
 @pytest.mark.parametrize("case", _WGMMA_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}")
 def test_wgmma_kernel_matches_the_fp64_reference(case):
-    """The Gluon prefill kernel (weight in registers as the MMA's A operand): every tile config against fp64, with a
+    """The Gluon lab kernel (weight in registers as the MMA's A operand): every tile config against fp64, with a
     token tail inside a tile, bias, fewer K tiles than pipeline stages, and both 16-bit dtypes."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon W4A16 kernel targets Hopper (sm_90)")
-    gw = importlib.import_module("grace_quant.kernels.gluon_w4a16")
+    gw = _gluon_lab_kernel()
     dtype, bias, m, n, k, group, (bm, bk, st) = case
     torch.manual_seed(m + n)
     packed, scales, b = make(n, k, group, dtype, bias)
@@ -441,7 +449,7 @@ def test_wgmma_kernel_matches_the_fp64_reference(case):
 
 
 def test_wgmma_kernel_declines_what_it_does_not_implement():
-    gw = importlib.import_module("grace_quant.kernels.gluon_w4a16")
+    gw = _gluon_lab_kernel()
     packed, scales, _ = make(256, 512, 64, torch.bfloat16, False)
     x = torch.randn(64, 512, device="cuda").to(torch.bfloat16)
     hopper = torch.cuda.get_device_capability()[0] == 9

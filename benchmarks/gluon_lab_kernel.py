@@ -1,4 +1,5 @@
-"""W4A16 GEMM for prefill on Hopper in Gluon: the weight dequantized in registers as the tensor cores' A operand.
+"""Lab kernel (not shipped): W4A16 GEMM for prefill on Hopper in Gluon, the weight dequantized in registers as the
+tensor cores' A operand. Measured by ``fused_lab.py``; results in ``benchmarks/results/prefill_h100.md``.
 
 ``y^T = W x^T``: each program owns 128 weight rows and ``block_m`` tokens. The token tile (the MMA's B operand) comes
 through TMA into a ring of shared-memory stages; the weight tile never touches shared memory. Each thread loads the
@@ -11,8 +12,9 @@ by the scale (the one rounding ``kernels.reference.dequantize`` makes), so resul
 the summation order. The MMA of one K tile overlaps the dequantization of other programs on the SM.
 
 Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this kernel is checked on GPUs only
-(``tests/test_kernels_gpu.py``). Why it exists: ``benchmarks/results/prefill_h100.md`` (dequantize + cuBLAS writes
-and re-reads every weight in bf16, which bounds INT4 prefill above bf16's time).
+(``tests/test_kernels_gpu.py``). Why it was tried: dequantize + cuBLAS writes and re-reads every weight in bf16, which
+bounds INT4 prefill above bf16's time. Why it is not shipped: on an H100 it beats dequantize + cuBLAS only around
+256 tokens (LLaVA-1.5-7B's layer 0.61x of cuBLAS bf16 vs 0.49x) and loses from 600 on (0.58x vs 0.64x).
 """
 
 from __future__ import annotations
