@@ -62,14 +62,21 @@
 # host_overhead.py), GPU tests of the direct launches and eager plans, prefill.py with eager_linear (LLaVA TTFT 1.17-1.19x,
 # Qwen2-VL 1.07-1.11x, arms interleaved), the ttft stage, tests (138 passed, 1 skipped), e2e Qwen2-VL b1/b8 (run H: 1.96x
 # / 1.71x).
+# Done 2026-12-06, fourth session (H100s; ~25 device minutes): prefill.py x3 (shared per-layer dequantize: no gain,
+# taken back out; direct C launches: ~1-2 ms), overlap_lab.py (the decoder's prefill is GPU-bound: dequantize +
+# cuBLAS = bf16 + the dequantize kernels, no overlap on a side stream), dequant_lab.py (at 51a776c: every tile at the
+# copy bandwidth), fused_lab.py x5 (the Gluon lab kernel; correct from run 8: 0.61x / 0.58x / 0.70x cuBLAS bf16 per
+# LLaVA layer at M = 256 / 600 / 2048, vs dequantize + cuBLAS 0.49x / 0.64x / 0.85x), tests (145 passed, 1 skipped).
+# Results: benchmarks/results/prefill_h100.md (first section).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
-#  1) TTFT, issue 16's last floor (LLaVA 1.17x vs <= 1.1x): prefill_h100.md lists the host levers left (one dequantize
-#     launch per decoder layer, plans keyed by tensor identity, a scratch weight per shape); measure each with
-#     STAGES="prefill" (arms interleaved; never trust TTFT ratios of arms run minutes apart on these hosts);
-#  2) on an H200: `tune_kernels.py --ms 1,2 --retune` (its table's M = 1-2 entries lack the pipelined GEMV), then
-#     STAGES="kernels" for issue 15's identical-shape table with the new GEMV, and STAGES="e2e-llava";
-#  3) issue 15's large M: kernel_lab_h100.md says why both fused tensor-core attempts lose to dequantize + cuBLAS
-#     (the dequantized tile's trip through shared memory into the MMA operand, ~5 instructions per weight).
+#  1) issue 16's TTFT floor needs INT4 read inside the GEMM at >= ~0.8x cuBLAS at M ~ 600 (prefill_h100.md says why
+#     dequantize + cuBLAS cannot): continue benchmarks/gluon_lab_kernel.py with `python benchmarks/fused_lab.py`
+#     (its GPU tests: pytest -m gpu -k wgmma): overlap each program's dequantization with its own MMA (unroll by two
+#     with distinct A values, or stage A through shared memory), split-K or 64-row tiles for N = 4096 shapes, find why
+#     64-token tiles compute wrong results; then a dispatch entry for it;
+#  2) on an H200: `tune_kernels.py --ms 1,2 --retune`, STAGES="kernels", STAGES="e2e-llava", STAGES="prefill" (and
+#     cherry-pick 6d5074c, the shared per-layer dequantize, to measure it where the GPU is faster);
+#  3) issue 15's small-M floors (M = 1 2.02x vs 2.2x, M = 2-8 ~1.5x vs 1.9x).
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
