@@ -36,12 +36,14 @@ SHAPES = {
     "llava-1.5-7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)],
     "qwen2-vl-2b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
 }
-CONFIGS = [  # block_m, block_k, stages
-    (128, 128, 3),
-    (128, 64, 3),
-    (128, 64, 4),
-    (256, 128, 3),
-    (256, 64, 4),
+CONFIGS = [  # block_m, block_k, stages, A through shared memory (its MMA then overlaps the next tile's dequantization)
+    (128, 128, 3, False),
+    (128, 64, 3, False),
+    (128, 64, 4, False),
+    (256, 128, 3, False),
+    (256, 64, 4, False),
+    (128, 128, 3, True),
+    (128, 64, 4, True),
 ]
 
 
@@ -50,6 +52,11 @@ def main() -> None:
     parser.add_argument("--ms", default="256,600,1024,2048")
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--json", default="fused_lab.json")
+    parser.add_argument(
+        "--only-smem",
+        action="store_true",
+        help="time only the A-through-shared-memory tiles and the best register tile",
+    )
     args = parser.parse_args()
     dtype, group = torch.bfloat16, 128
     rows = []
@@ -57,7 +64,7 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             total = {"bf16": 0.0, "deq+cublas": 0.0}
             best_total = 0.0
-            per_config = {c: 0.0 for c in CONFIGS}
+            per_config = {c: 0.0 for c in CONFIGS if not args.only_smem or c[3] or c == (128, 64, 4, False)}
             for n, k in SHAPES[model]:
                 copies = w4_copies(n, k, group, dtype, "cuda")
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -67,16 +74,18 @@ def main() -> None:
                 total["bf16"] += bf16
                 total["deq+cublas"] += deq
                 times = {}
-                for config in CONFIGS:
-                    bm, bk, st = config
+                for config in [c for c in CONFIGS if not args.only_smem or c[3] or c == (128, 64, 4, False)]:
+                    bm, bk, st, via_smem = config
                     try:
-                        y = gw.wgmma_w4a16(x, *copies[0], None, group, block_m=bm, block_k=bk, stages=st)
+                        y = gw.wgmma_w4a16(
+                            x, *copies[0], None, group, block_m=bm, block_k=bk, stages=st, a_smem=via_smem
+                        )
                         err = ((y.double() - ref).norm() / ref.norm()).item()
                         if not err < 5e-3:  # NaN fails too
                             raise RuntimeError(f"relative error {err:.2e}")
                         times[config] = graph_time_us(
                             [lambda c=c, t=config, x=x: gw.wgmma_w4a16(x, *c, None, group, block_m=t[0], block_k=t[1],
-                                                                       stages=t[2]) for c in copies]
+                                                                       stages=t[2], a_smem=t[3]) for c in copies]
                         )  # fmt: skip
                     except Exception as exc:  # noqa: BLE001 - a lab: report and go on
                         print(f"  {model} m={m} [{n},{k}] {config}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)

@@ -25,7 +25,13 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 __all__ = ["BLOCK_N", "supports", "wgmma_w4a16"]
@@ -77,6 +83,7 @@ def _kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KW, KG, stride_ym,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
+    A_SMEM: gl.constexpr = False, A_LAYOUT: gl.constexpr = None,
 ):  # fmt: skip
     BN: gl.constexpr = 128
     pid_m = gl.program_id(0)  # token tiles fastest: programs in flight share weight rows (read once into L2)
@@ -95,6 +102,8 @@ def _kernel(
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    if A_SMEM:  # the dequantized tile goes through shared memory (2 buffers), so its MMA may stay in flight
+        a_smem = gl.allocate_shared_memory(x_desc.dtype, [2, BN, BK], A_LAYOUT)
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
     nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
@@ -117,19 +126,29 @@ def _kernel(
             PAIR, "=h,=h,r,r", [words >> shift, s2], dtype=(gl.int16, gl.int16), is_pure=True, pack=1
         )
         w = gl.reshape(gl.join(e0, e1), [BN, BK]).to(x_desc.dtype, bitcast=True)  # k = 8 * word + 2c + {0, 1}
-        a = gl.convert_layout(w, DOT, assert_trivial=True)
-        acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-        # wgmma reads its A registers while it runs: retire it before the next tile's dequantization may reuse them
-        # (keeping one MMA in flight with the previous tile's A alive gave wrong, run-to-run varying results on an
-        # H100: the compiler's loop-carried copies do not pin the registers the hardware reads). Other programs on
-        # the SM overlap their dequantization with this MMA.
-        acc, a = warpgroup_mma_wait(0, deps=[acc, a])
+        if A_SMEM:
+            a_buf = a_smem.index(kt % 2)
+            a_buf.store(w)
+            fence_async_shared()
+            gl.thread_barrier()
+            acc = warpgroup_mma(a_buf, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])  # the previous tile's MMA is done: its buffers can be reused
+        else:
+            a = gl.convert_layout(w, DOT, assert_trivial=True)
+            acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            # wgmma reads its A registers while it runs: retire it before the next tile's dequantization may reuse
+            # them (keeping one MMA in flight with the previous tile's A alive gave wrong, run-to-run varying results
+            # on an H100: the compiler's loop-carried copies do not pin the registers the hardware reads). Other
+            # programs on the SM overlap their dequantization with this MMA.
+            acc, a = warpgroup_mma_wait(0, deps=[acc, a])
         refill = kt + STAGES - 1
         if refill < num_k:
             slot = refill % STAGES
             mbarrier.expect(bars.index(slot), nbytes)
             tma.async_copy_global_to_shared(x_desc, [m0, refill * BK], bars.index(slot), x_smem.index(slot))
             tma.async_copy_global_to_shared(w_desc, [n0, refill * (BK // 8)], bars.index(slot), w_smem.index(slot))
+    if A_SMEM:
+        acc = warpgroup_mma_wait(0, deps=[acc])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     out = gl.convert_layout(acc, OUT)
@@ -166,8 +185,13 @@ def wgmma_w4a16(
     block_m: int = 128,
     block_k: int = 128,
     stages: int = 3,
+    a_smem: bool = False,
 ) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2 [M, K]`` (see :func:`supports`), one launch."""
+    if block_m not in (128, 256):
+        raise ValueError(
+            f"block_m must be 128 or 256, got {block_m} (64-token tiles compute wrong results: not understood)"
+        )
     m, k = x2.shape
     n = packed.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -185,6 +209,7 @@ def wgmma_w4a16(
     _kernel[grid](
         x_desc, w_desc, scales, bias if bias is not None else y, y, m, n, k // 8, k // group, y.stride(0),
         BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=bias is not None, PAIR=pair, MMA=mma, DOT=dot,
-        WORDS=words, OUT=out, num_warps=_WARPS,
+        WORDS=words, OUT=out, A_SMEM=a_smem, A_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, block_k], dtype),
+        num_warps=_WARPS,
     )  # fmt: skip
     return y

@@ -420,31 +420,35 @@ def _gluon_lab_kernel():
     return module
 
 
-_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages)
-    (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3)),
-    (torch.float16, True, 77, 384, 1024, 128, (64, 128, 4)),
-    (torch.bfloat16, True, 1000, 128, 384, 64, (128, 64, 4)),
-    (torch.bfloat16, False, 1, 256, 256, 128, (128, 128, 4)),
-    (torch.float16, False, 2048, 512, 4096, 128, (256, 128, 3)),
+_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, A through shared memory)
+    (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3, False)),
+    (torch.float16, True, 77, 384, 1024, 128, (128, 128, 4, False)),
+    (torch.bfloat16, True, 1000, 128, 384, 64, (128, 64, 4, False)),
+    (torch.bfloat16, False, 1, 256, 256, 128, (128, 128, 4, False)),
+    (torch.float16, False, 2048, 512, 4096, 128, (256, 128, 3, False)),
+    (torch.bfloat16, True, 600, 384, 4096, 128, (128, 128, 3, True)),
+    (torch.float16, False, 333, 256, 2048, 64, (128, 64, 4, True)),
 ]
 
 
-@pytest.mark.parametrize("case", _WGMMA_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}")
+@pytest.mark.parametrize(
+    "case", _WGMMA_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}{'-smem' * c[6][3]}"
+)
 def test_wgmma_kernel_matches_the_fp64_reference(case):
     """The Gluon lab kernel (weight in registers as the MMA's A operand): every tile config against fp64, with a
     token tail inside a tile, bias, fewer K tiles than pipeline stages, and both 16-bit dtypes."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon W4A16 kernel targets Hopper (sm_90)")
     gw = _gluon_lab_kernel()
-    dtype, bias, m, n, k, group, (bm, bk, st) = case
+    dtype, bias, m, n, k, group, (bm, bk, st, via_smem) = case
     torch.manual_seed(m + n)
     packed, scales, b = make(n, k, group, dtype, bias)
     x = torch.randn(m, k, device="cuda").to(dtype)
     assert gw.supports(x, packed, scales, group, bk)
     poison()
-    y = gw.wgmma_w4a16(x, packed, scales, b, group, block_m=bm, block_k=bk, stages=st)
+    y = gw.wgmma_w4a16(x, packed, scales, b, group, block_m=bm, block_k=bk, stages=st, a_smem=via_smem)
     assert rel_err(y, ref_fp64(x, packed, scales, b, group)) < TOL[dtype]
-    again = gw.wgmma_w4a16(x, packed, scales, b, group, block_m=bm, block_k=bk, stages=st)
+    again = gw.wgmma_w4a16(x, packed, scales, b, group, block_m=bm, block_k=bk, stages=st, a_smem=via_smem)
     assert torch.equal(y, again)
 
 
