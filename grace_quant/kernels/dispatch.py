@@ -34,7 +34,6 @@ __all__ = [
     "M_BUCKETS",
     "SUPPORTED_GROUPS",
     "TC_MAX_M",
-    "config_at",
     "config_for",
     "key_for",
     "m_bucket",
@@ -62,9 +61,4 @@ def key_for(m: int, n: int, k: int, group: int, dtype: torch.dtype) -> str:
 def config_for(x2: torch.Tensor, n: int, group: int) -> Config | None:
     """The tuned configuration for this call, or None (the kernel's heuristic then decides)."""
     m, k = x2.shape
-    return config_at(m, n, k, group, x2.dtype, x2.device)
-
-
-def config_at(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device) -> Config | None:
-    """:func:`config_for` from the call's sizes, dtype and device."""
-    return table(device_name(device)).get(key_for(m, n, k, group, dtype))
+    return table(device_name(x2.device)).get(key_for(m, n, k, group, x2.dtype))

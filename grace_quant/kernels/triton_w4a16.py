@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import tables
-from .dispatch import GEMV_ROWS, SUPPORTED_GROUPS, config_at, config_for, m_bucket, path_for
+from .dispatch import GEMV_ROWS, SUPPORTED_GROUPS, config_for, m_bucket, path_for
 from .launch import DirectLauncher
 from .packing import group_size_problem
 from .reference import quant_linear_reference
@@ -855,15 +855,6 @@ def eager_linear(
     return plan(x, packed, scales, bias)
 
 
-def dense_path(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a call of ``m`` tokens on an ``[n, k]`` weight runs dequantize + cuBLAS (the ``large`` path without a
-    tuned entry for the tensor-core kernel)."""
-    if path_for(m) != "large":
-        return False
-    config = config_at(m, n, k, group, dtype, device)
-    return not (config is not None and config.get("tc"))
-
-
 def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int) -> _Plan:
     """How every call shaped like this one runs (see :func:`eager_linear`)."""
     if not supports(x, packed, scales, group):
@@ -872,9 +863,9 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
     if m == 0 or not (packed.is_contiguous() and scales.is_contiguous()):
         return lambda x, p, s, b: linear_unchecked(x, p, s, b, group)
     n = packed.shape[0]
-    if not dense_path(m, n, k, group, x.dtype, x.device):
-        resolved = (path_for(m), config_for(x.reshape(-1, k), n, group))
-        return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, resolved)
+    path, config = path_for(m), config_for(x.reshape(-1, k), n, group)
+    if path != "large" or (config is not None and config.get("tc")):
+        return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, (path, config))
     if x.is_cuda and not torch.cuda.is_current_stream_capturing():
         _counters(x.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
     return _dequant_matmul_plan(n, k, group, x.dtype, _tile_mode(scales, x.dtype), bias)
