@@ -34,6 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from grace_quant.kernels.triton_w4a16 import dequant_ptx
+
 __all__ = ["BLOCK_N", "supports", "wgmma_w4a16"]
 
 BLOCK_N = 128
@@ -54,14 +56,8 @@ fma.rn.TY v, v, one, off;
 fma.rn.TY v, v, $3, nz;
 mov.b32 {$0, $1}, v;
 }"""
-_BF16_PAIR = gl.constexpr(
-    _PAIR_PTX.replace("ONE", "0x3F803F80").replace("OFF", "0xC308C308").replace("MAGIC", "0x43004300")
-    .replace("TY", "bf16x2")
-)  # fmt: skip
-_FP16_PAIR = gl.constexpr(
-    _PAIR_PTX.replace("ONE", "0x3C003C00").replace("OFF", "0xE408E408").replace("MAGIC", "0x64006400")
-    .replace("TY", "f16x2")
-)  # fmt: skip
+_BF16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "bf16x2"))
+_FP16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "f16x2"))
 
 
 @functools.cache

@@ -135,14 +135,22 @@ mov.b32 {$1, $5}, p1;
 mov.b32 {$2, $6}, p2;
 mov.b32 {$3, $7}, p3;
 }"""
-_BF16_PTX = tl.constexpr(
-    _DEQUANT_PTX.replace("ONE", "0x3F803F80").replace("OFF", "0xC308C308").replace("MAGIC", "0x43004300")
-    .replace("TY", "bf16x2")
-)  # fmt: skip
-_FP16_PTX = tl.constexpr(
-    _DEQUANT_PTX.replace("ONE", "0x3C003C00").replace("OFF", "0xE408E408").replace("MAGIC", "0x64006400")
-    .replace("TY", "f16x2")
-)  # fmt: skip
+_PTX_CONSTANTS = {  # per 16-bit float pair type: 1.0, -(magic + 8) and magic (2**7 / 2**10: unit in the last place 1)
+    "bf16x2": {"ONE": "0x3F803F80", "OFF": "0xC308C308", "MAGIC": "0x43004300"},
+    "f16x2": {"ONE": "0x3C003C00", "OFF": "0xE408E408", "MAGIC": "0x64006400"},
+}
+
+
+def dequant_ptx(template: str, ty: str) -> str:
+    """A dequantizing PTX ``template`` for pairs of type ``ty`` (``"bf16x2"`` or ``"f16x2"``): its ``ONE``, ``OFF``,
+    ``MAGIC`` and ``TY`` filled in (also used by ``benchmarks/gluon_lab_kernel.py``)."""
+    for name, value in _PTX_CONSTANTS[ty].items():
+        template = template.replace(name, value)
+    return template.replace("TY", ty)
+
+
+_BF16_PTX = tl.constexpr(dequant_ptx(_DEQUANT_PTX, "bf16x2"))
+_FP16_PTX = tl.constexpr(dequant_ptx(_DEQUANT_PTX, "f16x2"))
 
 
 @triton.jit
