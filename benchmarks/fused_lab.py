@@ -36,15 +36,21 @@ SHAPES = {
     "llava-1.5-7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)],
     "qwen2-vl-2b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
 }
-CONFIGS = [  # block_m, block_k, stages, A through shared memory (its MMA then overlaps the next tile's dequantization)
-    (128, 128, 3, False),
-    (128, 64, 3, False),
-    (128, 64, 4, False),
-    (256, 128, 3, False),
-    (256, 64, 4, False),
-    (128, 128, 3, True),
-    (128, 64, 4, True),
+CONFIGS = [  # block_m, block_k, stages, A through shared memory, pipelined (register A, one MMA kept in flight)
+    (128, 128, 3, False, False),
+    (128, 64, 4, False, False),
+    (256, 128, 3, False, False),
+    (128, 128, 3, True, False),
+    (128, 64, 4, True, False),
+    (128, 128, 3, False, True),
+    (128, 128, 4, False, True),
+    (256, 128, 3, False, True),
 ]
+
+
+def _kind(config: tuple) -> str | None:
+    """The tile's kind: "smem", "pipe", or None for the unpipelined register tiles."""
+    return "smem" if config[3] else "pipe" if config[4] else None
 
 
 def main() -> None:
@@ -53,9 +59,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--json", default="fused_lab.json")
     parser.add_argument(
-        "--only-smem",
-        action="store_true",
-        help="time only the A-through-shared-memory tiles and the best register tile",
+        "--only", choices=["smem", "pipe"], help="time only the tiles of this kind and the unpipelined register tiles"
     )
     args = parser.parse_args()
     dtype, group = torch.bfloat16, 128
@@ -64,7 +68,8 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             total = {"bf16": 0.0, "deq+cublas": 0.0}
             best_total = 0.0
-            per_config = {c: 0.0 for c in CONFIGS if not args.only_smem or c[3] or c == (128, 64, 4, False)}
+            configs = [c for c in CONFIGS if args.only is None or _kind(c) in (args.only, None)]
+            per_config = dict.fromkeys(configs, 0.0)
             for n, k in SHAPES[model]:
                 copies = w4_copies(n, k, group, dtype, "cuda")
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -74,19 +79,16 @@ def main() -> None:
                 total["bf16"] += bf16
                 total["deq+cublas"] += deq
                 times = {}
-                for config in [c for c in CONFIGS if not args.only_smem or c[3] or c == (128, 64, 4, False)]:
-                    bm, bk, st, via_smem = config
+                for config in configs:
+                    kw = dict(zip(("block_m", "block_k", "stages", "a_smem", "pipe"), config, strict=True))
                     try:
-                        y = gw.wgmma_w4a16(
-                            x, *copies[0], None, group, block_m=bm, block_k=bk, stages=st, a_smem=via_smem
-                        )
+                        y = gw.wgmma_w4a16(x, *copies[0], None, group, **kw)
                         err = ((y.double() - ref).norm() / ref.norm()).item()
                         if not err < 5e-3:  # NaN fails too
                             raise RuntimeError(f"relative error {err:.2e}")
                         times[config] = graph_time_us(
-                            [lambda c=c, t=config, x=x: gw.wgmma_w4a16(x, *c, None, group, block_m=t[0], block_k=t[1],
-                                                                       stages=t[2], a_smem=t[3]) for c in copies]
-                        )  # fmt: skip
+                            [lambda c=c, kw=kw, x=x: gw.wgmma_w4a16(x, *c, None, group, **kw) for c in copies]
+                        )
                     except Exception as exc:  # noqa: BLE001 - a lab: report and go on
                         print(f"  {model} m={m} [{n},{k}] {config}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                         times[config] = float("inf")

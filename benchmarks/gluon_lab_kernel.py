@@ -75,11 +75,52 @@ def _layouts(block_m: int, block_k: int) -> tuple:
 
 
 @gluon.jit
+def _dequant_tile(words_smem, sc, shift, PAIR: gl.constexpr, WORDS: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                  dtype: gl.constexpr):  # fmt: skip
+    """One ``[BN, BK]`` weight tile from its packed words in shared memory and its scales, in the A fragment's order."""
+    words = gl.expand_dims(words_smem.load(gl.SliceLayout(2, WORDS)), 2)
+    s16 = sc.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    s2 = gl.expand_dims(gl.expand_dims(s16 | (s16 << 16), 1), 2)
+    e0, e1 = gl.inline_asm_elementwise(
+        PAIR, "=h,=h,r,r", [words >> shift, s2], dtype=(gl.int16, gl.int16), is_pure=True, pack=1
+    )
+    return gl.reshape(gl.join(e0, e1), [BN, BK]).to(dtype, bitcast=True)  # k = 8 * word + 2c + {0, 1}
+
+
+@gluon.jit
+def _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt, STAGES: gl.constexpr, BK: gl.constexpr):
+    """TMA the token and word tiles of K tile ``kt`` into its ring slot."""
+    slot = kt % STAGES
+    mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(x_desc, [m0, kt * BK], bars.index(slot), x_smem.index(slot))
+    tma.async_copy_global_to_shared(w_desc, [n0, kt * (BK // 8)], bars.index(slot), w_smem.index(slot))
+
+
+@gluon.jit
+def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt, num_k, sc, shift,
+               STAGES: gl.constexpr, BK: gl.constexpr, PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
+    """K tile ``kt`` with one MMA left in flight: dequantize it while tile ``kt - 1``'s MMA runs, issue its MMA, retire
+    ``kt - 1``'s, then (both warpgroups past it) refill ``kt - 1``'s slot."""
+    BN: gl.constexpr = 128
+    stage = kt % STAGES
+    mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
+    w = _dequant_tile(w_smem.index(stage), sc, shift, PAIR, WORDS, BN, BK, x_desc.dtype)
+    a = gl.convert_layout(w, DOT, assert_trivial=True)
+    acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(1, deps=[acc])
+    gl.thread_barrier()  # the other warpgroup has retired tile kt - 1 too: its slot may be overwritten
+    if kt >= 1:
+        if kt - 1 + STAGES < num_k:
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt - 1 + STAGES, STAGES, BK)
+    return acc
+
+
+@gluon.jit
 def _kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KW, KG, stride_ym,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    A_SMEM: gl.constexpr = False, A_LAYOUT: gl.constexpr = None,
+    A_SMEM: gl.constexpr = False, A_LAYOUT: gl.constexpr = None, PIPE: gl.constexpr = False,
 ):  # fmt: skip
     BN: gl.constexpr = 128
     pid_m = gl.program_id(0)  # token tiles fastest: programs in flight share weight rows (read once into L2)
@@ -91,7 +132,7 @@ def _kernel(
     srows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
     s_rows = s_ptr + srows * KG
     sc_next = gl.load(s_rows)
-    sc_after = gl.load(s_rows + BK // GROUP, mask=(srows * 0 + 1) < num_k)
+    sc_after = gl.load(s_rows + BK // GROUP, mask=(srows * 0 + 1) < num_k, other=0.0)
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
     shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * 8  # [1, 1, 4]: lane c of a quad takes nibbles 2c, 2c+1
 
@@ -102,49 +143,56 @@ def _kernel(
         a_smem = gl.allocate_shared_memory(x_desc.dtype, [2, BN, BK], A_LAYOUT)
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
-    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
-    for s in gl.static_range(STAGES - 1):
-        if s < num_k:
-            mbarrier.expect(bars.index(s), nbytes)
-            tma.async_copy_global_to_shared(x_desc, [m0, s * BK], bars.index(s), x_smem.index(s))
-            tma.async_copy_global_to_shared(w_desc, [n0, s * (BK // 8)], bars.index(s), w_smem.index(s))
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    for kt in range(num_k):
-        stage = kt % STAGES
-        mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
-        words = gl.expand_dims(w_smem.index(stage).load(gl.SliceLayout(2, WORDS)), 2)
-        sc = sc_next
-        sc_next = sc_after
-        sc_after = gl.load(s_rows + ((kt + 2) * BK) // GROUP, mask=(srows * 0 + kt + 2) < num_k)
-        s16 = sc.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        s2 = gl.expand_dims(gl.expand_dims(s16 | (s16 << 16), 1), 2)
-        e0, e1 = gl.inline_asm_elementwise(
-            PAIR, "=h,=h,r,r", [words >> shift, s2], dtype=(gl.int16, gl.int16), is_pure=True, pack=1
-        )
-        w = gl.reshape(gl.join(e0, e1), [BN, BK]).to(x_desc.dtype, bitcast=True)  # k = 8 * word + 2c + {0, 1}
-        if A_SMEM:
-            a_buf = a_smem.index(kt % 2)
-            a_buf.store(w)
-            fence_async_shared()
-            gl.thread_barrier()
-            acc = warpgroup_mma(a_buf, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=[acc])  # the previous tile's MMA is done: its buffers can be reused
-        else:
-            a = gl.convert_layout(w, DOT, assert_trivial=True)
-            acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-            # wgmma reads its A registers while it runs: retire it before the next tile's dequantization may reuse
-            # them (keeping one MMA in flight with the previous tile's A alive gave wrong, run-to-run varying results
-            # on an H100: the compiler's loop-carried copies do not pin the registers the hardware reads). Other
-            # programs on the SM overlap their dequantization with this MMA.
-            acc, a = warpgroup_mma_wait(0, deps=[acc, a])
-        refill = kt + STAGES - 1
-        if refill < num_k:
-            slot = refill % STAGES
-            mbarrier.expect(bars.index(slot), nbytes)
-            tma.async_copy_global_to_shared(x_desc, [m0, refill * BK], bars.index(slot), x_smem.index(slot))
-            tma.async_copy_global_to_shared(w_desc, [n0, refill * (BK // 8)], bars.index(slot), w_smem.index(slot))
-    if A_SMEM:
+    if PIPE:
+        # Register A with one MMA in flight, unrolled by two so that a tile's A registers are only redefined after
+        # the MMA reading them has retired; every slot is refilled only once both warpgroups have retired its tile.
+        # An odd K tile count runs one tile past K: TMA fills it with zeros and its scales load as zeros (a branch
+        # for the last tile instead makes ptxas serialize every MMA).
+        num_k = (num_k + 1) // 2 * 2
+        for s in gl.static_range(STAGES):
+            if s < num_k:
+                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, s, STAGES, BK)
+        for kp in range(num_k // 2):
+            kt = 2 * kp
+            sc0 = sc_next
+            sc1 = sc_after
+            sc_next = gl.load(s_rows + ((kt + 2) * BK) // GROUP, mask=(srows * 0 + kt + 2) * BK < KW * 8, other=0.0)
+            sc_after = gl.load(s_rows + ((kt + 3) * BK) // GROUP, mask=(srows * 0 + kt + 3) * BK < KW * 8, other=0.0)
+            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt, num_k, sc0, shift,
+                             STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
+            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt + 1, num_k, sc1, shift,
+                             STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
         acc = warpgroup_mma_wait(0, deps=[acc])
+    else:
+        for s in gl.static_range(STAGES - 1):
+            if s < num_k:
+                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, s, STAGES, BK)
+        for kt in range(num_k):
+            stage = kt % STAGES
+            mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
+            sc = sc_next
+            sc_next = sc_after
+            sc_after = gl.load(s_rows + ((kt + 2) * BK) // GROUP, mask=(srows * 0 + kt + 2) < num_k)
+            w = _dequant_tile(w_smem.index(stage), sc, shift, PAIR, WORDS, BN, BK, x_desc.dtype)
+            if A_SMEM:
+                a_buf = a_smem.index(kt % 2)
+                a_buf.store(w)
+                fence_async_shared()
+                gl.thread_barrier()
+                acc = warpgroup_mma(a_buf, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=[acc])  # the previous tile's MMA is done: its buffers can be reused
+            else:
+                a = gl.convert_layout(w, DOT, assert_trivial=True)
+                acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+                # wgmma reads its A registers while it runs: retire it before the next tile's dequantization
+                # (other programs on the SM overlap their dequantization with this MMA)
+                acc, a = warpgroup_mma_wait(0, deps=[acc, a])
+            refill = kt + STAGES - 1
+            if refill < num_k:
+                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, refill, STAGES, BK)
+        if A_SMEM:
+            acc = warpgroup_mma_wait(0, deps=[acc])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     out = gl.convert_layout(acc, OUT)
@@ -182,6 +230,7 @@ def wgmma_w4a16(
     block_k: int = 128,
     stages: int = 3,
     a_smem: bool = False,
+    pipe: bool = False,
 ) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2 [M, K]`` (see :func:`supports`), one launch."""
     if block_m not in (128, 256):
@@ -205,7 +254,7 @@ def wgmma_w4a16(
     _kernel[grid](
         x_desc, w_desc, scales, bias if bias is not None else y, y, m, n, k // 8, k // group, y.stride(0),
         BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=bias is not None, PAIR=pair, MMA=mma, DOT=dot,
-        WORDS=words, OUT=out, A_SMEM=a_smem, A_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, block_k], dtype),
+        WORDS=words, OUT=out, A_SMEM=a_smem, PIPE=pipe, A_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, block_k], dtype),
         num_warps=_WARPS,
     )  # fmt: skip
     return y

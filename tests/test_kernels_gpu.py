@@ -420,19 +420,26 @@ def _gluon_lab_kernel():
     return module
 
 
-_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, A through shared memory)
-    (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3, False)),
-    (torch.float16, True, 77, 384, 1024, 128, (128, 128, 4, False)),
-    (torch.bfloat16, True, 1000, 128, 384, 64, (128, 64, 4, False)),
-    (torch.bfloat16, False, 1, 256, 256, 128, (128, 128, 4, False)),
-    (torch.float16, False, 2048, 512, 4096, 128, (256, 128, 3, False)),
-    (torch.bfloat16, True, 600, 384, 4096, 128, (128, 128, 3, True)),
-    (torch.float16, False, 333, 256, 2048, 64, (128, 64, 4, True)),
+_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, A through shared memory, pipelined)
+    (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3, False, False)),
+    (torch.float16, True, 77, 384, 1024, 128, (128, 128, 4, False, False)),
+    (torch.bfloat16, True, 1000, 128, 384, 64, (128, 64, 4, False, False)),
+    (torch.bfloat16, False, 1, 256, 256, 128, (128, 128, 4, False, False)),
+    (torch.float16, False, 2048, 512, 4096, 128, (256, 128, 3, False, False)),
+    (torch.bfloat16, True, 600, 384, 4096, 128, (128, 128, 3, True, False)),
+    (torch.float16, False, 333, 256, 2048, 64, (128, 64, 4, True, False)),
+    # one MMA in flight: an odd K tile count (3, and 1 below the stage count), and an even one past the ring
+    (torch.bfloat16, True, 600, 384, 384, 128, (128, 128, 4, False, True)),
+    (torch.float16, False, 5, 256, 128, 128, (128, 128, 4, False, True)),
+    (torch.bfloat16, False, 700, 512, 4096, 128, (256, 128, 3, False, True)),
+    (torch.float16, True, 129, 256, 1536, 256, (128, 128, 3, False, True)),
 ]
 
 
 @pytest.mark.parametrize(
-    "case", _WGMMA_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}{'-smem' * c[6][3]}"
+    "case",
+    _WGMMA_CASES,
+    ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}{'-smem' * c[6][3]}{'-pipe' * c[6][4]}",
 )
 def test_wgmma_kernel_matches_the_fp64_reference(case):
     """The Gluon lab kernel (weight in registers as the MMA's A operand): every tile config against fp64, with a
@@ -440,15 +447,16 @@ def test_wgmma_kernel_matches_the_fp64_reference(case):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon W4A16 kernel targets Hopper (sm_90)")
     gw = _gluon_lab_kernel()
-    dtype, bias, m, n, k, group, (bm, bk, st, via_smem) = case
+    dtype, bias, m, n, k, group, (bm, bk, st, via_smem, pipe) = case
     torch.manual_seed(m + n)
     packed, scales, b = make(n, k, group, dtype, bias)
     x = torch.randn(m, k, device="cuda").to(dtype)
     assert gw.supports(x, packed, scales, group, bk)
     poison()
-    y = gw.wgmma_w4a16(x, packed, scales, b, group, block_m=bm, block_k=bk, stages=st, a_smem=via_smem)
+    config = {"block_m": bm, "block_k": bk, "stages": st, "a_smem": via_smem, "pipe": pipe}
+    y = gw.wgmma_w4a16(x, packed, scales, b, group, **config)
     assert rel_err(y, ref_fp64(x, packed, scales, b, group)) < TOL[dtype]
-    again = gw.wgmma_w4a16(x, packed, scales, b, group, block_m=bm, block_k=bk, stages=st, a_smem=via_smem)
+    again = gw.wgmma_w4a16(x, packed, scales, b, group, **config)
     assert torch.equal(y, again)
 
 
