@@ -10,6 +10,11 @@ decoder layers at prefill size (fused q|k|v, causal SDPA, o, fused gate|up, SiLU
 - ``serial``: each layer dequantizes its four weights (a launch each), then runs;
 - ``overlap``: a side stream dequantizes layer i+1 while the main stream runs layer i (two layers' dense weights
   alive at a time);
+- ``overlap-carveN``: ``overlap`` with cuBLAS told to leave N SMs free (``torch._C._set_sm_carveout_experimental``),
+  so the side stream's dequantize kernels find SMs while the matmuls run;
+- ``chunkedC-carveN``: within each linear, a side stream dequantizes the weight in C row chunks while the main
+  stream multiplies the chunks already done into their columns of the output (cuBLAS leaving N SMs free): no
+  weights held across linears;
 - ``dequant-only`` and the per-layer sum of ``serial`` minus ``bf16`` for reference.
 
     python benchmarks/overlap_lab.py --models llava-1.5-7b qwen2-vl-2b --tokens 600
@@ -49,18 +54,40 @@ def dequantize_layer(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[t
     return [tw.dequantize_w4(packed, scales, GROUP, torch.bfloat16) for packed, scales in weights]
 
 
-def run_layer(x: torch.Tensor, dense: list[torch.Tensor], heads: int, kv: int) -> torch.Tensor:
+def chunked_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, chunks: int, side) -> torch.Tensor:
+    """``x @ W^T``: ``side`` dequantizes W in ``chunks`` row blocks, the current stream multiplies each block as soon
+    as it is ready into its columns of the output."""
+    main = torch.cuda.current_stream()
+    n = packed.shape[0]
+    step = -(-n // chunks // 32) * 32
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    side.wait_stream(main)
+    ready = []
+    with torch.cuda.stream(side):
+        for a in range(0, n, step):
+            w = tw.dequantize_w4(packed[a : a + step], scales[a : a + step], GROUP, x.dtype)
+            event = torch.cuda.Event()
+            event.record(side)
+            ready.append((a, w, event))
+    for a, w, event in ready:
+        main.wait_event(event)
+        w.record_stream(main)
+        torch.mm(x, w.t(), out=y[:, a : a + w.shape[0]])
+    return y
+
+
+def run_layer(x: torch.Tensor, dense, heads: int, kv: int, linear=F.linear) -> torch.Tensor:
     hidden = x.shape[-1]
     head = hidden // heads
     t = x.shape[0]
-    qkv = F.linear(F.rms_norm(x, (hidden,)), dense[0])
+    qkv = linear(F.rms_norm(x, (hidden,)), dense[0])
     q = qkv[:, :hidden].view(1, t, heads, head).transpose(1, 2)
     k = qkv[:, hidden : hidden + kv * head].view(1, t, kv, head).transpose(1, 2)
     v = qkv[:, hidden + kv * head :].view(1, t, kv, head).transpose(1, 2)
     a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != heads)
-    x = x + F.linear(a.transpose(1, 2).reshape(t, hidden), dense[1])
-    gate, up = F.linear(F.rms_norm(x, (hidden,)), dense[2]).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, dense[3])
+    x = x + linear(a.transpose(1, 2).reshape(t, hidden), dense[1])
+    gate, up = linear(F.rms_norm(x, (hidden,)), dense[2]).chunk(2, dim=-1)
+    return x + linear(F.silu(gate) * up, dense[3])
 
 
 def timed(fn, repeats: int) -> float:
@@ -77,7 +104,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times[2:])
 
 
-def lab(name: str, tokens: int, repeats: int) -> dict:
+def carved(fn, sms: int):
+    """``fn`` run with cuBLAS leaving ``sms`` SMs free."""
+
+    def run():
+        torch._C._set_sm_carveout_experimental(sms)
+        try:
+            return fn()
+        finally:
+            torch._C._set_sm_carveout_experimental(None)
+
+    return run
+
+
+def lab(name: str, tokens: int, repeats: int, carveouts: list[int], chunks: list[int]) -> dict:
     hidden, heads, kv, inter, layers = MODELS[name]
     torch.manual_seed(0)
     packed = [layer_weights(hidden, heads, kv, inter) for _ in range(layers)]
@@ -118,15 +158,33 @@ def lab(name: str, tokens: int, repeats: int) -> dict:
             ready[i] = None
         return x
 
+    def chunked(c: int):
+        def run():
+            x = x0
+            for w in packed:
+                x = run_layer(x, w, heads, kv, lambda x, pw, c=c: chunked_linear(x, *pw, c, side))
+            return x
+
+        return run
+
     def dequant_only():
         for w in packed:
             dequantize_layer(w)
 
     out = {}
-    for arm, fn in (("bf16", bf16), ("serial", serial), ("overlap", overlap), ("dequant-only", dequant_only)):
+    arms = [("bf16", bf16), ("serial", serial), ("overlap", overlap), ("dequant-only", dequant_only)]
+    arms += [(f"overlap-carve{n}", carved(overlap, n)) for n in carveouts]
+    arms += [(f"bf16-carve{n}", carved(bf16, n)) for n in carveouts]
+    arms += [(f"chunked{c}-carve{n}", carved(chunked(c), n)) for c in chunks for n in [0, *carveouts]]
+    for arm, fn in arms:
         fn()
         out[arm] = timed(fn, repeats)
     out["equal"] = bool(torch.equal(bf16(), serial()) and torch.equal(serial(), overlap()))  # the same bits
+    # a carved-out matmul may take another cuBLAS algorithm: compare with fp tolerance, not bits
+    out["chunked_equal"] = all(torch.equal(chunked(c)(), serial()) for c in chunks)  # bits: cuBLAS may differ
+    out["carved_close"] = all(
+        torch.allclose(carved(overlap, n)().float(), serial().float(), rtol=2e-2, atol=2e-2) for n in carveouts
+    )
     return out
 
 
@@ -136,15 +194,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default="overlap_lab.json")
+    parser.add_argument("--carveouts", default="", help="comma-separated SM counts cuBLAS leaves free, e.g. 16,32")
+    parser.add_argument("--chunks", default="", help="comma-separated row-chunk counts for the chunked arms, e.g. 2,4")
     args = parser.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens, "models": {}}
     for name in args.models:
-        r = lab(name, args.tokens, args.repeats)
+        ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+        r = lab(name, args.tokens, args.repeats, ints(args.carveouts), ints(args.chunks))
         results["models"][name] = r
         print(
             f"{name} M={args.tokens}: bf16 {r['bf16']:.2f} ms, serial {r['serial']:.2f} ({r['serial'] / r['bf16']:.3f}x),"
             f" overlap {r['overlap']:.2f} ({r['overlap'] / r['bf16']:.3f}x), dequant only {r['dequant-only']:.2f},"
-            f" equal {r['equal']}",
+            f" equal {r['equal']}; "
+            + ", ".join(f"{a} {t:.2f}" for a, t in r.items() if "carve" in a and isinstance(t, float))
+            + f"; chunked equal {r['chunked_equal']}",
             flush=True,
         )
         torch.cuda.empty_cache()
