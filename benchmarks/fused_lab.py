@@ -1,5 +1,5 @@
-"""Prefill lab: the Gluon W4A16 lab kernel (``gluon_lab_kernel.py``, the weight dequantized in registers as the MMA's A
-operand) against cuBLAS bf16 and dequantize + cuBLAS on the fused decoder-layer shapes (q|k|v, o, gate|up, down).
+"""Prefill lab: the Gluon W4A16 kernel (``grace_quant.kernels.gluon_w4a16``, the weight dequantized in registers as the
+MMA's A operand) against cuBLAS bf16 and dequantize + cuBLAS on the fused decoder-layer shapes (q|k|v, o, gate|up, down).
 
 Every arm is timed with CUDA graphs over weight copies cycled past L2 (``kernels.timing``); per model and M the
 table sums the four shapes (one decoder layer) and gives each arm's ratio to cuBLAS bf16 (above 1 is faster).
@@ -10,47 +10,21 @@ table sums the four shapes (one decoder layer) and gives each arm's ratio to cuB
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from grace_quant.kernels import gluon_w4a16 as gw
 from grace_quant.kernels import triton_w4a16 as tw
 from grace_quant.kernels.reference import dequantize
 from grace_quant.kernels.timing import copies_for, dense_time_us, graph_time_us, w4_copies
-
-
-def _sibling(name: str):
-    """A sibling script loaded by path (the benchmarks are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gw = _sibling("gluon_lab_kernel")
 
 SHAPES = {
     "llava-1.5-7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)],
     "qwen2-vl-2b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
 }
-CONFIGS = [  # block_m, block_k, stages, A through shared memory, pipelined (register A, one MMA kept in flight)
-    (128, 128, 3, False, False),
-    (128, 64, 4, False, False),
-    (256, 128, 3, False, False),
-    (128, 128, 3, True, False),
-    (128, 64, 4, True, False),
-    (128, 128, 3, False, True),
-    (128, 128, 4, False, True),
-    (256, 128, 3, False, True),
-]
-
-
-def _kind(config: tuple) -> str | None:
-    """The tile's kind: "smem", "pipe", or None for the unpipelined register tiles."""
-    return "smem" if config[3] else "pipe" if config[4] else None
+CONFIGS = sorted(gw.TILES)  # block_m, block_k, stages, pipelined (one MMA kept in flight)
 
 
 def main() -> None:
@@ -58,9 +32,6 @@ def main() -> None:
     parser.add_argument("--ms", default="256,600,1024,2048")
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--json", default="fused_lab.json")
-    parser.add_argument(
-        "--only", choices=["smem", "pipe"], help="time only the tiles of this kind and the unpipelined register tiles"
-    )
     args = parser.parse_args()
     dtype, group = torch.bfloat16, 128
     rows = []
@@ -68,8 +39,7 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             total = {"bf16": 0.0, "deq+cublas": 0.0}
             best_total = 0.0
-            configs = [c for c in CONFIGS if args.only is None or _kind(c) in (args.only, None)]
-            per_config = dict.fromkeys(configs, 0.0)
+            per_config = dict.fromkeys(CONFIGS, 0.0)
             for n, k in SHAPES[model]:
                 copies = w4_copies(n, k, group, dtype, "cuda")
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -79,8 +49,8 @@ def main() -> None:
                 total["bf16"] += bf16
                 total["deq+cublas"] += deq
                 times = {}
-                for config in configs:
-                    kw = dict(zip(("block_m", "block_k", "stages", "a_smem", "pipe"), config, strict=True))
+                for config in CONFIGS:
+                    kw = dict(zip(("block_m", "block_k", "stages", "pipe"), config, strict=True))
                     try:
                         y = gw.wgmma_w4a16(x, *copies[0], None, group, **kw)
                         err = ((y.double() - ref).norm() / ref.norm()).item()

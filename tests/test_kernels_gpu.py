@@ -412,56 +412,89 @@ def test_eager_fast_path_equals_the_custom_op_and_keeps_autograd():
         torch.testing.assert_close(xg.grad, torch.ones_like(y) @ w)
 
 
-def _gluon_lab_kernel():
-    """``benchmarks/gluon_lab_kernel.py`` (a lab kernel whose timings ``fused_lab.py`` reports), loaded by path."""
-    spec = importlib.util.spec_from_file_location("gluon_lab_kernel", ROOT / "benchmarks" / "gluon_lab_kernel.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _gluon_kernel():
+    """:mod:`grace_quant.kernels.gluon_w4a16` on a Hopper GPU (skips elsewhere: it is an sm_90 kernel)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon W4A16 kernel targets Hopper (sm_90)")
+    return importlib.import_module("grace_quant.kernels.gluon_w4a16")
 
 
-_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, A through shared memory, pipelined)
-    (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3, False, False)),
-    (torch.float16, True, 77, 384, 1024, 128, (128, 128, 4, False, False)),
-    (torch.bfloat16, True, 1000, 128, 384, 64, (128, 64, 4, False, False)),
-    (torch.bfloat16, False, 1, 256, 256, 128, (128, 128, 4, False, False)),
-    (torch.float16, False, 2048, 512, 4096, 128, (256, 128, 3, False, False)),
-    (torch.bfloat16, True, 600, 384, 4096, 128, (128, 128, 3, True, False)),
-    (torch.float16, False, 333, 256, 2048, 64, (128, 64, 4, True, False)),
-    # one MMA in flight: an odd K tile count (3, and 1 below the stage count), and an even one past the ring
-    (torch.bfloat16, True, 600, 384, 384, 128, (128, 128, 4, False, True)),
-    (torch.float16, False, 5, 256, 128, 128, (128, 128, 4, False, True)),
-    (torch.bfloat16, False, 700, 512, 4096, 128, (256, 128, 3, False, True)),
-    (torch.float16, True, 129, 256, 1536, 256, (128, 128, 3, False, True)),
+_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, pipelined)
+    (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3, False)),
+    (torch.bfloat16, True, 1000, 128, 384, 64, (128, 64, 4, False)),
+    (torch.float16, False, 1, 256, 256, 128, (128, 64, 4, False)),
+    (torch.float16, True, 333, 256, 2048, 64, (128, 64, 4, False)),
+    # one MMA in flight: odd K tile counts (3, and 1 below the stage count), even ones past the ring, groups of 2 tiles
+    (torch.bfloat16, True, 600, 384, 384, 128, (128, 128, 4, True)),
+    (torch.float16, False, 5, 256, 128, 128, (128, 128, 4, True)),
+    (torch.bfloat16, False, 700, 512, 4096, 128, (256, 128, 3, True)),
+    (torch.float16, False, 2048, 512, 4096, 128, (256, 128, 3, True)),
+    (torch.float16, True, 129, 256, 1536, 256, (128, 128, 3, True)),
 ]
 
 
 @pytest.mark.parametrize(
-    "case",
-    _WGMMA_CASES,
-    ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}{'-smem' * c[6][3]}{'-pipe' * c[6][4]}",
+    "case", _WGMMA_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}{'-pipe' * c[6][3]}"
 )
 def test_wgmma_kernel_matches_the_fp64_reference(case):
-    """The Gluon lab kernel (weight in registers as the MMA's A operand): every tile config against fp64, with a
-    token tail inside a tile, bias, fewer K tiles than pipeline stages, and both 16-bit dtypes."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon W4A16 kernel targets Hopper (sm_90)")
-    gw = _gluon_lab_kernel()
-    dtype, bias, m, n, k, group, (bm, bk, st, via_smem, pipe) = case
+    """The Gluon kernel (weight in registers as the MMA's A operand): every checked tile against fp64, with a token
+    tail inside a tile, bias, fewer K tiles than pipeline stages, odd tile counts, and both 16-bit dtypes."""
+    gw = _gluon_kernel()
+    dtype, bias, m, n, k, group, (bm, bk, st, pipe) = case
     torch.manual_seed(m + n)
     packed, scales, b = make(n, k, group, dtype, bias)
     x = torch.randn(m, k, device="cuda").to(dtype)
     assert gw.supports(x, packed, scales, group, bk)
     poison()
-    config = {"block_m": bm, "block_k": bk, "stages": st, "a_smem": via_smem, "pipe": pipe}
+    config = {"block_m": bm, "block_k": bk, "stages": st, "pipe": pipe}
     y = gw.wgmma_w4a16(x, packed, scales, b, group, **config)
     assert rel_err(y, ref_fp64(x, packed, scales, b, group)) < TOL[dtype]
     again = gw.wgmma_w4a16(x, packed, scales, b, group, **config)
     assert torch.equal(y, again)
 
 
+def test_every_checked_wgmma_tile_is_tested_and_tuned():
+    """The tiles the tuner races are the kernel's checked tiles, and each has a case above."""
+    from grace_quant.kernels import gluon_w4a16, tuner
+
+    raced = {(c["block_m"], c["block_k"], c["stages"], bool(c["pipe"])) for c in tuner.WGMMA_SPACE}
+    assert raced <= gluon_w4a16.TILES
+    assert {case[6] for case in _WGMMA_CASES} == gluon_w4a16.TILES
+    with pytest.raises(ValueError, match="not a checked tile"):
+        gluon_w4a16.wgmma_w4a16(torch.zeros(1, 128), None, None, None, 128, block_m=64)
+
+
+def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_cannot():
+    """Dispatch: a ``"wgmma"`` entry on the large path gives the Gluon kernel's bits (eager plan and custom op alike),
+    and a call it does not take (N not a multiple of 128) runs dequantize + cuBLAS."""
+    from grace_quant.kernels import dispatch, tables
+
+    gw = _gluon_kernel()
+    config = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": 1}
+    table = tables.table(tables.device_name(torch.device("cuda")))
+    saved = dict(table.configs)
+    try:
+        for n in (384, 320):
+            torch.manual_seed(n)
+            packed, scales, bias = make(n, 1024, 128, torch.bfloat16, True)
+            x = torch.randn(2, 150, 1024, device="cuda").to(torch.bfloat16)
+            table.put(dispatch.key_for(300, n, 1024, 128, torch.bfloat16), config)
+            expected = (
+                gw.wgmma_w4a16(x.reshape(-1, 1024), packed, scales, bias, 128, block_m=128, block_k=128, stages=4)
+                if n % gw.BLOCK_N == 0
+                else TW.linear_with_config(x.reshape(-1, 1024), packed, scales, bias, 128, "large", {"tc": 0})
+            ).reshape(2, 150, n)
+            assert rel_err(expected, ref_fp64(x.reshape(-1, 1024), packed, scales, bias, 128).reshape(2, 150, n)) < 5e-3
+            assert torch.equal(TW.eager_linear(x, packed, scales, bias, 128), expected)
+            assert torch.equal(KM.w4a16_linear_op(x, packed, scales, bias, 128), expected)
+    finally:
+        table.configs.clear()
+        table.configs.update(saved)
+        tables.EDITS += 1
+
+
 def test_wgmma_kernel_declines_what_it_does_not_implement():
-    gw = _gluon_lab_kernel()
+    gw = importlib.import_module("grace_quant.kernels.gluon_w4a16")
     packed, scales, _ = make(256, 512, 64, torch.bfloat16, False)
     x = torch.randn(64, 512, device="cuda").to(torch.bfloat16)
     hopper = torch.cuda.get_device_capability()[0] == 9

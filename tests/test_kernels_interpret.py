@@ -140,9 +140,16 @@ def _run_tuned(kmod, tw) -> dict:
         1: {"block_n": 4, "step_k": 256, "num_warps": 2, "target_programs_per_sm": 4},  # split-K GEMV
         5: {"block_n": 32, "num_warps": 4, "num_stages": 2, "target_programs_per_sm": 2},
     }
-    configs[2] = {"block_n": 8, "block_j": 16, "num_warps": 2, "num_stages": 3, "target_programs_per_sm": 4}  # pipelined
+    configs[2] = {
+        "block_n": 8,
+        "block_j": 16,
+        "num_warps": 2,
+        "num_stages": 3,
+        "target_programs_per_sm": 4,
+    }  # pipelined
     configs[70] = {"tc": 1, "block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}  # the race's tc winner
     configs[130] = {"tc": 0}  # the race's dequantize + cuBLAS winner
+    configs[300] = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": 1}  # Hopper only: falls back here
     calls, pipe_calls = [], []
     tc_gemm, gemv_pipe = tw.tc_gemm_w4a16, tw.gemv_pipe_w4a16
     tw.tc_gemm_w4a16 = lambda *args, **kwargs: calls.append(kwargs) or tc_gemm(*args, **kwargs)
@@ -299,12 +306,13 @@ def test_kernel_matches_fp64_reference(interpreted, case):
 def test_tuned_configs_reach_the_kernels_and_keep_results(interpreted):
     rec = interpreted.get("tuned")
     assert rec is not None and "error" not in rec, rec
-    for m in ("m1", "m2", "m5", "m70", "m130"):
+    for m in ("m1", "m2", "m5", "m70", "m130", "m300"):
         assert rec[m]["used"] and rec[m]["err"] < TOL["float16"], rec
     assert [c["block_j"] for c in rec["m2"]["pipe_calls"]] == [16] and rec["m1"]["pipe_calls"] == []
     # above M = 64 the tuned race decides: the tensor-core kernel with the winner's tiles, or dequantize + cuBLAS
     assert rec["m70"]["tc_calls"] == [{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "splits": 1}]
     assert rec["m130"]["tc_calls"] == [] and len(rec["m5"]["tc_calls"]) == 1
+    assert rec["m300"]["tc_calls"] == []  # a Gluon entry off Hopper runs the path's fallback, dequantize + matmul
 
 
 def test_split_k_resets_its_counters_and_repeats_bit_for_bit(interpreted):

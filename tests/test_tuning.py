@@ -107,7 +107,10 @@ def test_tune_model_covers_every_fused_matmul_and_bucket_once(tmp_path):
     assert sorted({m for m, _, _ in timed}) == [1, 3, 16, 100] and len(timed) == 4 * len(expected_shapes)
     assert len(tuned) == len(timed)
     best_small = min(tuner.space_for(1), key=lambda c: sum(c.values()))  # the GEMV races the tensor-core kernel
-    assert tuner.space_for(4) == tuner.GEMV_SPACE + tuner.PIPE_SPACE + tuner.TC_SMALL_SPACE and tuner.space_for(16) == tuner.TC_SMALL_SPACE
+    assert (
+        tuner.space_for(4) == tuner.GEMV_SPACE + tuner.PIPE_SPACE + tuner.TC_SMALL_SPACE
+        and tuner.space_for(16) == tuner.TC_SMALL_SPACE
+    )
     assert tuner.space_for(17) == tuner.TC_SPACE
     n, k = next(iter(expected_shapes))
     assert tuned[dispatch.key_for(1, n, k, 32, torch.float32)] == best_small
@@ -189,14 +192,22 @@ def test_shipped_tables_name_kernels_that_run_their_keys(path):
         "tc": set(tw._TC_KEYS) | {"tc", "target_programs_per_sm"},
         "gemv": set(tw._GEMV_KEYS) | {"target_programs_per_sm"},
         "pipe": set(tw._PIPE_KEYS) | {"target_programs_per_sm"},
+        "wgmma": set(tw._WGMMA_KEYS) | {"wgmma"},
     }
     for key, config in data["configs"].items():
         path_name, bucket, n, k, group, dtype = key.split("|")
         assert key == dispatch.key_for(int(bucket), int(n), int(k), int(group), getattr(torch, dtype)), key
-        kind = "pipe" if "block_j" in config else "gemv" if "step_k" in config else "tc"
+        kind = (
+            "pipe" if "block_j" in config else "gemv" if "step_k" in config else "wgmma" if "wgmma" in config else "tc"
+        )
         assert set(config) <= kinds[kind] or config == {"tc": 0}, (key, config)
         if kind in ("pipe", "gemv"):
             assert int(bucket) <= dispatch.GEMV_ROWS, key
+        if kind == "wgmma":  # the Gluon kernel: the large path, a checked tile, N in whole 128-row programs
+            from grace_quant.kernels import gluon_w4a16
+
+            tile = (config["block_m"], config["block_k"], config["stages"], bool(config["pipe"]))
+            assert path_name == "large" and tile in gluon_w4a16.TILES and int(n) % gluon_w4a16.BLOCK_N == 0, key
         if kind == "pipe":
             x = torch.empty(int(bucket), int(k), dtype=getattr(torch, dtype))
             scales = torch.empty(int(n), int(k) // int(group), dtype=x.dtype)

@@ -8,7 +8,8 @@ Three paths, chosen from the token count ``M`` alone (no host syncs, CUDA-graph 
   first-generation one (software prefetch of one step; small weights, and layouts the pipelined one does not read);
 * up to ``TC_MAX_M`` (``tc``): the tensor-core kernel with split-K;
 * larger ``M`` (``large``): dequantize to the activation dtype + cuBLAS (the robust fallback), unless this GPU's
-  tuned table says the tensor-core kernel won the race for that shape and M bucket.
+  tuned table says the tensor-core kernel or, on Hopper, the Gluon kernel that reads INT4 inside the GEMM
+  (:mod:`.gluon_w4a16`) won the race for that shape and M bucket.
 
 The tensor-core kernel dequantizes each weight tile in registers with its group scale already applied (a K tile
 never straddles a group), so ``tl.dot`` accumulates in place (``acc = tl.dot(w, x, acc)``) and Triton can pipeline
@@ -143,7 +144,7 @@ _PTX_CONSTANTS = {  # per 16-bit float pair type: 1.0, -(magic + 8) and magic (2
 
 def dequant_ptx(template: str, ty: str) -> str:
     """A dequantizing PTX ``template`` for pairs of type ``ty`` (``"bf16x2"`` or ``"f16x2"``): its ``ONE``, ``OFF``,
-    ``MAGIC`` and ``TY`` filled in (also used by ``benchmarks/gluon_lab_kernel.py``)."""
+    ``MAGIC`` and ``TY`` filled in (also used by :mod:`.gluon_w4a16`)."""
     for name, value in _PTX_CONSTANTS[ty].items():
         template = template.replace(name, value)
     return template.replace("TY", ty)
@@ -713,6 +714,7 @@ def gemv_pipe_w4a16(
 _TC_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prefetch")
 _GEMV_KEYS = ("block_n", "step_k", "num_warps")
 _PIPE_KEYS = ("block_n", "block_j", "num_warps", "num_stages")
+_WGMMA_KEYS = ("block_m", "block_k", "stages", "pipe")
 _PIPE_MIN_WEIGHTS = 12 << 20
 """Below ~12M weights the pipelined GEMV's prologue and split costs outweigh its deeper pipeline (H100 lab run,
 benchmarks/results/kernel_lab_h100.md): the first-generation GEMV serves them when no tuned entry says otherwise."""
@@ -739,6 +741,25 @@ def _overrides(config: dict[str, int], names: tuple[str, ...], x2: torch.Tensor)
     return {**out, **({"target_programs": per_sm * _sms(x2)} if per_sm else {"splits": 1})}
 
 
+@functools.cache
+def _gluon():
+    """:mod:`.gluon_w4a16`, imported on first use (only tuned Hopper entries name it), or None where this Triton has
+    no Gluon for Hopper."""
+    try:
+        from . import gluon_w4a16
+    except ImportError:
+        return None
+    return gluon_w4a16
+
+
+def _wgmma(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, config: dict[str, int]):
+    """The Gluon kernel's launch for a ``"wgmma"`` entry, or None where it does not take this call."""
+    gluon = _gluon()
+    if gluon is None or not gluon.supports(x2, packed, scales, group, config.get("block_k", 128)):
+        return None
+    return functools.partial(gluon.wgmma_w4a16, **{key: config[key] for key in _WGMMA_KEYS if key in config})
+
+
 def linear_with_config(
     x2: torch.Tensor,
     packed: torch.Tensor,
@@ -752,9 +773,14 @@ def linear_with_config(
     ``config`` from the table, or the path's built-in heuristic when ``config`` is None (``large``: dequantize +
     cuBLAS). An entry names its kernel: ``"tc": 1`` the tensor-core kernel, ``"step_k"`` the GEMV and ``"block_j"``
     the pipelined GEMV (up to ``GEMV_ROWS`` rows; a pipelined entry the call's layout does not fit runs the path's
-    heuristic), ``"tc": 0`` dequantize + cuBLAS."""
+    heuristic), ``"wgmma": 1`` the Gluon Hopper kernel (where it does not take the call: the path's heuristic),
+    ``"tc": 0`` dequantize + cuBLAS."""
     if path not in ("gemv", "tc", "large"):
         raise ValueError(f"unknown kernel path {path!r} (expected 'gemv', 'tc' or 'large')")
+    if config is not None and config.get("wgmma"):
+        launch = _wgmma(x2, packed, scales, group_size, config)
+        if launch is not None:
+            return launch(x2, packed, scales, bias, group_size)
     if config is not None and config.get("tc"):
         return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_overrides(config, _TC_KEYS, x2))
     if config is not None and "step_k" in config and x2.shape[0] <= GEMV_ROWS:
@@ -872,10 +898,10 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
         return lambda x, p, s, b: linear_unchecked(x, p, s, b, group)
     n = packed.shape[0]
     path, config = path_for(m), config_for(x.reshape(-1, k), n, group)
-    if path != "large" or (config is not None and config.get("tc")):
-        return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, (path, config))
-    if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+    if path == "large" and x.is_cuda and not torch.cuda.is_current_stream_capturing():
         _counters(x.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
+    if path != "large" or (config is not None and (config.get("tc") or config.get("wgmma"))):
+        return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, (path, config))
     return _dequant_matmul_plan(n, k, group, x.dtype, _tile_mode(scales, x.dtype), bias)
 
 

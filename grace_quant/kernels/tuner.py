@@ -52,12 +52,24 @@ TC_SPACE: tuple[Config, ...] = tuple(
 )  # fmt: skip
 """Candidates for the tensor-core kernel at 16 < M <= ``TC_MAX_M`` (its token tile follows the M bucket)."""
 
-LARGE_SPACE: tuple[Config, ...] = ({"tc": 0},) + tuple(
-    {"tc": 1, "block_m": bm, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": ns}
-    for bm, ns in ((128, 3), (256, 4))
+WGMMA_SPACE: tuple[Config, ...] = tuple(
+    {"wgmma": 1, "block_m": bm, "block_k": bk, "stages": st, "pipe": pipe}
+    for bm, bk, st, pipe in ((128, 128, 4, 1), (256, 128, 3, 1), (128, 64, 4, 0))
+)
+"""Candidates for the Gluon Hopper kernel (:mod:`.gluon_w4a16`): the H100 lab's winners
+(benchmarks/results/prefill_h100.md); on other GPUs they do not run and drop out of the race."""
+
+LARGE_SPACE: tuple[Config, ...] = (
+    ({"tc": 0},)
+    + tuple(
+        {"tc": 1, "block_m": bm, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": ns}
+        for bm, ns in ((128, 3), (256, 4))
+    )
+    + WGMMA_SPACE
 )
 """The race above ``TC_MAX_M``: dequantize + cuBLAS (``tc`` 0, the fallback) against the tensor-core kernel's tiles
-(no split-K: large M has tiles enough; on the H200 dequantize + cuBLAS won every shape from M = 256 on)."""
+(no split-K: large M has tiles enough; on the H200 dequantize + cuBLAS won every shape from M = 256 on) and, on
+Hopper, the Gluon kernel's."""
 
 Shape = tuple[int, int, int, torch.dtype, torch.device]
 """``(N, K, group, scales dtype, device)`` of one INT4 matmul."""
@@ -69,6 +81,7 @@ __all__ = [
     "PIPE_SPACE",
     "TC_SMALL_SPACE",
     "TC_SPACE",
+    "WGMMA_SPACE",
     "MeasureFactory",
     "Shape",
     "space_for",
@@ -129,6 +142,8 @@ def cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device:
     def measure(config: Config) -> float:
         if "block_j" in config and not triton_w4a16.supports_pipe(x, copies[0][1], group, config["block_j"]):
             raise ValueError(f"a step of {config['block_j']} words does not tile K = {k} in group pairs")
+        if config.get("wgmma") and triton_w4a16._wgmma(x, *copies[0], group, config) is None:
+            raise ValueError("the Gluon kernel does not take this call (not Hopper, or the shape does not tile)")
         return graph_time_us([lambda p=p, s=s: run(config, p, s) for p, s in copies], replays=10) * 1e-6
 
     return measure

@@ -1,20 +1,24 @@
-"""Lab kernel (not shipped): W4A16 GEMM for prefill on Hopper in Gluon, the weight dequantized in registers as the
-tensor cores' A operand. Measured by ``fused_lab.py``; results in ``benchmarks/results/prefill_h100.md``.
+"""W4A16 GEMM for prefill on Hopper (sm_90), written in Gluon: the weight is dequantized in registers straight into
+the tensor cores' A operand, so INT4 is read inside the GEMM instead of dequantize + cuBLAS writing and re-reading
+every weight in bf16.
 
-``y^T = W x^T``: each program owns 128 weight rows and ``block_m`` tokens. The token tile (the MMA's B operand) comes
-through TMA into a ring of shared-memory stages; the weight tile never touches shared memory. Each thread loads the
-packed words of its own fragment rows (16-byte loads; the four threads of a quad read the same words) and turns
-nibbles ``2c`` and ``2c + 1`` of every word, ``c`` being its lane in the quad, into one 32-bit pair of 16-bit floats:
-exactly the elements ``k = 8 * word + 2c + {0, 1}`` that ``wgmma``'s register A fragment puts in that thread
-(``convert_layout(..., assert_trivial=True)`` proves it at compile time: no data moves). Per pair: a shift, one
-``lop3`` into the mantissa of 2**7 (bf16) or 2**10 (fp16), one FMA removing the offset exactly and one multiplying
-by the scale (the one rounding ``kernels.reference.dequantize`` makes), so results match dequantize + matmul up to
-the summation order. The MMA of one K tile overlaps the dequantization of other programs on the SM.
+``y^T = W x^T``: each program owns 128 weight rows (two warpgroups of 64) and ``block_m`` tokens. The token tile (the
+MMA's B operand) comes through TMA into a ring of shared-memory stages, the packed words beside it. Each thread turns
+nibbles ``2c`` and ``2c + 1`` of every word of its fragment rows (``c`` its lane in the quad) into one 32-bit pair of
+16-bit floats: exactly the elements ``k = 8 * word + 2c + {0, 1}`` that ``wgmma``'s register A fragment puts in that
+thread (``convert_layout(..., assert_trivial=True)`` proves it at compile time: no data moves). Per pair: a shift,
+one ``lop3`` into the mantissa of 2**7 (bf16) or 2**10 (fp16), one FMA removing the offset exactly and one
+multiplying by the scale (the one rounding ``kernels.reference.dequantize`` makes), so results match dequantize +
+matmul up to the summation order.
+
+Two loops: ``pipe`` keeps one MMA in flight while the next K tile is dequantized (unrolled by two so that a tile's A
+registers are redefined only after the MMA reading them retired; ptxas keeps the MMAs asynchronous only with this
+shape, see ``benchmarks/results/prefill_h100.md``), the other retires each MMA before the next dequantization and
+relies on a second program per SM to overlap (small tiles). Which one, and the tile, is the tuner's choice per shape
+(``kernels.tuner.LARGE_SPACE``); dequantize + cuBLAS stays the fallback.
 
 Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this kernel is checked on GPUs only
-(``tests/test_kernels_gpu.py``). Why it was tried: dequantize + cuBLAS writes and re-reads every weight in bf16, which
-bounds INT4 prefill above bf16's time. Why it is not shipped: on an H100 it beats dequantize + cuBLAS only around
-256 tokens (LLaVA-1.5-7B's layer 0.61x of cuBLAS bf16 vs 0.49x) and loses from 600 on (0.58x vs 0.64x).
+(``tests/test_kernels_gpu.py``); it is imported only where a tuned entry names it.
 """
 
 from __future__ import annotations
@@ -25,21 +29,18 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from grace_quant.kernels.triton_w4a16 import dequant_ptx
+from .triton_w4a16 import dequant_ptx
 
-__all__ = ["BLOCK_N", "supports", "wgmma_w4a16"]
+__all__ = ["BLOCK_N", "TILES", "supports", "wgmma_w4a16"]
 
 BLOCK_N = 128
 """Weight rows per program (two warpgroups of 64): N must be a multiple."""
+TILES = {(128, 128, 3, True), (128, 128, 4, True), (256, 128, 3, True), (128, 64, 4, False), (128, 128, 3, False)}
+"""The ``(block_m, block_k, stages, pipe)`` tiles checked on GPUs (64-token tiles computed wrong results on an H100
+and are refused; 64-column K tiles serialize the pipelined loop's MMAs, so they run unpipelined only)."""
 _WARPS = 8
 
 # One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats: nibble 0
@@ -120,7 +121,7 @@ def _kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KW, KG, stride_ym,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    A_SMEM: gl.constexpr = False, A_LAYOUT: gl.constexpr = None, PIPE: gl.constexpr = False,
+    PIPE: gl.constexpr,
 ):  # fmt: skip
     BN: gl.constexpr = 128
     pid_m = gl.program_id(0)  # token tiles fastest: programs in flight share weight rows (read once into L2)
@@ -139,8 +140,6 @@ def _kernel(
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    if A_SMEM:  # the dequantized tile goes through shared memory (2 buffers), so its MMA may stay in flight
-        a_smem = gl.allocate_shared_memory(x_desc.dtype, [2, BN, BK], A_LAYOUT)
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
@@ -175,24 +174,14 @@ def _kernel(
             sc_next = sc_after
             sc_after = gl.load(s_rows + ((kt + 2) * BK) // GROUP, mask=(srows * 0 + kt + 2) < num_k)
             w = _dequant_tile(w_smem.index(stage), sc, shift, PAIR, WORDS, BN, BK, x_desc.dtype)
-            if A_SMEM:
-                a_buf = a_smem.index(kt % 2)
-                a_buf.store(w)
-                fence_async_shared()
-                gl.thread_barrier()
-                acc = warpgroup_mma(a_buf, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(1, deps=[acc])  # the previous tile's MMA is done: its buffers can be reused
-            else:
-                a = gl.convert_layout(w, DOT, assert_trivial=True)
-                acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-                # wgmma reads its A registers while it runs: retire it before the next tile's dequantization
-                # (other programs on the SM overlap their dequantization with this MMA)
-                acc, a = warpgroup_mma_wait(0, deps=[acc, a])
+            a = gl.convert_layout(w, DOT, assert_trivial=True)
+            acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            # wgmma reads its A registers while it runs: retire it before the next tile's dequantization (other
+            # programs on the SM overlap their dequantization with this MMA)
+            acc, a = warpgroup_mma_wait(0, deps=[acc, a])
             refill = kt + STAGES - 1
             if refill < num_k:
                 _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, refill, STAGES, BK)
-        if A_SMEM:
-            acc = warpgroup_mma_wait(0, deps=[acc])
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     out = gl.convert_layout(acc, OUT)
@@ -228,14 +217,15 @@ def wgmma_w4a16(
     *,
     block_m: int = 128,
     block_k: int = 128,
-    stages: int = 3,
-    a_smem: bool = False,
-    pipe: bool = False,
+    stages: int = 4,
+    pipe: bool = True,
 ) -> torch.Tensor:
-    """``x2 @ W^T (+ bias)`` for ``x2 [M, K]`` (see :func:`supports`), one launch."""
-    if block_m not in (128, 256):
+    """``x2 @ W^T (+ bias)`` for ``x2 [M, K]`` in one launch; callers check :func:`supports` first. The tile must
+    be one of :data:`TILES`."""
+    if (block_m, block_k, stages, bool(pipe)) not in TILES:
         raise ValueError(
-            f"block_m must be 128 or 256, got {block_m} (64-token tiles compute wrong results: not understood)"
+            f"(block_m, block_k, stages, pipe) = {(block_m, block_k, stages, bool(pipe))} is not a checked tile; "
+            f"pick one of {sorted(TILES)}"
         )
     m, k = x2.shape
     n = packed.shape[0]
@@ -254,7 +244,6 @@ def wgmma_w4a16(
     _kernel[grid](
         x_desc, w_desc, scales, bias if bias is not None else y, y, m, n, k // 8, k // group, y.stride(0),
         BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=bias is not None, PAIR=pair, MMA=mma, DOT=dot,
-        WORDS=words, OUT=out, A_SMEM=a_smem, PIPE=pipe, A_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, block_k], dtype),
-        num_warps=_WARPS,
+        WORDS=words, OUT=out, PIPE=bool(pipe), num_warps=_WARPS,
     )  # fmt: skip
     return y
