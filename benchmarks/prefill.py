@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from grace_quant.integrations.generation import deferred_stop_check
-from grace_quant.kernels import launch, triton_w4a16
+from grace_quant.kernels import launch, tables, triton_w4a16
 from grace_quant.kernels.custom_op import cuda_linear
 
 
@@ -51,7 +51,8 @@ class Variant(contextlib.AbstractContextManager):
     ``unplanned`` is the per-call dispatch (checks, table lookup, dequantize launch on every call: the path before
     ``triton_w4a16.eager_linear``); ``dense-linear`` sends every call to ``F.linear`` on dense weights dequantized
     once and cached (what the module and fused-projection Python alone cost); ``nodefer`` runs ``generate`` without
-    the deferred stop check (on by default for GRACE INT4 models; it sets up pinned copies and events)."""
+    the deferred stop check (on by default for GRACE INT4 models; it sets up pinned copies and events); ``no-wgmma``
+    drops this GPU's tuned Gluon-kernel entries (``"wgmma"``), so their shapes run dequantize + cuBLAS as before."""
 
     def __init__(self, kind: str | None):
         self.kind, self.dense, self.saved = kind, {}, triton_w4a16.eager_linear
@@ -71,12 +72,20 @@ class Variant(contextlib.AbstractContextManager):
             triton_w4a16.eager_linear = self._dense_linear
         elif self.kind == "jit-runner":
             self._runners(())
+        elif self.kind == "no-wgmma":
+            self.table = tables.table(tables.device_name(torch.device(e2e.Setup.device)))
+            self.entries = dict(self.table.configs)
+            self.table.configs = {key: c for key, c in self.entries.items() if not c.get("wgmma")}
+            tables.EDITS += 1  # every eager plan looks its entry up again
         return self
 
     def __exit__(self, *exc):
         triton_w4a16.eager_linear = self.saved
         if self.kind == "jit-runner":
             self._runners(self.native)
+        if self.kind == "no-wgmma":
+            self.table.configs = self.entries
+            tables.EDITS += 1
         self.block.__exit__(*exc)
         return None
 
@@ -284,7 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         nargs="*",
         default=["jit-runner", "dense-linear"],
-        choices=["jit-runner", "unplanned", "dense-linear", "nodefer"],
+        choices=["jit-runner", "unplanned", "dense-linear", "nodefer", "no-wgmma"],
         help="GRACE with its eager INT4 linear path swapped (see Variant)",
     )
     parser.add_argument("--rows", type=int, default=30, help="functions per cProfile table")
