@@ -3,6 +3,8 @@ MMA's A operand) against cuBLAS bf16 and dequantize + cuBLAS on the fused decode
 
 Every arm is timed with CUDA graphs over weight copies cycled past L2 (``kernels.timing``); per model and M the
 table sums the four shapes (one decoder layer) and gives each arm's ratio to cuBLAS bf16 (above 1 is faster).
+``eager`` rows time the same calls launched from Python back to back (host time included, as eager prefill runs
+them): dequantize + cuBLAS and the Gluon kernel's best tile.
 
     python benchmarks/fused_lab.py --ms 256,600,1024,2048 --json fused_lab.json
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,18 @@ SHAPES = {
 CONFIGS = sorted(gw.TILES)  # block_m, block_k, stages, pipelined (one MMA kept in flight)
 
 
+def eager_us(fns: list, calls: int = 60) -> float:
+    """Microseconds per call of ``fns`` (cycled) launched back to back from Python, one sync at the end."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(calls):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ms", default="256,600,1024,2048")
@@ -37,7 +52,7 @@ def main() -> None:
     rows = []
     for model in args.models:
         for m in (int(v) for v in args.ms.split(",")):
-            total = {"bf16": 0.0, "deq+cublas": 0.0}
+            total = {"bf16": 0.0, "deq+cublas": 0.0, "eager deq+cublas": 0.0, "eager fused": 0.0}
             best_total = 0.0
             per_config = dict.fromkeys(CONFIGS, 0.0)
             for n, k in SHAPES[model]:
@@ -65,6 +80,13 @@ def main() -> None:
                     per_config[config] += times[config]
                 best = min(times.values())
                 best_total += best
+                best_kw = dict(zip(("block_m", "block_k", "stages", "pipe"), min(times, key=times.get), strict=True))
+                total["eager deq+cublas"] += eager_us(
+                    [lambda c=c, x=x: F.linear(x, tw.dequantize_w4(*c, group, dtype)) for c in copies]
+                )
+                total["eager fused"] += eager_us(
+                    [lambda c=c, x=x, kw=best_kw: gw.wgmma_w4a16(x, *c, None, group, **kw) for c in copies]
+                )
                 print(
                     f"{model} m={m} [{n}, {k}]: bf16 {bf16:.1f} us, deq+cublas {deq:.1f}, fused best {best:.1f} "
                     f"{min(times, key=times.get)}  ({', '.join(f'{c}: {t:.1f}' for c, t in times.items())})",
@@ -74,7 +96,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
             row = {
                 "model": model, "m": m, "bf16_us": total["bf16"], "deq_cublas_us": total["deq+cublas"],
-                "fused_best_us": best_total,
+                "fused_best_us": best_total, "eager_deq_cublas_us": total["eager deq+cublas"],
+                "eager_fused_best_us": total["eager fused"],
                 "fused_config_us": {str(c): t for c, t in per_config.items()},
             }  # fmt: skip
             rows.append(row)
@@ -82,7 +105,8 @@ def main() -> None:
                 f"== {model} m={m} layer: bf16 {total['bf16']:.1f} us, deq+cublas {total['deq+cublas']:.1f} "
                 f"({total['bf16'] / total['deq+cublas']:.2f}x), fused best-per-shape {best_total:.1f} "
                 f"({total['bf16'] / best_total:.2f}x), best single config "
-                f"{min(per_config.values()):.1f} {min(per_config, key=per_config.get)}",
+                f"{min(per_config.values()):.1f} {min(per_config, key=per_config.get)}; eager: deq+cublas "
+                f"{total['eager deq+cublas']:.1f} us, fused {total['eager fused']:.1f}",
                 flush=True,
             )
     with open(args.json, "w") as f:

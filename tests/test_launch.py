@@ -89,6 +89,27 @@ def test_values_triton_does_not_specialize_on_reuse_the_kernel(launcher):
     assert launcher.fn.log[1][1] == (7, 1, 1)
 
 
+class _Descriptor:
+    """A TMA tensor descriptor's surface (Triton's and Gluon's ``TensorDescriptor``)."""
+
+    def __init__(self, base, block_shape, layout="swizzle128"):
+        self.base, self.shape, self.strides = base, list(base.shape), list(base.stride())
+        self.block_shape, self.layout, self.padding = block_shape, layout, "zero"
+
+
+def test_tensor_descriptors_key_by_dtype_block_and_layout_not_by_their_tensor(launcher):
+    launcher((1,), _Descriptor(torch.zeros(64, 64), [16, 16]), 32, 1.0, BLOCK=16, MODE=0)
+    launcher((1,), _Descriptor(torch.zeros(128, 32)[:, 1:], [16, 16]), 48, 1.0, BLOCK=16, MODE=0)  # runtime values
+    assert _kinds(launcher) == ["jit", "direct"]
+    for other in (
+        _Descriptor(torch.zeros(64, 64), [32, 16]),
+        _Descriptor(torch.zeros(64, 64, dtype=torch.float16), [16, 16]),
+        _Descriptor(torch.zeros(64, 64), [16, 16], layout="swizzle64"),
+    ):
+        launcher((1,), other, 32, 1.0, BLOCK=16, MODE=0)
+    assert _kinds(launcher) == ["jit", "direct", "jit", "jit", "jit"]
+
+
 def test_under_the_interpreter_every_launch_goes_through_the_jit(launcher):
     launcher.direct = False
     for _ in range(2):

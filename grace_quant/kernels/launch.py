@@ -8,7 +8,9 @@ of host CPU through ``dequantize_w4``, 18-21 us through a bound runner, allocati
 alignment; each integer's divisibility by 16, equality to 1 and width; every constexpr and launch option; the
 device), a key at least as fine as Triton's own, so the compiled kernel it keeps is the one Triton would pick.
 The first call of a key goes through the JIT (which compiles if needed); later calls launch the compiled kernel
-directly. Under Triton's CPU interpreter every call goes through the JIT.
+directly. Under Triton's CPU interpreter every call goes through the JIT. A TMA tensor descriptor (Triton's or
+Gluon's) is keyed by its class, dtype, block shape and layout: what Triton types it by (its base, shape and strides
+are runtime values, encoded by the launcher on every call).
 
 On Triton 3.6 (the version whose launcher was read and checked on a GPU) the direct launch also skips the compiled
 kernel's Python wrappers (the stream lookup through the driver object, the launch-metadata dictionary built for
@@ -49,7 +51,13 @@ def _arg_key(arg: Any) -> Any:
         return arg % 16 == 0, arg == 1, width
     if isinstance(arg, float):
         return float
-    raise TypeError(f"DirectLauncher takes tensors, ints, floats, bools and None as runtime arguments, got {type(arg)}")
+    if isinstance(getattr(arg, "base", None), torch.Tensor) and hasattr(arg, "block_shape"):  # a TMA descriptor
+        extra = tuple(getattr(arg, name, None) for name in ("layout", "padding", "round_f32_to_tf32"))
+        return type(arg).__name__, arg.base.dtype, tuple(arg.block_shape), extra
+    raise TypeError(
+        "DirectLauncher takes tensors, tensor descriptors, ints, floats, bools and None as runtime arguments, "
+        f"got {type(arg)}"
+    )
 
 
 class DirectLauncher:
