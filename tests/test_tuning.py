@@ -30,7 +30,13 @@ def test_buckets_paths_and_keys():
     assert [dispatch.path_for(m) for m in (1, 2, 3, 64, 65, 100_000)] == ["gemv", "gemv", "tc", "tc", "large", "large"]
     assert dispatch.key_for(3, 4096, 11008, 128, torch.bfloat16) == "tc|4|4096|11008|128|bfloat16"
     assert dispatch.key_for(5000, 4096, 4096, 128, torch.float16) == "large|2048|4096|4096|128|float16"
-    assert tuner.space_for(65) == tuner.LARGE_SPACE and {"tc": 0} in tuner.LARGE_SPACE  # the fallback races
+    assert (
+        tuner.space_for(65) == tuner.LARGE_SPACE + tuner.WGMMA_SPACE and {"tc": 0} in tuner.LARGE_SPACE
+    )  # the fallback races
+    assert (
+        tuner.space_for(tuner.WGMMA_MAX_M) == tuner.space_for(65)
+        and tuner.space_for(tuner.WGMMA_MAX_M + 1) == tuner.LARGE_SPACE
+    )
     with pytest.raises(ValueError, match="at least 1"):
         dispatch.m_bucket(0)
 

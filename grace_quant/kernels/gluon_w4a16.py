@@ -15,7 +15,7 @@ Two loops: ``pipe`` keeps one MMA in flight while the next K tile is dequantized
 registers are redefined only after the MMA reading them retired; ptxas keeps the MMAs asynchronous only with this
 shape, see ``benchmarks/results/prefill_h100.md``), the other retires each MMA before the next dequantization and
 relies on a second program per SM to overlap (small tiles). Which one, and the tile, is the tuner's choice per shape
-(``kernels.tuner.LARGE_SPACE``); dequantize + cuBLAS stays the fallback.
+(``kernels.tuner.WGMMA_SPACE``, in the large buckets up to ``WGMMA_MAX_M``); dequantize + cuBLAS stays the fallback.
 
 Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this kernel is checked on GPUs only
 (``tests/test_kernels_gpu.py``); it is imported only where a tuned entry names it.

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .dispatch import GEMV_ROWS, M_BUCKETS, key_for, path_for
+from .dispatch import GEMV_ROWS, M_BUCKETS, key_for, m_bucket, path_for
 from .tables import Config, ConfigTable, device_name, table
 from .timing import graph_time_us, w4_copies
 
@@ -52,24 +52,24 @@ TC_SPACE: tuple[Config, ...] = tuple(
 )  # fmt: skip
 """Candidates for the tensor-core kernel at 16 < M <= ``TC_MAX_M`` (its token tile follows the M bucket)."""
 
+LARGE_SPACE: tuple[Config, ...] = ({"tc": 0},) + tuple(
+    {"tc": 1, "block_m": bm, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": ns}
+    for bm, ns in ((128, 3), (256, 4))
+)
+"""The race above ``TC_MAX_M``: dequantize + cuBLAS (``tc`` 0, the fallback) against the tensor-core kernel's tiles
+(no split-K: large M has tiles enough; on the H200 dequantize + cuBLAS won every shape from M = 256 on)."""
+
 WGMMA_SPACE: tuple[Config, ...] = tuple(
     {"wgmma": 1, "block_m": bm, "block_k": bk, "stages": st, "pipe": pipe}
     for bm, bk, st, pipe in ((128, 128, 4, 1), (256, 128, 3, 1), (128, 64, 4, 0))
 )
-"""Candidates for the Gluon Hopper kernel (:mod:`.gluon_w4a16`): the H100 lab's winners
-(benchmarks/results/prefill_h100.md); on other GPUs they do not run and drop out of the race."""
+"""Candidates for the Gluon Hopper kernel (:mod:`.gluon_w4a16`), the H100 lab's winners, raced in the large buckets
+up to :data:`WGMMA_MAX_M`; on other GPUs they do not run and drop out of the race."""
 
-LARGE_SPACE: tuple[Config, ...] = (
-    ({"tc": 0},)
-    + tuple(
-        {"tc": 1, "block_m": bm, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": ns}
-        for bm, ns in ((128, 3), (256, 4))
-    )
-    + WGMMA_SPACE
-)
-"""The race above ``TC_MAX_M``: dequantize + cuBLAS (``tc`` 0, the fallback) against the tensor-core kernel's tiles
-(no split-K: large M has tiles enough; on the H200 dequantize + cuBLAS won every shape from M = 256 on) and, on
-Hopper, the Gluon kernel's."""
+WGMMA_MAX_M = 512
+"""The largest M bucket where the Gluon kernel races. A bucket is timed at its top M; at 1024, 256-token tiles won
+there but pad LLaVA-1.5-7B's ~600-token prefill to 768, whose GPU time grew (29.0 vs 27.9 ms on an H100:
+benchmarks/results/prefill_h100.md, run 14); at 2048 it beat dequantize + cuBLAS by ~2% in the lab."""
 
 Shape = tuple[int, int, int, torch.dtype, torch.device]
 """``(N, K, group, scales dtype, device)`` of one INT4 matmul."""
@@ -81,6 +81,7 @@ __all__ = [
     "PIPE_SPACE",
     "TC_SMALL_SPACE",
     "TC_SPACE",
+    "WGMMA_MAX_M",
     "WGMMA_SPACE",
     "MeasureFactory",
     "Shape",
@@ -91,10 +92,11 @@ __all__ = [
 
 
 def space_for(m: int) -> tuple[Config, ...]:
-    """The candidate configurations for ``m`` tokens: the GEMV races the tensor-core kernel up to its 4 rows."""
+    """The candidate configurations for ``m`` tokens: the GEMV races the tensor-core kernel up to its 4 rows, the
+    Gluon kernel races dequantize + cuBLAS up to :data:`WGMMA_MAX_M`."""
     path = path_for(m)
     if path == "large":
-        return LARGE_SPACE
+        return LARGE_SPACE + WGMMA_SPACE if m_bucket(m) <= WGMMA_MAX_M else LARGE_SPACE
     small = TC_SMALL_SPACE if m <= 16 else TC_SPACE
     return (GEMV_SPACE + PIPE_SPACE + small) if m <= GEMV_ROWS else small
 
