@@ -68,15 +68,19 @@
 # copy bandwidth), fused_lab.py x5 (the Gluon lab kernel; correct from run 8: 0.61x / 0.58x / 0.70x cuBLAS bf16 per
 # LLaVA layer at M = 256 / 600 / 2048, vs dequantize + cuBLAS 0.49x / 0.64x / 0.85x), tests (145 passed, 1 skipped).
 # Results: benchmarks/results/prefill_h100.md (first section).
+# Done 2026-12-06, fifth session (H100s; ~22 device minutes, ~8 more lost to refused starts): fused_lab.py runs 12
+# and 15 (the pipelined Gluon tiles: LLaVA layer at M = 128 / 256 / 512 0.86x / 0.76x / 0.76x cuBLAS bf16 vs 0.49x /
+# 0.51x / 0.59x for dequantize + cuBLAS; ties at 600), overlap_lab.py with cuBLAS SM carve-outs (no gain),
+# tune_kernels.py (the H100 table's buckets 128-512), prefill.py with the Gluon kernel in every bucket (LLaVA's GPU
+# time worse at ~600 tokens: the tuner races it only up to 512 now), GPU tests of kernels/launch/tuning (119 passed).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-2 minutes each), in this order:
-#  1) issue 16's TTFT floor needs INT4 read inside the GEMM at >= ~0.8x cuBLAS at M ~ 600 (prefill_h100.md says why
-#     dequantize + cuBLAS cannot): continue benchmarks/gluon_lab_kernel.py with `python benchmarks/fused_lab.py`
-#     (its GPU tests: pytest -m gpu -k wgmma): overlap each program's dequantization with its own MMA (unroll by two
-#     with distinct A values, or stage A through shared memory), split-K or 64-row tiles for N = 4096 shapes, find why
-#     64-token tiles compute wrong results; then a dispatch entry for it;
-#  2) on an H200: `tune_kernels.py --ms 1,2 --retune`, STAGES="kernels", STAGES="e2e-llava", STAGES="prefill" (and
-#     cherry-pick 6d5074c, the shared per-layer dequantize, to measure it where the GPU is faster);
-#  3) issue 15's small-M floors (M = 1 2.02x vs 2.2x, M = 2-8 ~1.5x vs 1.9x).
+#  1) the Gluon kernel's host cost (~60-70 us per launch: keep the weight's TMA descriptor with the layer, build the
+#     activation's once per call shape) and its TTFT effect: STAGES="prefill" and e2e-qwen (its gate|up runs it);
+#  2) issue 16's TTFT floor still needs INT4 in the GEMM at >= ~0.8x cuBLAS at M ~ 600 (0.62x now): a persistent
+#     schedule (next tile's prologue under this one's epilogue), split-K for N = 4096, 192-token tiles via two
+#     launches; `python benchmarks/fused_lab.py`, GPU tests `pytest -m gpu -k wgmma`;
+#  3) on an H200: `tune_kernels.py --ms 1,2,128,256,512 --retune`, STAGES="kernels", "e2e-llava", "prefill";
+#  4) issue 15's small-M floors (M = 1 2.02x vs 2.2x, M = 2-8 ~1.5x vs 1.9x).
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
