@@ -199,7 +199,7 @@ _launch = DirectLauncher(_kernel)  # eager prefill calls it per linear: repeat l
 
 @functools.cache
 def _shared_layouts(block_m: int, block_k: int, dtype: torch.dtype) -> tuple:
-    """(token tile, word tile) shared-memory layouts: one object per tile, as the launcher's key wants."""
+    """(token tile, word tile) shared-memory layouts, built once per tile and dtype rather than on every launch."""
     gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     return (
         gl.NVMMASharedLayout.get_default_for([block_m, block_k], gdt),
