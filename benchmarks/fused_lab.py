@@ -6,7 +6,7 @@ table sums the four shapes (one decoder layer) and gives each arm's ratio to cuB
 ``eager`` rows time the same calls launched from Python back to back (host time included, as eager prefill runs
 them): dequantize + cuBLAS and the Gluon kernel's best tile.
 
-    python benchmarks/fused_lab.py --ms 256,600,1024,2048 --json fused_lab.json
+    python benchmarks/fused_lab.py --ms 256,600,1024,2048 --splits 1,2,4 --tuned-tiles --json fused_lab.json
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SHAPES = {
     "llava-1.5-7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)],
     "qwen2-vl-2b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
 }
-CONFIGS = sorted(gw.TILES)  # block_m, block_k, stages, pipelined (one MMA kept in flight)
+KEYS = ("block_m", "block_k", "stages", "pipe", "split")  # a config: a checked tile (pipe: one MMA kept in flight)
 
 
 def eager_us(fns: list, calls: int = 60) -> float:
@@ -46,15 +46,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ms", default="256,600,1024,2048")
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--splits", default="1", help="K splits to time each tile with (comma-separated)")
+    parser.add_argument("--tuned-tiles", action="store_true", help="only the tiles the tuner races (WGMMA_SPACE)")
     parser.add_argument("--json", default="fused_lab.json")
     args = parser.parse_args()
+    from grace_quant.kernels.tuner import WGMMA_SPACE
+
+    tiles = sorted({gw.tile_of(c) for c in WGMMA_SPACE} if args.tuned_tiles else gw.TILES)
+    configs = [(*tile, int(split)) for tile in tiles for split in args.splits.split(",")]
     dtype, group = torch.bfloat16, 128
     rows = []
     for model in args.models:
         for m in (int(v) for v in args.ms.split(",")):
             total = {"bf16": 0.0, "deq+cublas": 0.0, "eager deq+cublas": 0.0, "eager fused": 0.0}
             best_total = 0.0
-            per_config = dict.fromkeys(CONFIGS, 0.0)
+            per_config = dict.fromkeys(configs, 0.0)
             for n, k in SHAPES[model]:
                 copies = w4_copies(n, k, group, dtype, "cuda")
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -64,8 +70,8 @@ def main() -> None:
                 total["bf16"] += bf16
                 total["deq+cublas"] += deq
                 times = {}
-                for config in CONFIGS:
-                    kw = dict(zip(("block_m", "block_k", "stages", "pipe"), config, strict=True))
+                for config in configs:
+                    kw = dict(zip(KEYS, config, strict=True))
                     try:
                         y = gw.wgmma_w4a16(x, *copies[0], None, group, **kw)
                         err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -80,7 +86,7 @@ def main() -> None:
                     per_config[config] += times[config]
                 best = min(times.values())
                 best_total += best
-                best_kw = dict(zip(("block_m", "block_k", "stages", "pipe"), min(times, key=times.get), strict=True))
+                best_kw = dict(zip(KEYS, min(times, key=times.get), strict=True))
                 total["eager deq+cublas"] += eager_us(
                     [lambda c=c, x=x: F.linear(x, tw.dequantize_w4(*c, group, dtype)) for c in copies]
                 )

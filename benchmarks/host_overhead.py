@@ -74,9 +74,42 @@ def main() -> None:
                 "torch.empty of the dense weight": lambda: torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
                 "config_for (table lookup)": lambda x=x: config_for(x, N, GROUP),
             }
+            if m >= 128 and torch.cuda.get_device_capability()[0] == 9:
+                arms.update(_gluon_arms(x, packed, scales))
             for arm, fn in arms.items():
                 wall, cpu, gpu = per_call_us(fn)
                 print(f"| {m} | {arm} | {wall:.1f} | {cpu:.1f} | {gpu:.1f} |")
+
+
+def _gluon_arms(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> dict:
+    """The Gluon kernel (128-token pipelined tile) launched as the dispatch does, and through Triton's JIT."""
+    import triton
+
+    from grace_quant.kernels import gluon_w4a16 as gw
+    from grace_quant.kernels.triton_w4a16 import _counters
+
+    tile = (128, 128, 4, True)
+    run = gw.plan(x.dtype, N, K, GROUP, False, tile)
+    mma, dot, words, out = gw._layouts(128, 128)
+    x_layout, w_layout = gw._shared_layouts(128, 128, x.dtype)
+    counters = _counters(x.device)
+
+    def jit() -> torch.Tensor:
+        y = torch.empty(x.shape[0], N, device=x.device, dtype=x.dtype)
+        gw._kernel[(triton.cdiv(x.shape[0], 128), N // 128, 1)](
+            gw.TensorDescriptor.from_tensor(x, [128, 128], x_layout),
+            gw.TensorDescriptor.from_tensor(packed, [128, 16], w_layout),
+            scales, y, y, y, counters, x.shape[0], N, K // 8, K // GROUP, N, K // 128,
+            BM=128, BK=128, GROUP=GROUP, STAGES=4, HAS_BIAS=False, PAIR=gw._BF16_PAIR, MMA=mma, DOT=dot, WORDS=words,
+            OUT=out, PIPE=True, SPLIT=False, num_warps=8,
+        )  # fmt: skip
+        return y
+
+    return {
+        "Gluon kernel, planned launch (the dispatch's)": lambda: run(x, packed, scales, None),
+        "Gluon kernel through Triton's JIT": jit,
+        "Gluon kernel, split K over 2": lambda: gw.wgmma_w4a16(x, packed, scales, None, GROUP, split=2),
+    }
 
 
 if __name__ == "__main__":

@@ -453,14 +453,40 @@ def test_wgmma_kernel_matches_the_fp64_reference(case):
     assert torch.equal(y, again)
 
 
+_SPLIT_CASES = [  # dtype, bias, M, N, K, (block_m, block_k, stages, pipelined), split: K tiles per split, the last
+    (torch.bfloat16, True, 600, 256, 1152, (128, 128, 4, True), 2),  # 5 + 4 tiles: an odd count runs a zeroed tile
+    (torch.bfloat16, False, 300, 128, 4096, (256, 128, 3, True), 4),  # 8 each
+    (torch.float16, True, 129, 256, 1280, (128, 64, 4, False), 3),  # 20 tiles of 64: 7 + 7 + 6
+    (torch.float16, False, 1000, 384, 384, (128, 128, 3, False), 5),  # 3 tiles: 3 splits of 1
+]
+
+
+@pytest.mark.parametrize("case", _SPLIT_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-k{c[4]}-split{c[6]}")
+def test_split_k_wgmma_kernel_matches_the_fp64_reference(case):
+    """Split-K: every split's fp32 partial, added by the last to arrive, against fp64; a repeat call gives the same
+    bits (the arrival counters were reset, the sum is in split order), and a second M of the same plan (another
+    class of M, another bound launch) is right too."""
+    gw = _gluon_kernel()
+    dtype, bias, m, n, k, tile, split = case
+    torch.manual_seed(m + k)
+    packed, scales, b = make(n, k, 128, dtype, bias)
+    config = dict(zip(("block_m", "block_k", "stages", "pipe"), tile, strict=True))
+    for rows in (m, 64):
+        x = torch.randn(rows, k, device="cuda").to(dtype)
+        poison()
+        y = gw.wgmma_w4a16(x, packed, scales, b, 128, **config, split=split)
+        assert rel_err(y, ref_fp64(x, packed, scales, b, 128)) < TOL[dtype]
+        assert torch.equal(gw.wgmma_w4a16(x, packed, scales, b, 128, **config, split=split), y)
+
+
 def test_every_checked_wgmma_tile_is_tested_and_tuned():
     """The tiles the tuner races are the kernel's checked tiles, and each has a case above."""
     from grace_quant.kernels import gluon_w4a16, tuner
 
-    raced = {(c["block_m"], c["block_k"], c["stages"], bool(c["pipe"])) for c in tuner.WGMMA_SPACE}
+    raced = {gluon_w4a16.tile_of(c) for c in tuner.WGMMA_SPACE}
     assert raced <= gluon_w4a16.TILES
     assert {case[6] for case in _WGMMA_CASES} == gluon_w4a16.TILES
-    with pytest.raises(ValueError, match="not a checked tile"):
+    with pytest.raises(ValueError, match="not a checked"):
         gluon_w4a16.wgmma_w4a16(torch.zeros(1, 128), None, None, None, 128, block_m=64)
 
 
@@ -470,17 +496,17 @@ def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_canno
     from grace_quant.kernels import dispatch, tables
 
     gw = _gluon_kernel()
-    config = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": 1}
     table = tables.table(tables.device_name(torch.device("cuda")))
     saved = dict(table.configs)
     try:
-        for n in (384, 320):
+        for n, split in ((384, 1), (256, 2), (320, 1)):
+            config = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": 1, "split": split}
             torch.manual_seed(n)
             packed, scales, bias = make(n, 1024, 128, torch.bfloat16, True)
             x = torch.randn(2, 150, 1024, device="cuda").to(torch.bfloat16)
             table.put(dispatch.key_for(300, n, 1024, 128, torch.bfloat16), config)
             expected = (
-                gw.wgmma_w4a16(x.reshape(-1, 1024), packed, scales, bias, 128, block_m=128, block_k=128, stages=4)
+                gw.wgmma_w4a16(x.reshape(-1, 1024), packed, scales, bias, 128, stages=4, split=split)
                 if n % gw.BLOCK_N == 0
                 else TW.linear_with_config(x.reshape(-1, 1024), packed, scales, bias, 128, "large", {"tc": 0})
             ).reshape(2, 150, n)

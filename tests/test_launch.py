@@ -224,3 +224,77 @@ def test_native_runner_declines_what_it_was_not_checked_on(triton36, monkeypatch
     kernel = _Kernel(launcher)
     launch_mod.runner(kernel)((1, 1, 1), 9)  # the fallback: the compiled kernel's own runner
     assert kernel.runner_calls == [((1, 1, 1), (9,))]
+
+
+def _tensordesc_wrapper(c_launch, positions, metas):
+    """Triton 3.6's ``wrap_handle_tensordesc`` inner function: the names of its closure are what the runner reads."""
+    launcher, tensordesc_indices, tensordesc_meta = c_launch, set(positions), metas
+
+    def inner(*args):
+        return launcher(*args), tensordesc_indices, tensordesc_meta
+
+    return inner
+
+
+class _Desc:
+    """A host TMA descriptor's surface: base tensor, shape, strides, padding."""
+
+    def __init__(self, base, block):
+        self.base, self.shape, self.strides, self.padding = base, list(base.shape), list(base.stride()), "zero"
+        self.block_shape = block
+
+
+@pytest.fixture
+def encoder(monkeypatch):
+    from triton.backends.nvidia import driver
+
+    calls = []
+
+    def encode(desc, meta):
+        calls.append((desc.base.data_ptr(), meta["swizzle"]))
+        return [("map", desc.base.data_ptr(), meta["swizzle"]), *desc.shape, *desc.strides]
+
+    monkeypatch.setattr(driver, "make_tensordesc_arg", encode)
+    return calls
+
+
+def test_native_runner_expands_tma_descriptors_and_encodes_each_map_once(triton36, encoder):
+    launcher = CudaLauncher()
+    c_launch = launcher.launch
+    launcher.launch = _tensordesc_wrapper(c_launch, [0, 2], [{"swizzle": 128}, {"swizzle": 64}])
+    run = launch_mod.native_runner(_Kernel(launcher))
+    a, b, c = torch.zeros(8, 4), torch.zeros(16, 2), torch.zeros(8, 4)
+    run((1, 1, 1), _Desc(a, [8, 4]), 5, _Desc(b, [16, 2]), 16)
+    run((2, 1, 1), _Desc(a, [8, 4]), 6, _Desc(b, [16, 2]), 16)  # the same tensors: no encoding
+    run((3, 1, 1), _Desc(c, [8, 4]), 7, _Desc(b, [16, 2]), 16)  # another base address: encoded
+    assert encoder == [(a.data_ptr(), 128), (b.data_ptr(), 64), (c.data_ptr(), 128)]
+    # each descriptor becomes (map, shape..., strides...) in place, as Triton's wrapper passes them
+    first, last = c_launch.calls[0][13:], c_launch.calls[2][13:]
+    assert first == (("map", a.data_ptr(), 128), 8, 4, 4, 1, 5, ("map", b.data_ptr(), 64), 16, 2, 2, 1, 16)
+    assert last[0] == ("map", c.data_ptr(), 128) and last[5] == 7
+    assert [call[:3] for call in c_launch.calls] == [(1, 1, 1), (2, 1, 1), (3, 1, 1)]
+
+
+def test_a_new_shape_of_the_same_tensor_gets_its_own_map(triton36, encoder):
+    launcher = CudaLauncher()
+    launcher.launch = _tensordesc_wrapper(launcher.launch, [0], [{"swizzle": 128}])
+    run = launch_mod.native_runner(_Kernel(launcher))
+    a = torch.zeros(64, 8)
+    run((1, 1, 1), _Desc(a, [8, 8]))
+    run((1, 1, 1), _Desc(a[:32], [8, 8]))  # same address, fewer rows: another map
+    assert len(encoder) == 2
+
+
+def test_native_runner_declines_descriptors_lowered_without_a_host_map(triton36, encoder):
+    launcher = CudaLauncher()
+    launcher.launch = _tensordesc_wrapper(launcher.launch, [0], [None])  # Triton's device-side descriptors
+    assert launch_mod.native_runner(_Kernel(launcher)) is None
+
+
+def test_a_launcher_bound_without_a_grid_takes_it_per_call(launcher):
+    launch = launcher.bind(None, BLOCK=16, MODE=0)
+    x = torch.zeros(64)
+    launch((1,), x, 32, 1.0)
+    launch((5, 2), x, 32, 1.0)
+    assert _kinds(launcher) == ["jit", "direct"]
+    assert launcher.fn.log[1] == ("direct", (5, 2, 1), (x, 32, 1.0, 16, 0))

@@ -33,10 +33,11 @@ def test_buckets_paths_and_keys():
     assert (
         tuner.space_for(65) == tuner.LARGE_SPACE + tuner.WGMMA_SPACE and {"tc": 0} in tuner.LARGE_SPACE
     )  # the fallback races
-    assert (
-        tuner.space_for(tuner.WGMMA_MAX_M) == tuner.space_for(65)
-        and tuner.space_for(tuner.WGMMA_MAX_M + 1) == tuner.LARGE_SPACE
-    )
+    assert tuner.space_for(tuner.WGMMA_MAX_M) == tuner.space_for(65)
+    beyond = tuner.LARGE_SPACE if tuner.WGMMA_MAX_M < dispatch.M_BUCKETS[-1] else tuner.space_for(65)
+    assert tuner.space_for(2 * tuner.WGMMA_MAX_M) == beyond
+    # large buckets are timed at both ends (8 tokens above the bucket below, and the top); the others at the top
+    assert [tuner.bucket_ms(m) for m in (64, 128, 1024, 2048)] == [(64,), (72, 128), (520, 1024), (1032, 2048)]
     with pytest.raises(ValueError, match="at least 1"):
         dispatch.m_bucket(0)
 
@@ -198,7 +199,7 @@ def test_shipped_tables_name_kernels_that_run_their_keys(path):
         "tc": set(tw._TC_KEYS) | {"tc", "target_programs_per_sm"},
         "gemv": set(tw._GEMV_KEYS) | {"target_programs_per_sm"},
         "pipe": set(tw._PIPE_KEYS) | {"target_programs_per_sm"},
-        "wgmma": set(tw._WGMMA_KEYS) | {"wgmma"},
+        "wgmma": {"wgmma", "block_m", "block_k", "stages", "pipe", "split"},
     }
     for key, config in data["configs"].items():
         path_name, bucket, n, k, group, dtype = key.split("|")
@@ -212,8 +213,9 @@ def test_shipped_tables_name_kernels_that_run_their_keys(path):
         if kind == "wgmma":  # the Gluon kernel: the large path, a checked tile, N in whole 128-row programs
             from grace_quant.kernels import gluon_w4a16
 
-            tile = (config["block_m"], config["block_k"], config["stages"], bool(config["pipe"]))
+            tile = gluon_w4a16.tile_of(config)
             assert path_name == "large" and tile in gluon_w4a16.TILES and int(n) % gluon_w4a16.BLOCK_N == 0, key
+            assert config.get("split", 1) >= 1, key
         if kind == "pipe":
             x = torch.empty(int(bucket), int(k), dtype=getattr(torch, dtype))
             scales = torch.empty(int(n), int(k) // int(group), dtype=x.dtype)

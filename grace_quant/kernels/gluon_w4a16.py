@@ -24,6 +24,7 @@ Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this ke
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -33,9 +34,9 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .launch import DirectLauncher
-from .triton_w4a16 import dequant_ptx
+from .triton_w4a16 import _outputs, dequant_ptx
 
-__all__ = ["BLOCK_N", "TILES", "supports", "wgmma_w4a16"]
+__all__ = ["BLOCK_N", "TILES", "plan", "supports", "tile_of", "wgmma_w4a16"]
 
 BLOCK_N = 128
 """Weight rows per program (two warpgroups of 64): N must be a multiple."""
@@ -90,16 +91,22 @@ def _dequant_tile(words_smem, sc, shift, PAIR: gl.constexpr, WORDS: gl.constexpr
 
 
 @gluon.jit
-def _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt, STAGES: gl.constexpr, BK: gl.constexpr):
-    """TMA the token and word tiles of K tile ``kt`` into its ring slot."""
-    slot = kt % STAGES
-    mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(x_desc, [m0, kt * BK], bars.index(slot), x_smem.index(slot))
-    tma.async_copy_global_to_shared(w_desc, [n0, kt * (BK // 8)], bars.index(slot), w_smem.index(slot))
+def _scales(s_rows, srows, kt, k_end, BK: gl.constexpr, GROUP: gl.constexpr):
+    """The rows' scales of the matrix's K tile ``kt``; zeros from ``k_end`` on (tiles run past a split's end)."""
+    return gl.load(s_rows + (kt * BK) // GROUP, mask=(srows * 0 + kt) < k_end, other=0.0)
 
 
 @gluon.jit
-def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt, num_k, sc, shift,
+def _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, STAGES: gl.constexpr, BK: gl.constexpr):
+    """TMA the token and word tiles of this program's K tile ``kt`` (``k0 + kt`` of the matrix) into its ring slot."""
+    slot = kt % STAGES
+    mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(x_desc, [m0, (k0 + kt) * BK], bars.index(slot), x_smem.index(slot))
+    tma.async_copy_global_to_shared(w_desc, [n0, (k0 + kt) * (BK // 8)], bars.index(slot), w_smem.index(slot))
+
+
+@gluon.jit
+def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k, sc, shift,
                STAGES: gl.constexpr, BK: gl.constexpr, PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
     """K tile ``kt`` with one MMA left in flight: dequantize it while tile ``kt - 1``'s MMA runs, issue its MMA, retire
     ``kt - 1``'s, then (both warpgroups past it) refill ``kt - 1``'s slot."""
@@ -113,28 +120,31 @@ def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt, num_k, sc,
     gl.thread_barrier()  # the other warpgroup has retired tile kt - 1 too: its slot may be overwritten
     if kt >= 1:
         if kt - 1 + STAGES < num_k:
-            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt - 1 + STAGES, STAGES, BK)
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt - 1 + STAGES, STAGES, BK)
     return acc
 
 
 @gluon.jit
 def _kernel(
-    x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KW, KG, stride_ym,
+    x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KW, KG, stride_ym, K_PER,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    PIPE: gl.constexpr,
+    PIPE: gl.constexpr, SPLIT: gl.constexpr,
 ):  # fmt: skip
     BN: gl.constexpr = 128
     pid_m = gl.program_id(0)  # token tiles fastest: programs in flight share weight rows (read once into L2)
     pid_n = gl.program_id(1)
+    pid_k = gl.program_id(2)  # split-K: this program's K tiles are k0 .. k_end - 1 (K_PER of them, the last fewer)
     n0 = pid_n * BN
     m0 = pid_m * BM
-    num_k = (KW * 8) // BK
-    # scales: one per row and K tile, loaded two tiles ahead (registers carried through the loop)
+    k0 = pid_k * K_PER
+    k_end = gl.minimum(k0 + K_PER, (KW * 8) // BK)
+    num_k = k_end - k0
+    # scales: one per row and K tile, loaded two tiles ahead (registers carried through the loop); zero past k_end
     srows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
     s_rows = s_ptr + srows * KG
-    sc_next = gl.load(s_rows)
-    sc_after = gl.load(s_rows + BK // GROUP, mask=(srows * 0 + 1) < num_k, other=0.0)
+    sc_next = _scales(s_rows, srows, k0, k_end, BK, GROUP)
+    sc_after = _scales(s_rows, srows, k0 + 1, k_end, BK, GROUP)
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
     shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * 8  # [1, 1, 4]: lane c of a quad takes nibbles 2c, 2c+1
 
@@ -147,33 +157,33 @@ def _kernel(
     if PIPE:
         # Register A with one MMA in flight, unrolled by two so that a tile's A registers are only redefined after
         # the MMA reading them has retired; every slot is refilled only once both warpgroups have retired its tile.
-        # An odd K tile count runs one tile past K: TMA fills it with zeros and its scales load as zeros (a branch
-        # for the last tile instead makes ptxas serialize every MMA).
+        # An odd K tile count runs one tile past k_end with zero scales, so its weights are zeros (past K, TMA fills
+        # its tiles with zeros; a branch for the last tile instead makes ptxas serialize every MMA).
         num_k = (num_k + 1) // 2 * 2
         for s in gl.static_range(STAGES):
             if s < num_k:
-                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, s, STAGES, BK)
+                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, s, STAGES, BK)
         for kp in range(num_k // 2):
             kt = 2 * kp
             sc0 = sc_next
             sc1 = sc_after
-            sc_next = gl.load(s_rows + ((kt + 2) * BK) // GROUP, mask=(srows * 0 + kt + 2) * BK < KW * 8, other=0.0)
-            sc_after = gl.load(s_rows + ((kt + 3) * BK) // GROUP, mask=(srows * 0 + kt + 3) * BK < KW * 8, other=0.0)
-            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt, num_k, sc0, shift,
+            sc_next = _scales(s_rows, srows, k0 + kt + 2, k_end, BK, GROUP)
+            sc_after = _scales(s_rows, srows, k0 + kt + 3, k_end, BK, GROUP)
+            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k, sc0, shift,
                              STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
-            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kt + 1, num_k, sc1, shift,
+            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1, num_k, sc1, shift,
                              STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
         acc = warpgroup_mma_wait(0, deps=[acc])
     else:
         for s in gl.static_range(STAGES - 1):
             if s < num_k:
-                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, s, STAGES, BK)
+                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, s, STAGES, BK)
         for kt in range(num_k):
             stage = kt % STAGES
             mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
             sc = sc_next
             sc_next = sc_after
-            sc_after = gl.load(s_rows + ((kt + 2) * BK) // GROUP, mask=(srows * 0 + kt + 2) < num_k)
+            sc_after = _scales(s_rows, srows, k0 + kt + 2, k_end, BK, GROUP)
             w = _dequant_tile(w_smem.index(stage), sc, shift, PAIR, WORDS, BN, BK, x_desc.dtype)
             a = gl.convert_layout(w, DOT, assert_trivial=True)
             acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
@@ -182,16 +192,34 @@ def _kernel(
             acc, a = warpgroup_mma_wait(0, deps=[acc, a])
             refill = kt + STAGES - 1
             if refill < num_k:
-                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, refill, STAGES, BK)
+                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, refill, STAGES, BK)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     out = gl.convert_layout(acc, OUT)
     on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
     om = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT))
-    if HAS_BIAS:
-        out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
+    m_mask = gl.expand_dims(om < M, 0)
     y_ptrs = y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1)
-    gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(om < M, 0))
+    if SPLIT:
+        # every split writes its fp32 partial; the last to arrive adds them in split order (deterministic), adds the
+        # bias, stores y and resets the tile's counter for the next call
+        ws_tile = ws_ptr + gl.expand_dims(om, 0) * N + gl.expand_dims(on, 1)
+        gl.store(ws_tile + pid_k * M * N, out, mask=m_mask)
+        gl.thread_barrier()  # every thread's partial is written before the release below
+        tile = pid_n * gl.num_programs(0) + pid_m
+        count = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if count == gl.num_programs(2) - 1:
+            out = gl.zeros([BN, BM], gl.float32, layout=OUT)
+            for split in range(0, gl.num_programs(2)):
+                out += gl.load(ws_tile + split * M * N, mask=m_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
+            gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_mask)
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
+        gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_mask)
 
 
 _launch = DirectLauncher(_kernel)  # eager prefill calls it per linear: repeat launches skip the JIT's binding
@@ -222,6 +250,13 @@ def supports(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group
     )  # fmt: skip
 
 
+def tile_of(config: dict[str, int]) -> tuple[int, int, int, bool]:
+    """The ``(block_m, block_k, stages, pipe)`` tile a tuned ``"wgmma"`` entry names (absent keys: the defaults of
+    :func:`wgmma_w4a16`)."""
+    get = config.get
+    return get("block_m", 128), get("block_k", 128), get("stages", 4), bool(get("pipe", 1))
+
+
 def wgmma_w4a16(
     x2: torch.Tensor,
     packed: torch.Tensor,
@@ -233,30 +268,63 @@ def wgmma_w4a16(
     block_k: int = 128,
     stages: int = 4,
     pipe: bool = True,
+    split: int = 1,
 ) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2 [M, K]`` in one launch; callers check :func:`supports` first. The tile must
-    be one of :data:`TILES`."""
-    if (block_m, block_k, stages, bool(pipe)) not in TILES:
-        raise ValueError(
-            f"(block_m, block_k, stages, pipe) = {(block_m, block_k, stages, bool(pipe))} is not a checked tile; "
-            f"pick one of {sorted(TILES)}"
-        )
-    m, k = x2.shape
-    n = packed.shape[0]
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if m == 0:
-        return y
+    be one of :data:`TILES`; ``split`` > 1 splits K over that many programs per output tile (for shapes with too
+    few tiles to fill the GPU), their fp32 partials added by the last one."""
+    n, kw = packed.shape
+    return plan(x2.dtype, n, kw * 8, group, bias is not None, (block_m, block_k, stages, bool(pipe)), split)(
+        x2, packed, scales, bias
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(
+    dtype: torch.dtype, n: int, k: int, group: int, has_bias: bool, tile: tuple[int, int, int, bool], split: int = 1
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
+    split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
+    integer on), so a call costs the host two descriptors, the outputs' allocation and the launch. Callers check
+    :func:`supports` first."""
+    if tile not in TILES:
+        raise ValueError(f"{tile} is not a checked (block_m, block_k, stages, pipe) tile; pick one of {sorted(TILES)}")
+    if split < 1:
+        raise ValueError(f"split = {split}: K is split over at least one program (1 for no split)")
+    block_m, block_k, stages, pipe = tile
+    k_tiles = k // block_k
+    k_per = triton.cdiv(k_tiles, split)
+    splits = triton.cdiv(k_tiles, k_per)  # no split left empty
     mma, dot, words, out = _layouts(block_m, block_k)
-    x_layout, w_layout = _shared_layouts(block_m, block_k, x2.dtype)
-    x_desc = TensorDescriptor.from_tensor(x2, [block_m, block_k], x_layout)
-    w_desc = TensorDescriptor.from_tensor(packed, [BLOCK_N, block_k // 8], w_layout)
-    pair = _BF16_PAIR if x2.dtype == torch.bfloat16 else _FP16_PAIR
-    bias = None if bias is None else bias.to(x2.dtype).contiguous()
-    grid = (triton.cdiv(m, block_m), n // BLOCK_N)
-    _launch(
-        grid,
-        x_desc, w_desc, scales, bias if bias is not None else y, y, m, n, k // 8, k // group, y.stride(0),
-        BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=bias is not None, PAIR=pair, MMA=mma, DOT=dot,
-        WORDS=words, OUT=out, PIPE=bool(pipe), num_warps=_WARPS,
+    x_layout, w_layout = _shared_layouts(block_m, block_k, dtype)
+    constexprs = dict(
+        BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias,
+        PAIR=_BF16_PAIR if dtype == torch.bfloat16 else _FP16_PAIR, MMA=mma, DOT=dot, WORDS=words, OUT=out,
+        PIPE=pipe, SPLIT=splits > 1, num_warps=_WARPS,
     )  # fmt: skip
-    return y
+    bound: dict[tuple[bool, ...], Callable[..., None]] = {}
+
+    def run(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        m = x2.shape[0]
+        if m == 0:
+            return torch.empty((0, n), dtype=dtype, device=x2.device)
+        if splits > 1 and splits * m * n >= 2**31:  # the partials' int32 offsets
+            return plan(dtype, n, k, group, has_bias, tile, 1)(x2, packed, scales, bias)
+        tiles_m = triton.cdiv(m, block_m)
+        y, ws, counters = _outputs(x2, packed, tiles_m * (n // BLOCK_N), splits)
+        if bias is not None:
+            bias = bias.to(dtype).contiguous()
+        # what Triton specializes the runtime arguments that vary between calls on
+        key = (m == 1, m % 16 == 0, scales.data_ptr() % 16 == 0, bias is None or bias.data_ptr() % 16 == 0)
+        launch = bound.get(key)
+        if launch is None:
+            launch = bound[key] = _launch.bind(None, **constexprs)
+        launch(
+            (tiles_m, n // BLOCK_N, splits),
+            TensorDescriptor.from_tensor(x2, [block_m, block_k], x_layout),
+            TensorDescriptor.from_tensor(packed, [BLOCK_N, block_k // 8], w_layout),
+            scales, bias if bias is not None else y, y, ws, counters, m, n, k // 8, k // group, y.stride(0), k_per,
+        )  # fmt: skip
+        return y
+
+    return run

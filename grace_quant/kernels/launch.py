@@ -16,8 +16,9 @@ On Triton 3.6 (the version whose launcher was read and checked on a GPU) the dir
 kernel's Python wrappers (the stream lookup through the driver object, the launch-metadata dictionary built for
 hooks, two calls of empty hook chains, the scratch allocators) and calls its C launch function with what those
 wrappers would pass, while no launch hook is installed and the kernel needs no scratch memory (worth ~1-2 ms per
-LLaVA-1.5-7B prefill on an H100: ``benchmarks/results/prefill_h100.md``). Other versions, or any hook, go through
-the compiled kernel's own runner.
+LLaVA-1.5-7B prefill on an H100: ``benchmarks/results/prefill_h100.md``). A kernel taking TMA descriptors gets each
+one's encoded map from a cache keyed by what the map encodes, where Triton's wrapper encodes them on every launch.
+Other versions, or any hook, go through the compiled kernel's own runner.
 """
 
 from __future__ import annotations
@@ -93,20 +94,32 @@ class DirectLauncher:
         """The parameters after the runtime ones, in the kernel's order (the compiled runner takes them all)."""
         return tuple(kwargs[name] for name in self.names[len(args) :])
 
-    def bind(self, grid: tuple[int, ...], **kwargs: Any) -> Callable[..., None]:
-        """A launcher of ``fn`` on ``grid`` with these constexprs and options, for callers whose runtime arguments
-        specialize alike on every call (same dtypes, alignment and integer classes): the first call goes through
-        :meth:`__call__`, later ones straight to the compiled kernel's runner, with no key computed."""
+    def bind(self, grid: tuple[int, ...] | None, **kwargs: Any) -> Callable[..., None]:
+        """A launcher of ``fn`` with these constexprs and options, for callers whose runtime arguments specialize
+        alike on every call (same dtypes, alignment and integer classes): the first call goes through
+        :meth:`__call__`, later ones straight to the compiled kernel's runner, with no key computed. With ``grid``
+        None the launcher takes the grid first on every call (``launch(grid, *args)``)."""
         if not self.direct:
+            if grid is None:
+                return lambda grid_, *args: self.fn[grid_](*args, **kwargs)
             return lambda *args: self.fn[grid](*args, **kwargs)
         bound: list = []
+
+        def launch_on(grid_: tuple[int, ...], *args: Any) -> None:
+            if bound:
+                bound[0](_grid3(grid_), *args, *bound[1])
+                return
+            bound.extend([self._launch(grid_, args, kwargs), self._constexprs(args, kwargs)])
+
+        if grid is None:
+            return launch_on
         grid3 = _grid3(grid)
 
         def launch(*args: Any) -> None:
             if bound:
                 bound[0](grid3, *args, *bound[1])
                 return
-            bound.extend([self._launch(grid, args, kwargs), self._constexprs(args, kwargs)])
+            launch_on(grid, *args)
 
         return launch
 
@@ -122,17 +135,23 @@ def runner(kernel: Any) -> _Runner:
 
 def native_runner(kernel: Any) -> _Runner | None:
     """The compiled kernel's C launch function called as Triton 3.6's wrappers call it (``CompiledKernel.__getitem__``'s
-    runner, then ``CudaLauncher.__call__``), or None where that does not hold: another Triton version, a launcher of
-    another type or wrapped for tensor descriptors, or a kernel that needs global or profile scratch memory. A launch
-    hook installed later sends the call through the kernel's own runner, which calls the hooks."""
+    runner, then ``CudaLauncher.__call__``, then for TMA descriptors its Python wrapper), or None where that does not
+    hold: another Triton version, a launcher of another type, descriptors lowered without a host TMA map, or a kernel
+    that needs global or profile scratch memory. A launch hook installed later sends the call through the kernel's own
+    runner, which calls the hooks."""
     version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
     if version not in _NATIVE_TRITON or not hasattr(kernel, "_init_handles"):
         return None
     kernel._init_handles()
     launcher = kernel.run
     launch = getattr(launcher, "launch", None)
-    if type(launcher).__name__ != "CudaLauncher" or launch is None or isinstance(launch, types.FunctionType):
-        return None  # a Python function here is Triton's tensor-descriptor wrapper
+    if type(launcher).__name__ != "CudaLauncher" or launch is None:
+        return None
+    expand = None
+    if isinstance(launch, types.FunctionType):  # Triton's wrapper encoding each TMA descriptor on every launch
+        launch, expand = _tensordesc_expander(launch)
+        if launch is None:
+            return None
     if launcher.global_scratch_size or launcher.profile_scratch_size:
         return None
     from triton import knobs
@@ -149,10 +168,54 @@ def native_runner(kernel: Any) -> _Runner | None:
         if enter.calls or leave.calls or hooks.launch_enter_hook is not enter or hooks.launch_exit_hook is not leave:
             kernel[grid3](*args)  # a profiler's hooks: the runner that calls them
             return
+        if expand is not None:
+            args = expand(args)
         gx, gy, gz = grid3
         launch(gx, gy, gz, stream(device()), function, cooperative, pdl, None, None, metadata, None, None, None, *args)
 
     return native
+
+
+_MAX_TMA_MAPS = 4096  # encoded descriptors kept per kernel (a model's weights, and its activations' few shapes)
+
+
+def _tensordesc_expander(wrapper: Any) -> tuple[Any, Callable[[tuple], list] | None]:
+    """``(C launch, expand)`` from Triton 3.6's tensor-descriptor wrapper (``wrap_handle_tensordesc``'s ``inner``):
+    ``expand(args)`` replaces each descriptor by its encoded TMA map, shape and strides, as the wrapper does, but
+    encodes a map once per (address, shape, strides, padding) instead of on every launch (the map is a pure function
+    of those and of the position's compile-time metadata; the launch copies it by value). ``(None, None)`` where the
+    wrapper is not that one, or a descriptor was lowered without a host TMA map."""
+    closure = wrapper.__closure__ or ()
+    cells = dict(zip(wrapper.__code__.co_freevars, (cell.cell_contents for cell in closure), strict=True))
+    inner, positions, metas = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
+    if (
+        inner is None or isinstance(inner, types.FunctionType) or not positions or metas is None
+        or len(metas) != len(positions) or any(meta is None for meta in metas)
+    ):  # fmt: skip
+        return None, None
+    from triton.backends.nvidia import driver as nvidia
+
+    encode = nvidia.make_tensordesc_arg
+    specs = dict(zip(sorted(positions), metas, strict=True))  # the j-th descriptor in argument order: metas[j]
+    maps: dict[tuple, list] = {}
+
+    def expand(args: tuple) -> list:
+        out: list = []
+        for i, arg in enumerate(args):
+            meta = specs.get(i)
+            if meta is None:
+                out.append(arg)
+                continue
+            key = (i, arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), arg.padding)
+            encoded = maps.get(key)
+            if encoded is None:
+                if len(maps) >= _MAX_TMA_MAPS:
+                    maps.clear()
+                encoded = maps[key] = encode(arg, meta)
+            out.extend(encoded)
+        return out
+
+    return inner, expand
 
 
 def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:

@@ -714,7 +714,6 @@ def gemv_pipe_w4a16(
 _TC_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prefetch")
 _GEMV_KEYS = ("block_n", "step_k", "num_warps")
 _PIPE_KEYS = ("block_n", "block_j", "num_warps", "num_stages")
-_WGMMA_KEYS = ("block_m", "block_k", "stages", "pipe")
 _PIPE_MIN_WEIGHTS = 12 << 20
 """Below ~12M weights the pipelined GEMV's prologue and split costs outweigh its deeper pipeline (H100 lab run,
 benchmarks/results/kernel_lab_h100.md): the first-generation GEMV serves them when no tuned entry says otherwise."""
@@ -752,12 +751,15 @@ def _gluon():
     return gluon_w4a16
 
 
-def _wgmma(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, config: dict[str, int]):
-    """The Gluon kernel's launch for a ``"wgmma"`` entry, or None where it does not take this call."""
+def _wgmma(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int,
+           config: dict[str, int]) -> _Plan | None:  # fmt: skip
+    """The Gluon kernel's ``run(x2, packed, scales, bias)`` for a ``"wgmma"`` entry, or None where it does not take
+    this call."""
     gluon = _gluon()
     if gluon is None or not gluon.supports(x2, packed, scales, group, config.get("block_k", 128)):
         return None
-    return functools.partial(gluon.wgmma_w4a16, **{key: config[key] for key in _WGMMA_KEYS if key in config})
+    n, kw = packed.shape
+    return gluon.plan(x2.dtype, n, kw * 8, group, bias is not None, gluon.tile_of(config), config.get("split", 1))
 
 
 def linear_with_config(
@@ -778,9 +780,9 @@ def linear_with_config(
     if path not in ("gemv", "tc", "large"):
         raise ValueError(f"unknown kernel path {path!r} (expected 'gemv', 'tc' or 'large')")
     if config is not None and config.get("wgmma"):
-        launch = _wgmma(x2, packed, scales, group_size, config)
+        launch = _wgmma(x2, packed, scales, bias, group_size, config)
         if launch is not None:
-            return launch(x2, packed, scales, bias, group_size)
+            return launch(x2, packed, scales, bias)
     if config is not None and config.get("tc"):
         return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_overrides(config, _TC_KEYS, x2))
     if config is not None and "step_k" in config and x2.shape[0] <= GEMV_ROWS:
@@ -900,9 +902,26 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
     path, config = path_for(m), config_for(x.reshape(-1, k), n, group)
     if path == "large" and x.is_cuda and not torch.cuda.is_current_stream_capturing():
         _counters(x.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
+    if path == "large" and config is not None and config.get("wgmma"):
+        launch = _wgmma(x.reshape(-1, k), packed, scales, bias, group, config)
+        if launch is not None:
+            return _wgmma_plan(launch, n, k, group, (path, config))
     if path != "large" or (config is not None and (config.get("tc") or config.get("wgmma"))):
         return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, (path, config))
     return _dequant_matmul_plan(n, k, group, x.dtype, _tile_mode(scales, x.dtype), bias)
+
+
+def _wgmma_plan(launch: _Plan, n: int, k: int, group: int, resolved: tuple[str, dict[str, int]]) -> _Plan:
+    """The Gluon kernel, its launch resolved once (:func:`.gluon_w4a16.plan`); a call whose activation the kernel
+    cannot read as it is (strided or misaligned rows) takes the general path."""
+
+    def wgmma(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+            return linear_unchecked(x, p, s, b, group, resolved)
+        return launch(x2, p, s, b).reshape(*x.shape[:-1], n)
+
+    return wgmma
 
 
 def _dequant_matmul_plan(n: int, k: int, group: int, dtype: torch.dtype, mode: int, bias: torch.Tensor | None) -> _Plan:

@@ -60,16 +60,29 @@ LARGE_SPACE: tuple[Config, ...] = ({"tc": 0},) + tuple(
 (no split-K: large M has tiles enough; on the H200 dequantize + cuBLAS won every shape from M = 256 on)."""
 
 WGMMA_SPACE: tuple[Config, ...] = tuple(
-    {"wgmma": 1, "block_m": bm, "block_k": bk, "stages": st, "pipe": pipe}
+    {"wgmma": 1, "block_m": bm, "block_k": bk, "stages": st, "pipe": pipe, "split": split}
     for bm, bk, st, pipe in ((128, 128, 4, 1), (256, 128, 3, 1), (128, 64, 4, 0))
+    for split in (1, 2, 4)
 )
-"""Candidates for the Gluon Hopper kernel (:mod:`.gluon_w4a16`), the H100 lab's winners, raced in the large buckets
-up to :data:`WGMMA_MAX_M`; on other GPUs they do not run and drop out of the race."""
+"""Candidates for the Gluon Hopper kernel (:mod:`.gluon_w4a16`), the H100 lab's winners, each also with K split
+over 2 and 4 programs (shapes with few output tiles: N = 4096 at a few hundred tokens fills barely more than one
+wave of 132 SMs), raced in the large buckets up to :data:`WGMMA_MAX_M`; on other GPUs they do not run and drop out
+of the race."""
 
-WGMMA_MAX_M = 512
-"""The largest M bucket where the Gluon kernel races. A bucket is timed at its top M; at 1024, 256-token tiles won
-there but pad LLaVA-1.5-7B's ~600-token prefill to 768, whose GPU time grew (29.0 vs 27.9 ms on an H100:
-benchmarks/results/prefill_h100.md, run 14); at 2048 it beat dequantize + cuBLAS by ~2% in the lab."""
+WGMMA_MAX_M = 2048
+"""The largest M bucket where the Gluon kernel races (every large bucket). Large buckets are timed at both ends
+(:func:`bucket_ms`): timed at its top M alone, bucket 1024 picked 256-token tiles that pad LLaVA-1.5-7B's
+~600-token prefill to 768, and its GPU time grew (29.0 vs 27.9 ms on an H100: benchmarks/results/prefill_h100.md,
+run 14)."""
+
+
+def bucket_ms(m: int) -> tuple[int, ...]:
+    """The token counts a bucket's candidates are timed at: on the ``large`` path both ends of the bucket (its top M,
+    and 8 tokens above the bucket below, where large tiles pad most), elsewhere its top M."""
+    if path_for(m) != "large" or m_bucket(m) != m:
+        return (m,)
+    return (m // 2 + 8, m)
+
 
 Shape = tuple[int, int, int, torch.dtype, torch.device]
 """``(N, K, group, scales dtype, device)`` of one INT4 matmul."""
@@ -84,6 +97,7 @@ __all__ = [
     "WGMMA_MAX_M",
     "WGMMA_SPACE",
     "MeasureFactory",
+    "bucket_ms",
     "Shape",
     "space_for",
     "tune_key",
@@ -132,21 +146,28 @@ def tune_key(
 
 def cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device):
     """A ``measure(config)`` timing the kernel as a decode step runs it: CUDA-graph replay of one call per weight
-    copy, copies cycled past L2; returns seconds per call (Triton is imported here, on the GPU path only)."""
+    copy, copies cycled past L2. Returns seconds per call at ``m`` tokens; where the bucket is timed at both ends
+    (:func:`bucket_ms`), the mean of the two timings, each scaled to ``m`` tokens (so padding at the bucket's low
+    end counts as much as speed at its top). Triton is imported here, on the GPU path only."""
     from . import triton_w4a16
 
-    x = torch.randn(m, k, device=device, dtype=dtype)
+    xs = {rows: torch.randn(rows, k, device=device, dtype=dtype) for rows in bucket_ms(m)}
     copies = w4_copies(n, k, group, dtype, device)
 
-    def run(config: Config, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor, config: Config, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return triton_w4a16.linear_with_config(x, packed, scales, None, group, path_for(m), config)
 
     def measure(config: Config) -> float:
+        x = xs[m]
         if "block_j" in config and not triton_w4a16.supports_pipe(x, copies[0][1], group, config["block_j"]):
             raise ValueError(f"a step of {config['block_j']} words does not tile K = {k} in group pairs")
-        if config.get("wgmma") and triton_w4a16._wgmma(x, *copies[0], group, config) is None:
+        if config.get("wgmma") and triton_w4a16._wgmma(x, *copies[0], None, group, config) is None:
             raise ValueError("the Gluon kernel does not take this call (not Hopper, or the shape does not tile)")
-        return graph_time_us([lambda p=p, s=s: run(config, p, s) for p, s in copies], replays=10) * 1e-6
+        seconds = [
+            graph_time_us([lambda x=x, p=p, s=s: run(x, config, p, s) for p, s in copies], replays=10) * 1e-6 * m / rows
+            for rows, x in xs.items()
+        ]
+        return sum(seconds) / len(seconds)
 
     return measure
 
