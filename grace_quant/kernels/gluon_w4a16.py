@@ -273,10 +273,15 @@ def wgmma_w4a16(
     """``x2 @ W^T (+ bias)`` for ``x2 [M, K]`` in one launch; callers check :func:`supports` first. The tile must
     be one of :data:`TILES`; ``split`` > 1 splits K over that many programs per output tile (for shapes with too
     few tiles to fill the GPU), their fp32 partials added by the last one."""
+    tile = _checked((block_m, block_k, stages, bool(pipe)))
     n, kw = packed.shape
-    return plan(x2.dtype, n, kw * 8, group, bias is not None, (block_m, block_k, stages, bool(pipe)), split)(
-        x2, packed, scales, bias
-    )
+    return plan(x2.dtype, n, kw * 8, group, bias is not None, tile, split)(x2, packed, scales, bias)
+
+
+def _checked(tile: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
+    if tile not in TILES:
+        raise ValueError(f"{tile} is not a checked (block_m, block_k, stages, pipe) tile; pick one of {sorted(TILES)}")
+    return tile
 
 
 @functools.lru_cache(maxsize=1024)
@@ -287,8 +292,7 @@ def plan(
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
     integer on), so a call costs the host two descriptors, the outputs' allocation and the launch. Callers check
     :func:`supports` first."""
-    if tile not in TILES:
-        raise ValueError(f"{tile} is not a checked (block_m, block_k, stages, pipe) tile; pick one of {sorted(TILES)}")
+    _checked(tile)
     if split < 1:
         raise ValueError(f"split = {split}: K is split over at least one program (1 for no split)")
     block_m, block_k, stages, pipe = tile
