@@ -73,19 +73,20 @@
 # 0.51x / 0.59x for dequantize + cuBLAS; ties at 600), overlap_lab.py with cuBLAS SM carve-outs (no gain),
 # tune_kernels.py (the H100 table's buckets 128-512), prefill.py with the Gluon kernel in every bucket (LLaVA's GPU
 # time worse at ~600 tokens: the tuner races it only up to 512 now), GPU tests of kernels/launch/tuning (119 passed).
-# Done 2026-12-06, sixth session (one H100 call of ~2 minutes; ~12 device minutes went to refused or released
-# machines): GPU tests of the Gluon kernel with split-K (17 passed), host_overhead.py (the planned Gluon launch: 40
-# us of host per call vs 101 through Triton's JIT), fused_lab.py --splits 1,2,4 (prefill_h100.md run 16: LLaVA layer
-# 0.83x / 0.64x / 0.88x cuBLAS bf16 at M = 256 / 600 / 2048; splits help at 256, not at 600).
+# Done 2026-12-06, sixth session (H100s, three calls, ~6 device minutes; ~18 more went to refused or released
+# machines): GPU tests of the Gluon kernel with split-K (17 passed) and of kernels/launch/tuning (123 passed),
+# host_overhead.py (the planned Gluon launch: 40 us of host per call vs 101 through Triton's JIT), fused_lab.py
+# --splits 1,2,4 (prefill_h100.md run 16: LLaVA layer 0.83x / 0.64x / 0.88x cuBLAS bf16 at M = 256 / 600 / 2048),
+# tune_kernels.py --ms 128,...,2048 --retune (the shipped H100 table), prefill.py --variants no-wgmma and
+# e2e.py --ttft-only (run 17: TTFT LLaVA 1.21x, Qwen2-VL 1.10x).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-3 minutes each, and a machine
 # goes back 30 s after a call: have the next command ready), in this order:
-#  1) one call: `GRACE_QUANT_CACHE=$OUT python benchmarks/tune_kernels.py --ms 128,256,512,1024,2048 --retune` (the
-#     Gluon kernel with splits in every large bucket, buckets timed at both ends), then with that cache
-#     `prefill.py --variants no-wgmma --rounds 3` and `e2e.py --ttft-only --batches 1 --peer-batches 1`; ship the
-#     table where the no-wgmma arm is not faster (else set tuner.WGMMA_MAX_M back to 512 and say so);
-#  2) issue 16's TTFT floor on LLaVA needs INT4 in the GEMM at >= ~0.8x cuBLAS at M ~ 600 (0.64x now): a stream-K
-#     schedule over 256-token tiles (96 tiles leave 36 SMs idle at 600 tokens; full split-K pays fp32 partials of
-#     every tile), or more MMA per 128-token tile; `fused_lab.py --ms 600 --splits 1,2 --tuned-tiles`;
+#  1) what bounds the Gluon kernel per SM (74% of cuBLAS with 128-token tiles, 88% with 256 at M = 2048): one call
+#     `ncu --clock-control none --profile-from-start off --set full python benchmarks/gluon_profile.py` (tensor-pipe
+#     activity, shared-memory wavefronts: each packed word is read by the 4 lanes of a quad, warp stalls);
+#  2) issue 16's TTFT floor on LLaVA needs INT4 in the GEMM at >= ~0.8x cuBLAS at M ~ 600 (0.64x now): fewer
+#     shared-memory wavefronts per weight tile if (1) shows them binding (a load-time repack so each lane reads only
+#     its nibbles), a stream-K schedule over 256-token tiles (96 tiles leave 36 SMs idle at 600 tokens);
 #  3) on an H200: `tune_kernels.py --ms 1,2,128,256,512,1024,2048 --retune`, STAGES="kernels", "e2e-llava", "prefill";
 #  4) issue 15's small-M floors (M = 1 2.02x vs 2.2x, M = 2-8 ~1.5x vs 1.9x).
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
