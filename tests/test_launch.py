@@ -236,14 +236,6 @@ def _tensordesc_wrapper(c_launch, positions, metas):
     return inner
 
 
-class _Desc:
-    """A host TMA descriptor's surface: base tensor, shape, strides, padding."""
-
-    def __init__(self, base, block):
-        self.base, self.shape, self.strides, self.padding = base, list(base.shape), list(base.stride()), "zero"
-        self.block_shape = block
-
-
 @pytest.fixture
 def encoder(monkeypatch):
     from triton.backends.nvidia import driver
@@ -264,9 +256,9 @@ def test_native_runner_expands_tma_descriptors_and_encodes_each_map_once(triton3
     launcher.launch = _tensordesc_wrapper(c_launch, [0, 2], [{"swizzle": 128}, {"swizzle": 64}])
     run = launch_mod.native_runner(_Kernel(launcher))
     a, b, c = torch.zeros(8, 4), torch.zeros(16, 2), torch.zeros(8, 4)
-    run((1, 1, 1), _Desc(a, [8, 4]), 5, _Desc(b, [16, 2]), 16)
-    run((2, 1, 1), _Desc(a, [8, 4]), 6, _Desc(b, [16, 2]), 16)  # the same tensors: no encoding
-    run((3, 1, 1), _Desc(c, [8, 4]), 7, _Desc(b, [16, 2]), 16)  # another base address: encoded
+    run((1, 1, 1), _Descriptor(a, [8, 4]), 5, _Descriptor(b, [16, 2]), 16)
+    run((2, 1, 1), _Descriptor(a, [8, 4]), 6, _Descriptor(b, [16, 2]), 16)  # the same tensors: no encoding
+    run((3, 1, 1), _Descriptor(c, [8, 4]), 7, _Descriptor(b, [16, 2]), 16)  # another base address: encoded
     assert encoder == [(a.data_ptr(), 128), (b.data_ptr(), 64), (c.data_ptr(), 128)]
     # each descriptor becomes (map, shape..., strides...) in place, as Triton's wrapper passes them
     first, last = c_launch.calls[0][13:], c_launch.calls[2][13:]
@@ -280,8 +272,8 @@ def test_a_new_shape_of_the_same_tensor_gets_its_own_map(triton36, encoder):
     launcher.launch = _tensordesc_wrapper(launcher.launch, [0], [{"swizzle": 128}])
     run = launch_mod.native_runner(_Kernel(launcher))
     a = torch.zeros(64, 8)
-    run((1, 1, 1), _Desc(a, [8, 8]))
-    run((1, 1, 1), _Desc(a[:32], [8, 8]))  # same address, fewer rows: another map
+    run((1, 1, 1), _Descriptor(a, [8, 8]))
+    run((1, 1, 1), _Descriptor(a[:32], [8, 8]))  # same address, fewer rows: another map
     assert len(encoder) == 2
 
 

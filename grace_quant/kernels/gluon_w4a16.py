@@ -36,7 +36,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .launch import DirectLauncher
 from .triton_w4a16 import _outputs, dequant_ptx
 
-__all__ = ["BLOCK_N", "TILES", "plan", "supports", "tile_of", "wgmma_w4a16"]
+__all__ = ["BLOCK_N", "TILES", "plan", "reads", "supports", "tile_of", "wgmma_w4a16"]
 
 BLOCK_N = 128
 """Weight rows per program (two warpgroups of 64): N must be a multiple."""
@@ -243,11 +243,15 @@ def supports(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group
     n, kw = packed.shape
     k = kw * 8
     return (
-        x2.dtype in (torch.float16, torch.bfloat16) and scales.dtype == x2.dtype and x2.dim() == 2
-        and x2.stride(-1) == 1 and (x2.stride(0) * 2) % 16 == 0 and x2.data_ptr() % 16 == 0
+        x2.dtype in (torch.float16, torch.bfloat16) and scales.dtype == x2.dtype and x2.dim() == 2 and reads(x2)
         and n % BLOCK_N == 0 and k % block_k == 0 and group % block_k == 0 and k % group == 0
         and packed.is_contiguous() and scales.is_contiguous() and packed.data_ptr() % 16 == 0
     )  # fmt: skip
+
+
+def reads(x2: torch.Tensor) -> bool:
+    """Whether TMA can read the ``[M, K]`` activation as it is: unit stride along K, 16-byte aligned rows."""
+    return x2.stride(-1) == 1 and (x2.stride(0) * x2.element_size()) % 16 == 0 and x2.data_ptr() % 16 == 0
 
 
 def tile_of(config: dict[str, int]) -> tuple[int, int, int, bool]:

@@ -905,19 +905,20 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
     if path == "large" and config is not None and config.get("wgmma"):
         launch = _wgmma(x.reshape(-1, k), packed, scales, bias, group, config)
         if launch is not None:
-            return _wgmma_plan(launch, n, k, group, (path, config))
+            return _wgmma_plan(launch, _gluon().reads, n, k, group, (path, config))
     if path != "large" or (config is not None and (config.get("tc") or config.get("wgmma"))):
         return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, (path, config))
     return _dequant_matmul_plan(n, k, group, x.dtype, _tile_mode(scales, x.dtype), bias)
 
 
-def _wgmma_plan(launch: _Plan, n: int, k: int, group: int, resolved: tuple[str, dict[str, int]]) -> _Plan:
+def _wgmma_plan(launch: _Plan, reads: Callable[[torch.Tensor], bool], n: int, k: int, group: int,
+                resolved: tuple[str, dict[str, int]]) -> _Plan:  # fmt: skip
     """The Gluon kernel, its launch resolved once (:func:`.gluon_w4a16.plan`); a call whose activation the kernel
-    cannot read as it is (strided or misaligned rows) takes the general path."""
+    cannot read as it is (``reads``: strided or misaligned rows) takes the general path."""
 
     def wgmma(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        if not reads(x2):
             return linear_unchecked(x, p, s, b, group, resolved)
         return launch(x2, p, s, b).reshape(*x.shape[:-1], n)
 
