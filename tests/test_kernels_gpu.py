@@ -430,6 +430,11 @@ _WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, pipe
     (torch.bfloat16, False, 700, 512, 4096, 128, (256, 128, 3, True)),
     (torch.float16, False, 2048, 512, 4096, 128, (256, 128, 3, True)),
     (torch.float16, True, 129, 256, 1536, 256, (128, 128, 3, True)),
+    # decode and small batches: token tiles of 16-64 (one row in a 16-row tile, a tail in a 64-row tile)
+    (torch.bfloat16, True, 1, 256, 1024, 128, (16, 128, 4, True)),
+    (torch.float16, False, 13, 384, 1152, 128, (16, 128, 8, True)),
+    (torch.bfloat16, False, 29, 128, 4096, 128, (32, 128, 4, True)),
+    (torch.bfloat16, True, 50, 256, 640, 128, (64, 128, 4, True)),
 ]
 
 
@@ -458,6 +463,9 @@ _SPLIT_CASES = [  # dtype, bias, M, N, K, (block_m, block_k, stages, pipelined),
     (torch.bfloat16, False, 300, 128, 4096, (256, 128, 3, True), 4),  # 8 each
     (torch.float16, True, 129, 256, 1280, (128, 64, 4, False), 3),  # 20 tiles of 64: 7 + 7 + 6
     (torch.float16, False, 1000, 384, 384, (128, 128, 3, False), 5),  # 3 tiles: 3 splits of 1
+    (torch.bfloat16, True, 1, 256, 4096, (16, 128, 8, True), 8),  # decode: 4 tiles each, fewer than the stages
+    (torch.float16, False, 7, 128, 1408, (16, 128, 4, True), 4),  # 11 tiles: 3 + 3 + 3 + 2
+    (torch.bfloat16, True, 64, 256, 11008, (64, 128, 4, True), 4),  # 86 tiles: 22 + 22 + 22 + 20
 ]
 
 
@@ -471,7 +479,7 @@ def test_split_k_wgmma_kernel_matches_the_fp64_reference(case):
     torch.manual_seed(m + k)
     packed, scales, b = make(n, k, 128, dtype, bias)
     config = dict(zip(("block_m", "block_k", "stages", "pipe"), tile, strict=True))
-    for rows in (m, 64):
+    for rows in (m, 64 if m != 64 else 3):
         x = torch.randn(rows, k, device="cuda").to(dtype)
         poison()
         y = gw.wgmma_w4a16(x, packed, scales, b, 128, **config, split=split)
@@ -483,11 +491,13 @@ def test_every_checked_wgmma_tile_is_tested_and_tuned():
     """The tiles the tuner races are the kernel's checked tiles, and each has a case above."""
     from grace_quant.kernels import gluon_w4a16, tuner
 
-    raced = {gluon_w4a16.tile_of(c) for c in tuner.WGMMA_SPACE}
+    small = [c for space in tuner.WGMMA_SMALL_SPACE.values() for c in space]
+    raced = {gluon_w4a16.tile_of(c) for c in (*tuner.WGMMA_SPACE, *small)}
     assert raced <= gluon_w4a16.TILES
     assert {case[6] for case in _WGMMA_CASES} == gluon_w4a16.TILES
+    assert {c["split"] for c in small} <= {case[6] for case in _SPLIT_CASES} | {1, 2}
     with pytest.raises(ValueError, match="not a checked"):
-        gluon_w4a16.wgmma_w4a16(torch.zeros(1, 128), None, None, None, 128, block_m=64)
+        gluon_w4a16.wgmma_w4a16(torch.zeros(1, 128), None, None, None, 128, block_m=48)
 
 
 def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_cannot():
@@ -513,6 +523,53 @@ def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_canno
             assert rel_err(expected, ref_fp64(x.reshape(-1, 1024), packed, scales, bias, 128).reshape(2, 150, n)) < 5e-3
             assert torch.equal(TW.eager_linear(x, packed, scales, bias, 128), expected)
             assert torch.equal(KM.w4a16_linear_op(x, packed, scales, bias, 128), expected)
+    finally:
+        table.configs.clear()
+        table.configs.update(saved)
+        tables.EDITS += 1
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+def test_small_wgmma_entries_run_in_cuda_graphs_and_compiled_decode(m):
+    """Decode with the Gluon kernel's small token tiles (tuned entries on the gemv / tc paths, split-K): a manual CUDA
+    graph and ``torch.compile(fullgraph=True, mode="reduce-overhead")`` replay the eager call's bits, against fp64."""
+    from grace_quant.kernels import dispatch, tables
+
+    gw = _gluon_kernel()
+    table = tables.table(tables.device_name(torch.device("cuda")))
+    saved = dict(table.configs)
+    block_m = 16 if m <= 16 else 64
+    try:
+        torch._dynamo.reset()
+        torch.manual_seed(300 + m)
+        packed, scales, bias = make(384, 2048, 128, torch.bfloat16, True)
+        config = {"wgmma": 1, "block_m": block_m, "block_k": 128, "stages": 4, "pipe": 1, "split": 4}
+        table.put(dispatch.key_for(m, 384, 2048, 128, torch.bfloat16), config)
+        tables.EDITS += 1
+        x = torch.randn(m, 2048, device="cuda").to(torch.bfloat16)
+        eager = TW.eager_linear(x, packed, scales, bias, 128)
+        expected = gw.wgmma_w4a16(x, packed, scales, bias, 128, block_m=block_m, stages=4, split=4)
+        assert torch.equal(eager, expected) and torch.equal(KM.w4a16_linear_op(x, packed, scales, bias, 128), eager)
+        assert rel_err(eager, ref_fp64(x, packed, scales, bias, 128)) < TOL[torch.bfloat16]
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            KM.w4a16_linear_op(static_x, packed, scales, bias, 128)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = KM.w4a16_linear_op(static_x, packed, scales, bias, 128)
+        compiled = torch.compile(
+            lambda t: KM.w4a16_linear_op(t, packed, scales, bias, 128), fullgraph=True, mode="reduce-overhead"
+        )
+        for step in range(3):
+            x = torch.randn(m, 2048, device="cuda").to(torch.bfloat16)
+            static_x.copy_(x)
+            graph.replay()
+            want = TW.eager_linear(x, packed, scales, bias, 128)
+            assert torch.equal(static_y, want), step
+            assert torch.equal(compiled(x).clone(), want), step
     finally:
         table.configs.clear()
         table.configs.update(saved)

@@ -114,11 +114,16 @@ def test_tune_model_covers_every_fused_matmul_and_bucket_once(tmp_path):
     assert sorted({m for m, _, _ in timed}) == [1, 3, 16, 100] and len(timed) == 4 * len(expected_shapes)
     assert len(tuned) == len(timed)
     best_small = min(tuner.space_for(1), key=lambda c: sum(c.values()))  # the GEMV races the tensor-core kernel
+    small = tuner.WGMMA_SMALL_SPACE
     assert (
-        tuner.space_for(4) == tuner.GEMV_SPACE + tuner.PIPE_SPACE + tuner.TC_SMALL_SPACE
-        and tuner.space_for(16) == tuner.TC_SMALL_SPACE
+        tuner.space_for(4) == tuner.GEMV_SPACE + tuner.PIPE_SPACE + tuner.TC_SMALL_SPACE + small[4]
+        and tuner.space_for(16) == tuner.TC_SMALL_SPACE + small[16]
     )
-    assert tuner.space_for(17) == tuner.TC_SPACE
+    assert tuner.space_for(17) == tuner.TC_SPACE + small[32]
+    # the Gluon kernel's small tiles: every bucket up to the tensor-core kernel's, each tile covering the bucket in at
+    # most two token tiles
+    assert set(small) == {b for b in dispatch.M_BUCKETS if b <= dispatch.TC_MAX_M}
+    assert all(2 * c["block_m"] >= b for b, space in small.items() for c in space)
     n, k = next(iter(expected_shapes))
     assert tuned[dispatch.key_for(1, n, k, 32, torch.float32)] == best_small
     assert tuned[dispatch.key_for(100, n, k, 32, torch.float32)] == {"tc": 0}  # dequantize + cuBLAS won the race
@@ -210,11 +215,12 @@ def test_shipped_tables_name_kernels_that_run_their_keys(path):
         assert set(config) <= kinds[kind] or config == {"tc": 0}, (key, config)
         if kind in ("pipe", "gemv"):
             assert int(bucket) <= dispatch.GEMV_ROWS, key
-        if kind == "wgmma":  # the Gluon kernel: the large path, a checked tile, N in whole 128-row programs
+        if kind == "wgmma":  # the Gluon kernel: a checked tile, N in whole 128-row programs; small tiles below 128
             from grace_quant.kernels import gluon_w4a16
 
             tile = gluon_w4a16.tile_of(config)
-            assert path_name == "large" and tile in gluon_w4a16.TILES and int(n) % gluon_w4a16.BLOCK_N == 0, key
+            assert tile in gluon_w4a16.TILES and int(n) % gluon_w4a16.BLOCK_N == 0, key
+            assert (path_name == "large") == (tile[0] >= 128), key
             assert config.get("split", 1) >= 1, key
         if kind == "pipe":
             x = torch.empty(int(bucket), int(k), dtype=getattr(torch, dtype))

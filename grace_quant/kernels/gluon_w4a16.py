@@ -40,9 +40,13 @@ __all__ = ["BLOCK_N", "TILES", "plan", "reads", "supports", "tile_of", "wgmma_w4
 
 BLOCK_N = 128
 """Weight rows per program (two warpgroups of 64): N must be a multiple."""
-TILES = {(128, 128, 3, True), (128, 128, 4, True), (256, 128, 3, True), (128, 64, 4, False), (128, 128, 3, False)}
-"""The ``(block_m, block_k, stages, pipe)`` tiles checked on GPUs (64-token tiles computed wrong results on an H100
-and are refused; 64-column K tiles serialize the pipelined loop's MMAs, so they run unpipelined only)."""
+TILES = {
+    (128, 128, 3, True), (128, 128, 4, True), (256, 128, 3, True), (128, 64, 4, False), (128, 128, 3, False),
+    (16, 128, 4, True), (16, 128, 8, True), (32, 128, 4, True), (64, 128, 4, True),
+}  # fmt: skip
+"""The ``(block_m, block_k, stages, pipe)`` tiles checked on GPUs: prefill tiles of 128-256 tokens, and for decode
+and small batches (M <= 64) token tiles of 16-64 that stream the weight, split over K to fill the GPU (64-column K
+tiles serialize the pipelined loop's MMAs, so they run unpipelined only)."""
 _WARPS = 8
 
 # One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats: nibble 0

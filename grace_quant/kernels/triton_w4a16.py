@@ -902,7 +902,7 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
     path, config = path_for(m), config_for(x.reshape(-1, k), n, group)
     if path == "large" and x.is_cuda and not torch.cuda.is_current_stream_capturing():
         _counters(x.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
-    if path == "large" and config is not None and config.get("wgmma"):
+    if config is not None and config.get("wgmma"):
         launch = _wgmma(x.reshape(-1, k), packed, scales, bias, group, config)
         if launch is not None:
             return _wgmma_plan(launch, _gluon().reads, n, k, group, (path, config))

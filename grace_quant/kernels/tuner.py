@@ -69,6 +69,22 @@ over 2 and 4 programs (shapes with few output tiles: N = 4096 at a few hundred t
 wave of 132 SMs), raced in the large buckets up to :data:`WGMMA_MAX_M`; on other GPUs they do not run and drop out
 of the race."""
 
+WGMMA_SMALL_SPACE: dict[int, tuple[Config, ...]] = {
+    bucket: tuple(
+        {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": st, "pipe": 1, "split": split}
+        for bm, st in tiles
+        for split in (1, 2, 4, 8)
+    )
+    for bucket, tiles in (
+        (1, ((16, 4), (16, 8))), (2, ((16, 4), (16, 8))), (4, ((16, 4), (16, 8))), (8, ((16, 4), (16, 8))),
+        (16, ((16, 4), (16, 8))), (32, ((32, 4), (16, 4))), (64, ((64, 4), (32, 4))),
+    )
+}  # fmt: skip
+"""Candidates for the Gluon kernel at M <= 64 per bucket: token tiles of 16-64 that cover the bucket in one or two
+tiles (the weight is streamed once or twice), K split over 1-8 programs to fill the GPU (an H200 probe,
+``benchmarks/gluon_profile.py --small``: 1.5-1.8x cuBLAS bf16 on LLaVA-1.5-7B shapes at M = 4-16 where the shipped
+tensor-core kernel gave 1.0-1.5x). Hopper only, like :data:`WGMMA_SPACE`."""
+
 WGMMA_MAX_M = 2048
 """The largest M bucket where the Gluon kernel races (every large bucket). Large buckets are timed at both ends
 (:func:`bucket_ms`): timed at its top M alone, bucket 1024 picked 256-token tiles that pad LLaVA-1.5-7B's
@@ -95,6 +111,7 @@ __all__ = [
     "TC_SMALL_SPACE",
     "TC_SPACE",
     "WGMMA_MAX_M",
+    "WGMMA_SMALL_SPACE",
     "WGMMA_SPACE",
     "MeasureFactory",
     "bucket_ms",
@@ -107,11 +124,11 @@ __all__ = [
 
 def space_for(m: int) -> tuple[Config, ...]:
     """The candidate configurations for ``m`` tokens: the GEMV races the tensor-core kernel up to its 4 rows, the
-    Gluon kernel races dequantize + cuBLAS up to :data:`WGMMA_MAX_M`."""
+    Gluon kernel races them at M <= 64 and dequantize + cuBLAS above, up to :data:`WGMMA_MAX_M`."""
     path = path_for(m)
     if path == "large":
         return LARGE_SPACE + WGMMA_SPACE if m_bucket(m) <= WGMMA_MAX_M else LARGE_SPACE
-    small = TC_SMALL_SPACE if m <= 16 else TC_SPACE
+    small = (TC_SMALL_SPACE if m <= 16 else TC_SPACE) + WGMMA_SMALL_SPACE[m_bucket(m)]
     return (GEMV_SPACE + PIPE_SPACE + small) if m <= GEMV_ROWS else small
 
 
