@@ -37,6 +37,11 @@
 #            run it alone in one device call). Its GemLite arm needs the call to carry `.whl` (see below)
 #   tune     tune the kernels for the LLaVA-7B / Qwen2-VL-2B shapes; OUT/kernels/<GPU>.json goes to
 #            grace_quant/kernels/configs/
+#   small    the Gluon kernel's GPU tests (small token tiles, split-K, CUDA graphs), then tune_kernels.py --retune for
+#            M <= 64 (the small tiles race the GEMVs and the tensor-core kernel) and bench_kernels.py at M = 1-64 with
+#            that table (OUT/kernels_h200.{md,json}, OUT/kernels/<GPU>.json)   (~8 min: alone in one call)
+#   gluon-ncu  Nsight Compute on gluon_profile.py at 2048 x 22016 x 4096: every section with the warp-stall sample
+#            counts, then per-SASS-instruction stall samples as CSV (OUT/gluon_ncu.txt, OUT/gluon_ncu_sass.csv)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -79,16 +84,21 @@
 # --splits 1,2,4 (prefill_h100.md run 16: LLaVA layer 0.83x / 0.64x / 0.88x cuBLAS bf16 at M = 256 / 600 / 2048),
 # tune_kernels.py --ms 128,...,2048 --retune (the shipped H100 table), prefill.py --variants no-wgmma and
 # e2e.py --ttft-only (run 17: TTFT LLaVA 1.21x, Qwen2-VL 1.10x).
+# Done 2026-12-06, seventh session (two calls on an H200, ~2 device minutes of work; the other ~26 went to about a
+# dozen refused starts and one machine taken back mid-call): gluon_profile.py --probe (the Gluon kernel with and without the
+# dequantization's arithmetic), ncu --set full at 2048 and 600 tokens, gluon_profile.py --small (16-64-token tiles
+# with split-K at M = 1-64: correct, ahead of the shipped kernels at M = 4-16); benchmarks/results/gluon_h200.md.
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-3 minutes each, and a machine
 # goes back 30 s after a call: have the next command ready), in this order:
-#  1) what bounds the Gluon kernel per SM (74% of cuBLAS with 128-token tiles, 88% with 256 at M = 2048): one call
-#     `ncu --clock-control none --profile-from-start off --set full python benchmarks/gluon_profile.py` (tensor-pipe
-#     activity, shared-memory wavefronts: each packed word is read by the 4 lanes of a quad, warp stalls);
-#  2) issue 16's TTFT floor on LLaVA needs INT4 in the GEMM at >= ~0.8x cuBLAS at M ~ 600 (0.64x now): fewer
-#     shared-memory wavefronts per weight tile if (1) shows them binding (a load-time repack so each lane reads only
-#     its nibbles), a stream-K schedule over 256-token tiles (96 tiles leave 36 SMs idle at 600 tokens);
-#  3) on an H200: `tune_kernels.py --ms 1,2,128,256,512,1024,2048 --retune`, STAGES="kernels", "e2e-llava", "prefill";
-#  4) issue 15's small-M floors (M = 1 2.02x vs 2.2x, M = 2-8 ~1.5x vs 1.9x).
+#  1) STAGES=small (the small tiles' GPU tests, which have not run yet; the M <= 64 tune; bench_kernels.py at M <= 64
+#     with that table): copy OUT/kernels/<GPU>.json into grace_quant/kernels/configs/ and the report into
+#     benchmarks/results/ if the tests pass;
+#  2) STAGES=gluon-ncu: where the large tiles' warps stall (the tensor pipe idles 28-46% of the time with 2 warps
+#     per scheduler, gluon_h200.md); then warp specialization (a TMA producer warp, consumer warp groups taking turns)
+#     and a persistent grid, which is what cuBLAS's kernels do;
+#  3) on an H200: `tune_kernels.py --ms 128,256,512,1024,2048 --retune` (its table has no Gluon entries), STAGES
+#     "kernels", "e2e-llava" (decode at batch 8 with the small tiles), "prefill";
+#  4) issue 15's M = 1 floor (2.02x vs 2.2x): the small tiles tie the GEMV at M = 1 on gate|up.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -165,6 +175,21 @@ for stage in $STAGES; do
       timeout 570 python benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
     tune)
       GRACE_QUANT_CACHE="$OUT" timeout 480 python benchmarks/tune_kernels.py > "$OUT/tune.log" 2>&1 ;;
+    small)
+      timeout 110 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or small" -p no:cacheprovider \
+        > "$OUT/small_tests.log" 2>&1
+      GRACE_QUANT_CACHE="$OUT" timeout 250 python benchmarks/tune_kernels.py --retune --ms 1,2,4,8,16,32,64 \
+        > "$OUT/tune.log" 2>&1
+      GRACE_QUANT_CACHE="$OUT" timeout 150 python benchmarks/bench_kernels.py --ms 1,2,4,8,16,64 --no-gemlite \
+        --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
+    gluon-ncu)
+      ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 200 "$ncu" --clock-control none --profile-from-start off --set full --import-source no \
+        --metrics "regex:smsp__pcsamp_warps_issue_stalled_.*" --print-details all \
+        python benchmarks/gluon_profile.py --m 2048 --n 22016 --k 4096 > "$OUT/gluon_ncu.txt" 2>&1
+      timeout 120 "$ncu" --clock-control none --profile-from-start off --section SourceCounters --page source \
+        --print-source sass --csv python benchmarks/gluon_profile.py --m 2048 --n 22016 --k 4096 \
+        > "$OUT/gluon_ncu_sass.csv" 2>&1 ;;
     ttft)
       timeout 240 python benchmarks/e2e.py --ttft-only --batches 1 8 32 --peer-batches 1 --repeats 5 \
         --out "$OUT/ttft.md" --log-dir "$OUT" > "$OUT/ttft.log" 2>&1

@@ -1,6 +1,7 @@
-"""W4A16 GEMM for prefill on Hopper (sm_90), written in Gluon: the weight is dequantized in registers straight into
-the tensor cores' A operand, so INT4 is read inside the GEMM instead of dequantize + cuBLAS writing and re-reading
-every weight in bf16.
+"""W4A16 GEMM on Hopper (sm_90), written in Gluon: the weight is dequantized in registers straight into the tensor
+cores' A operand, so INT4 is read inside the GEMM instead of dequantize + cuBLAS writing and re-reading every weight
+in bf16. Prefill takes 128-256-token tiles; decode and small batches take 16-64-token tiles (the MMA's N), which
+stream the weight once with K split over programs to fill the GPU.
 
 ``y^T = W x^T``: each program owns 128 weight rows (two warpgroups of 64) and ``block_m`` tokens. The token tile (the
 MMA's B operand) comes through TMA into a ring of shared-memory stages, the packed words beside it. Each thread turns
@@ -14,8 +15,9 @@ matmul up to the summation order.
 Two loops: ``pipe`` keeps one MMA in flight while the next K tile is dequantized (unrolled by two so that a tile's A
 registers are redefined only after the MMA reading them retired; ptxas keeps the MMAs asynchronous only with this
 shape, see ``benchmarks/results/prefill_h100.md``), the other retires each MMA before the next dequantization and
-relies on a second program per SM to overlap (small tiles). Which one, and the tile, is the tuner's choice per shape
-(``kernels.tuner.WGMMA_SPACE``, in the large buckets up to ``WGMMA_MAX_M``); dequantize + cuBLAS stays the fallback.
+relies on a second program per SM to overlap. Which one, and the tile, is the tuner's choice per shape
+(``kernels.tuner.WGMMA_SPACE`` in the large buckets up to ``WGMMA_MAX_M``, ``WGMMA_SMALL_SPACE`` up to 64 tokens);
+dequantize + cuBLAS and the Triton kernels stay the fallbacks.
 
 Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this kernel is checked on GPUs only
 (``tests/test_kernels_gpu.py``); it is imported only where a tuned entry names it.
