@@ -150,6 +150,7 @@ def _run_tuned(kmod, tw) -> dict:
     configs[70] = {"tc": 1, "block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}  # the race's tc winner
     configs[130] = {"tc": 0}  # the race's dequantize + cuBLAS winner
     configs[300] = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": 1}  # Hopper only: falls back here
+    configs[3] = {"wgmma": 1, "block_m": 16, "block_k": 128, "stages": 8, "pipe": 1, "split": 4}  # small tile, likewise
     calls, pipe_calls = [], []
     tc_gemm, gemv_pipe = tw.tc_gemm_w4a16, tw.gemv_pipe_w4a16
     tw.tc_gemm_w4a16 = lambda *args, **kwargs: calls.append(kwargs) or tc_gemm(*args, **kwargs)
@@ -306,13 +307,14 @@ def test_kernel_matches_fp64_reference(interpreted, case):
 def test_tuned_configs_reach_the_kernels_and_keep_results(interpreted):
     rec = interpreted.get("tuned")
     assert rec is not None and "error" not in rec, rec
-    for m in ("m1", "m2", "m5", "m70", "m130", "m300"):
+    for m in ("m1", "m2", "m3", "m5", "m70", "m130", "m300"):
         assert rec[m]["used"] and rec[m]["err"] < TOL["float16"], rec
     assert [c["block_j"] for c in rec["m2"]["pipe_calls"]] == [16] and rec["m1"]["pipe_calls"] == []
     # above M = 64 the tuned race decides: the tensor-core kernel with the winner's tiles, or dequantize + cuBLAS
     assert rec["m70"]["tc_calls"] == [{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "splits": 1}]
     assert rec["m130"]["tc_calls"] == [] and len(rec["m5"]["tc_calls"]) == 1
     assert rec["m300"]["tc_calls"] == []  # a Gluon entry off Hopper runs the path's fallback, dequantize + matmul
+    assert len(rec["m3"]["tc_calls"]) == 1  # and on the tc path, the tensor-core kernel's heuristic
 
 
 def test_split_k_resets_its_counters_and_repeats_bit_for_bit(interpreted):
