@@ -99,13 +99,13 @@ def main() -> None:
         "--probe", action="store_true", help="time the tiles with and without the dequantization's math"
     )
     args = parser.parse_args()
+    if args.small:
+        _small()
+        return
     dtype, group = torch.bfloat16, 128
     packed, scales = random_w4(args.n, args.k, group, dtype, "cuda")
     x = torch.randn(args.m, args.k, device="cuda", dtype=dtype)
     dense = torch.randn(args.n, args.k, device="cuda", dtype=dtype)
-    if args.small:
-        _small()
-        return
     if args.probe:
         flops = 2 * args.m * args.n * args.k
         base = triton.testing.do_bench(lambda: F.linear(x, dense), warmup=50, rep=300)

@@ -545,7 +545,6 @@ def test_small_wgmma_entries_run_in_cuda_graphs_and_compiled_decode(m):
         packed, scales, bias = make(384, 2048, 128, torch.bfloat16, True)
         config = {"wgmma": 1, "block_m": block_m, "block_k": 128, "stages": 4, "pipe": 1, "split": 4}
         table.put(dispatch.key_for(m, 384, 2048, 128, torch.bfloat16), config)
-        tables.EDITS += 1
         x = torch.randn(m, 2048, device="cuda").to(torch.bfloat16)
         eager = TW.eager_linear(x, packed, scales, bias, 128)
         expected = gw.wgmma_w4a16(x, packed, scales, bias, 128, block_m=block_m, stages=4, split=4)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .dispatch import GEMV_ROWS, M_BUCKETS, key_for, m_bucket, path_for
+from .dispatch import GEMV_ROWS, M_BUCKETS, TC_MAX_M, key_for, m_bucket, path_for
 from .tables import Config, ConfigTable, device_name, table
 from .timing import graph_time_us, w4_copies
 
@@ -72,14 +72,12 @@ of the race."""
 WGMMA_SMALL_SPACE: dict[int, tuple[Config, ...]] = {
     bucket: tuple(
         {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": st, "pipe": 1, "split": split}
-        for bm, st in tiles
+        for bm, st in (((16, 4), (16, 8)) if bucket <= 16 else ((bucket, 4), (bucket // 2, 4)))
         for split in (1, 2, 4, 8)
     )
-    for bucket, tiles in (
-        (1, ((16, 4), (16, 8))), (2, ((16, 4), (16, 8))), (4, ((16, 4), (16, 8))), (8, ((16, 4), (16, 8))),
-        (16, ((16, 4), (16, 8))), (32, ((32, 4), (16, 4))), (64, ((64, 4), (32, 4))),
-    )
-}  # fmt: skip
+    for bucket in M_BUCKETS
+    if bucket <= TC_MAX_M
+}
 """Candidates for the Gluon kernel at M <= 64 per bucket: token tiles of 16-64 that cover the bucket in one or two
 tiles (the weight is streamed once or twice), K split over 1-8 programs to fill the GPU (an H200 probe,
 ``benchmarks/gluon_profile.py --small``: 1.5-1.8x cuBLAS bf16 on LLaVA-1.5-7B shapes at M = 4-16 where the shipped
