@@ -80,8 +80,8 @@ WGMMA_SMALL_SPACE: dict[int, tuple[Config, ...]] = {
 }
 """Candidates for the Gluon kernel at M <= 64 per bucket: token tiles of 16-64 that cover the bucket in one or two
 tiles (the weight is streamed once or twice), K split over 1-8 programs to fill the GPU (an H200 probe,
-``benchmarks/gluon_profile.py --small``: 1.5-1.8x cuBLAS bf16 on LLaVA-1.5-7B shapes at M = 4-16 where the shipped
-tensor-core kernel gave 1.0-1.5x). Hopper only, like :data:`WGMMA_SPACE`."""
+``benchmarks/gluon_profile.py --small``, do_bench timing: 1.7x cuBLAS bf16 on LLaVA-1.5-7B's gate|up and down at
+M = 4-16 where the shipped tensor-core kernel gave 1.05-1.48x). Hopper only, like :data:`WGMMA_SPACE`."""
 
 WGMMA_MAX_M = 2048
 """The largest M bucket where the Gluon kernel races (every large bucket). Large buckets are timed at both ends
