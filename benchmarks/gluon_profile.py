@@ -10,6 +10,9 @@ Without counters (``--probe``): each tile timed as shipped and with the dequanti
 words go to the MMA as they are; same loads, barriers and MMAs), against cuBLAS bf16. If the kernel without the
 arithmetic is no faster, the dequantization is not what bounds it.
 
+``--ws``: the warp-specialized persistent kernel (``pipe`` 2) against the pipelined one and cuBLAS bf16 on the
+LLaVA-1.5-7B prefill shapes (256-2048 tokens), each arm checked against dequantize + matmul.
+
 ``--small``: the same kernel on token tiles of 16-64 (the weight-streaming regime of decode and small batches) with
 split-K, checked against dequantize + matmul and timed against cuBLAS bf16 and the shipped dispatch.
 """
@@ -89,18 +92,52 @@ def _small() -> None:
             print("".join(line), flush=True)
 
 
+def _ws() -> None:
+    """Warp-specialized vs pipelined tiles at 256-2048 tokens: error vs dequantize + matmul (fp32), time vs cuBLAS."""
+    from grace_quant.kernels.reference import dequantize
+
+    dtype, group = torch.bfloat16, 128
+    bench = functools.partial(triton.testing.do_bench, warmup=25, rep=150)
+    tiles = [(128, 128, 4, 1), (256, 128, 3, 1)] + [t for t in sorted(gw.TILES) if t[3] == gw.WS]
+    print(f"{torch.cuda.get_device_name()}: ratio to cuBLAS bf16 (do_bench, L2 flushed); tiles (bm, bk, stages, pipe)")
+    for m, n, k in ((2048, 22016, 4096), (2048, 4096, 11008), (2048, 12288, 4096), (2048, 4096, 4096),
+                    (600, 22016, 4096), (600, 4096, 11008), (600, 12288, 4096), (256, 22016, 4096)):  # fmt: skip
+        packed, scales = random_w4(n, k, group, dtype, "cuda")
+        dense = dequantize(packed, scales, group, 4)
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.float() @ dense.float().T
+        base = bench(functools.partial(F.linear, x, dense))
+        line = [f"M={m} N={n} K={k}: cuBLAS {base * 1e3:.1f} us ({2 * m * n * k / base / 1e9:.0f} TFLOP/s) |"]
+        for bm, bk, stages, pipe in tiles:
+            fn = functools.partial(gw.wgmma_w4a16, x, packed, scales, None, group, block_m=bm, block_k=bk,
+                                   stages=stages, pipe=pipe)  # fmt: skip
+            try:
+                err = ((fn().float() - ref).norm() / ref.norm()).item()
+                ms = bench(fn)
+            except Exception as exc:  # a tile that does not compile or launch: say so, go on
+                line.append(f" {bm}/{stages}/p{pipe} FAIL {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            bad = "" if err < 1e-2 else f" ERR {err:.1e}"
+            line.append(f" {bm}/{stages}/p{pipe} {base / ms:.2f}x{bad}")
+        print("".join(line), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--m", type=int, default=2048)
     parser.add_argument("--n", type=int, default=22016)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--small", action="store_true", help="small token tiles with split-K at M = 1-64")
+    parser.add_argument("--ws", action="store_true", help="warp-specialized vs pipelined tiles at 256-2048 tokens")
     parser.add_argument(
         "--probe", action="store_true", help="time the tiles with and without the dequantization's math"
     )
     args = parser.parse_args()
     if args.small:
         _small()
+        return
+    if args.ws:
+        _ws()
         return
     dtype, group = torch.bfloat16, 128
     packed, scales = random_w4(args.n, args.k, group, dtype, "cuda")

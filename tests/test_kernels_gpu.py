@@ -419,7 +419,7 @@ def _gluon_kernel():
     return importlib.import_module("grace_quant.kernels.gluon_w4a16")
 
 
-_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, pipelined)
+_WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, pipe)
     (torch.bfloat16, False, 300, 256, 512, 128, (128, 128, 3, False)),
     (torch.bfloat16, True, 1000, 128, 384, 64, (128, 64, 4, False)),
     (torch.float16, False, 1, 256, 256, 128, (128, 64, 4, False)),
@@ -435,11 +435,17 @@ _WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, pipe
     (torch.float16, False, 13, 384, 1152, 128, (16, 128, 8, True)),
     (torch.bfloat16, False, 29, 128, 4096, 128, (32, 128, 4, True)),
     (torch.bfloat16, True, 50, 256, 640, 128, (64, 128, 4, True)),
+    # warp-specialized, persistent (pipe 2): programs walking several output tiles (more tiles than SMs), odd K tile
+    # counts (a zero-filled tile past K), token tails, fewer output tiles than SMs, K tiles past the ring
+    (torch.bfloat16, True, 2000, 2048, 384, 128, (128, 128, 4, 2)),
+    (torch.float16, False, 5, 256, 4096, 128, (128, 128, 5, 2)),
+    (torch.bfloat16, False, 1100, 4096, 1152, 128, (256, 128, 3, 2)),
+    (torch.float16, True, 2048, 1024, 2048, 256, (256, 128, 2, 2)),
 ]
 
 
 @pytest.mark.parametrize(
-    "case", _WGMMA_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}{'-pipe' * c[6][3]}"
+    "case", _WGMMA_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}-pipe{int(c[6][3])}"
 )
 def test_wgmma_kernel_matches_the_fp64_reference(case):
     """The Gluon kernel (weight in registers as the MMA's A operand): every checked tile against fp64, with a token
@@ -498,25 +504,27 @@ def test_every_checked_wgmma_tile_is_tested_and_tuned():
     assert {c["split"] for c in small} <= {case[6] for case in _SPLIT_CASES} | {1, 2}
     with pytest.raises(ValueError, match="not a checked"):
         gluon_w4a16.wgmma_w4a16(torch.zeros(1, 128), None, None, None, 128, block_m=48)
+    with pytest.raises(ValueError, match="does not split K"):
+        gluon_w4a16.plan(torch.bfloat16, 256, 1024, 128, False, (128, 128, 4, gluon_w4a16.WS), 2)
 
 
 def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_cannot():
-    """Dispatch: a ``"wgmma"`` entry on the large path gives the Gluon kernel's bits (eager plan and custom op alike),
-    and a call it does not take (N not a multiple of 128) runs dequantize + cuBLAS."""
+    """Dispatch: a ``"wgmma"`` entry on the large path gives the Gluon kernel's bits (eager plan and custom op alike;
+    split-K and the warp-specialized kernel too), and a call it does not take (N not a multiple of 128) runs dequantize + cuBLAS."""
     from grace_quant.kernels import dispatch, tables
 
     gw = _gluon_kernel()
     table = tables.table(tables.device_name(torch.device("cuda")))
     saved = dict(table.configs)
     try:
-        for n, split in ((384, 1), (256, 2), (320, 1)):
-            config = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": 1, "split": split}
+        for n, split, pipe in ((384, 1, 1), (256, 2, 1), (320, 1, 1), (512, 1, gw.WS)):
+            config = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": pipe, "split": split}
             torch.manual_seed(n)
             packed, scales, bias = make(n, 1024, 128, torch.bfloat16, True)
             x = torch.randn(2, 150, 1024, device="cuda").to(torch.bfloat16)
             table.put(dispatch.key_for(300, n, 1024, 128, torch.bfloat16), config)
             expected = (
-                gw.wgmma_w4a16(x.reshape(-1, 1024), packed, scales, bias, 128, stages=4, split=split)
+                gw.wgmma_w4a16(x.reshape(-1, 1024), packed, scales, bias, 128, stages=4, pipe=pipe, split=split)
                 if n % gw.BLOCK_N == 0
                 else TW.linear_with_config(x.reshape(-1, 1024), packed, scales, bias, 128, "large", {"tc": 0})
             ).reshape(2, 150, n)

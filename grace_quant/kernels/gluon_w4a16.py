@@ -32,23 +32,33 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .launch import DirectLauncher
-from .triton_w4a16 import _outputs, dequant_ptx
+from .triton_w4a16 import _num_sms, _outputs, dequant_ptx
 
-__all__ = ["BLOCK_N", "TILES", "plan", "reads", "supports", "tile_of", "wgmma_w4a16"]
+__all__ = ["BLOCK_N", "TILES", "WS", "plan", "reads", "supports", "tile_of", "wgmma_w4a16"]
 
 BLOCK_N = 128
 """Weight rows per program (two warpgroups of 64): N must be a multiple."""
+WS = 2
+"""``pipe`` of the warp-specialized persistent kernel (:func:`_ws_kernel`; no split-K)."""
 TILES = {
     (128, 128, 3, True), (128, 128, 4, True), (256, 128, 3, True), (128, 64, 4, False), (128, 128, 3, False),
     (16, 128, 4, True), (16, 128, 8, True), (32, 128, 4, True), (64, 128, 4, True),
+    (128, 128, 4, WS), (128, 128, 5, WS), (256, 128, 2, WS), (256, 128, 3, WS),
 }  # fmt: skip
 """The ``(block_m, block_k, stages, pipe)`` tiles checked on GPUs: prefill tiles of 128-256 tokens, and for decode
 and small batches (M <= 64) token tiles of 16-64 that stream the weight, split over K to fill the GPU (64-column K
-tiles serialize the pipelined loop's MMAs, so they run unpipelined only)."""
+tiles serialize the pipelined loop's MMAs, so they run unpipelined only). ``pipe``: 0 (False) retires each MMA before
+the next dequantization, 1 (True) keeps one in flight, :data:`WS` runs the warp-specialized persistent kernel."""
 _WARPS = 8
 
 # One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats: nibble 0
@@ -228,7 +238,119 @@ def _kernel(
         gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_mask)
 
 
+@gluon.jit
+def _ws_loader(x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAGES: gl.constexpr, BM: gl.constexpr,
+               BK: gl.constexpr):  # fmt: skip
+    """The loader warp of :func:`_ws_kernel`: TMA every K tile of this program's output tiles into the ring, a slot
+    once the compute warps have released it (tiles past K come back zero-filled)."""
+    tiles_m = gl.cdiv(M, BM)
+    it = 0
+    for t in range(gl.program_id(0), tiles_m * (N // 128), gl.num_programs(0)):
+        m0 = (t % tiles_m) * BM
+        n0 = (t // tiles_m) * 128
+        for kt in range(K_ITERS):
+            slot = it % STAGES
+            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
+            mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [m0, kt * BK], ready.index(slot), x_smem.index(slot))
+            tma.async_copy_global_to_shared(w_desc, [n0, kt * (BK // 8)], ready.index(slot), w_smem.index(slot))
+            it += 1
+
+
+@gluon.jit
+def _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc, shift, STAGES: gl.constexpr, BK: gl.constexpr,
+             PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
+    """Ring entry ``it`` (K tile ``kt``): dequantize it while the previous MMA runs, issue its MMA, retire the previous
+    one and hand that one's slot back to the loader."""
+    slot = it % STAGES
+    mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+    w = _dequant_tile(w_smem.index(slot), sc, shift, PAIR, WORDS, 128, BK, dtype)
+    a = gl.convert_layout(w, DOT, assert_trivial=True)
+    acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(1, deps=[acc])
+    fence_async_shared()  # the words were read through the generic proxy; TMA (the async proxy) overwrites them next
+    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kt > 0)  # after every compute warp got here
+    return acc
+
+
+@gluon.jit
+def _ws_compute(s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, stride_ym, K_TILES, K_ITERS,
+                BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
+                HAS_BIAS: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr,
+                WORDS: gl.constexpr, OUT: gl.constexpr, DIRECT: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
+    """The compute warpgroups of :func:`_ws_kernel`: per output tile, the pipelined loop of :func:`_pipe_step` fed by
+    the loader warp, then the epilogue (while the loader already fills the next tile's stages)."""
+    BN: gl.constexpr = 128
+    tiles_m = gl.cdiv(M, BM)
+    quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
+    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * 8
+    it = 0
+    for t in range(gl.program_id(0), tiles_m * (N // BN), gl.num_programs(0)):
+        m0 = (t % tiles_m) * BM
+        n0 = (t // tiles_m) * BN
+        srows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
+        s_rows = s_ptr + srows * KG
+        sc_next = _scales(s_rows, srows, 0, K_TILES, BK, GROUP)
+        sc_after = _scales(s_rows, srows, 1, K_TILES, BK, GROUP)
+        acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+        for kp in range(K_ITERS // 2):  # in pairs, as in _kernel: A registers redefined only after their MMA retired
+            kt = 2 * kp
+            sc0 = sc_next
+            sc1 = sc_after
+            sc_next = _scales(s_rows, srows, kt + 2, K_TILES, BK, GROUP)
+            sc_after = _scales(s_rows, srows, kt + 3, K_TILES, BK, GROUP)
+            acc = _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc0, shift, STAGES, BK, PAIR, WORDS, DOT, dtype)
+            acc = _ws_step(acc, ready, empty, x_smem, w_smem, it + 1, kt + 1, sc1, shift, STAGES, BK, PAIR, WORDS,
+                           DOT, dtype)  # fmt: skip
+            it += 2
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+        if DIRECT:  # straight from the accumulator's registers: no shared-memory scratch beside a large ring
+            out = acc
+        else:
+            out = gl.convert_layout(acc, OUT)
+        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, out.type.layout))
+        om = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out.type.layout))
+        if HAS_BIAS:
+            out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
+        y_ptrs = y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1)
+        gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(om < M, 0))
+
+
+@gluon.jit
+def _ws_kernel(
+    x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KG, stride_ym, K_TILES, K_ITERS,
+    BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+    PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
+    DIRECT: gl.constexpr,
+):  # fmt: skip
+    """Warp-specialized, persistent form of :func:`_kernel` (``pipe`` 2): one loader warp keeps the ring full across
+    output tiles while the two compute warpgroups only wait on its barriers, dequantize and issue MMAs (no refill and
+    no barrier between the warpgroups in their loop); one program per SM walks the output tiles, token tiles fastest."""
+    BN: gl.constexpr = 128
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    gl.warp_specialize(
+        [
+            (_ws_compute, (s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, stride_ym, K_TILES, K_ITERS,
+                           BM, BK, GROUP, STAGES, HAS_BIAS, PAIR, MMA, DOT, WORDS, OUT, DIRECT, x_desc.dtype)),
+            (_ws_loader, (x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAGES, BM, BK)),
+        ],
+        [1],
+        [24],
+    )  # fmt: skip
+
+
 _launch = DirectLauncher(_kernel)  # eager prefill calls it per linear: repeat launches skip the JIT's binding
+_launch_ws = DirectLauncher(_ws_kernel)
+_WS_MAXNREG = 168
+"""Registers per thread the warp-specialized kernel is launched with: its 12 warps (8 compute, the loader's warpgroup)
+fit the SM's 64K; the loader gives its share back (24) and the compute warps take up to 240."""
 
 
 @functools.cache
@@ -260,11 +382,11 @@ def reads(x2: torch.Tensor) -> bool:
     return x2.stride(-1) == 1 and (x2.stride(0) * x2.element_size()) % 16 == 0 and x2.data_ptr() % 16 == 0
 
 
-def tile_of(config: dict[str, int]) -> tuple[int, int, int, bool]:
+def tile_of(config: dict[str, int]) -> tuple[int, int, int, int]:
     """The ``(block_m, block_k, stages, pipe)`` tile a tuned ``"wgmma"`` entry names (absent keys: the defaults of
     :func:`wgmma_w4a16`)."""
     get = config.get
-    return get("block_m", 128), get("block_k", 128), get("stages", 4), bool(get("pipe", 1))
+    return get("block_m", 128), get("block_k", 128), get("stages", 4), int(get("pipe", 1))
 
 
 def wgmma_w4a16(
@@ -277,18 +399,18 @@ def wgmma_w4a16(
     block_m: int = 128,
     block_k: int = 128,
     stages: int = 4,
-    pipe: bool = True,
+    pipe: int = 1,
     split: int = 1,
 ) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` for ``x2 [M, K]`` in one launch; callers check :func:`supports` first. The tile must
     be one of :data:`TILES`; ``split`` > 1 splits K over that many programs per output tile (for shapes with too
     few tiles to fill the GPU), their fp32 partials added by the last one."""
-    tile = _checked((block_m, block_k, stages, bool(pipe)))
+    tile = _checked((block_m, block_k, stages, int(pipe)))
     n, kw = packed.shape
     return plan(x2.dtype, n, kw * 8, group, bias is not None, tile, split)(x2, packed, scales, bias)
 
 
-def _checked(tile: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
+def _checked(tile: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     if tile not in TILES:
         raise ValueError(f"{tile} is not a checked (block_m, block_k, stages, pipe) tile; pick one of {sorted(TILES)}")
     return tile
@@ -296,26 +418,30 @@ def _checked(tile: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
 
 @functools.lru_cache(maxsize=1024)
 def plan(
-    dtype: torch.dtype, n: int, k: int, group: int, has_bias: bool, tile: tuple[int, int, int, bool], split: int = 1
+    dtype: torch.dtype, n: int, k: int, group: int, has_bias: bool, tile: tuple[int, int, int, int], split: int = 1
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
     integer on), so a call costs the host two descriptors, the outputs' allocation and the launch. Callers check
     :func:`supports` first."""
-    _checked(tile)
-    if split < 1:
-        raise ValueError(f"split = {split}: K is split over at least one program (1 for no split)")
-    block_m, block_k, stages, pipe = tile
+    block_m, block_k, stages, pipe = _checked(tile)
+    if split < 1 or (pipe == WS and split > 1):
+        raise ValueError(
+            f"split = {split}: K is split over at least one program (1 for no split), and the warp-specialized "
+            "kernel (pipe = 2) does not split K"
+        )
     k_tiles = k // block_k
     k_per = triton.cdiv(k_tiles, split)
     splits = triton.cdiv(k_tiles, k_per)  # no split left empty
     mma, dot, words, out = _layouts(block_m, block_k)
     x_layout, w_layout = _shared_layouts(block_m, block_k, dtype)
-    constexprs = dict(
-        BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias,
-        PAIR=_BF16_PAIR if dtype == torch.bfloat16 else _FP16_PAIR, MMA=mma, DOT=dot, WORDS=words, OUT=out,
-        PIPE=pipe, SPLIT=splits > 1, num_warps=_WARPS,
-    )  # fmt: skip
+    pair = _BF16_PAIR if dtype == torch.bfloat16 else _FP16_PAIR
+    common = dict(BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias, PAIR=pair, MMA=mma, DOT=dot,
+                  WORDS=words, OUT=out, num_warps=_WARPS)  # fmt: skip
+    if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
+        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
+    else:
+        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1)
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
 
     def run(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -332,12 +458,17 @@ def plan(
         key = (m == 1, m % 16 == 0, scales.data_ptr() % 16 == 0, bias is None or bias.data_ptr() % 16 == 0)
         launch = bound.get(key)
         if launch is None:
-            launch = bound[key] = _launch.bind(None, **constexprs)
+            launch = bound[key] = launcher.bind(None, **constexprs)
+        x_desc = TensorDescriptor.from_tensor(x2, [block_m, block_k], x_layout)
+        w_desc = TensorDescriptor.from_tensor(packed, [BLOCK_N, block_k // 8], w_layout)
+        b = bias if bias is not None else y
+        if pipe == WS:  # one program per SM (at most one per output tile); K tiles rounded up to pairs
+            grid = (min(tiles_m * (n // BLOCK_N), _num_sms(x2.device.index)),)
+            launch(grid, x_desc, w_desc, scales, b, y, m, n, k // group, y.stride(0), k_tiles, (k_tiles + 1) // 2 * 2)
+            return y
         launch(
-            (tiles_m, n // BLOCK_N, splits),
-            TensorDescriptor.from_tensor(x2, [block_m, block_k], x_layout),
-            TensorDescriptor.from_tensor(packed, [BLOCK_N, block_k // 8], w_layout),
-            scales, bias if bias is not None else y, y, ws, counters, m, n, k // 8, k // group, y.stride(0), k_per,
+            (tiles_m, n // BLOCK_N, splits), x_desc, w_desc,
+            scales, b, y, ws, counters, m, n, k // 8, k // group, y.stride(0), k_per,
         )  # fmt: skip
         return y
 

@@ -63,11 +63,14 @@ WGMMA_SPACE: tuple[Config, ...] = tuple(
     {"wgmma": 1, "block_m": bm, "block_k": bk, "stages": st, "pipe": pipe, "split": split}
     for bm, bk, st, pipe in ((128, 128, 4, 1), (256, 128, 3, 1), (128, 64, 4, 0))
     for split in (1, 2, 4)
+) + tuple(
+    {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": st, "pipe": 2, "split": 1}
+    for bm, st in ((128, 4), (128, 5), (256, 2), (256, 3))
 )
 """Candidates for the Gluon Hopper kernel (:mod:`.gluon_w4a16`), the H100 lab's winners, each also with K split
 over 2 and 4 programs (shapes with few output tiles: N = 4096 at a few hundred tokens fills barely more than one
-wave of 132 SMs), raced in the large buckets up to :data:`WGMMA_MAX_M`; on other GPUs they do not run and drop out
-of the race."""
+wave of 132 SMs), and the warp-specialized persistent kernel (``pipe`` 2, no split) on its tiles, raced in the large
+buckets up to :data:`WGMMA_MAX_M`; on other GPUs they do not run and drop out of the race."""
 
 WGMMA_SMALL_SPACE: dict[int, tuple[Config, ...]] = {
     bucket: tuple(
