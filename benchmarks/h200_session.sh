@@ -88,17 +88,20 @@
 # dozen refused starts and one machine taken back mid-call): gluon_profile.py --probe (the Gluon kernel with and without the
 # dequantization's arithmetic), ncu --set full at 2048 and 600 tokens, gluon_profile.py --small (16-64-token tiles
 # with split-K at M = 1-64: correct, ahead of the shipped kernels at M = 4-16); benchmarks/results/gluon_h200.md.
+# Done 2026-12-06, eighth session (H200; ~10 device minutes of work, ~13 lost to failed starts and cool-downs): the
+# Gluon GPU tests incl. the new warp-specialized tiles (33 passed), gluon_profile.py --ws, tune_kernels.py at M = 1-64
+# (all shapes) and 128-2048 (both models), bench_kernels.py at M = 1-2048 with the merged table, tests of kernels and
+# generation with it (140 passed): benchmarks/results/gluon_h200.md sections 4-5, kernels_h200.md.
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-3 minutes each, and a machine
 # goes back 30 s after a call: have the next command ready), in this order:
-#  1) STAGES=small (the small tiles' GPU tests, which have not run yet; the M <= 64 tune; bench_kernels.py at M <= 64
-#     with that table): copy OUT/kernels/<GPU>.json into grace_quant/kernels/configs/ and the report into
-#     benchmarks/results/ if the tests pass;
-#  2) STAGES=gluon-ncu: where the large tiles' warps stall (the tensor pipe idles 28-46% of the time with 2 warps
-#     per scheduler, gluon_h200.md); then warp specialization (a TMA producer warp, consumer warp groups taking turns)
-#     and a persistent grid, which is what cuBLAS's kernels do;
-#  3) on an H200: `tune_kernels.py --ms 128,256,512,1024,2048 --retune` (its table has no Gluon entries), STAGES
-#     "kernels", "e2e-llava" (decode at batch 8 with the small tiles), "prefill";
-#  4) issue 15's M = 1 floor (2.02x vs 2.2x): the small tiles tie the GEMV at M = 1 on gate|up.
+#  1) STAGES="e2e-llava" then "e2e-qwen" on an H200 with the new table (issue 16's floors were measured on an H100;
+#     decode at batch 8 now runs the small tiles), then "ttft"/"prefill";
+#  2) issue 15 at large M: the compute warps' instruction stream bounds the kernel (gluon_h200.md, section 4): a
+#     converter warpgroup writing bf16 tiles to shared memory for shared-memory-operand MMAs, or a load-time repack
+#     (fewer instructions per weight pair); STAGES=gluon-ncu for the warp-stall breakdown first;
+#  3) M = 1-8 (floors 2.2x / 1.9x; now 1.83x / 1.45-1.50x): the GEMV and the 16-token tile both stream the weight at
+#     ~1.1-1.7 TB/s of 4.8; find what holds the bytes in flight down (ncu on the pipelined GEMV);
+#  4) the H100 table: STAGES=small and tune_kernels.py --ms 128,...,2048 --retune (the warp-specialized tiles).
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
