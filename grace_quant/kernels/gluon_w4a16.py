@@ -312,12 +312,18 @@ def _ws_compute(s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, str
             out = acc
         else:
             out = gl.convert_layout(acc, OUT)
-        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, out.type.layout))
-        om = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out.type.layout))
-        if HAS_BIAS:
-            out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
-        y_ptrs = y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1)
-        gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(om < M, 0))
+        _store_tile(out, b_ptr, y_ptr, m0, n0, M, stride_ym, BN, BM, HAS_BIAS)
+
+
+@gluon.jit
+def _store_tile(out, b_ptr, y_ptr, m0, n0, M, stride_ym, BN: gl.constexpr, BM: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """``y[m0:m0+BM, n0:n0+BN]`` from the fp32 tile ``out [BN, BM]`` (any layout) plus the bias; tokens past M left."""
+    on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, out.type.layout))
+    om = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out.type.layout))
+    if HAS_BIAS:
+        out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
+    y_ptrs = y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1)
+    gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(om < M, 0))
 
 
 @gluon.jit
