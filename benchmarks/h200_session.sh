@@ -42,6 +42,9 @@
 #            that table (OUT/kernels_h200.{md,json}, OUT/kernels/<GPU>.json)   (~8 min: alone in one call)
 #   gluon-ncu  Nsight Compute on gluon_profile.py at 2048 x 22016 x 4096: every section with the warp-stall sample
 #            counts, then per-SASS-instruction stall samples as CSV (OUT/gluon_ncu.txt, OUT/gluon_ncu_sass.csv)
+#   conv     benchmarks/conv_lab.py: the lab kernel with a converter warpgroup (bf16 weight tiles in shared memory,
+#            shared-memory-operand MMAs) against cuBLAS bf16 and the Gluon tiles at 600-2048 tokens (OUT/conv_lab.txt;
+#            ~1 min; first GPU run: its warp specialization asks for registers no run has tried yet)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -96,9 +99,10 @@
 # goes back 30 s after a call: have the next command ready), in this order:
 #  1) STAGES="e2e-llava" then "e2e-qwen" on an H200 with the new table (issue 16's floors were measured on an H100;
 #     decode at batch 8 now runs the small tiles), then "ttft"/"prefill";
-#  2) issue 15 at large M: the compute warps' instruction stream bounds the kernel (gluon_h200.md, section 4): a
-#     converter warpgroup writing bf16 tiles to shared memory for shared-memory-operand MMAs, or a load-time repack
-#     (fewer instructions per weight pair); STAGES=gluon-ncu for the warp-stall breakdown first;
+#  2) issue 15 at large M: the compute warps' instruction stream bounds the kernel (gluon_h200.md, section 4):
+#     STAGES=conv (benchmarks/conv_lab.py, a converter warpgroup writing bf16 tiles to shared memory for
+#     shared-memory-operand MMAs; compiled offline only), then, if it leads, make it a tile form of gluon_w4a16.py;
+#     else a load-time repack (fewer instructions per weight pair); STAGES=gluon-ncu for the warp-stall breakdown;
 #  3) M = 1-8 (floors 2.2x / 1.9x; now 1.83x / 1.45-1.50x): the GEMV and the 16-token tile both stream the weight at
 #     ~1.1-1.7 TB/s of 4.8; find what holds the bytes in flight down (ncu on the pipelined GEMV);
 #  4) the H100 table: STAGES=small and tune_kernels.py --ms 128,...,2048 --retune (the warp-specialized tiles).
@@ -205,6 +209,8 @@ for stage in $STAGES; do
       timeout 300 python benchmarks/e2e.py --models qwen2-vl-2b --arms bf16 grace --batches 1 --profile bf16 grace \
         --profile-stacks --out "$OUT/qwen_profile.md" --log-dir "$OUT" > "$OUT/qwen_profile.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
+    conv)
+      timeout 150 python benchmarks/conv_lab.py > "$OUT/conv_lab.txt" 2>&1 ;;
     sweep)
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
