@@ -222,6 +222,7 @@ def test_shipped_tables_name_kernels_that_run_their_keys(path):
             assert tile in gluon_w4a16.TILES and int(n) % gluon_w4a16.BLOCK_N == 0, key
             assert (path_name == "large") == (tile[0] >= 128), key
             assert config.get("split", 1) >= 1, key
+            assert tile[3] != gluon_w4a16.WS or config.get("split", 1) == 1, key  # the persistent form: no split-K
         if kind == "pipe":
             x = torch.empty(int(bucket), int(k), dtype=getattr(torch, dtype))
             scales = torch.empty(int(n), int(k) // int(group), dtype=x.dtype)
