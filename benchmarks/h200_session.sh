@@ -42,7 +42,7 @@
 #            that table (OUT/kernels_h200.{md,json}, OUT/kernels/<GPU>.json)   (~8 min: alone in one call)
 #   gluon-ncu  Nsight Compute on gluon_profile.py at 2048 x 22016 x 4096: every section with the warp-stall sample
 #            counts, then per-SASS-instruction stall samples as CSV (OUT/gluon_ncu.txt, OUT/gluon_ncu_sass.csv)
-#   conv     benchmarks/conv_lab.py: the lab kernel with a converter warpgroup (bf16 weight tiles in shared memory,
+#   conv     benchmarks/conv_lab.py: the lab kernels with a converter warpgroup (bf16 weight tiles in shared memory,
 #            shared-memory-operand MMAs) against cuBLAS bf16 and the Gluon tiles at 600-2048 tokens (OUT/conv_lab.txt;
 #            ~1 min; first GPU run: its warp specialization asks for registers no run has tried yet)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
