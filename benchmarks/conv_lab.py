@@ -101,12 +101,8 @@ def _mma(b_ptr, y_ptr, ready, converted, empty, x_smem, w_smem, M, N, stride_ym,
 
 
 @gluon.jit
-def _conv_kernel(
-    x_desc, q_desc, s_ptr, b_ptr, y_ptr, M, N, KG, stride_ym, K_TILES,
-    BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
-    PAIR: gl.constexpr, MMA: gl.constexpr, WORDS: gl.constexpr, W_LAYOUT: gl.constexpr, CONV_WARPS: gl.constexpr,
-    CONV_REGS: gl.constexpr,
-):  # fmt: skip
+def _ring(x_desc, q_desc, W_LAYOUT: gl.constexpr, STAGES: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr):
+    """The ring: token, word and 16-bit weight tiles per stage, and its ready / converted / empty barriers."""
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, 128, BK // 8], q_desc.layout)
     w_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 128, BK], W_LAYOUT)
@@ -117,6 +113,17 @@ def _conv_kernel(
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(converted.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
+    return x_smem, q_smem, w_smem, ready, converted, empty
+
+
+@gluon.jit
+def _conv_kernel(
+    x_desc, q_desc, s_ptr, b_ptr, y_ptr, M, N, KG, stride_ym, K_TILES,
+    BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+    PAIR: gl.constexpr, MMA: gl.constexpr, WORDS: gl.constexpr, W_LAYOUT: gl.constexpr, CONV_WARPS: gl.constexpr,
+    CONV_REGS: gl.constexpr,
+):  # fmt: skip
+    x_smem, q_smem, w_smem, ready, converted, empty = _ring(x_desc, q_desc, W_LAYOUT, STAGES, BM, BK)
     gl.warp_specialize(
         [
             (_mma, (b_ptr, y_ptr, ready, converted, empty, x_smem, w_smem, M, N, stride_ym, K_TILES, STAGES, BM,
@@ -176,16 +183,7 @@ def _feed_kernel(
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, WORDS: gl.constexpr, W_LAYOUT: gl.constexpr, FEED_REGS: gl.constexpr,
 ):  # fmt: skip
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, 128, BK // 8], q_desc.layout)
-    w_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 128, BK], W_LAYOUT)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    converted = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(converted.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+    x_smem, q_smem, w_smem, ready, converted, empty = _ring(x_desc, q_desc, W_LAYOUT, STAGES, BM, BK)
     gl.warp_specialize(
         [
             (_mma, (b_ptr, y_ptr, ready, converted, empty, x_smem, w_smem, M, N, stride_ym, K_TILES, STAGES, BM,
