@@ -16,7 +16,7 @@ Three forms (``pipe``): 1 keeps one MMA in flight while the next K tile is dequa
 tile's A registers are redefined only after the MMA reading them retired; ptxas keeps the MMAs asynchronous only with
 this shape, see ``benchmarks/results/prefill_h100.md``); 0 retires each MMA before the next dequantization and relies
 on a second program per SM to overlap; :data:`WS` (2) is form 1 warp-specialized and persistent: a loader warp keeps
-the ring full across output tiles, the compute warps only dequantize and issue MMAs (``_ws_kernel``; 3-6 points of
+the ring full across output tiles, the compute warps only dequantize and issue MMAs (``_ws_kernel``; 2-6 points of
 cuBLAS faster on 128-token tiles, level on 256-token ones: ``benchmarks/results/gluon_h200.md``, section 4). Which
 one, and the tile, is the tuner's choice per shape
 (``kernels.tuner.WGMMA_SPACE`` in the large buckets up to ``WGMMA_MAX_M``, ``WGMMA_SMALL_SPACE`` up to 64 tokens);
