@@ -14,7 +14,7 @@ Two forms, both compiled offline for sm_90 (Triton 3.6; no spills):
 Timed against cuBLAS bf16, the pipelined and the warp-specialized Gluon tiles, each arm checked against dequantize +
 matmul (fp32):
 
-    python benchmarks/conv_lab.py        # on a Hopper GPU; ~1-2 minutes
+    PYTHONSAFEPATH=1 PYTHONPATH=$PWD python benchmarks/conv_lab.py   # on a Hopper GPU; ~1-2 minutes
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from benchmarks.gluon_profile import checked_ratio
 from grace_quant.kernels import gluon_w4a16 as gw
 from grace_quant.kernels.gluon_w4a16 import _dequant_tile, _scales, _store_tile, _ws_loader
 from grace_quant.kernels.reference import dequantize
@@ -259,14 +260,7 @@ def main() -> None:
             for tile in ((256, 64, 4, 104), (256, 64, 3, 104), (128, 64, 6, 104))
         ]
         line = [f"M={m} N={n} K={k}: cuBLAS {base * 1e3:.1f} us |"]
-        for name, fn in arms:
-            try:
-                err = ((fn().float() - ref).norm() / ref.norm()).item()
-                ms = bench(fn)
-            except Exception as exc:  # an arm that does not compile or launch: say so, go on
-                line.append(f" {name} FAIL {type(exc).__name__}: {str(exc)[:150]}")
-                continue
-            line.append(f" {name} {base / ms:.2f}x{'' if err < 1e-2 else f' ERR {err:.1e}'}")
+        line += [checked_ratio(name, fn, ref, base, bench) for name, fn in arms]
         print("".join(line), flush=True)
 
 

@@ -55,6 +55,17 @@ def _arm(x, packed, scales, group, tile, pair=None):
     return run
 
 
+def checked_ratio(label: str, fn, ref: torch.Tensor, base_ms: float, bench) -> str:
+    """`` label 1.23x`` for one arm: its output's relative error against ``ref`` (`` ERR`` from 1e-2 on) and its time
+    as a ratio to ``base_ms``; an arm that does not compile or launch says so instead (the race goes on)."""
+    try:
+        err = ((fn().float() - ref).norm() / ref.norm()).item()
+        ms = bench(fn)
+    except Exception as exc:  # a lab arm may fail to compile or launch: say so, the race goes on
+        return f" {label} FAIL {type(exc).__name__}: {str(exc)[:120]}"
+    return f" {label} {base_ms / ms:.2f}x" + ("" if err < 1e-2 else f" ERR {err:.1e}")
+
+
 def _small() -> None:
     """Token tiles of 16-64 with split-K on the LLaVA-1.5-7B shapes at M = 1-64: error vs dequantize + matmul (fp32)
     and time vs cuBLAS bf16 and the shipped dispatch (``w4a16_linear``)."""
@@ -81,14 +92,7 @@ def _small() -> None:
                     for split in (1, 2, 4, 8):
                         fn = functools.partial(gw.wgmma_w4a16, x, packed, scales, None, group, block_m=bm,
                                                stages=stages, split=split)  # fmt: skip
-                        try:
-                            err = ((fn().float() - ref).norm() / ref.norm()).item()
-                            ms = bench(fn)
-                        except Exception as exc:  # a tile that does not compile: say so, go on
-                            line.append(f" {bm}/{stages}/s{split} FAIL {type(exc).__name__}")
-                            continue
-                        bad = "" if err < 1e-2 else f" ERR {err:.1e}"
-                        line.append(f" {bm}/{stages}/s{split} {base / ms:.2f}x{bad}")
+                        line.append(checked_ratio(f"{bm}/{stages}/s{split}", fn, ref, base, bench))
             print("".join(line), flush=True)
 
 
@@ -111,14 +115,7 @@ def _ws() -> None:
         for bm, bk, stages, pipe in tiles:
             fn = functools.partial(gw.wgmma_w4a16, x, packed, scales, None, group, block_m=bm, block_k=bk,
                                    stages=stages, pipe=pipe)  # fmt: skip
-            try:
-                err = ((fn().float() - ref).norm() / ref.norm()).item()
-                ms = bench(fn)
-            except Exception as exc:  # a tile that does not compile or launch: say so, go on
-                line.append(f" {bm}/{stages}/p{pipe} FAIL {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            bad = "" if err < 1e-2 else f" ERR {err:.1e}"
-            line.append(f" {bm}/{stages}/p{pipe} {base / ms:.2f}x{bad}")
+            line.append(checked_ratio(f"{bm}/{stages}/p{pipe}", fn, ref, base, bench))
         print("".join(line), flush=True)
 
 
