@@ -591,3 +591,56 @@ def test_wgmma_kernel_declines_what_it_does_not_implement():
     assert not gw.supports(x, packed, scales.float(), 64, 64)  # scales in another dtype
     assert not gw.supports(x, packed[:200], scales[:200], 64, 64)  # N not a multiple of 128
     assert not gw.supports(x.cpu(), packed, scales, 64, 64)
+
+
+_GEMV4_CASES = [  # dtype, bias, M, N, K, group, (rows, cols, warps), split
+    (torch.bfloat16, False, 1, 4096, 4096, 128, (4, 4, 4), 1),
+    (torch.float16, True, 1, 200, 640, 64, (4, 4, 4), 1),  # N and K tails: a partial row block, a partial step
+    (torch.bfloat16, True, 2, 256, 11008, 128, (8, 2, 4), 3),  # 1376 words in steps of 64: 8 + 8 + 5.5 steps
+    (torch.float16, False, 3, 72, 1536, 32, (4, 2, 4), 1),  # 3 of 4 padded tokens, groups of 4 words
+    (torch.bfloat16, True, 4, 1536, 8960, 128, (2, 4, 4), 4),
+    (torch.bfloat16, False, 1, 2048, 1536, 128, (8, 1, 4), 2),
+    (torch.float16, True, 4, 320, 2048, 128, (4, 4, 8), 8),  # 2 steps: 8 splits asked, 2 run
+    (torch.bfloat16, False, 2, 96, 256, 64, (2, 2, 4), 1),
+]
+
+
+@pytest.mark.parametrize(
+    "case", _GEMV4_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-n{c[3]}-k{c[4]}-g{c[5]}-{c[6]}-split{c[7]}"
+)
+def test_gluon_gemv_matches_the_fp64_reference(case):
+    """The Gluon GEMV (rows x words per thread, activations shared by a thread's rows): every checked shape against
+    fp64 with token padding, N and K tails, bias, split-K and both 16-bit dtypes; a repeat call gives the same bits
+    (the split counters were reset, the partials are added in split order)."""
+    gg = importlib.import_module("grace_quant.kernels.gluon_gemv")
+    dtype, bias, m, n, k, group, (rows, cols, warps), split = case
+    torch.manual_seed(m + n + k)
+    packed, scales, b = make(n, k, group, dtype, bias)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    assert gg.supports(x, packed, scales, group, cols)
+    poison()
+    y = gg.gemv4_w4a16(x, packed, scales, b, group, rows=rows, cols=cols, warps=warps, split=split)
+    assert rel_err(y, ref_fp64(x, packed, scales, b, group)) < TOL[dtype]
+    assert torch.equal(gg.gemv4_w4a16(x, packed, scales, b, group, rows=rows, cols=cols, warps=warps, split=split), y)
+    strided = torch.randn(m, k + 64, device="cuda").to(dtype)[:, :k]  # rows further apart than K
+    strided.copy_(x)
+    assert torch.equal(
+        gg.gemv4_w4a16(strided, packed, scales, b, group, rows=rows, cols=cols, warps=warps, split=split), y
+    )
+
+
+def test_every_checked_gemv_shape_is_tested_and_the_gemv_declines_what_it_does_not_read():
+    gg = importlib.import_module("grace_quant.kernels.gluon_gemv")
+    assert {case[6] for case in _GEMV4_CASES} == gg.CONFIGS
+    packed, scales, _ = make(256, 1536, 128, torch.bfloat16, False)
+    x = torch.randn(4, 1536, device="cuda").to(torch.bfloat16)
+    assert gg.supports(x, packed, scales, 128, 4)
+    assert not gg.supports(torch.randn(5, 1536, device="cuda").to(torch.bfloat16), packed, scales, 128, 4)  # 5 tokens
+    assert not gg.supports(x.float(), packed, scales, 128, 4)  # fp32 activations
+    assert not gg.supports(x.cpu(), packed, scales, 128, 4)
+    assert not gg.supports(torch.randn(4, 1537, device="cuda").to(torch.bfloat16)[:, 1:], packed, scales, 128, 4)
+    packed2, scales2, _ = make(64, 1024, 512, torch.bfloat16, False)  # a 32-word step would straddle 64-word groups
+    x2 = torch.randn(1, 1024, device="cuda").to(torch.bfloat16)
+    assert gg.supports(x2, packed2, scales2, 512, 2) and not gg.supports(x2, packed2, scales2, 512, 1)
+    with pytest.raises(ValueError, match="not one of the checked"):
+        gg.gemv4_w4a16(x, packed, scales, None, 128, rows=3)

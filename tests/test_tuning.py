@@ -57,6 +57,22 @@ def test_gluon_candidates_are_checked_tiles_and_the_persistent_form_never_splits
         gw.plan(torch.bfloat16, 256, 1024, 128, False, (128, 128, 4, gw.WS), 2)
 
 
+def test_gluon_gemv_candidates_are_checked_shapes_raced_up_to_four_tokens():
+    """Every Gluon GEMV entry the tuner can file names a shape the GPU tests check; the GEMV races at 1-4 tokens only,
+    and an unchecked shape or a split below 1 is refused before anything runs."""
+    from grace_quant.kernels import gluon_gemv as gg
+
+    assert {gg.config_of(c) for c in tuner.GEMV4_SPACE} == gg.CONFIGS
+    assert all(c["split"] >= 1 for c in tuner.GEMV4_SPACE)
+    for m in dispatch.M_BUCKETS:
+        raced = [c for c in tuner.space_for(m) if c.get("gemv4")]
+        assert len(raced) == (len(tuner.GEMV4_SPACE) if m <= gg.MAX_TOKENS else 0), m
+    with pytest.raises(ValueError, match="not one of the checked"):
+        gg.plan(torch.bfloat16, 256, 1024, 128, False, (3, 4, 4))
+    with pytest.raises(ValueError, match="at least one program"):
+        gg.plan(torch.bfloat16, 256, 1024, 128, False, (4, 4, 4), 0)
+
+
 def test_user_cache_overrides_shipped_configs_and_saves_atomically(tmp_path):
     shipped, user = tmp_path / "shipped", tmp_path / "user"
     shipped.mkdir()
@@ -131,7 +147,7 @@ def test_tune_model_covers_every_fused_matmul_and_bucket_once(tmp_path):
     best_small = min(tuner.space_for(1), key=lambda c: sum(c.values()))  # the GEMV races the tensor-core kernel
     small = tuner.WGMMA_SMALL_SPACE
     assert (
-        tuner.space_for(4) == tuner.GEMV_SPACE + tuner.PIPE_SPACE + tuner.TC_SMALL_SPACE + small[4]
+        tuner.space_for(4) == tuner.GEMV_SPACE + tuner.PIPE_SPACE + tuner.GEMV4_SPACE + tuner.TC_SMALL_SPACE + small[4]
         and tuner.space_for(16) == tuner.TC_SMALL_SPACE + small[16]
     )
     assert tuner.space_for(17) == tuner.TC_SPACE + small[32]

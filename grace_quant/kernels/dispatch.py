@@ -3,8 +3,8 @@
 A call of ``M`` tokens takes path ``gemv`` (``M <= GEMV_MAX_M``), ``tc`` (the split-K tensor-core kernel, up to
 ``TC_MAX_M``) or ``large`` (dequantize + cuBLAS races the tensor-core kernel). Its configuration is filed under the
 key ``(path, M bucket, N, K, group, dtype)`` in this GPU's table (:mod:`.tables`), and names the kernel that won
-there (``"tc": 1`` the tensor-core kernel, ``"step_k"`` / ``"block_j"`` the GEMVs, ``"wgmma": 1`` the Gluon Hopper
-kernel, ``"tc": 0`` dequantize + cuBLAS); a key without an entry runs the path's built-in heuristic. Lookups are
+there (``"tc": 1`` the tensor-core kernel, ``"step_k"`` / ``"block_j"`` the Triton GEMVs, ``"gemv4": 1`` the Gluon
+GEMV, ``"wgmma": 1`` the Gluon Hopper kernel, ``"tc": 0`` dequantize + cuBLAS); a key without an entry runs the path's built-in heuristic. Lookups are
 dictionary reads on the host: safe under CUDA graphs and ``torch.compile`` (no syncs), and nothing is ever tuned here
 (tuning is :mod:`.tuner`'s job, ahead of time).
 """

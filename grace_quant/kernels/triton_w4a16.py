@@ -751,6 +751,43 @@ def _gluon():
     return gluon_w4a16
 
 
+@functools.cache
+def _gluon_gemv():
+    """:mod:`.gluon_gemv`, imported on first use (only tuned entries name it), or None where this Triton has no
+    Gluon."""
+    try:
+        from . import gluon_gemv
+    except ImportError:
+        return None
+    return gluon_gemv
+
+
+def _gemv4(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int,
+           config: dict[str, int]) -> _Plan | None:  # fmt: skip
+    """The Gluon GEMV's ``run(x2, packed, scales, bias)`` for a ``"gemv4"`` entry, or None where it does not take
+    this call."""
+    gemv = _gluon_gemv()
+    if gemv is None or not gemv.supports(x2, packed, scales, group, config["cols"]):
+        return None
+    n, kw = packed.shape
+    return gemv.plan(x2.dtype, n, kw * 8, group, bias is not None, gemv.config_of(config), config.get("split", 1))
+
+
+def _gluon_launch(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int,
+                  config: dict[str, int] | None) -> tuple[_Plan, Callable[[torch.Tensor], bool]] | None:  # fmt: skip
+    """A Gluon kernel's bound launch for a ``"wgmma"`` or ``"gemv4"`` entry and the test of the activations it reads,
+    or None (no such entry, or the kernel does not take this call)."""
+    if config is None:
+        return None
+    if config.get("wgmma"):
+        launch = _wgmma(x2, packed, scales, bias, group, config)
+        return None if launch is None else (launch, _gluon().reads)
+    if config.get("gemv4"):
+        launch = _gemv4(x2, packed, scales, bias, group, config)
+        return None if launch is None else (launch, _gluon_gemv().reads)
+    return None
+
+
 def _wgmma(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int,
            config: dict[str, int]) -> _Plan | None:  # fmt: skip
     """The Gluon kernel's ``run(x2, packed, scales, bias)`` for a ``"wgmma"`` entry, or None where it does not take
@@ -775,14 +812,13 @@ def linear_with_config(
     ``config`` from the table, or the path's built-in heuristic when ``config`` is None (``large``: dequantize +
     cuBLAS). An entry names its kernel: ``"tc": 1`` the tensor-core kernel, ``"step_k"`` the GEMV and ``"block_j"``
     the pipelined GEMV (up to ``GEMV_ROWS`` rows; a pipelined entry the call's layout does not fit runs the path's
-    heuristic), ``"wgmma": 1`` the Gluon Hopper kernel (where it does not take the call: the path's heuristic),
-    ``"tc": 0`` dequantize + cuBLAS."""
+    heuristic), ``"wgmma": 1`` the Gluon Hopper kernel and ``"gemv4": 1`` the Gluon GEMV (where either does not take
+    the call: the path's heuristic), ``"tc": 0`` dequantize + cuBLAS."""
     if path not in ("gemv", "tc", "large"):
         raise ValueError(f"unknown kernel path {path!r} (expected 'gemv', 'tc' or 'large')")
-    if config is not None and config.get("wgmma"):
-        launch = _wgmma(x2, packed, scales, bias, group_size, config)
-        if launch is not None:
-            return launch(x2, packed, scales, bias)
+    gluon = _gluon_launch(x2, packed, scales, bias, group_size, config)
+    if gluon is not None:
+        return gluon[0](x2, packed, scales, bias)
     if config is not None and config.get("tc"):
         return tc_gemm_w4a16(x2, packed, scales, bias, group_size, **_overrides(config, _TC_KEYS, x2))
     if config is not None and "step_k" in config and x2.shape[0] <= GEMV_ROWS:
@@ -902,27 +938,26 @@ def _plan(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: tor
     path, config = path_for(m), config_for(x.reshape(-1, k), n, group)
     if path == "large" and x.is_cuda and not torch.cuda.is_current_stream_capturing():
         _counters(x.device)  # an eager prefill readies the split-K counters for the decode steps' graphs
-    if config is not None and config.get("wgmma"):
-        launch = _wgmma(x.reshape(-1, k), packed, scales, bias, group, config)
-        if launch is not None:
-            return _wgmma_plan(launch, _gluon().reads, n, k, group, (path, config))
+    gluon = _gluon_launch(x.reshape(-1, k), packed, scales, bias, group, config)
+    if gluon is not None:
+        return _gluon_plan(*gluon, n, k, group, (path, config))
     if path != "large" or (config is not None and (config.get("tc") or config.get("wgmma"))):
         return lambda x, p, s, b: linear_unchecked(x, p, s, b, group, (path, config))
     return _dequant_matmul_plan(n, k, group, x.dtype, _tile_mode(scales, x.dtype), bias)
 
 
-def _wgmma_plan(launch: _Plan, reads: Callable[[torch.Tensor], bool], n: int, k: int, group: int,
+def _gluon_plan(launch: _Plan, reads: Callable[[torch.Tensor], bool], n: int, k: int, group: int,
                 resolved: tuple[str, dict[str, int]]) -> _Plan:  # fmt: skip
-    """The Gluon kernel, its launch resolved once (:func:`.gluon_w4a16.plan`); a call whose activation the kernel
-    cannot read as it is (``reads``: strided or misaligned rows) takes the general path."""
+    """A Gluon kernel, its launch resolved once (:func:`.gluon_w4a16.plan`, :func:`.gluon_gemv.plan`); a call whose
+    activation the kernel cannot read as it is (``reads``: strided or misaligned rows) takes the general path."""
 
-    def wgmma(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def gluon(x: torch.Tensor, p: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         if not reads(x2):
             return linear_unchecked(x, p, s, b, group, resolved)
         return launch(x2, p, s, b).reshape(*x.shape[:-1], n)
 
-    return wgmma
+    return gluon
 
 
 def _dequant_matmul_plan(n: int, k: int, group: int, dtype: torch.dtype, mode: int, bias: torch.Tensor | None) -> _Plan:

@@ -35,6 +35,14 @@ PIPE_SPACE: tuple[Config, ...] = tuple(
 """Candidates for the pipelined GEMV, M <= 4: the H100 lab's winners (benchmarks/results/kernel_lab_h100.md); a
 candidate whose step does not tile the shape's K is skipped."""
 
+GEMV4_SPACE: tuple[Config, ...] = tuple(
+    {"gemv4": 1, "rows": rows, "cols": cols, "warps": warps, "split": split}
+    for rows, cols, warps in ((4, 4, 4), (8, 2, 4), (4, 2, 4), (2, 4, 4), (8, 1, 4), (4, 4, 8), (2, 2, 4))
+    for split in (1, 2, 4, 8)
+)
+"""Candidates for the Gluon GEMV (:mod:`.gluon_gemv`), M <= 4: every checked ``(rows, cols, warps)`` shape with K
+split over 1-8 programs (a configuration the call's K or group does not fit is skipped)."""
+
 TC_SMALL_SPACE: tuple[Config, ...] = tuple(
     {"tc": 1, "block_m": 16, "block_n": bn, "block_k": bk, "num_warps": 4, "num_stages": ns,
      "target_programs_per_sm": tp, "prefetch": pf}
@@ -106,6 +114,7 @@ Shape = tuple[int, int, int, torch.dtype, torch.device]
 MeasureFactory = Callable[[int, int, int, int, torch.dtype, torch.device], Callable[[Config], float]]
 
 __all__ = [
+    "GEMV4_SPACE",
     "GEMV_SPACE",
     "LARGE_SPACE",
     "PIPE_SPACE",
@@ -124,13 +133,13 @@ __all__ = [
 
 
 def space_for(m: int) -> tuple[Config, ...]:
-    """The candidate configurations for ``m`` tokens: the GEMV races the tensor-core kernel up to its 4 rows, the
+    """The candidate configurations for ``m`` tokens: the GEMVs race the tensor-core kernel up to their 4 rows, the
     Gluon kernel races them at M <= 64 and dequantize + cuBLAS above, up to :data:`WGMMA_MAX_M`."""
     path = path_for(m)
     if path == "large":
         return LARGE_SPACE + WGMMA_SPACE if m_bucket(m) <= WGMMA_MAX_M else LARGE_SPACE
     small = (TC_SMALL_SPACE if m <= 16 else TC_SPACE) + WGMMA_SMALL_SPACE[m_bucket(m)]
-    return (GEMV_SPACE + PIPE_SPACE + small) if m <= GEMV_ROWS else small
+    return (GEMV_SPACE + PIPE_SPACE + GEMV4_SPACE + small) if m <= GEMV_ROWS else small
 
 
 def tune_key(
@@ -181,6 +190,8 @@ def cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device:
             raise ValueError(f"a step of {config['block_j']} words does not tile K = {k} in group pairs")
         if config.get("wgmma") and triton_w4a16._wgmma(x, *copies[0], None, group, config) is None:
             raise ValueError("the Gluon kernel does not take this call (not Hopper, or the shape does not tile)")
+        if config.get("gemv4") and triton_w4a16._gemv4(x, *copies[0], None, group, config) is None:
+            raise ValueError(f"the Gluon GEMV does not take this call with {config['cols']} words per thread")
         seconds = [
             graph_time_us([lambda x=x, p=p, s=s: run(x, config, p, s) for p, s in copies], replays=10) * 1e-6 * m / rows
             for rows, x in xs.items()
