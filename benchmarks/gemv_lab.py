@@ -3,6 +3,9 @@ tokens, timed as the tuner times (CUDA-graph replay over weight copies cycled pa
 checked against dequantize + matmul (fp32) first.
 
     PYTHONSAFEPATH=1 PYTHONPATH=$PWD python benchmarks/gemv_lab.py   # on an NVIDIA GPU; ~3-5 minutes
+
+``--ncu M,N,K``: one launch each of cuBLAS bf16, the shipped dispatch and the Gluon GEMV (``--config R,C,W,S``)
+inside the profiler range, for ``ncu --profile-from-start off``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from grace_quant.kernels import gluon_gemv as gg
 from grace_quant.kernels import w4a16_linear_op
 from grace_quant.kernels.reference import dequantize
-from grace_quant.kernels.timing import dense_time_us, graph_time_us, w4_copies
+from grace_quant.kernels.timing import dense_time_us, graph_time_us, random_w4, w4_copies
 
 SHAPES = {  # (N, K): each model's identical-shape layer linears, then the fused ones it runs
     "llava": ((4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (22016, 4096)),
@@ -29,7 +32,12 @@ def main() -> None:
     parser.add_argument("--models", default="llava,qwen")
     parser.add_argument("--splits", default="1,2,4,8")
     parser.add_argument("--deadline-s", type=float, default=420)
+    parser.add_argument("--ncu", default="", help="M,N,K: profile one launch per arm instead of the race")
+    parser.add_argument("--config", default="4,4,4,2", help="rows,cols,warps,split of the GEMV under --ncu")
     args = parser.parse_args()
+    if args.ncu:
+        _profile(*(int(v) for v in args.ncu.split(",")), tuple(int(v) for v in args.config.split(",")))
+        return
     start = time.time()
     dtype, group = torch.bfloat16, 128
     splits = [int(s) for s in args.splits.split(",")]
@@ -79,6 +87,28 @@ def main() -> None:
                     f" | best {best[1]} {best[0]:.1f} us ({base / best[0]:.2f}x, {shipped / best[0]:.2f}x shipped)"
                 )
                 print("".join(line), flush=True)
+
+
+def _profile(m: int, n: int, k: int, config: tuple[int, ...]) -> None:
+    """One launch of each arm inside the profiler range (warm-up before it)."""
+    dtype, group = torch.bfloat16, 128
+    (packed, scales), dense = random_w4(n, k, group, dtype, "cuda"), torch.randn(n, k, device="cuda", dtype=dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    rows, cols, warps, split = config
+    arms = {
+        "cublas-bf16": lambda: torch.nn.functional.linear(x, dense),
+        "shipped": lambda: w4a16_linear_op(x, packed, scales, None, group),
+        "gemv4": lambda: gg.gemv4_w4a16(x, packed, scales, None, group, rows=rows, cols=cols, warps=warps, split=split),
+    }
+    for fn in arms.values():
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for fn in arms.values():
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print(f"profiled {list(arms)} at M={m} N={n} K={k} on {torch.cuda.get_device_name()}")
 
 
 if __name__ == "__main__":

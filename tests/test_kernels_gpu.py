@@ -600,7 +600,7 @@ _GEMV4_CASES = [  # dtype, bias, M, N, K, group, (rows, cols, warps), split
     (torch.float16, False, 3, 72, 1536, 32, (4, 2, 4), 1),  # 3 of 4 padded tokens, groups of 4 words
     (torch.bfloat16, True, 4, 1536, 8960, 128, (2, 4, 4), 4),
     (torch.bfloat16, False, 1, 2048, 1536, 128, (8, 1, 4), 2),
-    (torch.float16, True, 4, 320, 2048, 128, (4, 4, 8), 8),  # 2 steps: 8 splits asked, 2 run
+    (torch.float16, True, 4, 320, 2048, 128, (4, 4, 4), 8),  # 2 steps: 8 splits asked, 2 run
     (torch.bfloat16, False, 2, 96, 256, 64, (2, 2, 4), 1),
 ]
 

@@ -34,7 +34,7 @@ __all__ = ["CONFIGS", "MAX_TOKENS", "config_of", "gemv4_w4a16", "plan", "reads",
 
 MAX_TOKENS = 4
 """Tokens per call (decode rows); more take the tensor-core kernels."""
-CONFIGS = {(4, 4, 4), (8, 2, 4), (4, 2, 4), (2, 4, 4), (8, 1, 4), (4, 4, 8), (2, 2, 4)}
+CONFIGS = {(4, 4, 4), (8, 2, 4), (4, 2, 4), (2, 4, 4), (8, 1, 4), (2, 2, 4)}
 """The ``(rows, cols, warps)`` shapes checked on GPUs: ``rows`` weight rows and ``cols`` consecutive words per
 thread, ``warps`` warps stacked along N (a program owns ``rows * warps`` rows and steps ``32 * cols`` words)."""
 
