@@ -6,7 +6,7 @@ Why a second GEMV: the Triton one (:func:`.triton_w4a16.gemv_pipe_w4a16`) issues
 layout gives each thread one row, so the activations are re-converted per row and a group's words are summed
 across lanes every step), which bounds it near 1.1-1.5 TB/s on an H200, not the bytes. Here a weight costs its code
 (``lop3`` into the mantissa of 2**23, one FMA removes the offset exactly: the code in fp32), one FMA per token, and
-per word one FMA by the group scale: ~4.4 SASS instructions per weight for ``R = C = 4`` (sm_90, one token).
+per word one FMA by the group scale: ~4.3 SASS instructions per weight for ``R = C = 4`` (sm_90, one token).
 
 Each program walks its K range in steps of ``32 * C`` words, the next step's words, scales and activations loaded
 (into registers) before the current step is computed; K is split over programs to fill the GPU, the last split to
@@ -67,7 +67,7 @@ def _token(xq, WL: gl.constexpr, FP16: gl.constexpr):
 
 @gluon.jit
 def _code(w, SHIFT: gl.constexpr, magic):
-    """The signed code at bit ``SHIFT`` (0, 4, 8 or 12) of uint32 words ``w``, exactly, in fp32: OR'd into the mantissa
+    """The signed code at bit ``SHIFT`` (0-16) of uint32 words ``w``, exactly, in fp32: OR'd into the mantissa
     of 2**23 it reads ``2**23 + u * 2**SHIFT``; one FMA scales it back and subtracts ``2**23 / 2**SHIFT + 8``."""
     v = ((w & (0xF << SHIFT)) | magic).to(gl.float32, bitcast=True)
     return gl.fma(v, 1.0 / (1 << SHIFT), -(8388608.0 / (1 << SHIFT) + 8.0))
@@ -115,7 +115,7 @@ def _step(acc0, acc1, acc2, acc3, words, sc, xq0, xq1, xq2, xq3, magic, T: gl.co
         d2 = gl.fma(c, e3, d2)
     if T > 3:
         d3 = gl.fma(c, f3, d3)
-    c = _code(whi, 0, magic)
+    c = _code(w, 16, magic)  # bits 16-19 still sit inside the mantissa: no shift needed
     d0 = gl.fma(c, a4, d0)
     if T > 1:
         d1 = gl.fma(c, b4, d1)
