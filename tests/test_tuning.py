@@ -71,6 +71,9 @@ def test_gluon_gemv_candidates_are_checked_shapes_raced_up_to_four_tokens():
         gg.plan(torch.bfloat16, 256, 1024, 128, False, (3, 4, 4))
     with pytest.raises(ValueError, match="at least one program"):
         gg.plan(torch.bfloat16, 256, 1024, 128, False, (4, 4, 4), 0)
+    with pytest.raises(ValueError, match="do not tile K"):
+        gg.plan(torch.bfloat16, 256, 1024, 512, False, (8, 1, 4))  # a 32-word step inside 64-word groups
+    assert gg.fits(1024, 512, 2) and gg.fits(11008, 128, 4) and not gg.fits(1000, 8, 4)
 
 
 def test_user_cache_overrides_shipped_configs_and_saves_atomically(tmp_path):
@@ -236,16 +239,22 @@ def test_shipped_tables_name_kernels_that_run_their_keys(path):
         "gemv": set(tw._GEMV_KEYS) | {"target_programs_per_sm"},
         "pipe": set(tw._PIPE_KEYS) | {"target_programs_per_sm"},
         "wgmma": {"wgmma", "block_m", "block_k", "stages", "pipe", "split"},
+        "gemv4": {"gemv4", "rows", "cols", "warps", "split"},
     }
     for key, config in data["configs"].items():
         path_name, bucket, n, k, group, dtype = key.split("|")
         assert key == dispatch.key_for(int(bucket), int(n), int(k), int(group), getattr(torch, dtype)), key
-        kind = (
-            "pipe" if "block_j" in config else "gemv" if "step_k" in config else "wgmma" if "wgmma" in config else "tc"
+        kind = next((name for name in ("gemv4", "wgmma") if name in config), None) or (
+            "pipe" if "block_j" in config else "gemv" if "step_k" in config else "tc"
         )
         assert set(config) <= kinds[kind] or config == {"tc": 0}, (key, config)
-        if kind in ("pipe", "gemv"):
+        if kind in ("pipe", "gemv", "gemv4"):
             assert int(bucket) <= dispatch.GEMV_ROWS, key
+        if kind == "gemv4":  # the Gluon GEMV: a checked shape whose words per thread tile this K, groups unstraddled
+            from grace_quant.kernels import gluon_gemv
+
+            assert gluon_gemv.config_of(config) in gluon_gemv.CONFIGS and config["split"] >= 1, key
+            assert gluon_gemv.fits(int(k), int(group), config["cols"]), key
         if kind == "wgmma":  # the Gluon kernel: a checked tile, N in whole 128-row programs; small tiles below 128
             from grace_quant.kernels import gluon_w4a16
 

@@ -30,7 +30,7 @@ from triton.experimental.gluon import language as gl
 from .launch import DirectLauncher, _arg_key
 from .triton_w4a16 import _MAGIC, _outputs
 
-__all__ = ["CONFIGS", "MAX_TOKENS", "config_of", "gemv4_w4a16", "plan", "reads", "supports"]
+__all__ = ["CONFIGS", "MAX_TOKENS", "config_of", "fits", "gemv4_w4a16", "plan", "reads", "supports"]
 
 MAX_TOKENS = 4
 """Tokens per call (decode rows); more take the tensor-core kernels."""
@@ -279,19 +279,20 @@ def reads(x2: torch.Tensor) -> bool:
     return 1 <= x2.shape[0] <= MAX_TOKENS and x2.stride(-1) == 1 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
 
 
+def fits(k: int, group: int, cols: int) -> bool:
+    """Whether ``cols`` words per thread tile this K: whole groups of whole words, K a whole number of ``cols``-word
+    chunks (the masks' unit), and a step (``32 * cols`` words) that never straddles a group."""
+    return group % 8 == 0 and k % group == 0 and k % (8 * cols) == 0 and (32 * cols) % (group // 8) == 0
+
+
 def supports(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, cols: int = 4) -> bool:
     """Whether the kernel takes this call with ``cols`` words per thread: activations it :func:`reads`, fp16/bf16 on
-    CUDA, K a whole number of ``cols``-word chunks, groups of whole words that a step (``32 * cols`` words) never
-    straddles, contiguous weights and scales."""
-    k = x2.shape[1]
+    CUDA, a K that ``cols`` :func:`fits`, contiguous weights and scales."""
     return (
         x2.is_cuda
         and x2.dtype in (torch.float16, torch.bfloat16)
         and reads(x2)
-        and group % 8 == 0
-        and k % group == 0
-        and k % (8 * cols) == 0
-        and (32 * cols) % (group // 8) == 0
+        and fits(x2.shape[1], group, cols)
         and packed.is_contiguous()
         and scales.is_contiguous()
     )
@@ -315,6 +316,8 @@ def plan(
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and configuration, with K split over
     ``split`` programs (rounded to whole steps); callers check :func:`supports` first."""
     rows, cols, warps = _checked(config)
+    if not fits(k, group, cols):
+        raise ValueError(f"{cols} words per thread do not tile K = {k} in groups of {group}: pick another shape")
     if split < 1:
         raise ValueError(f"split = {split}: K is split over at least one program (1 for no split)")
     kw = k // 8
