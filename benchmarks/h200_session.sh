@@ -45,6 +45,8 @@
 #   conv     benchmarks/conv_lab.py: the lab kernels with a converter warpgroup (bf16 weight tiles in shared memory,
 #            shared-memory-operand MMAs) against cuBLAS bf16 and the Gluon tiles at 600-2048 tokens (OUT/conv_lab.txt;
 #            ~1 min; first GPU run: its warp specialization asks for registers no run has tried yet)
+#   gemv     the Gluon GEMV's GPU tests, then benchmarks/gemv_lab.py: its shapes and splits against cuBLAS bf16 and the
+#            shipped dispatch at 1-4 tokens on both models' shapes (OUT/gemv_lab.txt; ~2 min)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -95,17 +97,21 @@
 # Gluon GPU tests incl. the new warp-specialized tiles (33 passed), gluon_profile.py --ws, tune_kernels.py at M = 1-64
 # (all shapes) and 128-2048 (both models), bench_kernels.py at M = 1-2048 with the merged table, tests of kernels and
 # generation with it (140 passed): benchmarks/results/gluon_h200.md sections 4-5, kernels_h200.md.
-# Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-3 minutes each, and a machine
+# Done 2026-12-07, ninth session (one H100 call of ~1.5 device minutes and two short ones; ~15 device minutes went to
+# eight refused or failed starts, the H200 never came): conv_lab.py (both converter-warpgroup forms lose:
+# gluon_h200.md section 6), the Gluon GEMV's GPU tests (21 passed with the older GEMV tests), gemv_lab.py (its race:
+# 1.03-1.14x the shipped kernels at M = 1, 1.18-1.28x at M = 2 on LLaVA shapes) and ncu at M = 1 (section 7).
+# Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-5 minutes each, and a machine
 # goes back 30 s after a call: have the next command ready), in this order:
-#  1) STAGES="e2e-llava" then "e2e-qwen" on an H200 with the new table (issue 16's floors were measured on an H100;
-#     decode at batch 8 now runs the small tiles), then "ttft"/"prefill";
-#  2) issue 15 at large M: the compute warps' instruction stream bounds the kernel (gluon_h200.md, section 4):
-#     STAGES=conv (benchmarks/conv_lab.py, a converter warpgroup writing bf16 tiles to shared memory for
-#     shared-memory-operand MMAs; compiled offline only), then, if it leads, make it a tile form of gluon_w4a16.py;
-#     else a load-time repack (fewer instructions per weight pair); STAGES=gluon-ncu for the warp-stall breakdown;
-#  3) M = 1-8 (floors 2.2x / 1.9x; now 1.83x / 1.45-1.50x): the GEMV and the 16-token tile both stream the weight at
-#     ~1.1-1.7 TB/s of 4.8; find what holds the bytes in flight down (ncu on the pipelined GEMV);
-#  4) the H100 table: STAGES=small and tune_kernels.py --ms 128,...,2048 --retune (the warp-specialized tiles).
+#  1) on an H200: the Gluon GEMV's tests, tune_kernels.py --retune --ms 1,2,4 (the GEMV races the others; ~4 min) and
+#     bench_kernels.py --ms 1,2,4,8,16,64 with that table (GRACE_QUANT_CACHE=OUT); merge the gemv|1, gemv|2 and tc|4
+#     keys into configs/NVIDIA_H200.json; the same on an H100 for its table (its M = 4-64 buckets have no entries);
+#  2) STAGES="e2e-llava" then "e2e-qwen" on an H200 with that table (issue 16's floors were measured on an H100),
+#     then "ttft";
+#  3) M = 1-8 (floors 2.2x / 1.9x): both GEMVs sit between issue rate and bytes (section 7): the tensor-core route
+#     with a load-time nibble repack (one shift and one lop3 per pair of codes instead of four instructions) serves
+#     M = 1-64 and the large tiles alike; keep save_pretrained's format unchanged;
+#  4) issue 15 at large M: the same repack is the lever section 4 names (the MMA warps' own instruction stream).
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -211,13 +217,17 @@ for stage in $STAGES; do
       rm -f "$OUT/e2e_raw.json" ;;
     conv)
       timeout 150 python benchmarks/conv_lab.py > "$OUT/conv_lab.txt" 2>&1 ;;
+    gemv)
+      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "gluon_gemv or checked_gemv" -p no:cacheprovider \
+        > "$OUT/gemv_tests.log" 2>&1
+      timeout 300 python benchmarks/gemv_lab.py > "$OUT/gemv_lab.txt" 2>&1 ;;
     sweep)
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small gluon-ncu conv gemv sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"
