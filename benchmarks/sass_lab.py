@@ -1,0 +1,127 @@
+"""Count the SASS instructions of the W4A16 kernels' main loops without a GPU: compile for sm_90 with Triton's own
+``ptxas`` and disassemble with its ``cuobjdump`` (both ship in the Triton wheel), then count the instructions between
+the loop's backward branch and its target, by opcode.
+
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0     # the GPU machine's Triton
+    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py gemv4 --rows 4 --cols 4
+    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16
+    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair repacked
+
+``--pair repacked`` swaps the Gluon kernel's pair-making PTX for the one a nibble-permuted word layout would allow
+(codes ``2c`` and ``2c + 1`` at nibbles ``c`` and ``c + 4``: one ``lop3`` after the shift instead of a shift and two
+``lop3``); its results are wrong on today's layout, its instruction count is what the layout would cost
+(``benchmarks/results/gluon_h200.md``, section 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from grace_quant.kernels import gluon_gemv, gluon_w4a16
+from grace_quant.kernels.triton_w4a16 import dequant_ptx
+
+_REPACKED_PAIR = """{
+.reg .b32 v, one, off, nz;
+mov.b32 one, ONE;
+mov.b32 off, OFF;
+mov.b32 nz, 0x80008000;
+lop3.b32 v, $2, 0x000F000F, MAGIC, 0xEA;
+fma.rn.TY v, v, one, off;
+fma.rn.TY v, v, $3, nz;
+mov.b32 {$0, $1}, v;
+}"""
+_INTS = ("N", "KW", "KG", "stride_xm", "stride_ym", "WORDS_PER", "K_PER")  # specialized as divisible by 16
+
+
+def _gemv4(args: argparse.Namespace) -> tuple:
+    ptr = "*fp16" if args.fp16 else "*bf16"
+    sig = dict(x_ptr=ptr, w_ptr="*i32", s_ptr=ptr, b_ptr=ptr, y_ptr=ptr, ws_ptr="*fp32", cnt_ptr="*i32")
+    sig |= {name: "i32" for name in ("M", "N", "KW", "KG", "stride_xm", "stride_ym", "WORDS_PER", "magic")}
+    consts = dict(R=args.rows, C=args.cols, WARPS=args.warps, GROUP=128, T=args.tokens, FP16=args.fp16,
+                  SPLIT=args.split, HAS_BIAS=False)  # fmt: skip
+    return gluon_gemv._gemv_kernel, sig, consts, args.warps
+
+
+def _wgmma(args: argparse.Namespace) -> tuple:
+    bm, bk = args.block_m, 128
+    mma, dot, words, out = gluon_w4a16._layouts(bm, bk)
+    x_layout, w_layout = gluon_w4a16._shared_layouts(bm, bk, torch.bfloat16)
+    sig = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}],{x_layout!r}>", w_desc=f"tensordesc<i32[128, {bk // 8}],{w_layout!r}>",
+               s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")  # fmt: skip
+    sig |= {name: "i32" for name in ("M", "N", "KW", "KG", "stride_ym", "K_PER")}
+    pair = (
+        gluon_w4a16._BF16_PAIR
+        if args.pair == "shipped"
+        else triton.language.constexpr(dequant_ptx(_REPACKED_PAIR, "bf16x2"))
+    )
+    consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
+                  WORDS=words, OUT=out, PIPE=True, SPLIT=args.split)  # fmt: skip
+    return gluon_w4a16._kernel, sig, consts, 8
+
+
+def _loop(sass: str) -> tuple[list[str], int]:
+    """The instructions of the innermost loop with the most MMAs (the shortest such span; for a kernel without MMAs,
+    the longest loop): opcodes, and its MMA count."""
+    ins = [(int(m[1], 16), m[2].strip()) for m in re.finditer(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
+    best: tuple[int, list[str]] = (-1, [])
+    for address, text in ins:
+        target = re.search(r"BRA 0x([0-9a-f]+)", text)
+        if target and int(target[1], 16) < address:
+            body = [t for a, t in ins if int(target[1], 16) <= a <= address]
+            mmas = sum("HGMMA" in t for t in body)
+            rank, best_rank = (
+                (mmas, -len(body) if mmas else len(body)),
+                (best[0], -len(best[1]) if best[0] else len(best[1])),
+            )
+            if rank > best_rank:
+                best = (mmas, body)
+    opcodes = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in best[1]]
+    return opcodes, best[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kernel", choices=("gemv4", "wgmma"))
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--cols", type=int, default=4)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=1, help="gemv4: padded tokens (1, 2 or 4)")
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--split", action="store_true")
+    parser.add_argument("--block-m", type=int, default=16)
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--pair", choices=("shipped", "repacked"), default="shipped")
+    args = parser.parse_args()
+    fn, sig, consts, warps = (_gemv4 if args.kernel == "gemv4" else _wgmma)(args)
+    sig |= {name: "constexpr" for name in consts}
+    attrs = {
+        (i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items()) if ty[0] == "*" or name in _INTS
+    }
+    source = (GluonASTSource if "Gluon" in type(fn).__name__ else ASTSource)(fn, sig, consts, attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    opcodes, mmas = _loop(sass)
+    regs = re.search(r"REG:(\d+)", usage)
+    print(f"{args.kernel} {consts if args.kernel == 'gemv4' else (args.block_m, args.stages, args.pair)}: "
+          f"{regs[1] if regs else '?'} registers, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip
+    print("  " + ", ".join(f"{op} {n}" for op, n in collections.Counter(opcodes).most_common(14)))
+
+
+if __name__ == "__main__":
+    main()
