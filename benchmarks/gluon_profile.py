@@ -49,7 +49,7 @@ def _arm(x, packed, scales, group, tile, pair=None):
         gw._kernel[grid](
             xd, wd, scales, y, y, ws, counters, x.shape[0], n, k // 8, k // group, y.stride(0), k // block_k,
             BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
-            WORDS=words, OUT=out, PIPE=pipe, SPLIT=False, num_warps=8,
+            WORDS=words, OUT=out, PIPE=pipe, SPLIT=False, LANE_BITS=8, num_warps=8,
         )  # fmt: skip
 
     return run

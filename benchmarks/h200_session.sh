@@ -47,6 +47,8 @@
 #            ~1 min; first GPU run: its warp specialization asks for registers no run has tried yet)
 #   gemv     the Gluon GEMV's GPU tests, then benchmarks/gemv_lab.py: its shapes and splits against cuBLAS bf16 and the
 #            shipped dispatch at 1-4 tokens on both models' shapes (OUT/gemv_lab.txt; ~2 min)
+#   repack   benchmarks/repack_lab.py: the Gluon tiles on nibble-permuted words (one shift and one lop3 per pair of codes)
+#            against the checkpoint's layout, same tile and split, both checked (OUT/repack_lab.txt; ~3 min; first GPU run)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -108,10 +110,11 @@
 #     keys into configs/NVIDIA_H200.json; the same on an H100 for its table (its M = 4-64 buckets have no entries);
 #  2) STAGES="e2e-llava" then "e2e-qwen" on an H200 with that table (issue 16's floors were measured on an H100),
 #     then "ttft";
-#  3) M = 1-8 (floors 2.2x / 1.9x): both GEMVs sit between issue rate and bytes (section 7): the tensor-core route
-#     with a load-time nibble repack (one shift and one lop3 per pair of codes instead of four instructions) serves
-#     M = 1-64 and the large tiles alike; keep save_pretrained's format unchanged;
-#  4) issue 15 at large M: the same repack is the lever section 4 names (the MMA warps' own instruction stream).
+#  3) STAGES=repack (~3 min): the Gluon tiles on nibble-permuted words (-21% loop instructions, gluon_h200.md section 8);
+#     where it gains, build the layout for real: permuted when a GRACE INT4 linear loads on CUDA, undone by
+#     save_pretrained (the checkpoint format stays), read by every kernel and the reference;
+#  4) M = 1-8 (floors 2.2x / 1.9x): both GEMVs sit between issue rate and bytes (section 7); the 16-token tile on the
+#     permuted layout may overtake them.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -221,13 +224,15 @@ for stage in $STAGES; do
       timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "gluon_gemv or checked_gemv" -p no:cacheprovider \
         > "$OUT/gemv_tests.log" 2>&1
       timeout 300 python benchmarks/gemv_lab.py > "$OUT/gemv_lab.txt" 2>&1 ;;
+    repack)
+      timeout 480 python benchmarks/repack_lab.py > "$OUT/repack_lab.txt" 2>&1 ;;
     sweep)
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small gluon-ncu conv gemv sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -7,10 +7,9 @@ the loop's backward branch and its target, by opcode.
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair repacked
 
-``--pair repacked`` swaps the Gluon kernel's pair-making PTX for the one a nibble-permuted word layout would allow
-(codes ``2c`` and ``2c + 1`` at nibbles ``c`` and ``c + 4``: one ``lop3`` after the shift instead of a shift and two
-``lop3``); its results are wrong on today's layout, its instruction count is what the layout would cost
-(``benchmarks/results/gluon_h200.md``, section 7).
+``--pair repacked`` compiles the Gluon kernel as ``benchmarks/repack_lab.py`` runs it on nibble-permuted words
+(codes ``2c`` and ``2c + 1`` at nibbles ``c`` and ``c + 4``: one shift and one ``lop3`` per pair instead of two
+shifts and two ``lop3``; ``benchmarks/results/gluon_h200.md``, section 8).
 """
 
 from __future__ import annotations
@@ -28,19 +27,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
+from benchmarks.repack_lab import _PAIRS
 from grace_quant.kernels import gluon_gemv, gluon_w4a16
-from grace_quant.kernels.triton_w4a16 import dequant_ptx
 
-_REPACKED_PAIR = """{
-.reg .b32 v, one, off, nz;
-mov.b32 one, ONE;
-mov.b32 off, OFF;
-mov.b32 nz, 0x80008000;
-lop3.b32 v, $2, 0x000F000F, MAGIC, 0xEA;
-fma.rn.TY v, v, one, off;
-fma.rn.TY v, v, $3, nz;
-mov.b32 {$0, $1}, v;
-}"""
 _INTS = ("N", "KW", "KG", "stride_xm", "stride_ym", "WORDS_PER", "K_PER")  # specialized as divisible by 16
 
 
@@ -60,13 +49,9 @@ def _wgmma(args: argparse.Namespace) -> tuple:
     sig = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}],{x_layout!r}>", w_desc=f"tensordesc<i32[128, {bk // 8}],{w_layout!r}>",
                s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")  # fmt: skip
     sig |= {name: "i32" for name in ("M", "N", "KW", "KG", "stride_ym", "K_PER")}
-    pair = (
-        gluon_w4a16._BF16_PAIR
-        if args.pair == "shipped"
-        else triton.language.constexpr(dequant_ptx(_REPACKED_PAIR, "bf16x2"))
-    )
+    pair, lane_bits = _PAIRS["checkpoint" if args.pair == "shipped" else "permuted"]
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
-                  WORDS=words, OUT=out, PIPE=True, SPLIT=args.split)  # fmt: skip
+                  WORDS=words, OUT=out, PIPE=True, SPLIT=args.split, LANE_BITS=lane_bits)  # fmt: skip
     return gluon_w4a16._kernel, sig, consts, 8
 
 

@@ -79,77 +79,29 @@ def _step(acc0, acc1, acc2, acc3, words, sc, xq0, xq1, xq2, xq3, magic, T: gl.co
     """One step: every word's codes once, their dot product with each token's activations, times the group scale."""
     w = words.to(gl.uint32, bitcast=True)
     whi = w >> 16
-    a0, a1, a2, a3, a4, a5, a6, a7 = _token(xq0, WL, FP16)
-    c = _code(w, 0, magic)
-    d0 = c * a0
-    if T > 1:
-        b0, b1, b2, b3, b4, b5, b6, b7 = _token(xq1, WL, FP16)
-        d1 = c * b0
-    if T > 2:
-        e0, e1, e2, e3, e4, e5, e6, e7 = _token(xq2, WL, FP16)
-        d2 = c * e0
-    if T > 3:
-        f0, f1, f2, f3, f4, f5, f6, f7 = _token(xq3, WL, FP16)
-        d3 = c * f0
-    c = _code(w, 4, magic)
-    d0 = gl.fma(c, a1, d0)
-    if T > 1:
-        d1 = gl.fma(c, b1, d1)
-    if T > 2:
-        d2 = gl.fma(c, e1, d2)
-    if T > 3:
-        d3 = gl.fma(c, f1, d3)
-    c = _code(w, 8, magic)
-    d0 = gl.fma(c, a2, d0)
-    if T > 1:
-        d1 = gl.fma(c, b2, d1)
-    if T > 2:
-        d2 = gl.fma(c, e2, d2)
-    if T > 3:
-        d3 = gl.fma(c, f2, d3)
-    c = _code(w, 12, magic)
-    d0 = gl.fma(c, a3, d0)
-    if T > 1:
-        d1 = gl.fma(c, b3, d1)
-    if T > 2:
-        d2 = gl.fma(c, e3, d2)
-    if T > 3:
-        d3 = gl.fma(c, f3, d3)
-    c = _code(w, 16, magic)  # bits 16-19 still sit inside the mantissa: no shift needed
-    d0 = gl.fma(c, a4, d0)
-    if T > 1:
-        d1 = gl.fma(c, b4, d1)
-    if T > 2:
-        d2 = gl.fma(c, e4, d2)
-    if T > 3:
-        d3 = gl.fma(c, f4, d3)
-    c = _code(whi, 4, magic)
-    d0 = gl.fma(c, a5, d0)
-    if T > 1:
-        d1 = gl.fma(c, b5, d1)
-    if T > 2:
-        d2 = gl.fma(c, e5, d2)
-    if T > 3:
-        d3 = gl.fma(c, f5, d3)
-    c = _code(whi, 8, magic)
-    d0 = gl.fma(c, a6, d0)
-    if T > 1:
-        d1 = gl.fma(c, b6, d1)
-    if T > 2:
-        d2 = gl.fma(c, e6, d2)
-    if T > 3:
-        d3 = gl.fma(c, f6, d3)
-    c = _code(whi, 12, magic)
-    d0 = gl.fma(c, a7, d0)
+    x = (_token(xq0, WL, FP16), _token(xq1, WL, FP16), _token(xq2, WL, FP16), _token(xq3, WL, FP16))
+    d0 = gl.zeros_like(acc0)
+    d1 = d0
+    d2 = d0
+    d3 = d0
+    for i in gl.static_range(8):
+        if i < 5:  # codes 0-4 read in place (bits 16-19 still sit inside the mantissa), 5-7 from the high half
+            c = _code(w, 4 * i, magic)
+        else:
+            c = _code(whi, 4 * (i - 4), magic)
+        d0 = gl.fma(c, x[0][i], d0)
+        if T > 1:
+            d1 = gl.fma(c, x[1][i], d1)
+        if T > 2:
+            d2 = gl.fma(c, x[2][i], d2)
+        if T > 3:
+            d3 = gl.fma(c, x[3][i], d3)
     acc0 = gl.fma(d0, sc, acc0)
     if T > 1:
-        d1 = gl.fma(c, b7, d1)
         acc1 = gl.fma(d1, sc, acc1)
     if T > 2:
-        d2 = gl.fma(c, e7, d2)
         acc2 = gl.fma(d2, sc, acc2)
     if T > 3:
-        d3 = gl.fma(c, f7, d3)
         acc3 = gl.fma(d3, sc, acc3)
     return acc0, acc1, acc2, acc3
 

@@ -148,7 +148,7 @@ def _kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KW, KG, stride_ym, K_PER,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    PIPE: gl.constexpr, SPLIT: gl.constexpr,
+    PIPE: gl.constexpr, SPLIT: gl.constexpr, LANE_BITS: gl.constexpr,
 ):  # fmt: skip
     BN: gl.constexpr = 128
     pid_m = gl.program_id(0)  # token tiles fastest: programs in flight share weight rows (read once into L2)
@@ -165,7 +165,9 @@ def _kernel(
     sc_next = _scales(s_rows, srows, k0, k_end, BK, GROUP)
     sc_after = _scales(s_rows, srows, k0 + 1, k_end, BK, GROUP)
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * 8  # [1, 1, 4]: lane c of a quad takes nibbles 2c, 2c+1
+    # [1, 1, 4]: lane c of a quad shifts its words by LANE_BITS * c (8: nibbles 2c, 2c + 1 of the checkpoint's order;
+    # benchmarks/repack_lab.py tries 4 on words whose nibbles it permuted)
+    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * LANE_BITS
 
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
@@ -450,7 +452,7 @@ def plan(
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
         launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
     else:
-        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1)
+        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1, LANE_BITS=8)
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
 
     def run(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
