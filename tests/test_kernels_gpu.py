@@ -535,25 +535,38 @@ def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_canno
         tables.EDITS += 1
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 64])
-def test_small_wgmma_entries_run_in_cuda_graphs_and_compiled_decode(m):
-    """Decode with the Gluon kernel's small token tiles (tuned entries on the gemv / tc paths, split-K): a manual CUDA
-    graph and ``torch.compile(fullgraph=True, mode="reduce-overhead")`` replay the eager call's bits, against fp64."""
+def _decode_entry(kind: str, m: int):
+    """A tuned decode entry of ``kind`` for ``m`` tokens and the direct call whose bits it must give."""
+    if kind == "wgmma":
+        gw = _gluon_kernel()
+        block_m = 16 if m <= 16 else 64
+        config = {"wgmma": 1, "block_m": block_m, "block_k": 128, "stages": 4, "pipe": 1, "split": 4}
+        return config, lambda x, p, s, b: gw.wgmma_w4a16(x, p, s, b, 128, block_m=block_m, stages=4, split=4)
+    gg = importlib.import_module("grace_quant.kernels.gluon_gemv")
+    config = {"gemv4": 1, "rows": 4, "cols": 2, "warps": 4, "split": 4}
+    return config, lambda x, p, s, b: gg.gemv4_w4a16(x, p, s, b, 128, rows=4, cols=2, split=4)
+
+
+@pytest.mark.parametrize(
+    "kind,m", [("wgmma", 1), ("wgmma", 3), ("wgmma", 16), ("wgmma", 64), ("gemv4", 1), ("gemv4", 2), ("gemv4", 3)]
+)
+def test_small_gluon_entries_run_in_cuda_graphs_and_compiled_decode(kind, m):
+    """Decode with the Gluon kernels' tuned entries on the gemv / tc paths (the small token tiles and the GEMV, both
+    with split-K): the eager plan and the custom op give the kernel's bits, and a manual CUDA graph and
+    ``torch.compile(fullgraph=True, mode="reduce-overhead")`` replay them, against fp64."""
     from grace_quant.kernels import dispatch, tables
 
-    gw = _gluon_kernel()
     table = tables.table(tables.device_name(torch.device("cuda")))
     saved = dict(table.configs)
-    block_m = 16 if m <= 16 else 64
     try:
         torch._dynamo.reset()
         torch.manual_seed(300 + m)
         packed, scales, bias = make(384, 2048, 128, torch.bfloat16, True)
-        config = {"wgmma": 1, "block_m": block_m, "block_k": 128, "stages": 4, "pipe": 1, "split": 4}
+        config, direct = _decode_entry(kind, m)
         table.put(dispatch.key_for(m, 384, 2048, 128, torch.bfloat16), config)
         x = torch.randn(m, 2048, device="cuda").to(torch.bfloat16)
         eager = TW.eager_linear(x, packed, scales, bias, 128)
-        expected = gw.wgmma_w4a16(x, packed, scales, bias, 128, block_m=block_m, stages=4, split=4)
+        expected = direct(x, packed, scales, bias)
         assert torch.equal(eager, expected) and torch.equal(KM.w4a16_linear_op(x, packed, scales, bias, 128), eager)
         assert rel_err(eager, ref_fp64(x, packed, scales, bias, 128)) < TOL[torch.bfloat16]
         static_x = x.clone()
@@ -575,6 +588,39 @@ def test_small_wgmma_entries_run_in_cuda_graphs_and_compiled_decode(m):
             want = TW.eager_linear(x, packed, scales, bias, 128)
             assert torch.equal(static_y, want), step
             assert torch.equal(compiled(x).clone(), want), step
+    finally:
+        table.configs.clear()
+        table.configs.update(saved)
+        tables.EDITS += 1
+
+
+def test_a_gemv4_entry_falls_back_where_the_gluon_gemv_cannot_read_the_call():
+    """A ``"gemv4"`` entry meeting activations the Gluon GEMV cannot read as 32-bit pairs (an odd row stride) runs the
+    path's heuristic, in the dispatch and the eager plan alike, and its result is right; contiguous rows of the same
+    call take the GEMV."""
+    from grace_quant.kernels import dispatch, tables
+
+    gg = importlib.import_module("grace_quant.kernels.gluon_gemv")
+    table = tables.table(tables.device_name(torch.device("cuda")))
+    saved = dict(table.configs)
+    try:
+        torch.manual_seed(7)
+        packed, scales, bias = make(256, 4096, 128, torch.bfloat16, True)
+        config = {"gemv4": 1, "rows": 4, "cols": 4, "warps": 4, "split": 2}
+        for m in (1, 2):
+            odd = torch.randn(m, 4097, device="cuda").to(torch.bfloat16)[:, :4096]  # rows 4097 elements apart
+            table.put(dispatch.key_for(m, 256, 4096, 128, torch.bfloat16), config)
+            want = TW.linear_with_config(odd, packed, scales, bias, 128, dispatch.path_for(m), None)
+            assert not gg.reads(odd) and rel_err(want, ref_fp64(odd, packed, scales, bias, 128)) < TOL[torch.bfloat16]
+            assert torch.equal(
+                TW.linear_with_config(odd, packed, scales, bias, 128, dispatch.path_for(m), config), want
+            )
+            assert torch.equal(TW.eager_linear(odd, packed, scales, bias, 128), want)
+            dense = odd.contiguous()
+            assert torch.equal(
+                TW.eager_linear(dense, packed, scales, bias, 128),
+                gg.gemv4_w4a16(dense, packed, scales, bias, 128, split=2),
+            )
     finally:
         table.configs.clear()
         table.configs.update(saved)
