@@ -285,8 +285,9 @@ def plan(
         m = x2.shape[0]
         y, ws, counters = _outputs(x2, packed, tiles, splits)
         b = bias if bias is not None else y
-        # what Triton specializes the per-call arguments on (the rest are fixed by the weight)
-        key = (m, _arg_key(x2), _arg_key(x2.stride(0)), _arg_key(b))
+        # what Triton specializes the per-call arguments on (the shapes are fixed by the plan; weights of one shape may
+        # sit at other alignments)
+        key = (m, *map(_arg_key, (x2, x2.stride(0), packed, scales, b)))
         launch = bound.get(key)
         if launch is None:
             launch = bound[key] = _launch.bind((tiles, splits), T=triton.next_power_of_2(m), **constexprs)
