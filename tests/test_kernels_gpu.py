@@ -675,6 +675,23 @@ def test_gluon_gemv_matches_the_fp64_reference(case):
     )
 
 
+def test_gluon_gemv_plan_serves_weights_of_one_shape_at_other_alignments():
+    """One plan (per weight shape) launched on a 16-byte-aligned weight, then on one whose words and scales start 4 and
+    2 bytes past such a boundary: each launch is specialized for what it reads, both match fp64."""
+    gg = importlib.import_module("grace_quant.kernels.gluon_gemv")
+    torch.manual_seed(11)
+    packed, scales, _ = make(256, 1024, 128, torch.bfloat16, False)
+    shifted_packed = torch.empty(packed.numel() + 1, dtype=torch.int32, device="cuda")[1:].view_as(packed)
+    shifted_scales = torch.empty(scales.numel() + 1, dtype=scales.dtype, device="cuda")[1:].view_as(scales)
+    shifted_packed.copy_(packed)
+    shifted_scales.copy_(scales)
+    assert shifted_packed.data_ptr() % 16 and shifted_scales.data_ptr() % 16
+    x = torch.randn(2, 1024, device="cuda").to(torch.bfloat16)
+    ref = ref_fp64(x, packed, scales, None, 128)
+    for p, s in ((packed, scales), (shifted_packed, shifted_scales)):
+        assert rel_err(gg.gemv4_w4a16(x, p, s, None, 128, rows=2, cols=4), ref) < TOL[torch.bfloat16]
+
+
 def test_every_checked_gemv_shape_is_tested_and_the_gemv_declines_what_it_does_not_read():
     gg = importlib.import_module("grace_quant.kernels.gluon_gemv")
     assert {case[6] for case in _GEMV4_CASES} == gg.CONFIGS
