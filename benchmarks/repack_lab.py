@@ -43,6 +43,7 @@ CASES = (  # (M, N, K, (block_m, block_k, stages, pipelined), splits)
     *((64, n, k, (64, 128, 4, True), (1, 2, 4)) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))),
     *((m, 22016, 4096, tile, (1,)) for m in (256, 600, 2048) for tile in ((128, 128, 4, True), (256, 128, 3, True))),
     *((m, 4096, 11008, tile, (1, 2)) for m in (256, 2048) for tile in ((128, 128, 4, True), (256, 128, 3, True))),
+    *((m, n, k, (128, 128, 5, gw.WS), (1,)) for m in (256, 600) for n, k in ((22016, 4096), (4096, 11008))),
 )  # fmt: skip
 
 
@@ -57,11 +58,14 @@ def permute_nibbles(words: torch.Tensor) -> torch.Tensor:
 
 
 def _runner(x: torch.Tensor, n: int, k: int, tile: tuple, split: int, layout: str):
-    """``run(packed, scales)``: the pipelined Gluon kernel on this tile and split with ``layout``'s pair."""
+    """``run(packed, scales)``: the Gluon kernel on this tile (pipelined, or the warp-specialized form for ``pipe``
+    :data:`gw.WS`) and split with ``layout``'s pair."""
     block_m, block_k, stages, pipe = tile
     mma, dot, words, out = gw._layouts(block_m, block_k)
     x_layout, w_layout = gw._shared_layouts(block_m, block_k, x.dtype)
     pair, lane_bits = _PAIRS[layout]
+    common = dict(BM=block_m, BK=block_k, GROUP=128, STAGES=stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
+                  WORDS=words, OUT=out, LANE_BITS=lane_bits, num_warps=8)  # fmt: skip
     k_tiles = k // block_k
     k_per = triton.cdiv(k_tiles, split)
     splits = triton.cdiv(k_tiles, k_per)
@@ -71,10 +75,16 @@ def _runner(x: torch.Tensor, n: int, k: int, tile: tuple, split: int, layout: st
     def run(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         y, ws, counters = _outputs(x, packed, tiles_m * (n // gw.BLOCK_N), splits)
         w_desc = gw.TensorDescriptor.from_tensor(packed, [gw.BLOCK_N, block_k // 8], w_layout)
+        if pipe == gw.WS:
+            grid = (min(tiles_m * (n // gw.BLOCK_N), torch.cuda.get_device_properties(0).multi_processor_count),)
+            gw._ws_kernel[grid](
+                x_desc, w_desc, scales, y, y, x.shape[0], n, k // 128, y.stride(0), k_tiles, (k_tiles + 1) // 2 * 2,
+                DIRECT=block_m > 128, maxnreg=gw._WS_MAXNREG, **common,
+            )  # fmt: skip
+            return y
         gw._kernel[(tiles_m, n // gw.BLOCK_N, splits)](
             x_desc, w_desc, scales, y, y, ws, counters, x.shape[0], n, k // 8, k // 128, y.stride(0), k_per,
-            BM=block_m, BK=block_k, GROUP=128, STAGES=stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
-            WORDS=words, OUT=out, PIPE=pipe, SPLIT=splits > 1, LANE_BITS=lane_bits, num_warps=8,
+            PIPE=pipe, SPLIT=splits > 1, **common,
         )  # fmt: skip
         return y
 

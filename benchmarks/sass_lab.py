@@ -6,6 +6,7 @@ the loop's backward branch and its target, by opcode.
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py gemv4 --rows 4 --cols 4
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair repacked
+    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 128 --stages 5 --ws
 
 ``--pair repacked`` compiles the Gluon kernel as ``benchmarks/repack_lab.py`` runs it on nibble-permuted words
 (codes ``2c`` and ``2c + 1`` at nibbles ``c`` and ``c + 4``: one shift and one ``lop3`` per pair instead of two
@@ -47,11 +48,16 @@ def _wgmma(args: argparse.Namespace) -> tuple:
     mma, dot, words, out = gluon_w4a16._layouts(bm, bk)
     x_layout, w_layout = gluon_w4a16._shared_layouts(bm, bk, torch.bfloat16)
     sig = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}],{x_layout!r}>", w_desc=f"tensordesc<i32[128, {bk // 8}],{w_layout!r}>",
-               s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")  # fmt: skip
-    sig |= {name: "i32" for name in ("M", "N", "KW", "KG", "stride_ym", "K_PER")}
+               s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")  # fmt: skip
     pair, lane_bits = _PAIRS["checkpoint" if args.pair == "shipped" else "permuted"]
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
-                  WORDS=words, OUT=out, PIPE=True, SPLIT=args.split, LANE_BITS=lane_bits)  # fmt: skip
+                  WORDS=words, OUT=out)  # fmt: skip
+    if args.ws:  # the warp-specialized persistent form
+        sig |= {name: "i32" for name in ("M", "N", "KG", "stride_ym", "K_TILES", "K_ITERS")}
+        consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
+        return gluon_w4a16._ws_kernel, sig, consts, 8
+    sig |= dict(ws_ptr="*fp32", cnt_ptr="*i32") | {name: "i32" for name in ("M", "N", "KW", "KG", "stride_ym", "K_PER")}
+    consts |= dict(PIPE=True, SPLIT=args.split, LANE_BITS=lane_bits)
     return gluon_w4a16._kernel, sig, consts, 8
 
 
@@ -87,6 +93,7 @@ def main() -> None:
     parser.add_argument("--block-m", type=int, default=16)
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--pair", choices=("shipped", "repacked"), default="shipped")
+    parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
     args = parser.parse_args()
     fn, sig, consts, warps = (_gemv4 if args.kernel == "gemv4" else _wgmma)(args)
     sig |= {name: "constexpr" for name in consts}
@@ -94,7 +101,10 @@ def main() -> None:
         (i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items()) if ty[0] == "*" or name in _INTS
     }
     source = (GluonASTSource if "Gluon" in type(fn).__name__ else ASTSource)(fn, sig, consts, attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    options = {"num_warps": warps} | (
+        {"maxnreg": gluon_w4a16._WS_MAXNREG} if args.kernel == "wgmma" and args.ws else {}
+    )
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])

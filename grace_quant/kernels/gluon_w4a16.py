@@ -282,13 +282,14 @@ def _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc, shift, STAGES: gl.co
 def _ws_compute(s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, stride_ym, K_TILES, K_ITERS,
                 BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
                 HAS_BIAS: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr,
-                WORDS: gl.constexpr, OUT: gl.constexpr, DIRECT: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
+                WORDS: gl.constexpr, OUT: gl.constexpr, DIRECT: gl.constexpr, dtype: gl.constexpr,
+                LANE_BITS: gl.constexpr):  # fmt: skip
     """The compute warpgroups of :func:`_ws_kernel`: per output tile, the pipelined loop of :func:`_pipe_step` fed by
     the loader warp, then the epilogue (while the loader already fills the next tile's stages)."""
     BN: gl.constexpr = 128
     tiles_m = gl.cdiv(M, BM)
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * 8
+    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * LANE_BITS  # as in _kernel
     it = 0
     for t in range(gl.program_id(0), tiles_m * (N // BN), gl.num_programs(0)):
         m0 = (t % tiles_m) * BM
@@ -333,7 +334,7 @@ def _ws_kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KG, stride_ym, K_TILES, K_ITERS,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    DIRECT: gl.constexpr,
+    DIRECT: gl.constexpr, LANE_BITS: gl.constexpr,
 ):  # fmt: skip
     """Warp-specialized, persistent form of :func:`_kernel` (``pipe`` 2): one loader warp keeps the ring full across
     output tiles while the two compute warpgroups only wait on its barriers, dequantize and issue MMAs (no refill and
@@ -349,7 +350,8 @@ def _ws_kernel(
     gl.warp_specialize(
         [
             (_ws_compute, (s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, stride_ym, K_TILES, K_ITERS,
-                           BM, BK, GROUP, STAGES, HAS_BIAS, PAIR, MMA, DOT, WORDS, OUT, DIRECT, x_desc.dtype)),
+                           BM, BK, GROUP, STAGES, HAS_BIAS, PAIR, MMA, DOT, WORDS, OUT, DIRECT, x_desc.dtype,
+                           LANE_BITS)),
             (_ws_loader, (x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAGES, BM, BK)),
         ],
         [1],
@@ -450,7 +452,7 @@ def plan(
     common = dict(BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias, PAIR=pair, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out, num_warps=_WARPS)  # fmt: skip
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
-        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
+        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, LANE_BITS=8, maxnreg=_WS_MAXNREG)
     else:
         launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1, LANE_BITS=8)
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
