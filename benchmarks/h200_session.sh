@@ -37,9 +37,10 @@
 #            run it alone in one device call). Its GemLite arm needs the call to carry `.whl` (see below)
 #   tune     tune the kernels for the LLaVA-7B / Qwen2-VL-2B shapes; OUT/kernels/<GPU>.json goes to
 #            grace_quant/kernels/configs/
-#   small    the Gluon kernel's GPU tests (small token tiles, split-K, CUDA graphs), then tune_kernels.py --retune for
-#            M <= 64 (the small tiles race the GEMVs and the tensor-core kernel) and bench_kernels.py at M = 1-64 with
-#            that table (OUT/kernels_h200.{md,json}, OUT/kernels/<GPU>.json)   (~8 min: alone in one call)
+#   small    the Gluon kernels' GPU tests (small token tiles, the Gluon GEMV, split-K, CUDA graphs), then tune_kernels.py
+#            --retune for M <= 64 (the small tiles and the Gluon GEMV race the Triton GEMVs and tensor-core kernel) and
+#            bench_kernels.py at M = 1-64 with that table (OUT/kernels_h200.{md,json}, OUT/kernels/<GPU>.json); the
+#            tuning stops if the tests fail   (~9 min: alone in one call)
 #   gluon-ncu  Nsight Compute on gluon_profile.py at 2048 x 22016 x 4096: every section with the warp-stall sample
 #            counts, then per-SASS-instruction stall samples as CSV (OUT/gluon_ncu.txt, OUT/gluon_ncu_sass.csv)
 #   conv     benchmarks/conv_lab.py: the lab kernels with a converter warpgroup (bf16 weight tiles in shared memory,
@@ -105,9 +106,9 @@
 # 1.03-1.14x the shipped kernels at M = 1, 1.18-1.28x at M = 2 on LLaVA shapes) and ncu at M = 1 (section 7).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-5 minutes each, and a machine
 # goes back 30 s after a call: have the next command ready), in this order:
-#  1) on an H200: the Gluon GEMV's tests, tune_kernels.py --retune --ms 1,2,4 (the GEMV races the others; ~4 min) and
-#     bench_kernels.py --ms 1,2,4,8,16,64 with that table (GRACE_QUANT_CACHE=OUT); merge the gemv|1, gemv|2 and tc|4
-#     keys into configs/NVIDIA_H200.json; the same on an H100 for its table (its M = 4-64 buckets have no entries);
+#  1) STAGES=small on an H200 (~9 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in
+#     the race, bench M = 1-64); merge OUT/kernels/NVIDIA_H200.json's gemv|/tc| keys into configs/; the same on an
+#     H100 for its table (its M = 4-64 buckets have no entries yet);
 #  2) STAGES="e2e-llava" then "e2e-qwen" on an H200 with that table (issue 16's floors were measured on an H100),
 #     then "ttft";
 #  3) STAGES=repack (~3 min): the Gluon tiles on nibble-permuted words (-21% loop instructions, gluon_h200.md section 8);
@@ -192,9 +193,9 @@ for stage in $STAGES; do
     tune)
       GRACE_QUANT_CACHE="$OUT" timeout 480 python benchmarks/tune_kernels.py > "$OUT/tune.log" 2>&1 ;;
     small)
-      timeout 110 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or small" -p no:cacheprovider \
-        > "$OUT/small_tests.log" 2>&1
-      GRACE_QUANT_CACHE="$OUT" timeout 250 python benchmarks/tune_kernels.py --retune --ms 1,2,4,8,16,32,64 \
+      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or small or gemv or gluon" \
+        -p no:cacheprovider > "$OUT/small_tests.log" 2>&1 || { echo "small: GPU tests failed, no tuning" >&2; continue; }
+      GRACE_QUANT_CACHE="$OUT" timeout 290 python benchmarks/tune_kernels.py --retune --ms 1,2,4,8,16,32,64 \
         > "$OUT/tune.log" 2>&1
       GRACE_QUANT_CACHE="$OUT" timeout 150 python benchmarks/bench_kernels.py --ms 1,2,4,8,16,64 --no-gemlite \
         --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
