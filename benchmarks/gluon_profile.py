@@ -28,31 +28,14 @@ import triton
 
 from grace_quant.kernels import gluon_w4a16 as gw
 from grace_quant.kernels.timing import random_w4
-from grace_quant.kernels.triton_w4a16 import _outputs
 
 _NO_MATH = "{\nmov.b32 {$0, $1}, $2;\n}"  # the shifted word as the pair: the dequantization's arithmetic left out
 
 
 def _arm(x, packed, scales, group, tile, pair=None):
-    """The kernel on ``tile`` through Triton's JIT, optionally with another pair-making PTX (``pair``)."""
-    block_m, block_k, stages, pipe = tile
+    """The kernel on ``tile`` through its launch plan, optionally with another pair-making PTX (``pair``)."""
     n, k = packed.shape[0], packed.shape[1] * 8
-    mma, dot, words, out = gw._layouts(block_m, block_k)
-    x_layout, w_layout = gw._shared_layouts(block_m, block_k, x.dtype)
-    y, ws, counters = _outputs(x, packed, 1, 1)
-    xd = gw.TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout)
-    wd = gw.TensorDescriptor.from_tensor(packed, [gw.BLOCK_N, block_k // 8], w_layout)
-    grid = (triton.cdiv(x.shape[0], block_m), n // gw.BLOCK_N, 1)
-    pair = gw._BF16_PAIR if pair is None else gw.gl.constexpr(pair)
-
-    def run():
-        gw._kernel[grid](
-            xd, wd, scales, y, y, ws, counters, x.shape[0], n, k // 8, k // group, y.stride(0), k // block_k,
-            BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
-            WORDS=words, OUT=out, PIPE=pipe, SPLIT=False, LANE_BITS=8, num_warps=8,
-        )  # fmt: skip
-
-    return run
+    return functools.partial(gw.plan(x.dtype, n, k, group, False, tile, pair=pair), x, packed, scales, None)
 
 
 def checked_ratio(label: str, fn, ref: torch.Tensor, base_ms: float, bench) -> str:

@@ -17,14 +17,12 @@ import argparse
 import time
 
 import torch
-import triton
 
 from grace_quant.kernels import gluon_w4a16 as gw
 from grace_quant.kernels.reference import dequantize
 from grace_quant.kernels.timing import dense_time_us, graph_time_us, w4_copies
-from grace_quant.kernels.triton_w4a16 import _outputs, dequant_ptx
 
-_PERMUTED_PAIR = """{
+PERMUTED_PAIR = """{
 .reg .b32 v, one, off, nz;
 mov.b32 one, ONE;
 mov.b32 off, OFF;
@@ -34,10 +32,9 @@ fma.rn.TY v, v, one, off;
 fma.rn.TY v, v, $3, nz;
 mov.b32 {$0, $1}, v;
 }"""
-_PAIRS = {  # layout -> (pair PTX, shift per quad lane)
-    "checkpoint": (gw._BF16_PAIR, 8),
-    "permuted": (gw.gl.constexpr(dequant_ptx(_PERMUTED_PAIR, "bf16x2")), 4),
-}
+"""The pair-making PTX for permuted words, shifted right by ``4c`` (``PERMUTED_LANE_BITS``): one ``lop3``."""
+PERMUTED_LANE_BITS = 4
+_LAYOUTS = {"checkpoint": {}, "permuted": {"pair": PERMUTED_PAIR, "lane_bits": PERMUTED_LANE_BITS}}
 CASES = (  # (M, N, K, (block_m, block_k, stages, pipelined), splits)
     *((m, n, k, (16, 128, 4, True), (1, 2, 4, 8)) for m in (1, 16) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))),
     *((64, n, k, (64, 128, 4, True), (1, 2, 4)) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))),
@@ -55,40 +52,6 @@ def permute_nibbles(words: torch.Tensor) -> torch.Tensor:
         out |= ((w >> (8 * c)) & 0xF) << (4 * c)
         out |= ((w >> (8 * c + 4)) & 0xF) << (4 * c + 16)
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
-
-
-def _runner(x: torch.Tensor, n: int, k: int, tile: tuple, split: int, layout: str):
-    """``run(packed, scales)``: the Gluon kernel on this tile (pipelined, or the warp-specialized form for ``pipe``
-    :data:`gw.WS`) and split with ``layout``'s pair."""
-    block_m, block_k, stages, pipe = tile
-    mma, dot, words, out = gw._layouts(block_m, block_k)
-    x_layout, w_layout = gw._shared_layouts(block_m, block_k, x.dtype)
-    pair, lane_bits = _PAIRS[layout]
-    common = dict(BM=block_m, BK=block_k, GROUP=128, STAGES=stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
-                  WORDS=words, OUT=out, LANE_BITS=lane_bits, num_warps=8)  # fmt: skip
-    k_tiles = k // block_k
-    k_per = triton.cdiv(k_tiles, split)
-    splits = triton.cdiv(k_tiles, k_per)
-    tiles_m = triton.cdiv(x.shape[0], block_m)
-    x_desc = gw.TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout)
-
-    def run(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        y, ws, counters = _outputs(x, packed, tiles_m * (n // gw.BLOCK_N), splits)
-        w_desc = gw.TensorDescriptor.from_tensor(packed, [gw.BLOCK_N, block_k // 8], w_layout)
-        if pipe == gw.WS:
-            grid = (min(tiles_m * (n // gw.BLOCK_N), torch.cuda.get_device_properties(0).multi_processor_count),)
-            gw._ws_kernel[grid](
-                x_desc, w_desc, scales, y, y, x.shape[0], n, k // 128, y.stride(0), k_tiles, (k_tiles + 1) // 2 * 2,
-                DIRECT=block_m > 128, maxnreg=gw._WS_MAXNREG, **common,
-            )  # fmt: skip
-            return y
-        gw._kernel[(tiles_m, n // gw.BLOCK_N, splits)](
-            x_desc, w_desc, scales, y, y, ws, counters, x.shape[0], n, k // 8, k // 128, y.stride(0), k_per,
-            PIPE=pipe, SPLIT=splits > 1, **common,
-        )  # fmt: skip
-        return y
-
-    return run
 
 
 def main() -> None:
@@ -109,9 +72,9 @@ def main() -> None:
         line = [f"M={m} N={n} K={k} tile {tile[:3]}: cuBLAS {base:.1f} us |"]
         for split in splits:
             for layout, weights in (("checkpoint", copies), ("permuted", permuted)):
-                run = _runner(x, n, k, tile, split, layout)
-                err = ((run(*weights[0]).float() - ref).norm() / ref.norm()).item()
-                us = graph_time_us([lambda p=p, s=s, run=run: run(p, s) for p, s in weights])
+                run = gw.plan(dtype, n, k, 128, False, tile, split, **_LAYOUTS[layout])
+                err = ((run(x, *weights[0], None).float() - ref).norm() / ref.norm()).item()
+                us = graph_time_us([lambda p=p, s=s, run=run, x=x: run(x, p, s, None) for p, s in weights])
                 flag = "" if err < 1e-2 else f" ERR {err:.1e}"
                 line.append(f" s{split} {layout[:4]} {us:.1f} ({base / us:.2f}x){flag}")
         print("".join(line), flush=True)

@@ -28,8 +28,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from benchmarks.repack_lab import _PAIRS
+from benchmarks.repack_lab import PERMUTED_LANE_BITS, PERMUTED_PAIR
 from grace_quant.kernels import gluon_gemv, gluon_w4a16
+from grace_quant.kernels.triton_w4a16 import dequant_ptx
 
 _INTS = ("N", "KW", "KG", "stride_xm", "stride_ym", "WORDS_PER", "K_PER")  # specialized as divisible by 16
 
@@ -49,7 +50,9 @@ def _wgmma(args: argparse.Namespace) -> tuple:
     x_layout, w_layout = gluon_w4a16._shared_layouts(bm, bk, torch.bfloat16)
     sig = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}],{x_layout!r}>", w_desc=f"tensordesc<i32[128, {bk // 8}],{w_layout!r}>",
                s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")  # fmt: skip
-    pair, lane_bits = _PAIRS["checkpoint" if args.pair == "shipped" else "permuted"]
+    pair, lane_bits = gluon_w4a16._BF16_PAIR, 8
+    if args.pair == "repacked":
+        pair, lane_bits = triton.language.constexpr(dequant_ptx(PERMUTED_PAIR, "bf16x2")), PERMUTED_LANE_BITS
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out)  # fmt: skip
     if args.ws:  # the warp-specialized persistent form

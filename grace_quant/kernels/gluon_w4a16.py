@@ -431,12 +431,23 @@ def _checked(tile: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
 
 @functools.lru_cache(maxsize=1024)
 def plan(
-    dtype: torch.dtype, n: int, k: int, group: int, has_bias: bool, tile: tuple[int, int, int, int], split: int = 1
+    dtype: torch.dtype,
+    n: int,
+    k: int,
+    group: int,
+    has_bias: bool,
+    tile: tuple[int, int, int, int],
+    split: int = 1,
+    *,
+    pair: str | None = None,
+    lane_bits: int = 8,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
     integer on), so a call costs the host two descriptors, the outputs' allocation and the launch. Callers check
-    :func:`supports` first."""
+    :func:`supports` first. Labs only: ``pair``, another pair-making PTX template (placeholders as
+    :data:`_PAIR_PTX`'s), and ``lane_bits``, its per-lane shift (``benchmarks/repack_lab.py``,
+    ``benchmarks/gluon_profile.py --probe``)."""
     block_m, block_k, stages, pipe = _checked(tile)
     if split < 1 or (pipe == WS and split > 1):
         raise ValueError(
@@ -448,13 +459,15 @@ def plan(
     splits = triton.cdiv(k_tiles, k_per)  # no split left empty
     mma, dot, words, out = _layouts(block_m, block_k)
     x_layout, w_layout = _shared_layouts(block_m, block_k, dtype)
-    pair = _BF16_PAIR if dtype == torch.bfloat16 else _FP16_PAIR
-    common = dict(BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias, PAIR=pair, MMA=mma, DOT=dot,
-                  WORDS=words, OUT=out, num_warps=_WARPS)  # fmt: skip
+    ptx = _BF16_PAIR if dtype == torch.bfloat16 else _FP16_PAIR
+    if pair is not None:
+        ptx = gl.constexpr(dequant_ptx(pair, "bf16x2" if dtype == torch.bfloat16 else "f16x2"))
+    common = dict(BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias, PAIR=ptx, MMA=mma, DOT=dot,
+                  WORDS=words, OUT=out, LANE_BITS=lane_bits, num_warps=_WARPS)  # fmt: skip
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
-        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, LANE_BITS=8, maxnreg=_WS_MAXNREG)
+        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
     else:
-        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1, LANE_BITS=8)
+        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1)
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
 
     def run(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -462,7 +475,7 @@ def plan(
         if m == 0:
             return torch.empty((0, n), dtype=dtype, device=x2.device)
         if splits > 1 and splits * m * n >= 2**31:  # the partials' int32 offsets
-            return plan(dtype, n, k, group, has_bias, tile, 1)(x2, packed, scales, bias)
+            return plan(dtype, n, k, group, has_bias, tile, 1, pair=pair, lane_bits=lane_bits)(x2, packed, scales, bias)
         tiles_m = triton.cdiv(m, block_m)
         y, ws, counters = _outputs(x2, packed, tiles_m * (n // BLOCK_N), splits)
         if bias is not None:
