@@ -1,6 +1,7 @@
 """Lab (run once, on an H100, 2026-12-07: both forms lose, ``benchmarks/results/gluon_h200.md`` section 6): the W4A16
-GEMM with the dequantization taken out of the MMA warps. A converter warpgroup turns each INT4 weight tile into a 16-bit tile in shared memory and the MMA warpgroups run
-shared-memory-operand ``wgmma`` on it (as mixed-input GEMMs on Hopper do); one program per SM walks the output tiles.
+GEMM with the dequantization taken out of the MMA warps. A converter warpgroup turns each INT4 weight tile into a
+16-bit tile in shared memory and the MMA warpgroups run shared-memory-operand ``wgmma`` on it (as mixed-input GEMMs on
+Hopper do); one program per SM walks the output tiles.
 ``benchmarks/results/gluon_h200.md`` (section 4) says why: with the dequantization in the MMA warps' own instruction
 stream (``grace_quant.kernels.gluon_w4a16``) the tensor pipe idles 28-46% of the time.
 

@@ -62,9 +62,7 @@ def main() -> None:
                 ]
                 best = (float("inf"), None)
                 for config in sorted(gg.CONFIGS):
-                    if not gg.supports(
-                        torch.empty(m, k, device="cuda", dtype=dtype), packed0, scales0, group, config[1]
-                    ):
+                    if not gg.supports(x, packed0, scales0, group, config[1]):
                         continue
                     for split in splits:
                         try:

@@ -192,10 +192,9 @@ def cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device:
         x = xs[m]
         if "block_j" in config and not triton_w4a16.supports_pipe(x, copies[0][1], group, config["block_j"]):
             raise ValueError(f"a step of {config['block_j']} words does not tile K = {k} in group pairs")
-        if config.get("wgmma") and triton_w4a16._wgmma(x, *copies[0], None, group, config) is None:
-            raise ValueError("the Gluon kernel does not take this call (not Hopper, or the shape does not tile)")
-        if config.get("gemv4") and triton_w4a16._gemv4(x, *copies[0], None, group, config) is None:
-            raise ValueError(f"the Gluon GEMV does not take this call with {config['cols']} words per thread")
+        gluon = config.get("wgmma") or config.get("gemv4")
+        if gluon and triton_w4a16._gluon_launch(x, *copies[0], None, group, config) is None:
+            raise ValueError(f"the Gluon kernel of {config} does not take this call (GPU, shape or K tiling)")
         seconds = [
             graph_time_us([lambda x=x, p=p, s=s: run(x, config, p, s) for p, s in copies], replays=10) * 1e-6 * m / rows
             for rows, x in xs.items()
