@@ -4,9 +4,11 @@ into one pair, ``2c`` and ``2c + 1``, sit at nibbles ``c`` and ``c + 4``: the pa
 one ``lop3`` where the checkpoint's order needs a shift by ``8c``, a shift by 12 and two ``lop3`` (-21% of the loop's
 SASS instructions: ``benchmarks/results/gluon_h200.md``, section 8, ``benchmarks/sass_lab.py``).
 
-Same tile, same split, two layouts, in one process: the shipped pair on the checkpoint's words against the permuted
-pair on permuted words, both checked against dequantize + matmul (fp32) of the checkpoint's words, timed as the tuner
-times (CUDA-graph replay over weight copies cycled past L2), and cuBLAS bf16 beside them:
+Same tile, same split, three arms in one process: the shipped pair on the checkpoint's words, the permuted pair on
+permuted words, and the permuted pair on the checkpoint's words with the activations' K permuted instead (``xperm``:
+the copy of ``x`` timed with the call, no weight repacked), each checked against dequantize + matmul (fp32) of the
+checkpoint's words, timed as the tuner times (CUDA-graph replay over weight copies cycled past L2), and cuBLAS bf16
+beside them. Prefill shapes first (the TTFT lever), then 64, 16 and 1 token:
 
     PYTHONSAFEPATH=1 PYTHONPATH=$PWD python benchmarks/repack_lab.py   # on a Hopper GPU; ~2-4 minutes
 """
@@ -34,13 +36,14 @@ mov.b32 {$0, $1}, v;
 }"""
 """The pair-making PTX for permuted words, shifted right by ``4c`` (``PERMUTED_LANE_BITS``): one ``lop3``."""
 PERMUTED_LANE_BITS = 4
-_LAYOUTS = {"checkpoint": {}, "permuted": {"pair": PERMUTED_PAIR, "lane_bits": PERMUTED_LANE_BITS}}
+_PERMUTED = {"pair": PERMUTED_PAIR, "lane_bits": PERMUTED_LANE_BITS}
+_LAYOUTS = {"checkpoint": {}, "permuted": _PERMUTED, "xperm": _PERMUTED}
 CASES = (  # (M, N, K, (block_m, block_k, stages, pipelined), splits)
-    *((m, n, k, (16, 128, 4, True), (1, 2, 4, 8)) for m in (1, 16) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))),
-    *((64, n, k, (64, 128, 4, True), (1, 2, 4)) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))),
-    *((m, 22016, 4096, tile, (1,)) for m in (256, 600, 2048) for tile in ((128, 128, 4, True), (256, 128, 3, True))),
+    *((m, 22016, 4096, tile, (1,)) for m in (600, 2048, 256) for tile in ((128, 128, 4, True), (256, 128, 3, True))),
     *((m, 4096, 11008, tile, (1, 2)) for m in (256, 2048) for tile in ((128, 128, 4, True), (256, 128, 3, True))),
     *((m, n, k, (128, 128, 5, gw.WS), (1,)) for m in (256, 600) for n, k in ((22016, 4096), (4096, 11008))),
+    *((64, n, k, (64, 128, 4, True), (1, 2, 4)) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))),
+    *((m, n, k, (16, 128, 4, True), (1, 2, 4, 8)) for m in (16, 1) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008))),
 )  # fmt: skip
 
 
@@ -52,6 +55,14 @@ def permute_nibbles(words: torch.Tensor) -> torch.Tensor:
         out |= ((w >> (8 * c)) & 0xF) << (4 * c)
         out |= ((w >> (8 * c + 4)) & 0xF) << (4 * c + 16)
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def permute_k(x: torch.Tensor) -> torch.Tensor:
+    """Activations in the K order the permuted pair reads the checkpoint's own words in: within every 8 columns,
+    ``x[8g + c + 4h]`` moves to ``8g + 2c + h`` (lane ``c``'s pair is nibbles ``c`` and ``c + 4`` of an unpermuted
+    word), so no weight is repacked and only the activations pay one copy."""
+    m, k = x.shape
+    return x.view(m, k // 8, 2, 4).transpose(2, 3).reshape(m, k)
 
 
 def main() -> None:
@@ -71,10 +82,11 @@ def main() -> None:
         base = dense_time_us(n, k, m, dtype)
         line = [f"M={m} N={n} K={k} tile {tile[:3]}: cuBLAS {base:.1f} us |"]
         for split in splits:
-            for layout, weights in (("checkpoint", copies), ("permuted", permuted)):
+            for layout, weights in (("checkpoint", copies), ("permuted", permuted), ("xperm", copies)):
                 run = gw.plan(dtype, n, k, 128, False, tile, split, **_LAYOUTS[layout])
-                err = ((run(x, *weights[0], None).float() - ref).norm() / ref.norm()).item()
-                us = graph_time_us([lambda p=p, s=s, run=run, x=x: run(x, p, s, None) for p, s in weights])
+                prep = permute_k if layout == "xperm" else (lambda a: a)
+                err = ((run(prep(x), *weights[0], None).float() - ref).norm() / ref.norm()).item()
+                us = graph_time_us([lambda p=p, s=s, r=run, f=prep, x=x: r(f(x), p, s, None) for p, s in weights])
                 flag = "" if err < 1e-2 else f" ERR {err:.1e}"
                 line.append(f" s{split} {layout[:4]} {us:.1f} ({base / us:.2f}x){flag}")
         print("".join(line), flush=True)
