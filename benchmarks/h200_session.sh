@@ -48,6 +48,9 @@
 #            ~1 min; first GPU run: its warp specialization asks for registers no run has tried yet)
 #   gemv     the Gluon GEMV's GPU tests, then benchmarks/gemv_lab.py: its shapes and splits against cuBLAS bf16 and the
 #            shipped dispatch at 1-4 tokens on both models' shapes (OUT/gemv_lab.txt; ~2 min)
+#   pairs    the Gluon tiles' pair order (nibbles c, c + 4 with the activations' K permuted; first GPU run): repack_lab.py
+#            on the prefill shapes (OUT/repack_lab.txt), the Gluon GPU tests (stops if any fails), a retune of the
+#            large buckets (M = 128-2048) into OUT/kernels/<GPU>.json and TTFT at batch 1 with that table   (~8-9 min)
 #   repack   benchmarks/repack_lab.py: the Gluon tiles on nibble-permuted words (one shift and one lop3 per pair of codes)
 #            against the checkpoint's layout, same tile and split, both checked (OUT/repack_lab.txt; ~3 min; first GPU run)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
@@ -207,6 +210,15 @@ for stage in $STAGES; do
       timeout 120 "$ncu" --clock-control none --profile-from-start off --section SourceCounters --page source \
         --print-source sass --csv python benchmarks/gluon_profile.py --m 2048 --n 22016 --k 4096 \
         > "$OUT/gluon_ncu_sass.csv" 2>&1 ;;
+    pairs)
+      timeout 200 python benchmarks/repack_lab.py --deadline-s 100 > "$OUT/repack_lab.txt" 2>&1
+      timeout 140 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or small or gemv or gluon" \
+        -p no:cacheprovider > "$OUT/small_tests.log" 2>&1 || { echo "pairs: GPU tests failed, no tuning" >&2; continue; }
+      GRACE_QUANT_CACHE="$OUT" timeout 150 python benchmarks/tune_kernels.py --retune --ms 128,256,512,1024,2048 \
+        > "$OUT/tune_large.log" 2>&1
+      GRACE_QUANT_CACHE="$OUT" timeout 130 python benchmarks/e2e.py --ttft-only --batches 1 --arms bf16 grace \
+        --repeats 5 --out "$OUT/ttft.md" --log-dir "$OUT" > "$OUT/ttft.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
     ttft)
       timeout 240 python benchmarks/e2e.py --ttft-only --batches 1 8 32 --peer-batches 1 --repeats 5 \
         --out "$OUT/ttft.md" --log-dir "$OUT" > "$OUT/ttft.log" 2>&1
@@ -233,7 +245,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small pairs gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"
