@@ -1,14 +1,14 @@
-"""Lab: the Gluon W4A16 tiles' pair order. The shipped kernel pairs nibbles ``c`` and ``c + 4`` of the checkpoint's
-words (one shift and one ``lop3`` per pair) and permutes the activations' K to match (one copy of ``x`` per call);
-the checkpoint's own K order pairs nibbles ``2c`` and ``2c + 1`` (a second shift and ``lop3``: 21% more loop
-instructions, ``benchmarks/results/gluon_h200.md`` section 8, ``benchmarks/sass_lab.py``).
+"""Lab (not yet run on a GPU): the Gluon W4A16 tiles on a nibble-permuted word layout. Each word's nibbles are
+permuted (a bijection inside the word, so the same bytes and TMA tiles) so that the codes lane ``c`` of a quad turns
+into one pair, ``2c`` and ``2c + 1``, sit at nibbles ``c`` and ``c + 4``: the pair then costs a shift by ``4c`` and
+one ``lop3`` where the checkpoint's order needs a shift by ``8c``, a shift by 12 and two ``lop3`` (-21% of the loop's
+SASS instructions: ``benchmarks/results/gluon_h200.md``, section 8, ``benchmarks/sass_lab.py``).
 
-Same tile, same split, three arms in one process: ``ckpt``, the checkpoint-order pair on the checkpoint's words
-(the kernel before the change); ``pwor``, the shipped pair on words whose nibbles were permuted at load instead
-(no activation copy: what a repack of the weights would give); ``ship``, the shipped kernel (activations permuted
-inside the call, the copy timed with it). Each is checked against dequantize + matmul (fp32) of the checkpoint's
-words and timed as the tuner times (CUDA-graph replay over weight copies cycled past L2), cuBLAS bf16 beside them.
-Prefill shapes first (the TTFT lever), then 64, 16 and 1 token:
+Same tile, same split, three arms in one process: the shipped pair on the checkpoint's words, the permuted pair on
+permuted words, and the permuted pair on the checkpoint's words with the activations' K permuted instead (``xperm``:
+the copy of ``x`` timed with the call, no weight repacked), each checked against dequantize + matmul (fp32) of the
+checkpoint's words, timed as the tuner times (CUDA-graph replay over weight copies cycled past L2), and cuBLAS bf16
+beside them. Prefill shapes first (the TTFT lever), then 64, 16 and 1 token:
 
     PYTHONSAFEPATH=1 PYTHONPATH=$PWD python benchmarks/repack_lab.py   # on a Hopper GPU; ~2-4 minutes
 """
@@ -24,24 +24,20 @@ from grace_quant.kernels import gluon_w4a16 as gw
 from grace_quant.kernels.reference import dequantize
 from grace_quant.kernels.timing import dense_time_us, graph_time_us, w4_copies
 
-CHECKPOINT_PAIR = """{
-.reg .b32 a, v, one, off, nz;
+PERMUTED_PAIR = """{
+.reg .b32 v, one, off, nz;
 mov.b32 one, ONE;
 mov.b32 off, OFF;
 mov.b32 nz, 0x80008000;
-shl.b32 a, $2, 12;
-lop3.b32 v, $2, 0x0000000F, MAGIC, 0xEA;
-lop3.b32 v, a, 0x000F0000, v, 0xEA;
+lop3.b32 v, $2, 0x000F000F, MAGIC, 0xEA;
 fma.rn.TY v, v, one, off;
 fma.rn.TY v, v, $3, nz;
 mov.b32 {$0, $1}, v;
 }"""
-"""The pair (nibble 0, nibble 1) of a word shifted right by ``8c``: the checkpoint's K order, no activation copy."""
-_ARMS = {
-    "ckpt": {"pair": CHECKPOINT_PAIR, "lane_bits": 8, "permute": False},
-    "pwords": {"permute": False},
-    "ship": {},
-}
+"""The pair-making PTX for permuted words, shifted right by ``4c`` (``PERMUTED_LANE_BITS``): one ``lop3``."""
+PERMUTED_LANE_BITS = 4
+_PERMUTED = {"pair": PERMUTED_PAIR, "lane_bits": PERMUTED_LANE_BITS}
+_LAYOUTS = {"checkpoint": {}, "permuted": _PERMUTED, "xperm": _PERMUTED}
 CASES = (  # (M, N, K, (block_m, block_k, stages, pipelined), splits)
     *((m, 22016, 4096, tile, (1,)) for m in (600, 2048, 256) for tile in ((128, 128, 4, True), (256, 128, 3, True))),
     *((m, 4096, 11008, tile, (1, 2)) for m in (256, 2048) for tile in ((128, 128, 4, True), (256, 128, 3, True))),
@@ -61,6 +57,14 @@ def permute_nibbles(words: torch.Tensor) -> torch.Tensor:
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
+def permute_k(x: torch.Tensor) -> torch.Tensor:
+    """Activations in the K order the permuted pair reads the checkpoint's own words in: within every 8 columns,
+    ``x[8g + c + 4h]`` moves to ``8g + 2c + h`` (lane ``c``'s pair is nibbles ``c`` and ``c + 4`` of an unpermuted
+    word), so no weight is repacked and only the activations pay one copy."""
+    m, k = x.shape
+    return x.view(m, k // 8, 2, 4).transpose(2, 3).reshape(m, k)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deadline-s", type=float, default=420)
@@ -78,12 +82,13 @@ def main() -> None:
         base = dense_time_us(n, k, m, dtype)
         line = [f"M={m} N={n} K={k} tile {tile[:3]}: cuBLAS {base:.1f} us |"]
         for split in splits:
-            for arm, weights in (("ckpt", copies), ("pwords", permuted), ("ship", copies)):
-                run = gw.plan(dtype, n, k, 128, False, tile, split, **_ARMS[arm])
-                err = ((run(x, *weights[0], None).float() - ref).norm() / ref.norm()).item()
-                us = graph_time_us([lambda p=p, s=s, r=run, x=x: r(x, p, s, None) for p, s in weights])
+            for layout, weights in (("checkpoint", copies), ("permuted", permuted), ("xperm", copies)):
+                run = gw.plan(dtype, n, k, 128, False, tile, split, **_LAYOUTS[layout])
+                prep = permute_k if layout == "xperm" else (lambda a: a)
+                err = ((run(prep(x), *weights[0], None).float() - ref).norm() / ref.norm()).item()
+                us = graph_time_us([lambda p=p, s=s, r=run, f=prep, x=x: r(f(x), p, s, None) for p, s in weights])
                 flag = "" if err < 1e-2 else f" ERR {err:.1e}"
-                line.append(f" s{split} {arm[:4]} {us:.1f} ({base / us:.2f}x){flag}")
+                line.append(f" s{split} {layout[:4]} {us:.1f} ({base / us:.2f}x){flag}")
         print("".join(line), flush=True)
 
 

@@ -53,29 +53,3 @@ def test_bad_inputs_are_refused():
         pack(torch.zeros(1, 8), 4)
     with pytest.raises(TypeError, match="int32"):
         unpack(torch.zeros(1, 1, dtype=torch.int64), 4)
-
-
-def test_gluon_pair_order_with_permuted_activations_is_the_checkpoint_product():
-    """The Gluon tiles' lane ``c`` pairs, from each word shifted right by ``LANE_BITS * c``, the fields at bits 0 and 16
-    (``lop3`` with ``0x000F000F``) as the elements ``2c``, ``2c + 1`` of its 8 columns; with the activations' K put in
-    that order by ``permute_k``, the product is ``x @ dequantize(W).T`` (emulated bit by bit, fp64)."""
-    gw = pytest.importorskip("grace_quant.kernels.gluon_w4a16", exc_type=ImportError)
-    from grace_quant.kernels.reference import dequantize
-
-    assert "0x000F000F" in gw._PAIR_PTX
-    generator = torch.Generator().manual_seed(0)
-    n, k, group = 3, 256, 128
-    packed = pack(torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int8), 4)
-    scales = torch.rand(n, k // group, generator=generator, dtype=torch.float64) + 0.5
-    x = torch.randn(2, k, generator=generator, dtype=torch.float64)
-    xp = gw.permute_k(x)
-    assert xp.is_contiguous() and sorted(xp[0].tolist()) == sorted(x[0].tolist())
-    y = torch.zeros(2, n, dtype=torch.float64)
-    for row in range(n):
-        for g, word in enumerate(packed[row].tolist()):
-            for c in range(4):
-                pair = (word & 0xFFFFFFFF) >> (gw.LANE_BITS * c)
-                for h in range(2):
-                    code = ((pair >> (16 * h)) & 0xF) - 8
-                    y[:, row] += code * scales[row, 8 * g // group] * xp[:, 8 * g + 2 * c + h]
-    torch.testing.assert_close(y, x @ dequantize(packed, scales, group, 4).T, rtol=1e-12, atol=1e-12)

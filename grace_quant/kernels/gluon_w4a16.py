@@ -5,15 +5,12 @@ stream the weight once with K split over programs to fill the GPU.
 
 ``y^T = W x^T``: each program owns 128 weight rows (two warpgroups of 64) and ``block_m`` tokens. The token tile (the
 MMA's B operand) comes through TMA into a ring of shared-memory stages, the packed words beside it. Each thread turns
-nibbles ``c`` and ``c + 4`` of every word of its fragment rows (``c`` its lane in the quad) into one 32-bit pair of
-16-bit floats, the elements ``2c`` and ``2c + 1`` of its 8-column block in ``wgmma``'s register A fragment
-(``convert_layout(..., assert_trivial=True)`` proves at compile time that no data moves). Those are the checkpoint's
-columns ``c`` and ``c + 4``, so the tokens' K is permuted the same way first (:func:`permute_k`, one copy of the
-activations; the weights stay as the checkpoint has them). Per pair: a shift, one ``lop3`` into the mantissa of 2**7
-(bf16) or 2**10 (fp16), one FMA removing the offset exactly and one multiplying by the scale (the one rounding
-``kernels.reference.dequantize`` makes), so results match dequantize + matmul up to the summation order. The pair of
-nibbles ``2c``, ``2c + 1`` in the checkpoint's K order costs a second shift and ``lop3`` (21% more loop instructions:
-``benchmarks/results/gluon_h200.md``, section 8; ``benchmarks/repack_lab.py`` times both).
+nibbles ``2c`` and ``2c + 1`` of every word of its fragment rows (``c`` its lane in the quad) into one 32-bit pair of
+16-bit floats: exactly the elements ``k = 8 * word + 2c + {0, 1}`` that ``wgmma``'s register A fragment puts in that
+thread (``convert_layout(..., assert_trivial=True)`` proves it at compile time: no data moves). Per pair: a shift,
+one ``lop3`` into the mantissa of 2**7 (bf16) or 2**10 (fp16), one FMA removing the offset exactly and one
+multiplying by the scale (the one rounding ``kernels.reference.dequantize`` makes), so results match dequantize +
+matmul up to the summation order.
 
 Three forms (``pipe``): 1 keeps one MMA in flight while the next K tile is dequantized (unrolled by two so that a
 tile's A registers are redefined only after the MMA reading them retired; ptxas keeps the MMAs asynchronous only with
@@ -50,7 +47,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .launch import DirectLauncher
 from .triton_w4a16 import _num_sms, _outputs, dequant_ptx
 
-__all__ = ["BLOCK_N", "TILES", "WS", "permute_k", "plan", "reads", "supports", "tile_of", "wgmma_w4a16"]
+__all__ = ["BLOCK_N", "TILES", "WS", "plan", "reads", "supports", "tile_of", "wgmma_w4a16"]
 
 BLOCK_N = 128
 """Weight rows per program (two warpgroups of 64): N must be a multiple."""
@@ -67,20 +64,20 @@ tiles serialize the pipelined loop's MMAs, so they run unpipelined only). ``pipe
 the next dequantization, 1 (True) keeps one in flight, :data:`WS` runs the warp-specialized persistent kernel."""
 _WARPS = 8
 
-# One word shifted right by 4c -> the pair (nibble 0, nibble 4) times the scale pair $3, as two 16-bit floats: both
-# nibbles into the two mantissas of MAGIC with one lop3, the offset removed exactly, one rounding by the scale.
+# One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats: nibble 0
+# and nibble 1 (moved to bit 16) into the two mantissas of MAGIC, the offset removed exactly, one rounding by the scale.
 _PAIR_PTX = """{
-.reg .b32 v, one, off, nz;
+.reg .b32 a, v, one, off, nz;
 mov.b32 one, ONE;
 mov.b32 off, OFF;
 mov.b32 nz, 0x80008000;
-lop3.b32 v, $2, 0x000F000F, MAGIC, 0xEA;
+shl.b32 a, $2, 12;
+lop3.b32 v, $2, 0x0000000F, MAGIC, 0xEA;
+lop3.b32 v, a, 0x000F0000, v, 0xEA;
 fma.rn.TY v, v, one, off;
 fma.rn.TY v, v, $3, nz;
 mov.b32 {$0, $1}, v;
 }"""
-LANE_BITS = 4
-"""Lane ``c`` of a quad shifts its words right by ``LANE_BITS * c`` before :data:`_PAIR_PTX`."""
 _BF16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "bf16x2"))
 _FP16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "f16x2"))
 
@@ -109,7 +106,7 @@ def _dequant_tile(words_smem, sc, shift, PAIR: gl.constexpr, WORDS: gl.constexpr
     e0, e1 = gl.inline_asm_elementwise(
         PAIR, "=h,=h,r,r", [words >> shift, s2], dtype=(gl.int16, gl.int16), is_pure=True, pack=1
     )
-    return gl.reshape(gl.join(e0, e1), [BN, BK]).to(dtype, bitcast=True)  # k = 8 * word + 2c + {0, 1}, permuted
+    return gl.reshape(gl.join(e0, e1), [BN, BK]).to(dtype, bitcast=True)  # k = 8 * word + 2c + {0, 1}
 
 
 @gluon.jit
@@ -168,8 +165,8 @@ def _kernel(
     sc_next = _scales(s_rows, srows, k0, k_end, BK, GROUP)
     sc_after = _scales(s_rows, srows, k0 + 1, k_end, BK, GROUP)
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    # [1, 1, 4]: lane c of a quad shifts its words by LANE_BITS * c (4: nibbles c and c + 4; 8 with the checkpoint
-    # order's pair of benchmarks/repack_lab.py, nibbles 2c and 2c + 1)
+    # [1, 1, 4]: lane c of a quad shifts its words by LANE_BITS * c (8: nibbles 2c, 2c + 1 of the checkpoint's order;
+    # benchmarks/repack_lab.py tries 4 on words whose nibbles it permuted)
     shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * LANE_BITS
 
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
@@ -379,13 +376,6 @@ def _shared_layouts(block_m: int, block_k: int, dtype: torch.dtype) -> tuple:
     )
 
 
-def permute_k(x2: torch.Tensor) -> torch.Tensor:
-    """``[M, K]`` activations in the K order of the kernel's pairs: in every 8 columns, column ``c + 4h`` moves to
-    ``2c + h`` (a contiguous copy, so TMA reads it whatever the input's strides)."""
-    m, k = x2.shape
-    return x2.reshape(m, k // 8, 2, 4).transpose(2, 3).reshape(m, k)
-
-
 def supports(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, block_k: int = 128) -> bool:
     """Whether :func:`wgmma_w4a16` takes this call: a Hopper GPU, 16-bit activations with scales of the same dtype,
     N a multiple of 128, K of ``block_k``, groups of at least ``block_k`` columns, 16-byte aligned rows."""
@@ -450,15 +440,14 @@ def plan(
     split: int = 1,
     *,
     pair: str | None = None,
-    lane_bits: int = LANE_BITS,
-    permute: bool = True,
+    lane_bits: int = 8,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
     integer on), so a call costs the host two descriptors, the outputs' allocation and the launch. Callers check
     :func:`supports` first. Labs only: ``pair``, another pair-making PTX template (placeholders as
-    :data:`_PAIR_PTX`'s), ``lane_bits``, its per-lane shift, and ``permute``, whether ``x2``'s K is put in the pairs'
-    order first (``benchmarks/repack_lab.py``, ``benchmarks/gluon_profile.py --probe``)."""
+    :data:`_PAIR_PTX`'s), and ``lane_bits``, its per-lane shift (``benchmarks/repack_lab.py``,
+    ``benchmarks/gluon_profile.py --probe``)."""
     block_m, block_k, stages, pipe = _checked(tile)
     if split < 1 or (pipe == WS and split > 1):
         raise ValueError(
@@ -486,13 +475,9 @@ def plan(
         if m == 0:
             return torch.empty((0, n), dtype=dtype, device=x2.device)
         if splits > 1 and splits * m * n >= 2**31:  # the partials' int32 offsets
-            return plan(dtype, n, k, group, has_bias, tile, 1, pair=pair, lane_bits=lane_bits, permute=permute)(
-                x2, packed, scales, bias
-            )
+            return plan(dtype, n, k, group, has_bias, tile, 1, pair=pair, lane_bits=lane_bits)(x2, packed, scales, bias)
         tiles_m = triton.cdiv(m, block_m)
         y, ws, counters = _outputs(x2, packed, tiles_m * (n // BLOCK_N), splits)
-        if permute:
-            x2 = permute_k(x2)
         if bias is not None:
             bias = bias.to(dtype).contiguous()
         # what Triton specializes the runtime arguments that vary between calls on
