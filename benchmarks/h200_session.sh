@@ -48,11 +48,9 @@
 #            ~1 min; first GPU run: its warp specialization asks for registers no run has tried yet)
 #   gemv     the Gluon GEMV's GPU tests, then benchmarks/gemv_lab.py: its shapes and splits against cuBLAS bf16 and the
 #            shipped dispatch at 1-4 tokens on both models' shapes (OUT/gemv_lab.txt; ~2 min)
-#   pairs    the Gluon tiles' pair order (nibbles c, c + 4 with the activations' K permuted; first GPU run): repack_lab.py
-#            on the prefill shapes (OUT/repack_lab.txt), the Gluon GPU tests (stops if any fails), a retune of the
-#            large buckets (M = 128-2048) into OUT/kernels/<GPU>.json and TTFT at batch 1 with that table   (~8-9 min)
 #   repack   benchmarks/repack_lab.py: the Gluon tiles on nibble-permuted words (one shift and one lop3 per pair of codes)
-#            against the checkpoint's layout, same tile and split, both checked (OUT/repack_lab.txt; ~3 min; first GPU run)
+#            and on permuted activations against the checkpoint's layout, same tile and split, all checked
+#            (OUT/repack_lab.txt; ~3 min; ran 2026-12-07 on an H100: gluon_h200.md section 9)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -107,18 +105,22 @@
 # eight refused or failed starts, the H200 never came): conv_lab.py (both converter-warpgroup forms lose:
 # gluon_h200.md section 6), the Gluon GEMV's GPU tests (21 passed with the older GEMV tests), gemv_lab.py (its race:
 # 1.03-1.14x the shipped kernels at M = 1, 1.18-1.28x at M = 2 on LLaVA shapes) and ncu at M = 1 (section 7).
+# Done 2026-12-07, tenth session (H100s only: three calls, ~18 device minutes of work; ~12 went to refused starts and
+# cool-downs, the H200 never came): repack_lab.py with the one-lop3 pair shipped on permuted activations (lost: the
+# activation copy costs more than the 3-8% the repacked-weight arm gains; reverted; gluon_h200.md section 9), the
+# Gluon GPU tests (58 passed, twice), a retune of the large buckets on that code (discarded with it), STAGES=small on
+# the reverted code (H100 table at M = 1-64, kernels_h100.md: LLaVA layer M=1 2.73x, M=2-8 1.93-2.17x, M=16 1.94x,
+# M=64 1.41x), STAGES=e2e-llava with that table (e2e_h200.md run I: 2.77x / 2.02x).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-5 minutes each, and a machine
 # goes back 30 s after a call: have the next command ready), in this order:
 #  1) STAGES=small on an H200 (~9 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in
-#     the race, bench M = 1-64); merge OUT/kernels/NVIDIA_H200.json's gemv|/tc| keys into configs/; the same on an
-#     H100 for its table (its M = 4-64 buckets have no entries yet);
+#     the race, bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table
+#     merged with what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row;
 #  2) STAGES="e2e-llava" then "e2e-qwen" on an H200 with that table (issue 16's floors were measured on an H100),
-#     then "ttft";
-#  3) STAGES=repack (~3 min): the Gluon tiles on nibble-permuted words (-21% loop instructions, gluon_h200.md section 8);
-#     where it gains, build the layout for real: permuted when a GRACE INT4 linear loads on CUDA, undone by
-#     save_pretrained (the checkpoint format stays), read by every kernel and the reference;
-#  4) M = 1-8 (floors 2.2x / 1.9x): both GEMVs sit between issue rate and bytes (section 7); the 16-token tile on the
-#     permuted layout may overtake them.
+#     then "ttft" (or prefill.py's interleaved arms for the TTFT verdict);
+#  3) large M (issue 15's 0.95x floors at 256 / 2048, issue 16's TTFT): a stream-K or work-balanced schedule over
+#     256-token tiles for ~600 tokens (prefill_h100.md run 16); the weight repack of gluon_h200.md section 9 (3-8%)
+#     after that.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -210,15 +212,6 @@ for stage in $STAGES; do
       timeout 120 "$ncu" --clock-control none --profile-from-start off --section SourceCounters --page source \
         --print-source sass --csv python benchmarks/gluon_profile.py --m 2048 --n 22016 --k 4096 \
         > "$OUT/gluon_ncu_sass.csv" 2>&1 ;;
-    pairs)
-      timeout 200 python benchmarks/repack_lab.py --deadline-s 100 > "$OUT/repack_lab.txt" 2>&1
-      timeout 140 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or small or gemv or gluon" \
-        -p no:cacheprovider > "$OUT/small_tests.log" 2>&1 || { echo "pairs: GPU tests failed, no tuning" >&2; continue; }
-      GRACE_QUANT_CACHE="$OUT" timeout 150 python benchmarks/tune_kernels.py --retune --ms 128,256,512,1024,2048 \
-        > "$OUT/tune_large.log" 2>&1
-      GRACE_QUANT_CACHE="$OUT" timeout 130 python benchmarks/e2e.py --ttft-only --batches 1 --arms bf16 grace \
-        --repeats 5 --out "$OUT/ttft.md" --log-dir "$OUT" > "$OUT/ttft.log" 2>&1
-      rm -f "$OUT/e2e_raw.json" ;;
     ttft)
       timeout 240 python benchmarks/e2e.py --ttft-only --batches 1 8 32 --peer-batches 1 --repeats 5 \
         --out "$OUT/ttft.md" --log-dir "$OUT" > "$OUT/ttft.log" 2>&1
@@ -245,7 +238,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small pairs gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

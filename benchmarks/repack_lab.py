@@ -1,8 +1,9 @@
-"""Lab (not yet run on a GPU): the Gluon W4A16 tiles on a nibble-permuted word layout. Each word's nibbles are
-permuted (a bijection inside the word, so the same bytes and TMA tiles) so that the codes lane ``c`` of a quad turns
-into one pair, ``2c`` and ``2c + 1``, sit at nibbles ``c`` and ``c + 4``: the pair then costs a shift by ``4c`` and
-one ``lop3`` where the checkpoint's order needs a shift by ``8c``, a shift by 12 and two ``lop3`` (-21% of the loop's
-SASS instructions: ``benchmarks/results/gluon_h200.md``, section 8, ``benchmarks/sass_lab.py``).
+"""Lab (run on an H100: ``benchmarks/results/gluon_h200.md``, section 9): the Gluon W4A16 tiles on a nibble-permuted
+word layout. Each word's nibbles are permuted (a bijection inside the word, so the same bytes and TMA tiles) so that
+the codes lane ``c`` of a quad turns into one pair, ``2c`` and ``2c + 1``, sit at nibbles ``c`` and ``c + 4``: the
+pair then costs a shift by ``4c`` and one ``lop3`` where the checkpoint's order needs a shift by ``8c``, a shift by 12
+and two ``lop3`` (-21% of the loop's SASS instructions: ``benchmarks/results/gluon_h200.md``, section 8,
+``benchmarks/sass_lab.py``).
 
 Same tile, same split, three arms in one process: the shipped pair on the checkpoint's words, the permuted pair on
 permuted words, and the permuted pair on the checkpoint's words with the activations' K permuted instead (``xperm``:
