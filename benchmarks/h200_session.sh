@@ -51,6 +51,10 @@
 #   repack   benchmarks/repack_lab.py: the Gluon tiles on nibble-permuted words (one shift and one lop3 per pair of codes)
 #            and on permuted activations against the checkpoint's layout, same tile and split, all checked
 #            (OUT/repack_lab.txt; ~3 min; ran 2026-12-07 on an H100: gluon_h200.md section 9)
+#   streamk  benchmarks/streamk_lab.py: the Gluon tile kernel with a stream-K schedule (every program the same share of
+#            the problem's K tiles; cut tiles add their pieces' fp32 partials in program order) against the shipped
+#            tiles and splits and cuBLAS bf16 on LLaVA-1.5-7B's fused shapes at 256, 600 and 2048 tokens, each arm
+#            checked; per M the layer's sum with and without it (OUT/streamk_lab.txt; ~3-4 min; first GPU run)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -118,9 +122,10 @@
 #     merged with what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row;
 #  2) STAGES="e2e-llava" then "e2e-qwen" on an H200 with that table (issue 16's floors were measured on an H100),
 #     then "ttft" (or prefill.py's interleaved arms for the TTFT verdict);
-#  3) large M (issue 15's 0.95x floors at 256 / 2048, issue 16's TTFT): a stream-K or work-balanced schedule over
-#     256-token tiles for ~600 tokens (prefill_h100.md run 16); the weight repack of gluon_h200.md section 9 (3-8%)
-#     after that.
+#  3) STAGES=streamk (~4 min; large M: issue 15's 0.95x floors at 256 / 2048, issue 16's TTFT): the stream-K lab
+#     (compiled offline only so far: same inner loop as the shipped tile, one MMA in flight, no spills in it). Where
+#     it wins, make it a schedule of gluon_w4a16.plan (a tuned entry's "sk": 1) raced by the tuner in the large
+#     buckets; the weight repack of gluon_h200.md section 9 (3-8%) after that.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -232,13 +237,15 @@ for stage in $STAGES; do
       timeout 300 python benchmarks/gemv_lab.py > "$OUT/gemv_lab.txt" 2>&1 ;;
     repack)
       timeout 480 python benchmarks/repack_lab.py > "$OUT/repack_lab.txt" 2>&1 ;;
+    streamk)
+      timeout 330 python benchmarks/streamk_lab.py --deadline-s 270 > "$OUT/streamk_lab.txt" 2>&1 ;;
     sweep)
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small gluon-ncu conv gemv repack streamk sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -7,6 +7,7 @@ the loop's backward branch and its target, by opcode.
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair repacked
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 128 --stages 5 --ws
+    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --streamk
 
 ``--pair repacked`` compiles the Gluon kernel as ``benchmarks/repack_lab.py`` runs it on nibble-permuted words
 (codes ``2c`` and ``2c + 1`` at nibbles ``c`` and ``c + 4``: one shift and one ``lop3`` per pair instead of two
@@ -55,6 +56,12 @@ def _wgmma(args: argparse.Namespace) -> tuple:
         pair, lane_bits = triton.language.constexpr(dequant_ptx(PERMUTED_PAIR, "bf16x2")), PERMUTED_LANE_BITS
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out)  # fmt: skip
+    if args.streamk:  # benchmarks/streamk_lab.py's stream-K schedule of the pipelined tile
+        from benchmarks.streamk_lab import _sk_kernel
+
+        sig |= dict(ws_ptr="*fp32", cnt_ptr="*i32") | {n: "i32" for n in ("M", "N", "KG", "stride_ym", "K_TILES", "L")}
+        consts |= dict(LANE_BITS=lane_bits)
+        return _sk_kernel, sig, consts, 8
     if args.ws:  # the warp-specialized persistent form
         sig |= {name: "i32" for name in ("M", "N", "KG", "stride_ym", "K_TILES", "K_ITERS")}
         consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
@@ -97,6 +104,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--pair", choices=("shipped", "repacked"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
+    parser.add_argument("--streamk", action="store_true", help="wgmma: benchmarks/streamk_lab.py's stream-K kernel")
     args = parser.parse_args()
     fn, sig, consts, warps = (_gemv4 if args.kernel == "gemv4" else _wgmma)(args)
     sig |= {name: "constexpr" for name in consts}
@@ -116,8 +124,9 @@ def main() -> None:
         usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
     opcodes, mmas = _loop(sass)
     regs = re.search(r"REG:(\d+)", usage)
+    spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     print(f"{args.kernel} {consts if args.kernel == 'gemv4' else (args.block_m, args.stages, args.pair)}: "
-          f"{regs[1] if regs else '?'} registers, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip
+          f"{regs[1] if regs else '?'} registers, {spills} local loads/stores, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip
     print("  " + ", ".join(f"{op} {n}" for op, n in collections.Counter(opcodes).most_common(14)))
 
 

@@ -125,13 +125,15 @@ def _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, STAGES: gl.
 
 
 @gluon.jit
-def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k, sc, shift,
+def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, pos, num_k, sc, shift,
                STAGES: gl.constexpr, BK: gl.constexpr, PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
-    """K tile ``kt`` with one MMA left in flight: dequantize it while tile ``kt - 1``'s MMA runs, issue its MMA, retire
-    ``kt - 1``'s, then (both warpgroups past it) refill ``kt - 1``'s slot."""
+    """K tile ``kt`` (of ``num_k`` from ``k0``) with one MMA left in flight: dequantize it while tile ``kt - 1``'s MMA
+    runs, issue its MMA, retire ``kt - 1``'s, then (both warpgroups past it) refill ``kt - 1``'s slot. ``pos`` is its
+    place in the ring of stages: ``kt`` here, further on where one ring serves several tiles
+    (``benchmarks/streamk_lab.py``)."""
     BN: gl.constexpr = 128
-    stage = kt % STAGES
-    mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
+    stage = pos % STAGES
+    mbarrier.wait(bars.index(stage), (pos // STAGES) & 1)
     w = _dequant_tile(w_smem.index(stage), sc, shift, PAIR, WORDS, BN, BK, x_desc.dtype)
     a = gl.convert_layout(w, DOT, assert_trivial=True)
     acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
@@ -139,8 +141,27 @@ def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k,
     gl.thread_barrier()  # the other warpgroup has retired tile kt - 1 too: its slot may be overwritten
     if kt >= 1:
         if kt - 1 + STAGES < num_k:
-            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt - 1 + STAGES, STAGES, BK)
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0 + kt - pos, pos - 1 + STAGES, STAGES, BK)
     return acc
+
+
+@gluon.jit
+def _lane_shift(WORDS: gl.constexpr, LANE_BITS: gl.constexpr):
+    """``[1, 1, 4]``: lane ``c`` of a quad shifts its words right by ``LANE_BITS * c`` before the pair PTX (8: nibbles
+    ``2c``, ``2c + 1`` of the checkpoint's order; ``benchmarks/repack_lab.py`` tries 4 on words it permuted)."""
+    quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
+    return gl.expand_dims(gl.expand_dims(quad, 0), 1) * LANE_BITS
+
+
+@gluon.jit
+def _ring(x_desc, w_desc, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    """The ring of ``STAGES`` shared-memory slots (token tile, word tile) and their initialized TMA barriers."""
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 128, BK // 8], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    return x_smem, w_smem, bars
 
 
 @gluon.jit
@@ -164,16 +185,8 @@ def _kernel(
     s_rows = s_ptr + srows * KG
     sc_next = _scales(s_rows, srows, k0, k_end, BK, GROUP)
     sc_after = _scales(s_rows, srows, k0 + 1, k_end, BK, GROUP)
-    quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    # [1, 1, 4]: lane c of a quad shifts its words by LANE_BITS * c (8: nibbles 2c, 2c + 1 of the checkpoint's order;
-    # benchmarks/repack_lab.py tries 4 on words whose nibbles it permuted)
-    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * LANE_BITS
-
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK // 8], w_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
+    shift = _lane_shift(WORDS, LANE_BITS)
+    x_smem, w_smem, bars = _ring(x_desc, w_desc, BM, BK, STAGES)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     if PIPE:
         # Register A with one MMA in flight, unrolled by two so that a tile's A registers are only redefined after
@@ -190,9 +203,9 @@ def _kernel(
             sc1 = sc_after
             sc_next = _scales(s_rows, srows, k0 + kt + 2, k_end, BK, GROUP)
             sc_after = _scales(s_rows, srows, k0 + kt + 3, k_end, BK, GROUP)
-            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k, sc0, shift,
+            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, kt, num_k, sc0, shift,
                              STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
-            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1, num_k, sc1, shift,
+            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1, kt + 1, num_k, sc1, shift,
                              STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
         acc = warpgroup_mma_wait(0, deps=[acc])
     else:
