@@ -55,6 +55,9 @@
 #            the problem's K tiles; cut tiles add their pieces' fp32 partials in program order) against the shipped
 #            tiles and splits and cuBLAS bf16 on LLaVA-1.5-7B's fused shapes at 256, 600 and 2048 tokens, each arm
 #            checked; per M the layer's sum with and without it (OUT/streamk_lab.txt; ~3-4 min; first GPU run)
+#   large    the Gluon kernel's GPU tests (tiles, splits, stream-K, the tuner's correctness check; stops if any fails),
+#            a retune of the large buckets (M = 128-2048, stream-K in the race) and bench_kernels.py at M = 256 and
+#            2048 with that table (OUT/kernels/<GPU>.json, OUT/large/kernels_h200.{md,json})   (~8-9 min: alone)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -123,9 +126,11 @@
 #  2) STAGES="e2e-llava" then "e2e-qwen" on an H200 with that table (issue 16's floors were measured on an H100),
 #     then "ttft" (or prefill.py's interleaved arms for the TTFT verdict);
 #  3) STAGES=streamk (~4 min; large M: issue 15's 0.95x floors at 256 / 2048, issue 16's TTFT): the stream-K lab
-#     (compiled offline only so far: same inner loop as the shipped tile, one MMA in flight, no spills in it). Where
-#     it wins, make it a schedule of gluon_w4a16.plan (a tuned entry's "sk": 1) raced by the tuner in the large
-#     buckets; the weight repack of gluon_h200.md section 9 (3-8%) after that.
+#     (gluon_w4a16's pipe 3, compiled offline only so far: same inner loop as the shipped tile, one MMA in flight, no
+#     spills in it); then STAGES=large (its GPU tests first, then the large buckets retuned with it in the race,
+#     bench at 256 / 2048): copy OUT/kernels/<GPU>.json into configs/ where it gains, merge OUT/large's M = 256 /
+#     2048 rows into kernels_h200.md/json; then STAGES=ttft or prefill.py for issue 16's TTFT. The weight repack of
+#     gluon_h200.md section 9 (3-8%) after that.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -203,7 +208,7 @@ for stage in $STAGES; do
     tune)
       GRACE_QUANT_CACHE="$OUT" timeout 480 python benchmarks/tune_kernels.py > "$OUT/tune.log" 2>&1 ;;
     small)
-      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or small or gemv or gluon" \
+      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "(wgmma or split or small or gemv or gluon or tuner) and not pipe3" \
         -p no:cacheprovider > "$OUT/small_tests.log" 2>&1 || { echo "small: GPU tests failed, no tuning" >&2; continue; }
       GRACE_QUANT_CACHE="$OUT" timeout 290 python benchmarks/tune_kernels.py --retune --ms 1,2,4,8,16,32,64 \
         > "$OUT/tune.log" 2>&1
@@ -239,13 +244,20 @@ for stage in $STAGES; do
       timeout 480 python benchmarks/repack_lab.py > "$OUT/repack_lab.txt" 2>&1 ;;
     streamk)
       timeout 330 python benchmarks/streamk_lab.py --deadline-s 270 > "$OUT/streamk_lab.txt" 2>&1 ;;
+    large)
+      timeout 150 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or tuner" \
+        -p no:cacheprovider > "$OUT/large_tests.log" 2>&1 || { echo "large: GPU tests failed, no tuning" >&2; continue; }
+      GRACE_QUANT_CACHE="$OUT" timeout 240 python benchmarks/tune_kernels.py --retune --stream-k \
+        --ms 128,256,512,1024,2048 > "$OUT/tune_large.log" 2>&1
+      GRACE_QUANT_CACHE="$OUT" timeout 150 python benchmarks/bench_kernels.py --ms 256,2048 --no-gemlite \
+        --out "$OUT/large" > "$OUT/kernels_large.log" 2>&1 ;;
     sweep)
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small gluon-ncu conv gemv repack streamk sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small large gluon-ncu conv gemv repack streamk sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -56,12 +56,10 @@ def _wgmma(args: argparse.Namespace) -> tuple:
         pair, lane_bits = triton.language.constexpr(dequant_ptx(PERMUTED_PAIR, "bf16x2")), PERMUTED_LANE_BITS
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out)  # fmt: skip
-    if args.streamk:  # benchmarks/streamk_lab.py's stream-K schedule of the pipelined tile
-        from benchmarks.streamk_lab import _sk_kernel
-
+    if args.streamk:  # the stream-K schedule of the pipelined tile (pipe 3)
         sig |= dict(ws_ptr="*fp32", cnt_ptr="*i32") | {n: "i32" for n in ("M", "N", "KG", "stride_ym", "K_TILES", "L")}
         consts |= dict(LANE_BITS=lane_bits)
-        return _sk_kernel, sig, consts, 8
+        return gluon_w4a16._sk_kernel, sig, consts, 8
     if args.ws:  # the warp-specialized persistent form
         sig |= {name: "i32" for name in ("M", "N", "KG", "stride_ym", "K_TILES", "K_ITERS")}
         consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
@@ -104,7 +102,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--pair", choices=("shipped", "repacked"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
-    parser.add_argument("--streamk", action="store_true", help="wgmma: benchmarks/streamk_lab.py's stream-K kernel")
+    parser.add_argument("--streamk", action="store_true", help="wgmma: the stream-K schedule (pipe 3)")
     args = parser.parse_args()
     fn, sig, consts, warps = (_gemv4 if args.kernel == "gemv4" else _wgmma)(args)
     sig |= {name: "constexpr" for name in consts}

@@ -441,6 +441,12 @@ _WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, pipe
     (torch.float16, False, 5, 256, 4096, 128, (128, 128, 5, 2)),
     (torch.bfloat16, False, 1100, 4096, 1152, 128, (256, 128, 3, 2)),
     (torch.float16, True, 2048, 1024, 2048, 256, (256, 128, 2, 2)),
+    # stream-K (pipe 3): tiles cut between programs (partials added in program order), a token tail, odd K tile counts
+    # (pieces that start mid-pair and run a zero-scaled tile), several pieces per tile and several tiles per program
+    (torch.bfloat16, True, 600, 4096, 4096, 128, (256, 128, 3, 3)),
+    (torch.float16, False, 257, 512, 1152, 128, (128, 128, 4, 3)),
+    (torch.bfloat16, False, 2048, 2048, 1536, 256, (128, 128, 4, 3)),
+    (torch.float16, True, 3, 256, 11008, 128, (256, 128, 3, 3)),
 ]
 
 
@@ -505,30 +511,48 @@ def test_every_checked_wgmma_tile_is_tested_and_tuned():
         gluon_w4a16.wgmma_w4a16(torch.zeros(1, 128), None, None, None, 128, block_m=48)
 
 
-def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_cannot():
+def test_the_tuner_drops_a_candidate_whose_results_are_wrong(monkeypatch):
+    """The tuner checks each candidate's output against dequantize + matmul before timing it: the same candidate
+    times once right, and is refused once its results are 10% off (a fast wrong kernel never reaches a table)."""
+    from grace_quant.kernels import tuner
+
+    measure = tuner.cuda_measure(300, 256, 512, 128, torch.bfloat16, torch.device("cuda"))
+    config = {"tc": 0}
+    assert measure(config) > 0
+    right = TW.linear_with_config
+    monkeypatch.setattr(TW, "linear_with_config", lambda *args: right(*args) * 1.1)
+    with pytest.raises(ValueError, match="is wrong at"):
+        measure(config)
+
+
+@pytest.mark.parametrize(
+    "n, split, pipe",
+    [(384, 1, 1), (256, 2, 1), (320, 1, 1), (512, 1, 2), (640, 1, 3)],
+    ids=["pipe1", "split2", "n320", "pipe2", "pipe3"],
+)
+def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_cannot(n, split, pipe):
     """Dispatch: a ``"wgmma"`` entry on the large path gives the Gluon kernel's bits (eager plan and custom op alike;
-    split-K and the warp-specialized kernel too), and a call it does not take (N not a multiple of 128) runs
-    dequantize + cuBLAS."""
+    split-K, the warp-specialized kernel (pipe 2) and the stream-K schedule (pipe 3) too), and a call it does not take
+    (N not a multiple of 128) runs dequantize + cuBLAS."""
     from grace_quant.kernels import dispatch, tables
 
     gw = _gluon_kernel()
     table = tables.table(tables.device_name(torch.device("cuda")))
     saved = dict(table.configs)
     try:
-        for n, split, pipe in ((384, 1, 1), (256, 2, 1), (320, 1, 1), (512, 1, gw.WS)):
-            config = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": pipe, "split": split}
-            torch.manual_seed(n)
-            packed, scales, bias = make(n, 1024, 128, torch.bfloat16, True)
-            x = torch.randn(2, 150, 1024, device="cuda").to(torch.bfloat16)
-            table.put(dispatch.key_for(300, n, 1024, 128, torch.bfloat16), config)
-            expected = (
-                gw.wgmma_w4a16(x.reshape(-1, 1024), packed, scales, bias, 128, stages=4, pipe=pipe, split=split)
-                if n % gw.BLOCK_N == 0
-                else TW.linear_with_config(x.reshape(-1, 1024), packed, scales, bias, 128, "large", {"tc": 0})
-            ).reshape(2, 150, n)
-            assert rel_err(expected, ref_fp64(x.reshape(-1, 1024), packed, scales, bias, 128).reshape(2, 150, n)) < 5e-3
-            assert torch.equal(TW.eager_linear(x, packed, scales, bias, 128), expected)
-            assert torch.equal(KM.w4a16_linear_op(x, packed, scales, bias, 128), expected)
+        config = {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": pipe, "split": split}
+        torch.manual_seed(n)
+        packed, scales, bias = make(n, 1024, 128, torch.bfloat16, True)
+        x = torch.randn(2, 150, 1024, device="cuda").to(torch.bfloat16)
+        table.put(dispatch.key_for(300, n, 1024, 128, torch.bfloat16), config)
+        expected = (
+            gw.wgmma_w4a16(x.reshape(-1, 1024), packed, scales, bias, 128, stages=4, pipe=pipe, split=split)
+            if n % gw.BLOCK_N == 0
+            else TW.linear_with_config(x.reshape(-1, 1024), packed, scales, bias, 128, "large", {"tc": 0})
+        ).reshape(2, 150, n)
+        assert rel_err(expected, ref_fp64(x.reshape(-1, 1024), packed, scales, bias, 128).reshape(2, 150, n)) < 5e-3
+        assert torch.equal(TW.eager_linear(x, packed, scales, bias, 128), expected)
+        assert torch.equal(KM.w4a16_linear_op(x, packed, scales, bias, 128), expected)
     finally:
         table.configs.clear()
         table.configs.update(saved)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .dispatch import GEMV_ROWS, M_BUCKETS, TC_MAX_M, key_for, m_bucket, path_for
+from .reference import quant_linear_reference
 from .tables import Config, ConfigTable, device_name, table
 from .timing import graph_time_us, w4_copies
 
@@ -84,6 +85,13 @@ over 2 and 4 programs (shapes with few output tiles: N = 4096 at a few hundred t
 wave of 132 SMs), and the warp-specialized persistent kernel (``pipe`` 2, no split) on its tiles, raced in the large
 buckets up to :data:`WGMMA_MAX_M`; on other GPUs they do not run and drop out of the race."""
 
+STREAM_K_SPACE: tuple[Config, ...] = tuple(
+    {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": st, "pipe": 3, "split": 1} for bm, st in ((128, 4), (256, 3))
+)
+"""The stream-K schedule of the pipelined tiles (``pipe`` 3), raced in the large buckets only when asked for
+(``tune_shapes(..., extra=STREAM_K_SPACE)``, ``benchmarks/tune_kernels.py --stream-k``) until a GPU has run its
+tests: not yet in :data:`WGMMA_SPACE`."""
+
 WGMMA_SMALL_SPACE: dict[int, tuple[Config, ...]] = {
     bucket: tuple(
         {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": st, "pipe": 1, "split": split}
@@ -122,6 +130,7 @@ __all__ = [
     "GEMV_SPACE",
     "LARGE_SPACE",
     "PIPE_SPACE",
+    "STREAM_K_SPACE",
     "TC_SMALL_SPACE",
     "TC_SPACE",
     "WGMMA_MAX_M",
@@ -136,12 +145,13 @@ __all__ = [
 ]
 
 
-def space_for(m: int) -> tuple[Config, ...]:
+def space_for(m: int, extra: Sequence[Config] = ()) -> tuple[Config, ...]:
     """The candidate configurations for ``m`` tokens: the GEMVs race the tensor-core kernel up to their 4 rows, the
-    Gluon kernel races them at M <= 64 and dequantize + cuBLAS above, up to :data:`WGMMA_MAX_M`."""
+    Gluon kernel races them at M <= 64 and dequantize + cuBLAS above, up to :data:`WGMMA_MAX_M` (with ``extra``
+    Gluon candidates there)."""
     path = path_for(m)
     if path == "large":
-        return LARGE_SPACE + WGMMA_SPACE if m_bucket(m) <= WGMMA_MAX_M else LARGE_SPACE
+        return LARGE_SPACE + WGMMA_SPACE + tuple(extra) if m_bucket(m) <= WGMMA_MAX_M else LARGE_SPACE
     small = (TC_SMALL_SPACE if m <= 16 else TC_SPACE) + WGMMA_SMALL_SPACE[m_bucket(m)]
     return (GEMV_SPACE + PIPE_SPACE + GEMV4_SPACE + small) if m <= GEMV_ROWS else small
 
@@ -184,6 +194,8 @@ def cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device:
 
     xs = {rows: torch.randn(rows, k, device=device, dtype=dtype) for rows in bucket_ms(m)}
     copies = w4_copies(n, k, group, dtype, device)
+    # what every candidate must give (dequantize in torch + cuBLAS): a kernel that is fast but wrong is not a candidate
+    expected = {rows: quant_linear_reference(x, *copies[0], None, group, 4).float() for rows, x in xs.items()}
 
     def run(x: torch.Tensor, config: Config, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return triton_w4a16.linear_with_config(x, packed, scales, None, group, path_for(m), config)
@@ -195,6 +207,12 @@ def cuda_measure(m: int, n: int, k: int, group: int, dtype: torch.dtype, device:
         gluon = config.get("wgmma") or config.get("gemv4")
         if gluon and triton_w4a16._gluon_launch(x, *copies[0], None, group, config) is None:
             raise ValueError(f"the Gluon kernel of {config} does not take this call (GPU, shape or K tiling)")
+        for rows, x in xs.items():
+            err = ((run(x, config, *copies[0]).float() - expected[rows]).norm() / expected[rows].norm()).item()
+            if not err < 1e-2:  # the kernels agree with it to ~2e-3 (bf16) or better
+                raise ValueError(
+                    f"{config} is wrong at {rows} tokens (relative error {err:.1e} vs dequantize + matmul)"
+                )
         seconds = [
             graph_time_us([lambda x=x, p=p, s=s: run(x, config, p, s) for p, s in copies], replays=10) * 1e-6 * m / rows
             for rows, x in xs.items()
@@ -211,11 +229,13 @@ def tune_shapes(
     measure_factory: MeasureFactory | None = None,
     save: bool = True,
     retune: bool = False,
+    extra: Sequence[Config] = (),
 ) -> dict[str, Config]:
     """Tune every (M bucket, shape) that has no configuration yet (all of them with ``retune``); returns the new ones.
 
     A few seconds per shape and bucket on the GPU. ``measure_factory(m, n, k, group, dtype, device)`` replaces the
-    CUDA timer (tests). The tables touched are saved to the user's cache unless ``save=False``.
+    CUDA timer (tests). The tables touched are saved to the user's cache unless ``save=False``. ``extra``: more
+    Gluon candidates for the large buckets (:data:`STREAM_K_SPACE`).
     """
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("tuning cannot run during CUDA graph capture: tune before capturing")
@@ -230,7 +250,7 @@ def tune_shapes(
     tuned: dict[str, Config] = {}
     for m, (n, k, group, dtype, device), key in tqdm(todo, desc="tuning W4A16 kernels", unit="shape", disable=not todo):
         table_ = table(device_name(device))
-        config, _ = tune_key(key, space_for(m), factory(m, n, k, group, dtype, device), table_)
+        config, _ = tune_key(key, space_for(m, extra), factory(m, n, k, group, dtype, device), table_)
         tuned[key] = config
         if save:  # after every key: a run stopped part-way keeps what it timed
             table_.save()
