@@ -58,7 +58,7 @@ def _wgmma(args: argparse.Namespace) -> tuple:
                   WORDS=words, OUT=out)  # fmt: skip
     if args.streamk:  # the stream-K schedule of the pipelined tile (pipe 3)
         sig |= dict(ws_ptr="*fp32", cnt_ptr="*i32") | {n: "i32" for n in ("M", "N", "KG", "stride_ym", "K_TILES", "L")}
-        consts |= dict(LANE_BITS=lane_bits)
+        consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
         return gluon_w4a16._sk_kernel, sig, consts, 8
     if args.ws:  # the warp-specialized persistent form
         sig |= {name: "i32" for name in ("M", "N", "KG", "stride_ym", "K_TILES", "K_ITERS")}

@@ -265,11 +265,31 @@ def _kernel(
 
 
 @gluon.jit
+def _slot_offsets(out, BN: gl.constexpr, BM: gl.constexpr):
+    """``[BN, BM]`` offsets, row-major, of a partial tile in ``out``'s layout."""
+    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, out.type.layout))
+    cols = gl.arange(0, BM, layout=gl.SliceLayout(0, out.type.layout))
+    return gl.expand_dims(rows, 1) * BM + gl.expand_dims(cols, 0)
+
+
+@gluon.jit
+def _store_partial(out, ws_ptr, slot, BN: gl.constexpr, BM: gl.constexpr):
+    """Write the fp32 tile ``out`` to partial slot ``slot``."""
+    gl.store(ws_ptr + slot * (BN * BM) + _slot_offsets(out, BN, BM), out)
+
+
+@gluon.jit
+def _load_partial(like, ws_ptr, slot, BN: gl.constexpr, BM: gl.constexpr):
+    """Partial slot ``slot``, in ``like``'s layout (past L1: another SM wrote it)."""
+    return gl.load(ws_ptr + slot * (BN * BM) + _slot_offsets(like, BN, BM), cache_modifier=".cg")
+
+
+@gluon.jit
 def _sk_kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KG, stride_ym, K_TILES, L,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    LANE_BITS: gl.constexpr,
+    DIRECT: gl.constexpr, LANE_BITS: gl.constexpr,
 ):  # fmt: skip
     """Stream-K form of :func:`_kernel` (``pipe`` :data:`SK`): program ``p`` runs K tiles ``[p L, (p + 1) L)`` of the
     row of all output tiles (``K_TILES`` each, token tiles fastest): a tile run whole is stored, a cut tile's pieces
@@ -313,30 +333,23 @@ def _sk_kernel(
         acc = warpgroup_mma_wait(0, deps=[acc])
         gl.thread_barrier()  # both warpgroups are done with the ring before the next piece's loads refill it
         it += num_k
-        out = gl.convert_layout(acc, OUT)
-        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
-        om = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT))
-        m_mask = gl.expand_dims(om < M, 0)
-        y_ptrs = y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1)
+        if DIRECT:  # straight from the accumulator's registers: the ring stays live, no room for a layout change
+            out = acc
+        else:
+            out = gl.convert_layout(acc, OUT)
         if (k_lo == 0) & (k_hi == K_TILES):  # the whole tile: store it
-            if HAS_BIAS:
-                out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
-            gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_mask)
+            _store_tile(out, b_ptr, y_ptr, m0, n0, M, stride_ym, BN, BM, HAS_BIAS)
         else:  # a piece: its partial to this program's slot (first tile: 2 pid, last: 2 pid + 1)
-            loc = gl.expand_dims(on - n0, 1) * BM + gl.expand_dims(om - m0, 0)  # [BN, BM] within a slot
-            gl.store(ws_ptr + (2 * pid + (t != t_first).to(gl.int32)) * (BN * BM) + loc, out)
+            _store_partial(out, ws_ptr, 2 * pid + (t != t_first).to(gl.int32), BN, BM)
             gl.thread_barrier()  # every thread's partial is written before the release below
             count = gl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
             p_first = (t * K_TILES) // L
             p_last = ((t + 1) * K_TILES - 1) // L
             if count == p_last - p_first:  # the last piece to arrive adds all, in program order
-                out = gl.zeros([BN, BM], gl.float32, layout=OUT)
+                out = gl.zeros_like(out)
                 for p in range(p_first, p_last + 1):
-                    slot = 2 * p + (((p * L) // K_TILES) != t).to(gl.int32)
-                    out += gl.load(ws_ptr + slot * (BN * BM) + loc, cache_modifier=".cg")
-                if HAS_BIAS:
-                    out = out + gl.expand_dims(gl.load(b_ptr + on).to(gl.float32), 1)
-                gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_mask)
+                    out += _load_partial(out, ws_ptr, 2 * p + (((p * L) // K_TILES) != t).to(gl.int32), BN, BM)
+                _store_tile(out, b_ptr, y_ptr, m0, n0, M, stride_ym, BN, BM, HAS_BIAS)
                 gl.atomic_xchg(cnt_ptr + t, 0)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
@@ -566,8 +579,8 @@ def plan(
                   WORDS=words, OUT=out, LANE_BITS=lane_bits, num_warps=_WARPS)  # fmt: skip
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
         launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
-    elif pipe == SK:
-        launcher, constexprs = _launch_sk, common
+    elif pipe == SK:  # as for WS: a 256-token tile's ring (live across pieces) leaves no room for the layout change
+        launcher, constexprs = _launch_sk, dict(common, DIRECT=block_m > 128)
     else:
         launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1)
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
