@@ -124,7 +124,7 @@ def main() -> None:
     regs = re.search(r"REG:(\d+)", usage)
     spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     print(f"{args.kernel} {consts if args.kernel == 'gemv4' else (args.block_m, args.stages, args.pair)}: "
-          f"{regs[1] if regs else '?'} registers, {spills} local loads/stores, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip
+          f"{regs[1] if regs else '?'} registers, {spills} local loads/stores, {kernel.metadata.shared} B shared, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip
     print("  " + ", ".join(f"{op} {n}" for op, n in collections.Counter(opcodes).most_common(14)))
 
 
