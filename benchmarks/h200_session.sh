@@ -125,12 +125,12 @@
 #     merged with what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row;
 #  2) STAGES="e2e-llava" then "e2e-qwen" on an H200 with that table (issue 16's floors were measured on an H100),
 #     then "ttft" (or prefill.py's interleaved arms for the TTFT verdict);
-#  3) STAGES=streamk (~4 min; large M: issue 15's 0.95x floors at 256 / 2048, issue 16's TTFT): the stream-K lab
-#     (gluon_w4a16's pipe 3, compiled offline only so far: same inner loop as the shipped tile, one MMA in flight, no
-#     spills in it); then STAGES=large (its GPU tests first, then the large buckets retuned with it in the race,
-#     bench at 256 / 2048): copy OUT/kernels/<GPU>.json into configs/ where it gains, merge OUT/large's M = 256 /
-#     2048 rows into kernels_h200.md/json; then STAGES=ttft or prefill.py for issue 16's TTFT. The weight repack of
-#     gluon_h200.md section 9 (3-8%) after that.
+#  3) STAGES=large (~8 min, alone; large M: issue 15's 0.95x floors at 256 / 2048, issue 16's TTFT): the Gluon GPU
+#     tests incl. the stream-K schedule's (pipe 3, compiled offline only so far), then the large buckets retuned with
+#     it in the race (--stream-k) and bench at 256 / 2048: copy OUT/kernels/<GPU>.json into configs/ where it gains,
+#     merge OUT/large's M = 256 / 2048 rows into kernels_h200.md/json; if its tests pass, move STREAM_K_SPACE into
+#     tuner.WGMMA_SPACE. STAGES=streamk (the lab, per shape against every shipped tile) when time allows; then
+#     STAGES=ttft or prefill.py for issue 16's TTFT. The weight repack of gluon_h200.md section 9 (3-8%) after that.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
