@@ -173,6 +173,32 @@ def _ring(x_desc, w_desc, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constex
 
 
 @gluon.jit
+def _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, it, sc_next, sc_after,
+               shift, STAGES: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, PAIR: gl.constexpr,
+               WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
+    """Form 1's loop over the matrix's K tiles ``k0 .. k_end - 1`` of one output tile, from ring position ``it`` (the
+    first two tiles' scales given): the ring filled, then :func:`_pipe_step` in pairs, so that a tile's A registers
+    are redefined only after the MMA reading them retired. An odd count runs one tile past ``k_end`` with zero
+    scales, so its weights are zeros (past K, TMA fills its tiles with zeros; a branch for the last tile instead makes
+    ptxas serialize every MMA). Returns the accumulator, every MMA retired, and the K tiles run (the ring's advance)."""
+    num_k = (k_end - k0 + 1) // 2 * 2
+    for s in gl.static_range(STAGES):
+        if s < num_k:
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0 - it, it + s, STAGES, BK)
+    for kp in range(num_k // 2):
+        kt = 2 * kp
+        sc0 = sc_next
+        sc1 = sc_after
+        sc_next = _scales(s_rows, srows, k0 + kt + 2, k_end, BK, GROUP)
+        sc_after = _scales(s_rows, srows, k0 + kt + 3, k_end, BK, GROUP)
+        acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, it + kt, num_k, sc0, shift,
+                         STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
+        acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1, it + kt + 1, num_k, sc1, shift,
+                         STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
+    return warpgroup_mma_wait(0, deps=[acc]), num_k
+
+
+@gluon.jit
 def _kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KW, KG, stride_ym, K_PER,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
@@ -197,25 +223,9 @@ def _kernel(
     x_smem, w_smem, bars = _ring(x_desc, w_desc, BM, BK, STAGES)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     if PIPE:
-        # Register A with one MMA in flight, unrolled by two so that a tile's A registers are only redefined after
-        # the MMA reading them has retired; every slot is refilled only once both warpgroups have retired its tile.
-        # An odd K tile count runs one tile past k_end with zero scales, so its weights are zeros (past K, TMA fills
-        # its tiles with zeros; a branch for the last tile instead makes ptxas serialize every MMA).
-        num_k = (num_k + 1) // 2 * 2
-        for s in gl.static_range(STAGES):
-            if s < num_k:
-                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, s, STAGES, BK)
-        for kp in range(num_k // 2):
-            kt = 2 * kp
-            sc0 = sc_next
-            sc1 = sc_after
-            sc_next = _scales(s_rows, srows, k0 + kt + 2, k_end, BK, GROUP)
-            sc_after = _scales(s_rows, srows, k0 + kt + 3, k_end, BK, GROUP)
-            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, kt, num_k, sc0, shift,
-                             STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
-            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1, kt + 1, num_k, sc1, shift,
-                             STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        # register A with one MMA in flight; every slot refilled only once both warpgroups have retired its tile
+        acc, _ = _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, 0, sc_next,
+                         sc_after, shift, STAGES, BK, GROUP, PAIR, WORDS, DOT)  # fmt: skip
     else:
         for s in gl.static_range(STAGES - 1):
             if s < num_k:
@@ -310,29 +320,15 @@ def _sk_kernel(
         n0 = (t // tiles_m) * BN
         k_lo = gl.maximum(start - t * K_TILES, 0)  # this piece's K tiles of tile t: [k_lo, k_hi)
         k_hi = gl.minimum(end - t * K_TILES, K_TILES)
-        num_k = (k_hi - k_lo + 1) // 2 * 2  # in pairs; an odd piece's extra K tile has zero scales
         srows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
         s_rows = s_ptr + srows * KG
         sc_next = _scales(s_rows, srows, k_lo, k_hi, BK, GROUP)
         sc_after = _scales(s_rows, srows, k_lo + 1, k_hi, BK, GROUP)
-        kbase = k_lo - it
-        for s in gl.static_range(STAGES):
-            if s < num_k:
-                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, kbase, it + s, STAGES, BK)
         acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-        for kp in range(num_k // 2):
-            kt = 2 * kp
-            sc0 = sc_next
-            sc1 = sc_after
-            sc_next = _scales(s_rows, srows, k_lo + kt + 2, k_hi, BK, GROUP)
-            sc_after = _scales(s_rows, srows, k_lo + kt + 3, k_hi, BK, GROUP)
-            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k_lo, kt, it + kt, num_k, sc0, shift,
-                             STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
-            acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k_lo, kt + 1, it + kt + 1, num_k, sc1,
-                             shift, STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        acc, ran = _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k_lo, k_hi, it,
+                              sc_next, sc_after, shift, STAGES, BK, GROUP, PAIR, WORDS, DOT)  # fmt: skip
         gl.thread_barrier()  # both warpgroups are done with the ring before the next piece's loads refill it
-        it += num_k
+        it += ran
         if DIRECT:  # straight from the accumulator's registers: the ring stays live, no room for a layout change
             out = acc
         else:
