@@ -47,7 +47,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .launch import DirectLauncher
+from .launch import DirectLauncher, _arg_key
 from .triton_w4a16 import _num_sms, _outputs, dequant_ptx
 
 __all__ = ["BLOCK_N", "SK", "TILES", "WS", "plan", "reads", "supports", "tile_of", "wgmma_w4a16"]
@@ -396,8 +396,7 @@ def _ws_compute(s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, str
     the loader warp, then the epilogue (while the loader already fills the next tile's stages)."""
     BN: gl.constexpr = 128
     tiles_m = gl.cdiv(M, BM)
-    quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * LANE_BITS  # as in _kernel
+    shift = _lane_shift(WORDS, LANE_BITS)
     it = 0
     for t in range(gl.program_id(0), tiles_m * (N // BN), gl.num_programs(0)):
         m0 = (t % tiles_m) * BM
@@ -589,14 +588,18 @@ def plan(
             return plan(dtype, n, k, group, has_bias, tile, 1, pair=pair, lane_bits=lane_bits)(x2, packed, scales, bias)
         tiles_m = triton.cdiv(m, block_m)
         tiles = tiles_m * (n // BLOCK_N)
-        y, ws, counters = _outputs(x2, packed, tiles, splits)
+        partials = None
+        if pipe == SK:  # an even share of K tiles per program (pieces start on a pair), one program per SM at most
+            share = 2 * triton.cdiv(tiles * k_tiles, 2 * _num_sms(x2.device.index))
+            programs = triton.cdiv(tiles * k_tiles, share)
+            partials = 2 * programs * BLOCK_N * block_m  # two slots per program: its first and its last tile
+        y, ws, counters = _outputs(x2, packed, tiles, splits, partials)
         if bias is not None:
             bias = bias.to(dtype).contiguous()
         # what Triton specializes the runtime arguments that vary between calls on
         key = (m == 1, m % 16 == 0, scales.data_ptr() % 16 == 0, bias is None or bias.data_ptr() % 16 == 0)
-        if pipe == SK:  # an even share of K tiles per program (pieces start on a pair), one program per SM at most
-            share = 2 * triton.cdiv(tiles * k_tiles, 2 * _num_sms(x2.device.index))
-            key += (share % 16 == 0, share == 1)
+        if pipe == SK:
+            key += (_arg_key(share),)
         launch = bound.get(key)
         if launch is None:
             launch = bound[key] = launcher.bind(None, **constexprs)
@@ -604,10 +607,6 @@ def plan(
         w_desc = TensorDescriptor.from_tensor(packed, [BLOCK_N, block_k // 8], w_layout)
         b = bias if bias is not None else y
         if pipe == SK:
-            if tiles > counters.numel():
-                raise ValueError(f"a stream-K call needs one counter per output tile: {tiles} > {counters.numel()}")
-            programs = triton.cdiv(tiles * k_tiles, share)
-            ws = torch.empty(2 * programs * BLOCK_N * block_m, dtype=torch.float32, device=x2.device)
             launch(
                 (programs,), x_desc, w_desc, scales, b, y, ws, counters, m, n, k // group, y.stride(0), k_tiles, share
             )
