@@ -138,7 +138,7 @@ def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, pos, n
     """K tile ``kt`` (of ``num_k`` from ``k0``) with one MMA left in flight: dequantize it while tile ``kt - 1``'s MMA
     runs, issue its MMA, retire ``kt - 1``'s, then (both warpgroups past it) refill ``kt - 1``'s slot. ``pos`` is its
     place in the ring of stages: ``kt`` here, further on where one ring serves several tiles
-    (``benchmarks/streamk_lab.py``)."""
+    (:func:`_sk_kernel`)."""
     BN: gl.constexpr = 128
     stage = pos % STAGES
     mbarrier.wait(bars.index(stage), (pos // STAGES) & 1)
