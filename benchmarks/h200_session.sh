@@ -51,14 +51,12 @@
 #   repack   benchmarks/repack_lab.py: the Gluon tiles on nibble-permuted words (one shift and one lop3 per pair of codes)
 #            and on permuted activations against the checkpoint's layout, same tile and split, all checked
 #            (OUT/repack_lab.txt; ~3 min; ran 2026-12-07 on an H100: gluon_h200.md section 9)
-#   streamk  benchmarks/streamk_lab.py: the Gluon tile kernel with a stream-K schedule (every program the same share of
-#            the problem's K tiles; cut tiles add their pieces' fp32 partials in program order) against the shipped
-#            tiles and splits and cuBLAS bf16 on LLaVA-1.5-7B's fused shapes at 256, 600 and 2048 tokens, each arm
-#            checked; per M the layer's sum with and without it (OUT/streamk_lab.txt; ~3-4 min; first GPU run)
-#   large    the Gluon kernel's GPU tests (tiles, splits, the tuner's correctness check; stops if any fails), then the
-#            stream-K schedule's own (OUT/streamk_tests.log), a retune of the large buckets (M = 128-2048, stream-K in
-#            the race only if its tests passed) and bench_kernels.py at M = 256 and 2048 with that table
-#            (OUT/kernels/<GPU>.json, OUT/large/kernels_h200.{md,json})   (~8-9 min: alone)
+#   slab     benchmarks/slab_lab.py: dequantize + cuBLAS in slabs of output rows (each bf16 slab read back from L2) against
+#            whole-weight dequantize + cuBLAS, the Gluon tiles and cuBLAS bf16 at 256-2048 tokens (OUT/slab_lab.txt;
+#            ~1 min; ran 2026-12-07 on an H100: lost everywhere, gluon_h200.md section 11)
+#   large    the Gluon kernel's GPU tests (tiles, splits, the tuner's correctness check; stops if any fails), then a
+#            retune of the large buckets (M = 128-2048) and bench_kernels.py at M = 256 and 2048 with that table
+#            (OUT/kernels/<GPU>.json, OUT/large/kernels_h200.{md,json})   (~3-4 min on an H100)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -209,7 +207,7 @@ for stage in $STAGES; do
     tune)
       GRACE_QUANT_CACHE="$OUT" timeout 480 python benchmarks/tune_kernels.py > "$OUT/tune.log" 2>&1 ;;
     small)
-      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "(wgmma or split or small or gemv or gluon or tuner) and not pipe3" \
+      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or small or gemv or gluon or tuner" \
         -p no:cacheprovider > "$OUT/small_tests.log" 2>&1 || { echo "small: GPU tests failed, no tuning" >&2; continue; }
       GRACE_QUANT_CACHE="$OUT" timeout 290 python benchmarks/tune_kernels.py --retune --ms 1,2,4,8,16,32,64 \
         > "$OUT/tune.log" 2>&1
@@ -243,15 +241,12 @@ for stage in $STAGES; do
       timeout 300 python benchmarks/gemv_lab.py > "$OUT/gemv_lab.txt" 2>&1 ;;
     repack)
       timeout 480 python benchmarks/repack_lab.py > "$OUT/repack_lab.txt" 2>&1 ;;
-    streamk)
-      timeout 330 python benchmarks/streamk_lab.py --deadline-s 270 > "$OUT/streamk_lab.txt" 2>&1 ;;
+    slab)
+      timeout 300 python benchmarks/slab_lab.py --ms 600,2048,1024,256 --deadline-s 270 > "$OUT/slab_lab.txt" 2>&1 ;;
     large)
-      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "(wgmma or split or tuner) and not pipe3" \
+      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or split or tuner" \
         -p no:cacheprovider > "$OUT/large_tests.log" 2>&1 || { echo "large: GPU tests failed, no tuning" >&2; continue; }
-      streamk=--stream-k  # raced only if its own tests pass
-      timeout 90 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k pipe3 -p no:cacheprovider \
-        > "$OUT/streamk_tests.log" 2>&1 || { streamk=; echo "large: stream-K tests failed, tuning without it" >&2; }
-      GRACE_QUANT_CACHE="$OUT" timeout 240 python benchmarks/tune_kernels.py --retune $streamk \
+      GRACE_QUANT_CACHE="$OUT" timeout 240 python benchmarks/tune_kernels.py --retune \
         --ms 128,256,512,1024,2048 > "$OUT/tune_large.log" 2>&1
       GRACE_QUANT_CACHE="$OUT" timeout 150 python benchmarks/bench_kernels.py --ms 256,2048 --no-gemlite \
         --out "$OUT/large" > "$OUT/kernels_large.log" 2>&1 ;;
@@ -261,7 +256,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small large gluon-ncu conv gemv repack streamk sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -7,7 +7,6 @@ the loop's backward branch and its target, by opcode.
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair repacked
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 128 --stages 5 --ws
-    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --streamk
 
 ``--pair repacked`` compiles the Gluon kernel as ``benchmarks/repack_lab.py`` runs it on nibble-permuted words
 (codes ``2c`` and ``2c + 1`` at nibbles ``c`` and ``c + 4``: one shift and one ``lop3`` per pair instead of two
@@ -56,10 +55,6 @@ def _wgmma(args: argparse.Namespace) -> tuple:
         pair, lane_bits = triton.language.constexpr(dequant_ptx(PERMUTED_PAIR, "bf16x2")), PERMUTED_LANE_BITS
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out)  # fmt: skip
-    if args.streamk:  # the stream-K schedule of the pipelined tile (pipe 3)
-        sig |= dict(ws_ptr="*fp32", cnt_ptr="*i32") | {n: "i32" for n in ("M", "N", "KG", "stride_ym", "K_TILES", "L")}
-        consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
-        return gluon_w4a16._sk_kernel, sig, consts, 8
     if args.ws:  # the warp-specialized persistent form
         sig |= {name: "i32" for name in ("M", "N", "KG", "stride_ym", "K_TILES", "K_ITERS")}
         consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
@@ -102,7 +97,6 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--pair", choices=("shipped", "repacked"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
-    parser.add_argument("--streamk", action="store_true", help="wgmma: the stream-K schedule (pipe 3)")
     args = parser.parse_args()
     fn, sig, consts, warps = (_gemv4 if args.kernel == "gemv4" else _wgmma)(args)
     sig |= {name: "constexpr" for name in consts}

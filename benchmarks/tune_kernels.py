@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from grace_quant.kernels import tuner
 from grace_quant.kernels.dispatch import M_BUCKETS, m_bucket
 from grace_quant.kernels.tables import device_name, table
 from grace_quant.kernels.tuner import tune_shapes
@@ -33,9 +32,6 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--retune", action="store_true", help="time keys that already have a configuration too")
     parser.add_argument("--ms", default=None, help="comma-separated M buckets to tune (default: all of them)")
-    parser.add_argument(
-        "--stream-k", action="store_true", help="race the Gluon kernel's stream-K schedule too (large buckets)"
-    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels.py times kernels on a CUDA GPU; none is available here.")
@@ -43,8 +39,7 @@ def main() -> None:
     shapes = {(n, k, 128, torch.bfloat16, cuda) for model in args.models for k, n in SHAPES[model]}
     start = time.perf_counter()
     m_values = M_BUCKETS if args.ms is None else [m_bucket(int(v)) for v in args.ms.split(",")]
-    extra = tuner.STREAM_K_SPACE if args.stream_k else ()
-    tuned = tune_shapes(shapes, m_values, retune=args.retune, extra=extra)
+    tuned = tune_shapes(shapes, m_values, retune=args.retune)
     device = device_name(cuda)
     print(f"{len(tuned)} configurations tuned in {time.perf_counter() - start:.0f} s on {device}")
     print(f"table: {table(device).user_path}")

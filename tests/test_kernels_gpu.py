@@ -441,12 +441,6 @@ _WGMMA_CASES = [  # dtype, bias, M, N, K, group, (block_m, block_k, stages, pipe
     (torch.float16, False, 5, 256, 4096, 128, (128, 128, 5, 2)),
     (torch.bfloat16, False, 1100, 4096, 1152, 128, (256, 128, 3, 2)),
     (torch.float16, True, 2048, 1024, 2048, 256, (256, 128, 2, 2)),
-    # stream-K (pipe 3): tiles cut between programs (partials added in program order), a token tail, odd K tile counts
-    # (pieces that start mid-pair and run a zero-scaled tile), several pieces per tile and several tiles per program
-    (torch.bfloat16, True, 600, 4096, 4096, 128, (256, 128, 3, 3)),
-    (torch.float16, False, 257, 512, 1152, 128, (128, 128, 4, 3)),
-    (torch.bfloat16, False, 2048, 2048, 1536, 256, (128, 128, 4, 3)),
-    (torch.float16, True, 3, 256, 11008, 128, (256, 128, 3, 3)),
 ]
 
 
@@ -527,13 +521,13 @@ def test_the_tuner_drops_a_candidate_whose_results_are_wrong(monkeypatch):
 
 @pytest.mark.parametrize(
     "n, split, pipe",
-    [(384, 1, 1), (256, 2, 1), (320, 1, 1), (512, 1, 2), (640, 1, 3)],
-    ids=["pipe1", "split2", "n320", "pipe2", "pipe3"],
+    [(384, 1, 1), (256, 2, 1), (320, 1, 1), (512, 1, 2)],
+    ids=["pipe1", "split2", "n320", "pipe2"],
 )
 def test_a_tuned_wgmma_entry_runs_the_gluon_kernel_and_falls_back_where_it_cannot(n, split, pipe):
     """Dispatch: a ``"wgmma"`` entry on the large path gives the Gluon kernel's bits (eager plan and custom op alike;
-    split-K, the warp-specialized kernel (pipe 2) and the stream-K schedule (pipe 3) too), and a call it does not take
-    (N not a multiple of 128) runs dequantize + cuBLAS."""
+    split-K and the warp-specialized kernel (pipe 2) too), and a call it does not take (N not a multiple of 128) runs
+    dequantize + cuBLAS."""
     from grace_quant.kernels import dispatch, tables
 
     gw = _gluon_kernel()

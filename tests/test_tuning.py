@@ -42,24 +42,19 @@ def test_buckets_paths_and_keys():
         dispatch.m_bucket(0)
 
 
-def test_gluon_candidates_are_checked_tiles_and_the_persistent_forms_never_split_k():
+def test_gluon_candidates_are_checked_tiles_and_the_persistent_form_never_splits_k():
     """Every Gluon entry the tuner can file names a tile the GPU tests check; the warp-specialized persistent form
-    (``pipe`` 2) and the stream-K schedule (``pipe`` 3) are raced without split-K, and asking either for a split is
-    refused before anything runs."""
+    (``pipe`` 2) is raced without split-K, and asking it for a split is refused before anything runs."""
     from grace_quant.kernels import gluon_w4a16 as gw
 
     small = [c for space in tuner.WGMMA_SMALL_SPACE.values() for c in space]
-    for config in (*tuner.WGMMA_SPACE, *small, *tuner.STREAM_K_SPACE):
+    for config in (*tuner.WGMMA_SPACE, *small):
         tile = gw.tile_of(config)
         assert tile in gw.TILES, config
-        assert tile[3] not in (gw.WS, gw.SK) or config["split"] == 1, config
+        assert tile[3] != gw.WS or config["split"] == 1, config
     assert {gw.tile_of(c)[3] for c in tuner.WGMMA_SPACE} == {0, 1, gw.WS}
-    assert {gw.tile_of(c)[3] for c in tuner.STREAM_K_SPACE} == {gw.SK}
-    assert tuner.space_for(300, tuner.STREAM_K_SPACE) == tuner.space_for(300) + tuner.STREAM_K_SPACE
-    assert tuner.space_for(64, tuner.STREAM_K_SPACE) == tuner.space_for(64)  # large buckets only
-    for pipe in (gw.WS, gw.SK):
-        with pytest.raises(ValueError, match="takes a split"):
-            gw.plan(torch.bfloat16, 256, 1024, 128, False, (128, 128, 4, pipe), 2)
+    with pytest.raises(ValueError, match="takes no split"):
+        gw.plan(torch.bfloat16, 256, 1024, 128, False, (128, 128, 4, gw.WS), 2)
 
 
 def test_gluon_gemv_candidates_are_checked_shapes_raced_up_to_four_tokens():

@@ -17,10 +17,9 @@ tile's A registers are redefined only after the MMA reading them retired; ptxas 
 this shape, see ``benchmarks/results/prefill_h100.md``); 0 retires each MMA before the next dequantization and relies
 on a second program per SM to overlap; :data:`WS` (2) is form 1 warp-specialized and persistent: a loader warp keeps
 the ring full across output tiles, the compute warps only dequantize and issue MMAs (``_ws_kernel``; 2-6 points of
-cuBLAS faster on 128-token tiles, level on 256-token ones: ``benchmarks/results/gluon_h200.md``, section 4); :data:`SK`
-(3) is form 1 under a stream-K schedule: every program (one per SM) runs the same share of the problem's K tiles,
-cutting output tiles between programs where the share ends, so a problem of 1.3 waves of tiles (LLaVA-1.5-7B's
-gate|up at 256 tokens) keeps every SM busy to the end (``_sk_kernel``; ``benchmarks/streamk_lab.py``). Which
+cuBLAS faster on 128-token tiles, level on 256-token ones: ``benchmarks/results/gluon_h200.md``, section 4). A
+stream-K schedule of form 1 lost to these at every shape it was raced on (section 10; it lived as ``pipe`` 3 up to
+commit c90e147). Which
 one, and the tile, is the tuner's choice per shape
 (``kernels.tuner.WGMMA_SPACE`` in the large buckets up to ``WGMMA_MAX_M``, ``WGMMA_SMALL_SPACE`` up to 64 tokens);
 dequantize + cuBLAS and the Triton kernels stay the fallbacks.
@@ -47,29 +46,24 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .launch import DirectLauncher, _arg_key
+from .launch import DirectLauncher
 from .triton_w4a16 import _num_sms, _outputs, dequant_ptx
 
-__all__ = ["BLOCK_N", "SK", "TILES", "WS", "plan", "reads", "supports", "tile_of", "wgmma_w4a16"]
+__all__ = ["BLOCK_N", "TILES", "WS", "plan", "reads", "supports", "tile_of", "wgmma_w4a16"]
 
 BLOCK_N = 128
 """Weight rows per program (two warpgroups of 64): N must be a multiple."""
 WS = 2
 """``pipe`` of the warp-specialized persistent kernel (:func:`_ws_kernel`; no split-K)."""
-SK = 3
-"""``pipe`` of the stream-K schedule of the pipelined tile (:func:`_sk_kernel`: every program the same share of the
-problem's K tiles, so no wave is left part-full; no split-K, it splits by itself)."""
 TILES = {
     (128, 128, 3, True), (128, 128, 4, True), (256, 128, 3, True), (128, 64, 4, False), (128, 128, 3, False),
     (16, 128, 4, True), (16, 128, 8, True), (32, 128, 4, True), (64, 128, 4, True),
     (128, 128, 4, WS), (128, 128, 5, WS), (256, 128, 2, WS), (256, 128, 3, WS),
-    (128, 128, 4, SK), (256, 128, 3, SK),
 }  # fmt: skip
 """The ``(block_m, block_k, stages, pipe)`` tiles checked on GPUs: prefill tiles of 128-256 tokens, and for decode
 and small batches (M <= 64) token tiles of 16-64 that stream the weight, split over K to fill the GPU (64-column K
 tiles serialize the pipelined loop's MMAs, so they run unpipelined only). ``pipe``: 0 (False) retires each MMA before
-the next dequantization, 1 (True) keeps one in flight, :data:`WS` runs the warp-specialized persistent kernel,
-:data:`SK` form 1 under a stream-K schedule."""
+the next dequantization, 1 (True) keeps one in flight, :data:`WS` runs the warp-specialized persistent kernel."""
 _WARPS = 8
 
 # One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats: nibble 0
@@ -137,8 +131,7 @@ def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, pos, n
                STAGES: gl.constexpr, BK: gl.constexpr, PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
     """K tile ``kt`` (of ``num_k`` from ``k0``) with one MMA left in flight: dequantize it while tile ``kt - 1``'s MMA
     runs, issue its MMA, retire ``kt - 1``'s, then (both warpgroups past it) refill ``kt - 1``'s slot. ``pos`` is its
-    place in the ring of stages: ``kt`` here, further on where one ring serves several tiles
-    (:func:`_sk_kernel`)."""
+    place in the ring of stages (the ring's position when the loop began, plus ``kt``)."""
     BN: gl.constexpr = 128
     stage = pos % STAGES
     mbarrier.wait(bars.index(stage), (pos // STAGES) & 1)
@@ -275,83 +268,6 @@ def _kernel(
 
 
 @gluon.jit
-def _slot_offsets(out, BN: gl.constexpr, BM: gl.constexpr):
-    """``[BN, BM]`` offsets, row-major, of a partial tile in ``out``'s layout."""
-    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, out.type.layout))
-    cols = gl.arange(0, BM, layout=gl.SliceLayout(0, out.type.layout))
-    return gl.expand_dims(rows, 1) * BM + gl.expand_dims(cols, 0)
-
-
-@gluon.jit
-def _store_partial(out, ws_ptr, slot, BN: gl.constexpr, BM: gl.constexpr):
-    """Write the fp32 tile ``out`` to partial slot ``slot``."""
-    gl.store(ws_ptr + slot * (BN * BM) + _slot_offsets(out, BN, BM), out)
-
-
-@gluon.jit
-def _load_partial(like, ws_ptr, slot, BN: gl.constexpr, BM: gl.constexpr):
-    """Partial slot ``slot``, in ``like``'s layout (past L1: another SM wrote it)."""
-    return gl.load(ws_ptr + slot * (BN * BM) + _slot_offsets(like, BN, BM), cache_modifier=".cg")
-
-
-@gluon.jit
-def _sk_kernel(
-    x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KG, stride_ym, K_TILES, L,
-    BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
-    PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    DIRECT: gl.constexpr, LANE_BITS: gl.constexpr,
-):  # fmt: skip
-    """Stream-K form of :func:`_kernel` (``pipe`` :data:`SK`): program ``p`` runs K tiles ``[p L, (p + 1) L)`` of the
-    row of all output tiles (``K_TILES`` each, token tiles fastest): a tile run whole is stored, a cut tile's pieces
-    write fp32 partials to their program's slots (its first tile: ``2 p``, its last: ``2 p + 1``) and the last piece
-    to arrive adds them in program order (deterministic), adds the bias and stores. One ring serves all of a program's
-    pieces (``it``, its position, carries over); each piece runs :func:`_pipe_step`'s loop."""
-    BN: gl.constexpr = 128
-    pid = gl.program_id(0)
-    tiles_m = gl.cdiv(M, BM)
-    start = pid * L  # this program's K tiles of the whole problem: [start, end)
-    end = gl.minimum(start + L, tiles_m * (N // BN) * K_TILES)
-    t_first = start // K_TILES
-    shift = _lane_shift(WORDS, LANE_BITS)
-    x_smem, w_smem, bars = _ring(x_desc, w_desc, BM, BK, STAGES)
-    it = 0  # ring position: K tiles consumed by this program so far
-    for t in range(t_first, (end - 1) // K_TILES + 1):
-        m0 = (t % tiles_m) * BM
-        n0 = (t // tiles_m) * BN
-        k_lo = gl.maximum(start - t * K_TILES, 0)  # this piece's K tiles of tile t: [k_lo, k_hi)
-        k_hi = gl.minimum(end - t * K_TILES, K_TILES)
-        srows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
-        s_rows = s_ptr + srows * KG
-        sc_next = _scales(s_rows, srows, k_lo, k_hi, BK, GROUP)
-        sc_after = _scales(s_rows, srows, k_lo + 1, k_hi, BK, GROUP)
-        acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-        acc, ran = _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k_lo, k_hi, it,
-                              sc_next, sc_after, shift, STAGES, BK, GROUP, PAIR, WORDS, DOT)  # fmt: skip
-        gl.thread_barrier()  # both warpgroups are done with the ring before the next piece's loads refill it
-        it += ran
-        if DIRECT:  # straight from the accumulator's registers: the ring stays live, no room for a layout change
-            out = acc
-        else:
-            out = gl.convert_layout(acc, OUT)
-        if (k_lo == 0) & (k_hi == K_TILES):  # the whole tile: store it
-            _store_tile(out, b_ptr, y_ptr, m0, n0, M, stride_ym, BN, BM, HAS_BIAS)
-        else:  # a piece: its partial to this program's slot (first tile: 2 pid, last: 2 pid + 1)
-            _store_partial(out, ws_ptr, 2 * pid + (t != t_first).to(gl.int32), BN, BM)
-            gl.thread_barrier()  # every thread's partial is written before the release below
-            count = gl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
-            p_first = (t * K_TILES) // L
-            p_last = ((t + 1) * K_TILES - 1) // L
-            if count == p_last - p_first:  # the last piece to arrive adds all, in program order
-                out = gl.zeros_like(out)
-                for p in range(p_first, p_last + 1):
-                    out += _load_partial(out, ws_ptr, 2 * p + (((p * L) // K_TILES) != t).to(gl.int32), BN, BM)
-                _store_tile(out, b_ptr, y_ptr, m0, n0, M, stride_ym, BN, BM, HAS_BIAS)
-                gl.atomic_xchg(cnt_ptr + t, 0)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(s))
-
-
-@gluon.jit
 def _ws_loader(x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAGES: gl.constexpr, BM: gl.constexpr,
                BK: gl.constexpr):  # fmt: skip
     """The loader warp of :func:`_ws_kernel`: TMA every K tile of this program's output tiles into the ring, a slot
@@ -468,7 +384,6 @@ def _ws_kernel(
 
 _launch = DirectLauncher(_kernel)  # eager prefill calls it per linear: repeat launches skip the JIT's binding
 _launch_ws = DirectLauncher(_ws_kernel)
-_launch_sk = DirectLauncher(_sk_kernel)
 _WS_MAXNREG = 168
 """Registers per thread the warp-specialized kernel is launched with: its 12 warps (8 compute, the loader's warpgroup)
 fit the SM's 64K; the loader gives its share back (24) and the compute warps take up to 240."""
@@ -557,10 +472,10 @@ def plan(
     :data:`_PAIR_PTX`'s), and ``lane_bits``, its per-lane shift (``benchmarks/repack_lab.py``,
     ``benchmarks/gluon_profile.py --probe``)."""
     block_m, block_k, stages, pipe = _checked(tile)
-    if split < 1 or (pipe in (WS, SK) and split > 1):
+    if split < 1 or (pipe == WS and split > 1):
         raise ValueError(
-            f"split = {split}: K is split over at least one program (1 for no split), and neither the "
-            "warp-specialized kernel (pipe = 2) nor the stream-K one (pipe = 3) takes a split"
+            f"split = {split}: K is split over at least one program (1 for no split), and the warp-specialized "
+            "kernel (pipe = 2) takes no split"
         )
     k_tiles = k // block_k
     k_per = triton.cdiv(k_tiles, split)
@@ -574,8 +489,6 @@ def plan(
                   WORDS=words, OUT=out, LANE_BITS=lane_bits, num_warps=_WARPS)  # fmt: skip
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
         launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
-    elif pipe == SK:  # as for WS: a 256-token tile's ring (live across pieces) leaves no room for the layout change
-        launcher, constexprs = _launch_sk, dict(common, DIRECT=block_m > 128)
     else:
         launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1)
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
@@ -588,29 +501,17 @@ def plan(
             return plan(dtype, n, k, group, has_bias, tile, 1, pair=pair, lane_bits=lane_bits)(x2, packed, scales, bias)
         tiles_m = triton.cdiv(m, block_m)
         tiles = tiles_m * (n // BLOCK_N)
-        partials = None
-        if pipe == SK:  # an even share of K tiles per program (pieces start on a pair), one program per SM at most
-            share = 2 * triton.cdiv(tiles * k_tiles, 2 * _num_sms(x2.device.index))
-            programs = triton.cdiv(tiles * k_tiles, share)
-            partials = 2 * programs * BLOCK_N * block_m  # two slots per program: its first and its last tile
-        y, ws, counters = _outputs(x2, packed, tiles, splits, partials)
+        y, ws, counters = _outputs(x2, packed, tiles, splits)
         if bias is not None:
             bias = bias.to(dtype).contiguous()
         # what Triton specializes the runtime arguments that vary between calls on
         key = (m == 1, m % 16 == 0, scales.data_ptr() % 16 == 0, bias is None or bias.data_ptr() % 16 == 0)
-        if pipe == SK:
-            key += (_arg_key(share),)
         launch = bound.get(key)
         if launch is None:
             launch = bound[key] = launcher.bind(None, **constexprs)
         x_desc = TensorDescriptor.from_tensor(x2, [block_m, block_k], x_layout)
         w_desc = TensorDescriptor.from_tensor(packed, [BLOCK_N, block_k // 8], w_layout)
         b = bias if bias is not None else y
-        if pipe == SK:
-            launch(
-                (programs,), x_desc, w_desc, scales, b, y, ws, counters, m, n, k // group, y.stride(0), k_tiles, share
-            )
-            return y
         if pipe == WS:  # one program per SM (at most one per output tile); K tiles rounded up to pairs
             grid = (min(tiles_m * (n // BLOCK_N), _num_sms(x2.device.index)),)
             launch(grid, x_desc, w_desc, scales, b, y, m, n, k // group, y.stride(0), k_tiles, (k_tiles + 1) // 2 * 2)

@@ -544,20 +544,18 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_si
 
 
 def _outputs(
-    x2: torch.Tensor, packed: torch.Tensor, tiles: int, splits: int, partials: int | None = None
+    x2: torch.Tensor, packed: torch.Tensor, tiles: int, splits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The output ``[M, N]`` and, when K is split, the fp32 partials ``[splits, M, N]`` (never zeroed: each split
-    writes its own; ``partials`` elements instead where a kernel lays them out otherwise, as the stream-K schedule's
-    per-program slots) and this device's counters (without a split both are unused placeholders)."""
+    writes its own) and this device's counters (without a split both are unused placeholders)."""
     m, n = x2.shape[0], packed.shape[0]
     counters = _counters(x2.device)  # on a device's first call, split or not: any eager call readies graph capture
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if splits == 1 and partials is None:
+    if splits == 1:
         return y, y, counters
     if tiles > _COUNTERS:
-        raise ValueError(f"a split-K or stream-K call needs one counter per output tile: {tiles} tiles > {_COUNTERS}")
-    shape = (splits, m, n) if partials is None else (partials,)
-    return y, torch.empty(shape, dtype=torch.float32, device=x2.device), counters
+        raise ValueError(f"a split-K call needs one counter per output tile: {tiles} tiles > {_COUNTERS}")
+    return y, torch.empty((splits, m, n), dtype=torch.float32, device=x2.device), counters
 
 
 def gemv_w4a16(

@@ -85,13 +85,6 @@ over 2 and 4 programs (shapes with few output tiles: N = 4096 at a few hundred t
 wave of 132 SMs), and the warp-specialized persistent kernel (``pipe`` 2, no split) on its tiles, raced in the large
 buckets up to :data:`WGMMA_MAX_M`; on other GPUs they do not run and drop out of the race."""
 
-STREAM_K_SPACE: tuple[Config, ...] = tuple(
-    {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": st, "pipe": 3, "split": 1} for bm, st in ((128, 4), (256, 3))
-)
-"""The stream-K schedule of the pipelined tiles (``pipe`` 3), raced in the large buckets only when asked for
-(``tune_shapes(..., extra=STREAM_K_SPACE)``, ``benchmarks/tune_kernels.py --stream-k``) until a GPU has run its
-tests: not yet in :data:`WGMMA_SPACE`."""
-
 WGMMA_SMALL_SPACE: dict[int, tuple[Config, ...]] = {
     bucket: tuple(
         {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": st, "pipe": 1, "split": split}
@@ -130,7 +123,6 @@ __all__ = [
     "GEMV_SPACE",
     "LARGE_SPACE",
     "PIPE_SPACE",
-    "STREAM_K_SPACE",
     "TC_SMALL_SPACE",
     "TC_SPACE",
     "WGMMA_MAX_M",
@@ -145,13 +137,12 @@ __all__ = [
 ]
 
 
-def space_for(m: int, extra: Sequence[Config] = ()) -> tuple[Config, ...]:
+def space_for(m: int) -> tuple[Config, ...]:
     """The candidate configurations for ``m`` tokens: the GEMVs race the tensor-core kernel up to their 4 rows, the
-    Gluon kernel races them at M <= 64 and dequantize + cuBLAS above, up to :data:`WGMMA_MAX_M` (with ``extra``
-    Gluon candidates there)."""
+    Gluon kernel races them at M <= 64 and dequantize + cuBLAS above, up to :data:`WGMMA_MAX_M`."""
     path = path_for(m)
     if path == "large":
-        return LARGE_SPACE + WGMMA_SPACE + tuple(extra) if m_bucket(m) <= WGMMA_MAX_M else LARGE_SPACE
+        return LARGE_SPACE + WGMMA_SPACE if m_bucket(m) <= WGMMA_MAX_M else LARGE_SPACE
     small = (TC_SMALL_SPACE if m <= 16 else TC_SPACE) + WGMMA_SMALL_SPACE[m_bucket(m)]
     return (GEMV_SPACE + PIPE_SPACE + GEMV4_SPACE + small) if m <= GEMV_ROWS else small
 
@@ -229,13 +220,11 @@ def tune_shapes(
     measure_factory: MeasureFactory | None = None,
     save: bool = True,
     retune: bool = False,
-    extra: Sequence[Config] = (),
 ) -> dict[str, Config]:
     """Tune every (M bucket, shape) that has no configuration yet (all of them with ``retune``); returns the new ones.
 
     A few seconds per shape and bucket on the GPU. ``measure_factory(m, n, k, group, dtype, device)`` replaces the
-    CUDA timer (tests). The tables touched are saved to the user's cache unless ``save=False``. ``extra``: more
-    Gluon candidates for the large buckets (:data:`STREAM_K_SPACE`).
+    CUDA timer (tests). The tables touched are saved to the user's cache unless ``save=False``.
     """
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("tuning cannot run during CUDA graph capture: tune before capturing")
@@ -250,7 +239,7 @@ def tune_shapes(
     tuned: dict[str, Config] = {}
     for m, (n, k, group, dtype, device), key in tqdm(todo, desc="tuning W4A16 kernels", unit="shape", disable=not todo):
         table_ = table(device_name(device))
-        config, _ = tune_key(key, space_for(m, extra), factory(m, n, k, group, dtype, device), table_)
+        config, _ = tune_key(key, space_for(m), factory(m, n, k, group, dtype, device), table_)
         tuned[key] = config
         if save:  # after every key: a run stopped part-way keeps what it timed
             table_.save()
