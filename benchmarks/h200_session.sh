@@ -31,6 +31,10 @@
 #            files with `python benchmarks/e2e.py --merge-json benchmarks/results/e2e_h200.json OUT/e2e_*.json`
 #   e2e-defer  stock bf16, GRACE INT4 (deferred stop check on by default: no host sync per token) and GRACE INT4
 #            without it (grace-nodefer), LLaVA-1.5-7B and Qwen2-VL-2B, batches 1 and 8   (~8 min, alone in one call)
+#   e2e-fast   stock bf16, GRACE INT4 through transformers' loop and GRACE INT4 through
+#            generate(custom_generate=grace_quant.grace_greedy) (grace-fast: one compiled step per token), LLaVA-1.5-7B
+#            and Qwen2-VL-2B, batches 1 and 8, with the tight-loop gap per arm: OUT/e2e_fast.{md,json}
+#            (~8-9 min, alone in one call; first GPU run: run the GPU tests of tests/test_fast_decode.py first)
 #   e2e-host   --host-tweaks (no min-length processor, deferred stop check), both models, bf16 and GRACE, batch 1:
 #            the generate - tight-loop gap with transformers' host work trimmed   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
@@ -130,10 +134,13 @@
 #  1) STAGES=small on an H200 (~6 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in
 #     the race, bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table
 #     merged with what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row;
-#  2) the TTFT verdict on an H200: `python benchmarks/prefill.py --variants --rounds 4` (bf16 vs GRACE interleaved,
+#  2) STAGES=e2e-fast (any GPU kind: the gap it removes is host work; ~8-9 min alone): grace_greedy's GPU tests, then
+#     bf16 / grace-fast / grace at batches 1 and 8 for both models (issue 16's decode targets: LLaVA b1 3.0x, run I
+#     2.77x with a 0.35 ms generate gap per step); if grace-fast gains, make it the GRACE models' default;
+#  3) the TTFT verdict on an H200: `python benchmarks/prefill.py --variants --rounds 4` (bf16 vs GRACE interleaved,
 #     both models, ~3-4 min; on an H100 it is GPU-bound at 1.13x or more by the dequantize kernels' time, estimated
 #     ~1.09x on an H200: prefill_h100.md), then STAGES="e2e-llava" and "e2e-qwen" with the new table;
-#  3) STAGES=large on an H200 (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors).
+#  4) STAGES=large on an H200 (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors).
 #     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11): stream-K, a
 #     converter warpgroup and L2-sized dequantize slabs all lost; the weight repack of section 9 gains 3-8%.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
@@ -199,6 +206,13 @@ for stage in $STAGES; do
       timeout 580 python benchmarks/e2e.py --models "$model" --batches 1 8 --peer-batches 1 8 --repeats 3 \
         --deadline-s 480 --out "$OUT/$stage.md" --json "$OUT/$stage.json" --log-dir "$OUT" > "$OUT/$stage.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
+    e2e-fast)
+      timeout 100 python -m pytest -q -m gpu tests/test_fast_decode.py -p no:cacheprovider > "$OUT/fast_tests.log" 2>&1 \
+        || { echo "e2e-fast: GPU tests of grace_greedy failed, no run" >&2; continue; }
+      timeout 490 python benchmarks/e2e.py --models llava-1.5-7b qwen2-vl-2b --arms bf16 grace-fast grace --batches 1 8 \
+        --repeats 3 --deadline-s 400 --out "$OUT/e2e_fast.md" --json "$OUT/e2e_fast.json" --log-dir "$OUT" \
+        > "$OUT/e2e_fast.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
     e2e-defer)
       timeout 580 python benchmarks/e2e.py --models llava-1.5-7b qwen2-vl-2b --arms bf16 grace grace-nodefer --batches 1 8 \
         --repeats 3 --deadline-s 480 --out "$OUT/e2e_defer.md" --json "$OUT/e2e_defer.json" --log-dir "$OUT" \
@@ -262,7 +276,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -29,6 +29,7 @@ _EXPORTS = {
     "convert_to_packed": "grace_quant.convert",
     "deferred_stop_check": "grace_quant.integrations.generation",
     "fuse_projections": "grace_quant.fusion",
+    "grace_greedy": "grace_quant.integrations.fast_decode",
     "prepare_qat": "grace_quant.convert",
     "quantize_model": "grace_quant.integrations.quantizer",
     "saving_qat_master": "grace_quant.checkpoint",
@@ -48,6 +49,7 @@ __all__ = [
     "convert_to_packed",
     "deferred_stop_check",
     "fuse_projections",
+    "grace_greedy",
     "prepare_qat",
     "quantize_model",
     "saving_qat_master",
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from grace_quant.fusion import fuse_projections, unfuse_projections
     from grace_quant.integrations import AutoModelForVision2Seq
     from grace_quant.integrations.collator import GraceDataCollator
+    from grace_quant.integrations.fast_decode import grace_greedy
     from grace_quant.integrations.generation import deferred_stop_check
     from grace_quant.integrations.quantizer import quantize_model
     from grace_quant.integrations.trainer import GraceTrainer

@@ -17,7 +17,7 @@ ROW_KEYS = {"model", "arm", "batch", "decode_vs_bf16", "ttft_vs_bf16", "peak_vs_
 def test_e2e_smoke_run_writes_the_issue_format(tmp_path):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--device", "cpu", "--tiny", "--new-tokens", "4",
-        "--repeats", "1", "--arms", "bf16", "bf16-grace-attn", "grace", "grace-nodefer", "--batches", "1", "2", "--host-tweaks",
+        "--repeats", "1", "--arms", "bf16", "bf16-grace-attn", "grace", "grace-fast", "grace-nodefer", "--batches", "1", "2", "--host-tweaks",
         "--out", str(tmp_path / "e2e.md"), "--json", str(tmp_path / "e2e.json"), "--log-dir", str(tmp_path),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -25,7 +25,7 @@ def test_e2e_smoke_run_writes_the_issue_format(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "e2e.json").read_text())
     assert set(summary) == {"date", "gpu", "rows"} and summary["gpu"].startswith("cpu")
-    assert len(summary["rows"]) == 2 * 4 * 2 and all(set(row) == ROW_KEYS for row in summary["rows"])
+    assert len(summary["rows"]) == 2 * 5 * 2 and all(set(row) == ROW_KEYS for row in summary["rows"])
     for row in summary["rows"]:
         if row["arm"] == "bf16":
             assert row["decode_vs_bf16"] == row["ttft_vs_bf16"] == 1.0

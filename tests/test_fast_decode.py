@@ -1,0 +1,150 @@
+"""``grace_greedy`` (``generate(custom_generate=grace_greedy)``): the same tokens as transformers' own greedy loop.
+
+Reference: ``generate`` without it, same model, inputs and cache (transformers' ``_sample``). On CPU the loop's step
+runs eagerly; on a GPU it runs compiled with CUDA graphs (the ``gpu`` test). Calls it does not cover must reach
+transformers' loop unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grace_quant import GraceConfig, quantize_model
+from grace_quant.integrations.fast_decode import grace_greedy
+from grace_quant.testing import tiny_inputs, tiny_model
+
+NEW = 12
+
+
+def _grace(name: str, device: str = "cpu"):
+    model = quantize_model(tiny_model(name, dtype=torch.bfloat16).to(device), GraceConfig(mode="packed", group_size=32))
+    return model.eval()
+
+
+def _inputs(model, batch: int = 2) -> dict:
+    inputs = tiny_inputs(model, batch=batch, seed=1)
+    inputs.pop("labels")
+    return {k: v.to(model.device) for k, v in inputs.items()}
+
+
+def _count_input_preparations(model, monkeypatch) -> list:
+    """How often transformers builds a step's model inputs (once per token in its loop; twice in grace_greedy's)."""
+    calls = []
+    original = type(model).prepare_inputs_for_generation
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(model, "prepare_inputs_for_generation", counting.__get__(model))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
+def test_greedy_tokens_equal_transformers_loop_and_stop_at_eos(name, monkeypatch):
+    """Batch of 2, static cache: 12 greedy tokens equal ``_sample``'s; with an EOS token that one row emits at step 4
+    that row is padded afterwards as transformers pads it; with both rows' step-4 tokens as EOS both stop there and the
+    output is as short as transformers' (the flag read one step late changes nothing)."""
+    model = _grace(name)
+    inputs = _inputs(model)
+    prompt = inputs["input_ids"].shape[1]
+    kw = {"max_new_tokens": NEW, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    reference = model.generate(**inputs, **kw)
+    calls = _count_input_preparations(model, monkeypatch)
+    fast = model.generate(**inputs, **kw, custom_generate=grace_greedy)
+    assert len(calls) == 2, "grace_greedy handed the call to transformers' loop"  # the prefill's and step 1's
+    assert torch.equal(fast, reference)
+    one = int(reference[0, prompt + 3])
+    both = sorted({one, int(reference[1, prompt + 3])})
+    for eos in (one, both):
+        expected = model.generate(**inputs, **kw, eos_token_id=eos)
+        got = model.generate(**inputs, **kw, eos_token_id=eos, custom_generate=grace_greedy)
+        assert got.shape == expected.shape and torch.equal(got, expected), eos
+    assert expected.shape[1] <= prompt + 4  # both rows stopped by step 4
+
+
+@pytest.mark.parametrize("limit", [{"min_new_tokens": 8}, {"min_length": 0}])
+def test_a_minimum_length_holds_eos_back_as_transformers_does(limit, monkeypatch):
+    """``min_new_tokens`` / ``min_length`` (transformers' two length processors, the only ones the loop applies
+    itself): EOS tokens are held back until the minimum, with the loop still running (two input preparations)."""
+    model = _grace("qwen2-vl")
+    inputs = _inputs(model)
+    prompt = inputs["input_ids"].shape[1]
+    kw = {"max_new_tokens": NEW, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    plain = model.generate(**inputs, **kw)
+    eos = sorted({int(plain[0, prompt + 2]), int(plain[1, prompt + 2])})  # both rows would stop at step 3
+    if "min_length" in limit:
+        limit = {"min_length": prompt + 8}
+    expected = model.generate(**inputs, **kw, **limit, eos_token_id=eos)
+    calls = _count_input_preparations(model, monkeypatch)
+    got = model.generate(**inputs, **kw, **limit, eos_token_id=eos, custom_generate=grace_greedy)
+    assert len(calls) == 2
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    assert expected.shape[1] >= prompt + 8  # held back: nobody stopped at step 3
+
+
+def test_a_single_new_token_and_eos_on_the_prefill_token():
+    model = _grace("llava-untied")
+    inputs = _inputs(model)
+    kw = {"do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    first = model.generate(**inputs, **kw, max_new_tokens=1)
+    assert torch.equal(model.generate(**inputs, **kw, max_new_tokens=1, custom_generate=grace_greedy), first)
+    eos = sorted(set(first[:, -1].tolist()))  # every row ends on its first token
+    expected = model.generate(**inputs, **kw, max_new_tokens=NEW, eos_token_id=eos)
+    got = model.generate(**inputs, **kw, max_new_tokens=NEW, eos_token_id=eos, custom_generate=grace_greedy)
+    assert torch.equal(got, expected) and got.shape[1] == first.shape[1]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["sampling", "logits processor", "padded batch", "dynamic cache"],
+)
+def test_calls_it_does_not_cover_run_transformers_loop(case, monkeypatch):
+    """Sampling, a logits processor, a left-padded batch, no static cache: transformers' own loop (one input
+    preparation per token) with its own results."""
+    model = _grace("llava-untied")
+    inputs = _inputs(model)
+    kw = {"max_new_tokens": 6, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    if case == "sampling":
+        kw |= {"do_sample": True, "top_k": 5}
+    elif case == "logits processor":
+        kw |= {"repetition_penalty": 1.3}
+    elif case == "padded batch":
+        inputs["attention_mask"][1, 0] = 0
+    else:
+        kw.pop("cache_implementation")
+    torch.manual_seed(3)
+    expected = model.generate(**inputs, **kw)
+    calls = _count_input_preparations(model, monkeypatch)
+    torch.manual_seed(3)
+    got = model.generate(**inputs, **kw, custom_generate=grace_greedy)
+    assert len(calls) == 6  # one per token: transformers' loop ran
+    assert torch.equal(got, expected)
+
+
+def test_beam_search_is_refused_with_the_fix():
+    model = _grace("llava-untied")
+    with pytest.raises(ValueError, match="num_beams=2 asks for beam search: drop custom_generate"):
+        model.generate(
+            **_inputs(model), max_new_tokens=3, num_beams=2, cache_implementation="static", custom_generate=grace_greedy
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
+def test_compiled_greedy_tokens_equal_the_eager_loop_on_cuda(name):
+    """On CUDA the step runs compiled (CUDA graphs): 24 tokens equal the same loop run eagerly (``disable_compile``)
+    and transformers' loop with compilation off; twice in a row (the second call replays the captured graphs), and
+    stopped early by EOS."""
+    model = _grace(name, "cuda")
+    inputs = _inputs(model)
+    prompt = inputs["input_ids"].shape[1]
+    kw = {"max_new_tokens": 24, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    eager = model.generate(**inputs, **kw, disable_compile=True, custom_generate=grace_greedy)
+    assert torch.equal(eager, model.generate(**inputs, **kw, disable_compile=True))
+    for _ in range(2):
+        assert torch.equal(model.generate(**inputs, **kw, custom_generate=grace_greedy), eager)
+    eos = sorted({int(eager[0, prompt + 5]), int(eager[1, prompt + 5])})
+    expected = model.generate(**inputs, **kw, eos_token_id=eos, disable_compile=True)
+    assert torch.equal(model.generate(**inputs, **kw, eos_token_id=eos, custom_generate=grace_greedy), expected)
