@@ -131,6 +131,27 @@ def test_beam_search_is_refused_with_the_fix():
         )
 
 
+@pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
+def test_the_decode_step_traces_as_one_graph(name):
+    """Compiled as transformers compiles its decode forward (here on CPU with dynamo's ``eager`` backend and
+    ``fullgraph=True``, which fails on any graph break): the loop's step is one graph, captured once for all steps,
+    and its tokens equal transformers' loop."""
+    import torch._dynamo
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = _grace(name)
+    inputs = _inputs(model)
+    kw = {"max_new_tokens": NEW, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    reference = model.generate(**inputs, **kw)
+    config = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers' switch to compile off its usual devices
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got = model.generate(**inputs, **kw, compile_config=config, custom_generate=grace_greedy)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(got, reference)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
 def test_compiled_greedy_tokens_equal_the_eager_loop_on_cuda(name):

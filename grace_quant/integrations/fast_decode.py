@@ -122,15 +122,23 @@ def _step(
     return _select(out.logits[:, -1].float(), unfinished, eos, pad, held)
 
 
-_COMPILED = None
+_COMPILED: dict[str, object] = {}
 
 
-def _compiled_step():
-    """:func:`_step` under ``torch.compile(mode="reduce-overhead", fullgraph=True)``: one CUDA graph per token."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_step, mode="reduce-overhead", fullgraph=True)
-    return _COMPILED
+def _compiled_step(model: nn.Module, generation_config):
+    """:func:`_step` compiled as transformers compiles its decode forward (the generation config's
+    ``compile_config``, else the model's default: ``mode="reduce-overhead"``, CUDA graphs), one compiled function per
+    set of options."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = getattr(generation_config, "compile_config", None)
+    if config is None:
+        config = model._default_compile_config() if hasattr(model, "_default_compile_config") else CompileConfig()
+    options = config.to_dict()
+    key = repr(sorted(options.items(), key=lambda kv: kv[0]))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_step, **options)
+    return _COMPILED[key]
 
 
 class _StopFlag:
@@ -215,8 +223,8 @@ def _decode(
     # causal mask over the cache position), positions advanced here
     inputs = {k: v for k, v in first.items() if k in _CACHE_KEYS or (v is not None and not torch.is_tensor(v)
                                                                           and not isinstance(v, dict))}  # fmt: skip
-    compiled = input_ids.device.type == "cuda" and not getattr(generation_config, "disable_compile", False)
-    step = _compiled_step() if compiled else _step
+    compiled = model._valid_auto_compile_criteria(model_kwargs, generation_config)  # transformers' own rule
+    step = _compiled_step(model, generation_config) if compiled else _step
     stop = _StopFlag(input_ids.device)
     tokens: list[torch.Tensor] = []
     held: dict[tuple[int, ...], torch.Tensor | None] = {(): None}  # one id tensor per set of active processors
