@@ -96,13 +96,27 @@ def test_a_single_new_token_and_eos_on_the_prefill_token():
     assert torch.equal(got, expected) and got.shape[1] == first.shape[1]
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["sampling", "logits processor", "padded batch", "dynamic cache"],
-)
+@pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
+def test_a_left_padded_batch_decodes_as_transformers_does(name, monkeypatch):
+    """A row with its first prompt token padded out: the loop passes the prompt's mask over the whole cache and the
+    model builds its masks inside the step; the tokens equal transformers' loop, and differ from the unpadded run."""
+    model = _grace(name)
+    inputs = _inputs(model)
+    kw = {"max_new_tokens": NEW, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    unpadded = model.generate(**inputs, **kw)
+    inputs["attention_mask"][1, 0] = 0
+    expected = model.generate(**inputs, **kw)
+    assert not torch.equal(expected[1], unpadded[1])  # the padding matters to this row
+    calls = _count_input_preparations(model, monkeypatch)
+    got = model.generate(**inputs, **kw, custom_generate=grace_greedy)
+    assert len(calls) == 2
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("case", ["sampling", "logits processor", "dynamic cache"])
 def test_calls_it_does_not_cover_run_transformers_loop(case, monkeypatch):
-    """Sampling, a logits processor, a left-padded batch, no static cache: transformers' own loop (one input
-    preparation per token) with its own results."""
+    """Sampling, a logits processor other than the minimum lengths, no static cache: transformers' own loop (one
+    input preparation per token) with its own results."""
     model = _grace("llava-untied")
     inputs = _inputs(model)
     kw = {"max_new_tokens": 6, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
@@ -110,8 +124,6 @@ def test_calls_it_does_not_cover_run_transformers_loop(case, monkeypatch):
         kw |= {"do_sample": True, "top_k": 5}
     elif case == "logits processor":
         kw |= {"repetition_penalty": 1.3}
-    elif case == "padded batch":
-        inputs["attention_mask"][1, 0] = 0
     else:
         kw.pop("cache_implementation")
     torch.manual_seed(3)
@@ -131,8 +143,9 @@ def test_beam_search_is_refused_with_the_fix():
         )
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
-def test_the_decode_step_traces_as_one_graph(name):
+def test_the_decode_step_traces_as_one_graph(name, padded):
     """Compiled as transformers compiles its decode forward (here on CPU with dynamo's ``eager`` backend and
     ``fullgraph=True``, which fails on any graph break): the loop's step is one graph, captured once for all steps,
     and its tokens equal transformers' loop."""
@@ -141,6 +154,8 @@ def test_the_decode_step_traces_as_one_graph(name):
 
     model = _grace(name)
     inputs = _inputs(model)
+    if padded:
+        inputs["attention_mask"][1, 0] = 0
     kw = {"max_new_tokens": NEW, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
     reference = model.generate(**inputs, **kw)
     config = CompileConfig(backend="eager", fullgraph=True, mode=None)

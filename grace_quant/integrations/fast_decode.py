@@ -8,9 +8,9 @@ tenth to a third of a GRACE INT4 decode step (issue 16). ``custom_generate`` is 
 loop: ``generate`` prepares the inputs, cache and generation config as always, then calls the given function instead
 of its own loop. This one runs transformers' own prefill and first-step input preparation, then per token one
 compiled ``forward + argmax + end-of-sequence bookkeeping`` (CUDA graphs on CUDA), the positions advanced in place and
-the "all finished" flag read one step late (no host sync per token). Its tokens are ``_sample``'s greedy tokens; a
-call it does not cover (sampling, logits processors, streamers, returned dicts or user caches, padded batches, stop
-strings, ...) runs transformers' own loop, unchanged::
+the "all finished" flag read one step late (no host sync per token). Its tokens are ``_sample``'s greedy tokens
+(EOS, ``min_length`` / ``min_new_tokens`` and left-padded batches included); a call it does not cover (sampling, other
+logits processors, streamers, returned dicts or user caches, stop strings, ...) runs transformers' own loop::
 
     out = model.generate(**inputs, max_new_tokens=256, cache_implementation="static", custom_generate=grace_greedy)
 """
@@ -86,13 +86,14 @@ def unsupported_reason(
         (model_kwargs.get("inputs_embeds") is not None, "inputs_embeds"),
         (cache is None, "no static cache (pass cache_implementation='static')"),
         (cache is not None and getattr(cache, "_is_user_defined", False), "a cache passed in by the caller"),
-        (attention_mask is not None and not torch.is_tensor(attention_mask), "a non-tensor attention mask"),
+        (
+            attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2),
+            "an attention mask that is not [batch, length]",
+        ),
     )
     for failed, reason in checks:
         if failed:
             return reason
-    if torch.is_tensor(attention_mask) and not bool(attention_mask.all()):  # one sync, before the loop
-        return "a padded batch (attention_mask has zeros)"
     return None
 
 
@@ -219,10 +220,17 @@ def _decode(
         torch.cat([input_ids, token[:, None]], dim=1), next_sequence_length=1, **model_kwargs
     )
     position = first["position_ids"].clone()
-    # the cache and scalar switches as transformers passes them; no mask (the batch has no padding: the model's own
-    # causal mask over the cache position), positions advanced here
+    # the cache and scalar switches as transformers passes them, positions advanced here; the mask: none without
+    # padding (the model's own causal mask over the cache position), else the 2-D mask over the whole cache (the
+    # prompt's, then ones), from which the model builds its masks inside the step
     inputs = {k: v for k, v in first.items() if k in _CACHE_KEYS or (v is not None and not torch.is_tensor(v)
                                                                           and not isinstance(v, dict))}  # fmt: skip
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):  # one sync, before the loop
+        cache = _static_cache(model_kwargs)
+        full = mask.new_ones((mask.shape[0], cache.get_max_length()))
+        full[:, : mask.shape[1]] = mask
+        inputs["attention_mask"] = full
     compiled = model._valid_auto_compile_criteria(model_kwargs, generation_config)  # transformers' own rule
     step = _compiled_step(model, generation_config) if compiled else _step
     stop = _StopFlag(input_ids.device)
