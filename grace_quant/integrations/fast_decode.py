@@ -80,6 +80,7 @@ def unsupported_reason(
             any(not isinstance(c, (eos_kind, max_kind)) for c in stopping_criteria),
             "stopping criteria beyond EOS / length",
         ),
+        (stopping_criteria.max_length is None, "no maximum length"),
         (getattr(model.config, "is_encoder_decoder", False), "an encoder-decoder model"),
         (getattr(generation_config, "prefill_chunk_size", None) is not None, "chunked prefill"),
         (getattr(generation_config, "is_assistant", False), "an assistant model's generate"),
