@@ -31,10 +31,10 @@
 #            files with `python benchmarks/e2e.py --merge-json benchmarks/results/e2e_h200.json OUT/e2e_*.json`
 #   e2e-defer  stock bf16, GRACE INT4 (deferred stop check on by default: no host sync per token) and GRACE INT4
 #            without it (grace-nodefer), LLaVA-1.5-7B and Qwen2-VL-2B, batches 1 and 8   (~8 min, alone in one call)
-#   e2e-fast   stock bf16, GRACE INT4 through transformers' loop and GRACE INT4 through
-#            generate(custom_generate=grace_quant.grace_greedy) (grace-fast: one compiled step per token), LLaVA-1.5-7B
-#            and Qwen2-VL-2B, batches 1 and 8, with the tight-loop gap per arm: OUT/e2e_fast.{md,json}
-#            (~8-9 min, alone in one call; first GPU run: run the GPU tests of tests/test_fast_decode.py first)
+#   e2e-fast   stock bf16, GRACE INT4 through generate(custom_generate=grace_quant.grace_greedy) (grace-fast: one
+#            compiled step per token) and through transformers' loop (grace), batches 1 and 8, with the tight-loop gap
+#            per arm: OUT/e2e_fast.{md,json}; LLaVA-1.5-7B (FAST_MODELS=qwen2-vl-2b for the other model, one call each)
+#            (~7-8 min, alone in one call; grace_greedy's GPU tests first, no run if they fail)
 #   e2e-host   --host-tweaks (no min-length processor, deferred stop check), both models, bf16 and GRACE, batch 1:
 #            the generate - tight-loop gap with transformers' host work trimmed   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
@@ -134,9 +134,10 @@
 #  1) STAGES=small on an H200 (~6 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in
 #     the race, bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table
 #     merged with what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row;
-#  2) STAGES=e2e-fast (any GPU kind: the gap it removes is host work; ~8-9 min alone): grace_greedy's GPU tests, then
-#     bf16 / grace-fast / grace at batches 1 and 8 for both models (issue 16's decode targets: LLaVA b1 3.0x, run I
-#     2.77x with a 0.35 ms generate gap per step); if grace-fast gains, make it the GRACE models' default;
+#  2) STAGES=e2e-fast (any GPU kind: the gap it removes is host work; ~7-8 min alone): grace_greedy's GPU tests, then
+#     bf16 / grace-fast / grace at batches 1 and 8 for LLaVA, then FAST_MODELS=qwen2-vl-2b in a call of its own (issue
+#     16's decode targets: LLaVA b1 3.0x, run I 2.77x with a 0.35 ms generate gap per step); if grace-fast gains, make
+#     it the GRACE models' default;
 #  3) the TTFT verdict on an H200: `python benchmarks/prefill.py --variants --rounds 4` (bf16 vs GRACE interleaved,
 #     both models, ~3-4 min; on an H100 it is GPU-bound at 1.13x or more by the dequantize kernels' time, estimated
 #     ~1.09x on an H200: prefill_h100.md), then STAGES="e2e-llava" and "e2e-qwen" with the new table;
@@ -209,7 +210,7 @@ for stage in $STAGES; do
     e2e-fast)
       timeout 100 python -m pytest -q -m gpu tests/test_fast_decode.py -p no:cacheprovider > "$OUT/fast_tests.log" 2>&1 \
         || { echo "e2e-fast: GPU tests of grace_greedy failed, no run" >&2; continue; }
-      timeout 490 python benchmarks/e2e.py --models llava-1.5-7b qwen2-vl-2b --arms bf16 grace-fast grace --batches 1 8 \
+      timeout 490 python benchmarks/e2e.py --models ${FAST_MODELS:-llava-1.5-7b} --arms bf16 grace-fast grace --batches 1 8 \
         --repeats 3 --deadline-s 400 --out "$OUT/e2e_fast.md" --json "$OUT/e2e_fast.json" --log-dir "$OUT" \
         > "$OUT/e2e_fast.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
