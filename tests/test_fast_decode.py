@@ -17,8 +17,8 @@ from grace_quant.testing import tiny_inputs, tiny_model
 NEW = 12
 
 
-def _grace(name: str, device: str = "cpu"):
-    model = quantize_model(tiny_model(name, dtype=torch.bfloat16).to(device), GraceConfig(mode="packed", group_size=32))
+def _grace(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    model = quantize_model(tiny_model(name, dtype=dtype).to(device), GraceConfig(mode="packed", group_size=32))
     return model.eval()
 
 
@@ -167,20 +167,45 @@ def test_the_decode_step_traces_as_one_graph(name, padded):
     assert torch.equal(got, reference)
 
 
+def _parts_only_at_near_ties(tokens: torch.Tensor, reference, margin: float = 0.05) -> bool:
+    """Compiled and eager runs round differently (inductor fuses norms and rotary), so greedy tokens may part where
+    the top two logits were within bf16 rounding: true when every row equals the reference's or first differs at a
+    step whose reference top-2 gap was below ``margin``."""
+    steps = len(reference.scores)
+    for row in range(tokens.shape[0]):
+        differ = (tokens[row, -steps:] != reference.sequences[row, -steps:]).nonzero()
+        if differ.numel():
+            top = reference.scores[int(differ[0])][row].float().topk(2).values
+            if float(top[0] - top[1]) >= margin:
+                return False
+    return True
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype, margin", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
-def test_compiled_greedy_tokens_equal_the_eager_loop_on_cuda(name):
-    """On CUDA the step runs compiled (CUDA graphs): 24 tokens equal the same loop run eagerly (``disable_compile``)
-    and transformers' loop with compilation off; twice in a row (the second call replays the captured graphs), and
-    stopped early by EOS."""
-    model = _grace(name, "cuda")
+def test_compiled_greedy_tokens_match_transformers_loop_on_cuda(name, dtype, margin):
+    """On CUDA: run eagerly (``disable_compile``), the loop's tokens equal transformers' eager loop exactly; compiled
+    (CUDA graphs), twice in a row (the second call replays), they equal it up to a near-tie of the top two logits
+    (fp32: ``margin`` 1e-4, where the tiny models' smallest gap is ~1e-3, so in effect exactly; bf16: within its
+    rounding); stopped early by EOS, compiled equals eager wherever the plain runs did not part."""
+    from grace_quant.integrations import fast_decode
+
+    model = _grace(name, "cuda", dtype)
     inputs = _inputs(model)
     prompt = inputs["input_ids"].shape[1]
     kw = {"max_new_tokens": 24, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    reference = model.generate(**inputs, **kw, disable_compile=True, output_scores=True, return_dict_in_generate=True)
     eager = model.generate(**inputs, **kw, disable_compile=True, custom_generate=grace_greedy)
-    assert torch.equal(eager, model.generate(**inputs, **kw, disable_compile=True))
+    assert torch.equal(eager, reference.sequences)
+    fast_decode._COMPILED.clear()
     for _ in range(2):
-        assert torch.equal(model.generate(**inputs, **kw, custom_generate=grace_greedy), eager)
+        compiled = model.generate(**inputs, **kw, custom_generate=grace_greedy)
+        assert _parts_only_at_near_ties(compiled, reference, margin)
+    assert fast_decode._COMPILED, "the loop did not compile its step"
     eos = sorted({int(eager[0, prompt + 5]), int(eager[1, prompt + 5])})
-    expected = model.generate(**inputs, **kw, eos_token_id=eos, disable_compile=True)
-    assert torch.equal(model.generate(**inputs, **kw, eos_token_id=eos, custom_generate=grace_greedy), expected)
+    eager_eos = model.generate(**inputs, **kw, eos_token_id=eos, disable_compile=True, custom_generate=grace_greedy)
+    compiled_eos = model.generate(**inputs, **kw, eos_token_id=eos, custom_generate=grace_greedy)
+    assert eager_eos.shape[1] <= prompt + 6
+    if torch.equal(compiled, eager):
+        assert torch.equal(compiled_eos, eager_eos)
