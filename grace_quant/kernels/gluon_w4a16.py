@@ -127,14 +127,13 @@ def _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, STAGES: gl.
 
 
 @gluon.jit
-def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, pos, num_k, sc, shift,
+def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k, sc, shift,
                STAGES: gl.constexpr, BK: gl.constexpr, PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
     """K tile ``kt`` (of ``num_k`` from ``k0``) with one MMA left in flight: dequantize it while tile ``kt - 1``'s MMA
-    runs, issue its MMA, retire ``kt - 1``'s, then (both warpgroups past it) refill ``kt - 1``'s slot. ``pos`` is its
-    place in the ring of stages (the ring's position when the loop began, plus ``kt``)."""
+    runs, issue its MMA, retire ``kt - 1``'s, then (both warpgroups past it) refill ``kt - 1``'s slot."""
     BN: gl.constexpr = 128
-    stage = pos % STAGES
-    mbarrier.wait(bars.index(stage), (pos // STAGES) & 1)
+    stage = kt % STAGES
+    mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
     w = _dequant_tile(w_smem.index(stage), sc, shift, PAIR, WORDS, BN, BK, x_desc.dtype)
     a = gl.convert_layout(w, DOT, assert_trivial=True)
     acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
@@ -142,7 +141,7 @@ def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, pos, n
     gl.thread_barrier()  # the other warpgroup has retired tile kt - 1 too: its slot may be overwritten
     if kt >= 1:
         if kt - 1 + STAGES < num_k:
-            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0 + kt - pos, pos - 1 + STAGES, STAGES, BK)
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt - 1 + STAGES, STAGES, BK)
     return acc
 
 
@@ -166,29 +165,29 @@ def _ring(x_desc, w_desc, BM: gl.constexpr, BK: gl.constexpr, STAGES: gl.constex
 
 
 @gluon.jit
-def _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, it, sc_next, sc_after,
+def _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, sc_next, sc_after,
                shift, STAGES: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, PAIR: gl.constexpr,
                WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
-    """Form 1's loop over the matrix's K tiles ``k0 .. k_end - 1`` of one output tile, from ring position ``it`` (the
-    first two tiles' scales given): the ring filled, then :func:`_pipe_step` in pairs, so that a tile's A registers
-    are redefined only after the MMA reading them retired. An odd count runs one tile past ``k_end`` with zero
-    scales, so its weights are zeros (past K, TMA fills its tiles with zeros; a branch for the last tile instead makes
-    ptxas serialize every MMA). Returns the accumulator, every MMA retired, and the K tiles run (the ring's advance)."""
+    """Form 1's loop over the matrix's K tiles ``k0 .. k_end - 1`` of one output tile (the first two tiles' scales
+    given): the ring filled, then :func:`_pipe_step` in pairs, so that a tile's A registers are redefined only after
+    the MMA reading them retired. An odd count runs one tile past ``k_end`` with zero scales, so its weights are
+    zeros (past K, TMA fills its tiles with zeros; a branch for the last tile instead makes ptxas serialize every
+    MMA). Returns the accumulator with every MMA retired."""
     num_k = (k_end - k0 + 1) // 2 * 2
     for s in gl.static_range(STAGES):
         if s < num_k:
-            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0 - it, it + s, STAGES, BK)
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, s, STAGES, BK)
     for kp in range(num_k // 2):
         kt = 2 * kp
         sc0 = sc_next
         sc1 = sc_after
         sc_next = _scales(s_rows, srows, k0 + kt + 2, k_end, BK, GROUP)
         sc_after = _scales(s_rows, srows, k0 + kt + 3, k_end, BK, GROUP)
-        acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, it + kt, num_k, sc0, shift,
+        acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k, sc0, shift,
                          STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
-        acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1, it + kt + 1, num_k, sc1, shift,
+        acc = _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1, num_k, sc1, shift,
                          STAGES, BK, PAIR, WORDS, DOT)  # fmt: skip
-    return warpgroup_mma_wait(0, deps=[acc]), num_k
+    return warpgroup_mma_wait(0, deps=[acc])
 
 
 @gluon.jit
@@ -217,8 +216,8 @@ def _kernel(
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
     if PIPE:
         # register A with one MMA in flight; every slot refilled only once both warpgroups have retired its tile
-        acc, _ = _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, 0, sc_next,
-                         sc_after, shift, STAGES, BK, GROUP, PAIR, WORDS, DOT)  # fmt: skip
+        acc = _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, sc_next, sc_after,
+                         shift, STAGES, BK, GROUP, PAIR, WORDS, DOT)  # fmt: skip
     else:
         for s in gl.static_range(STAGES - 1):
             if s < num_k:
@@ -500,8 +499,7 @@ def plan(
         if splits > 1 and splits * m * n >= 2**31:  # the partials' int32 offsets
             return plan(dtype, n, k, group, has_bias, tile, 1, pair=pair, lane_bits=lane_bits)(x2, packed, scales, bias)
         tiles_m = triton.cdiv(m, block_m)
-        tiles = tiles_m * (n // BLOCK_N)
-        y, ws, counters = _outputs(x2, packed, tiles, splits)
+        y, ws, counters = _outputs(x2, packed, tiles_m * (n // BLOCK_N), splits)
         if bias is not None:
             bias = bias.to(dtype).contiguous()
         # what Triton specializes the runtime arguments that vary between calls on
