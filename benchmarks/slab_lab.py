@@ -35,14 +35,6 @@ GROUP = 128
 TILES = (((256, 128, 3, 1), 1), ((128, 128, 5, gw.WS), 1))
 
 
-def deq_into(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Dequantize ``packed`` rows into the first rows of the reused buffer ``out``."""
-    n, kw = packed.shape
-    grid, constexprs = tw._dequant_launch(n, kw * 8, GROUP, tw._tile_mode(scales, out.dtype))
-    tw._launch_dequant(grid, packed, scales, out, n, kw, kw * 8 // GROUP, tw._MAGIC, **constexprs)
-    return out[:n]
-
-
 def slab_linear(rows: int, buffers: list[torch.Tensor], side: torch.cuda.Stream | None):
     """``x @ W^T`` in slabs of ``rows`` output rows; ``side``: dequantize the next slab on that stream."""
 
@@ -52,20 +44,22 @@ def slab_linear(rows: int, buffers: list[torch.Tensor], side: torch.cuda.Stream 
         starts = list(range(0, n, rows))
         if side is None:
             for r0 in starts:
-                w = deq_into(buffers[0], packed[r0 : r0 + rows], scales[r0 : r0 + rows])
+                w = tw.dequantize_w4(packed[r0 : r0 + rows], scales[r0 : r0 + rows], GROUP, x.dtype, buffers[0])
                 torch.mm(x, w.T, out=y[:, r0 : r0 + w.shape[0]])
             return y
         main = torch.cuda.current_stream()
         done = [torch.cuda.Event(), torch.cuda.Event()]  # slab i's GEMM finished with buffer i % 2
         ready = torch.cuda.Event()
-        w = deq_into(buffers[0], packed[:rows], scales[:rows])
+        w = tw.dequantize_w4(packed[:rows], scales[:rows], GROUP, x.dtype, buffers[0])
         for i, r0 in enumerate(starts):
             nxt = None
             if i + 1 < len(starts):
                 r1 = starts[i + 1]
                 side.wait_stream(main) if i == 0 else side.wait_event(done[(i + 1) % 2])
                 with torch.cuda.stream(side):
-                    nxt = deq_into(buffers[(i + 1) % 2], packed[r1 : r1 + rows], scales[r1 : r1 + rows])
+                    nxt = tw.dequantize_w4(
+                        packed[r1 : r1 + rows], scales[r1 : r1 + rows], GROUP, x.dtype, buffers[(i + 1) % 2]
+                    )
                     ready.record(side)
             torch.mm(x, w.T, out=y[:, r0 : r0 + w.shape[0]])
             done[i % 2].record(main)

@@ -60,8 +60,8 @@ def _static_cache(model_kwargs: dict):
 
 
 def unsupported_reason(
-    model: nn.Module, input_ids: torch.Tensor, logits_processor, stopping_criteria, generation_config,
-    synced_gpus: bool, streamer, model_kwargs: dict,
+    model: nn.Module, logits_processor, stopping_criteria, generation_config, synced_gpus: bool, streamer,
+    model_kwargs: dict,
 ) -> str | None:  # fmt: skip
     """Why :func:`grace_greedy` hands this call to transformers' own loop, or None where it runs it itself."""
     eos_kind, max_kind = _criteria_kinds()
@@ -183,7 +183,7 @@ def grace_greedy(
             "custom_generate=grace_greedy (or set num_beams=1)."
         )
     if unsupported_reason(
-        model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs
+        model, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, model_kwargs
     ):
         return GenerationMixin._sample(
             model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,

@@ -838,10 +838,13 @@ def linear_with_config(
     return F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))
 
 
-def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``[N, K]`` weight in ``dtype`` from the packed format, with the Triton dequantize kernel."""
+def dequantize_w4(
+    packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype`` from the packed format, with the Triton dequantize kernel; into the first
+    ``N`` rows of a contiguous ``out`` (a reused buffer) where given."""
     n, kw = packed.shape
-    out = torch.empty((n, kw * 8), dtype=dtype, device=packed.device)
+    out = torch.empty((n, kw * 8), dtype=dtype, device=packed.device) if out is None else out[:n]
     grid, constexprs = _dequant_launch(n, kw * 8, group_size, _tile_mode(scales, dtype))
     _launch_dequant(grid, packed, scales, out, n, kw, kw * 8 // group_size, _MAGIC, **constexprs)
     return out
