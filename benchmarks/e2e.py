@@ -22,11 +22,12 @@ cache with ``disable_compile=True``, and the dynamic cache), and a gpt-fast-styl
 ``generate``'s, is the per-token cost of transformers' generate loop. ``--host-tweaks`` runs ``generate`` without the
 per-step logits processor that ``min_new_tokens`` adds (EOS switched off instead, so the length is still fixed) and
 with transformers' deferred stop check (which skips the host sync per token; transformers enables it on MPS only;
-``grace_quant.deferred_stop_check`` turns it on for CUDA) in every arm. ``grace-fast`` is the ``grace`` model decoding
-through ``generate(custom_generate=grace_quant.grace_greedy)`` (one compiled step per token, no per-token host
-bookkeeping of transformers' loop). GRACE INT4 models defer the stop check by
-default (``GraceConfig.deferred_stop_check``), so the ``grace`` arm runs with it; ``grace-nodefer`` is the same model
-with it switched off (a ``deferred_stop_check(False)`` block around ``generate``).
+``grace_quant.deferred_stop_check`` turns it on for CUDA) in every arm. GRACE INT4 models decode greedy calls through
+``grace_quant.grace_greedy`` by default (``GraceConfig.fast_generate``: one compiled step per token, none of the
+per-token host bookkeeping of transformers' loop), so the ``grace`` arm runs it; ``grace-loop`` is the same model
+through transformers' loop (``fast_generate=False``) with its deferred stop check (``GraceConfig.deferred_stop_check``,
+the default), and ``grace-nodefer`` through transformers' loop without it (a ``deferred_stop_check(False)`` block
+around ``generate``).
 
     python benchmarks/e2e.py --out benchmarks/results/e2e_h200.md --json benchmarks/results/e2e_h200.json
     python benchmarks/e2e.py --device cpu --tiny --new-tokens 6 --repeats 1   # CPU smoke run of every code path
@@ -59,7 +60,7 @@ from transformers import (
 )
 
 import grace_quant
-from grace_quant import GraceConfig, deferred_stop_check, grace_greedy, quantize_model
+from grace_quant import GraceConfig, deferred_stop_check, quantize_model
 from grace_quant.integrations.attention import use_decode_attention
 from grace_quant.surgery import resolve_layers, set_submodule
 from grace_quant.testing import tiny_inputs, tiny_llava_config, tiny_qwen2_vl_config
@@ -67,7 +68,7 @@ from grace_quant.testing import tiny_inputs, tiny_llava_config, tiny_qwen2_vl_co
 PROMPT_TOKENS = 20
 CHECK_TOKENS = 32  # greedy tokens compared between the compiled and the eager run
 QWEN_GRID = (1, 24, 24)  # a 336 x 336 image: 576 patches -> 144 visual tokens after the 2x2 merge
-ARMS = ("bf16", "bf16-grace-attn", "grace", "grace-fast", "grace-nodefer", "grace-sdpa", "grace-unfused", "tinygemm")
+ARMS = ("bf16", "bf16-grace-attn", "grace", "grace-loop", "grace-nodefer", "grace-sdpa", "grace-unfused", "tinygemm")
 REFERENCE_ARM = "bf16"  # stock bf16 with sdpa: the 1.0 of every ratio
 
 
@@ -240,13 +241,11 @@ def make_arm(name: str, arm: str) -> nn.Module:
     group = Setup.group_size()
     if arm == "bf16-grace-attn":
         use_decode_attention(model)
-    elif arm in ("grace", "grace-fast", "grace-nodefer"):
-        quantize_model(model, GraceConfig(mode="packed", group_size=group))
+    elif arm in ("grace", "grace-loop", "grace-nodefer"):
+        quantize_model(model, GraceConfig(mode="packed", group_size=group, fast_generate=arm == "grace"))
         use_decode_attention(model)  # a no-op on CUDA, where quantize_model already set it
         if arm == "grace-nodefer":
             model._bench_defer_stop = False
-        if arm == "grace-fast":
-            model._bench_generate = {"custom_generate": grace_greedy}
     elif arm == "grace-sdpa":
         quantize_model(model, GraceConfig(mode="packed", group_size=group, decode_attention=False))
     elif arm == "grace-unfused":
@@ -301,7 +300,6 @@ def stop_check(model: nn.Module) -> contextlib.AbstractContextManager:
 def generate(model: nn.Module, inputs: dict, new_tokens: int, **extra) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache (compiled decode on CUDA)."""
     with stop_check(model):
-        extra = getattr(model, "_bench_generate", {}) | extra
         return model.generate(**inputs, **_length(new_tokens), do_sample=False, cache_implementation="static", **extra)
 
 

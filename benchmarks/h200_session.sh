@@ -31,10 +31,14 @@
 #            files with `python benchmarks/e2e.py --merge-json benchmarks/results/e2e_h200.json OUT/e2e_*.json`
 #   e2e-defer  stock bf16, GRACE INT4 (deferred stop check on by default: no host sync per token) and GRACE INT4
 #            without it (grace-nodefer), LLaVA-1.5-7B and Qwen2-VL-2B, batches 1 and 8   (~8 min, alone in one call)
-#   e2e-fast   stock bf16, GRACE INT4 through generate(custom_generate=grace_quant.grace_greedy) (grace-fast: one
-#            compiled step per token) and through transformers' loop (grace), batches 1 and 8, with the tight-loop gap
-#            per arm: OUT/e2e_fast.{md,json}; LLaVA-1.5-7B (FAST_MODELS=qwen2-vl-2b for the other model, one call each)
-#            (~7-8 min, alone in one call; grace_greedy's GPU tests first, no run if they fail)
+#   e2e-fast   stock bf16, GRACE INT4 with its defaults (grace: greedy calls through grace_quant.grace_greedy, one
+#            compiled step per token) and through transformers' loop (grace-loop: fast_generate=False), batches 1 and 8,
+#            with the tight-loop gap per arm: OUT/e2e_fast.{md,json}; LLaVA-1.5-7B (FAST_MODELS=qwen2-vl-2b for the other
+#            model, one call each)   (~8-9 min, alone in one call; grace_greedy's GPU tests first, ~100 s, no run if
+#            they fail)
+#   ttft-lab   benchmarks/ttft_lab.py: one-token generate calls through grace_greedy and transformers' loop,
+#            interleaved, before and after each loop's compiled decode, then host vs GPU time (torch profiler) and
+#            cProfile: OUT/ttft_lab.txt (~3 min; run J's unexplained batch-1 TTFT, e2e_h200.md)
 #   e2e-host   --host-tweaks (no min-length processor, deferred stop check), both models, bf16 and GRACE, batch 1:
 #            the generate - tight-loop gap with transformers' host work trimmed   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
@@ -128,20 +132,22 @@
 # removed from the library, gluon_h200.md sections 10-11), bench_kernels.py at M = 256 / 2048 with the shipped and
 # the retuned large buckets back to back (0.85x / 0.83x vs 0.87x / 0.81x: level, not shipped), the Gluon GPU tests
 # after the removal (62 passed).
-# Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-5 minutes each, and a machine
-# goes back 30 s after a call: have the next command ready). A call for the nvidia-h200 kind may run on an H100:
-# guard H200-only work with `nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && ...`. In this order:
-#  1) STAGES=small on an H200 (~6 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in
+# Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-5 minutes each, a machine can be
+# taken back mid-call (session 16 lost ~8.5 minutes so), and a machine goes back 30 s after a call: have the next
+# command ready). A call for the nvidia-h200 kind may run on an H100: guard H200-only work with
+# `nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && ...`. In this order:
+#  1) STAGES=ttft-lab (any GPU; ~3 min): is run J's batch-1 TTFT through grace_greedy (103.5 ms vs ~52 ms through
+#     transformers' loop) real? If the lab shows grace_greedy's one-token calls slower, find the cause in its profile
+#     and mend it, or set GraceConfig.fast_generate's default to False until mended;
+#  2) STAGES=small on an H200 (~6 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in
 #     the race, bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table
 #     merged with what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row;
-#  2) STAGES=e2e-fast (any GPU kind: the gap it removes is host work; ~7-8 min alone): grace_greedy's GPU tests, then
-#     bf16 / grace-fast / grace at batches 1 and 8 for LLaVA, then FAST_MODELS=qwen2-vl-2b in a call of its own (issue
-#     16's decode targets: LLaVA b1 3.0x, run I 2.77x with a 0.35 ms generate gap per step); if grace-fast gains, make
-#     it the GRACE models' default;
-#  3) the TTFT verdict on an H200: `python benchmarks/prefill.py --variants --rounds 4` (bf16 vs GRACE interleaved,
+#  3) STAGES=e2e-fast FAST_MODELS=qwen2-vl-2b (any GPU; ~8 min alone): Qwen2-VL-2B through grace_greedy (the default
+#     now) vs transformers' loop (grace-loop), batches 1 and 8; then the same for LLaVA on an H200;
+#  4) the TTFT verdict on an H200: `python benchmarks/prefill.py --variants --rounds 4` (bf16 vs GRACE interleaved,
 #     both models, ~3-4 min; on an H100 it is GPU-bound at 1.13x or more by the dequantize kernels' time, estimated
 #     ~1.09x on an H200: prefill_h100.md), then STAGES="e2e-llava" and "e2e-qwen" with the new table;
-#  4) STAGES=large on an H200 (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors).
+#  5) STAGES=large on an H200 (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors).
 #     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11): stream-K, a
 #     converter warpgroup and L2-sized dequantize slabs all lost; the weight repack of section 9 gains 3-8%.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
@@ -157,6 +163,10 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
 # .whl/ it installs nothing, and the kernels report says GemLite is not installed.
+# Done 2026-12-07, twelfth session (H100s only; two calls, ~11 device minutes of work; ~8.5 minutes went to a machine
+# taken back mid-call and the rest to refused starts): grace_greedy's GPU tests (4 passed; the stage's 100 s limit was
+# too short, now 150 s) and e2e run J (LLaVA-1.5-7B through grace_greedy: 3.25x / 2.15x stock bf16 at batches 1 / 8,
+# generate gap 0.025 ms per step; its batch-1 TTFT read 103.5 ms, unexplained): e2e_h200.md.
 set -u
 OUT="${OUT:-gpu_out}"
 STAGES="${STAGES:-tests trainer e2e}"
@@ -208,12 +218,14 @@ for stage in $STAGES; do
         --deadline-s 480 --out "$OUT/$stage.md" --json "$OUT/$stage.json" --log-dir "$OUT" > "$OUT/$stage.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
     e2e-fast)
-      timeout 100 python -m pytest -q -m gpu tests/test_fast_decode.py -p no:cacheprovider > "$OUT/fast_tests.log" 2>&1 \
+      timeout 150 python -m pytest -q -m gpu tests/test_fast_decode.py -p no:cacheprovider > "$OUT/fast_tests.log" 2>&1 \
         || { echo "e2e-fast: GPU tests of grace_greedy failed, no run" >&2; continue; }
-      timeout 490 python benchmarks/e2e.py --models ${FAST_MODELS:-llava-1.5-7b} --arms bf16 grace-fast grace --batches 1 8 \
-        --repeats 3 --deadline-s 400 --out "$OUT/e2e_fast.md" --json "$OUT/e2e_fast.json" --log-dir "$OUT" \
+      timeout 420 python benchmarks/e2e.py --models ${FAST_MODELS:-llava-1.5-7b} --arms bf16 grace grace-loop --batches 1 8 \
+        --repeats 3 --deadline-s 340 --out "$OUT/e2e_fast.md" --json "$OUT/e2e_fast.json" --log-dir "$OUT" \
         > "$OUT/e2e_fast.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
+    ttft-lab)
+      timeout 240 python benchmarks/ttft_lab.py --model ${FAST_MODELS:-llava-1.5-7b} > "$OUT/ttft_lab.txt" 2>&1 ;;
     e2e-defer)
       timeout 580 python benchmarks/e2e.py --models llava-1.5-7b qwen2-vl-2b --arms bf16 grace grace-nodefer --batches 1 8 \
         --repeats 3 --deadline-s 480 --out "$OUT/e2e_defer.md" --json "$OUT/e2e_defer.json" --log-dir "$OUT" \
@@ -277,7 +289,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

@@ -22,7 +22,8 @@ from grace_quant.testing import tiny_inputs, tiny_model
 
 def per_step_ms(name: str) -> dict[str, float]:
     """Host ms per decode step outside the forward, for transformers' loop and grace_greedy."""
-    model = quantize_model(tiny_model(name, dtype=torch.bfloat16), GraceConfig(mode="packed", group_size=32)).eval()
+    config = GraceConfig(mode="packed", group_size=32, fast_generate=False)  # plain generate(): transformers' loop
+    model = quantize_model(tiny_model(name, dtype=torch.bfloat16), config).eval()
     inputs = tiny_inputs(model, 1, seed=1)
     inputs.pop("labels")
     inside = {"s": 0.0, "start": 0.0}

@@ -58,6 +58,12 @@ class GraceConfig(QuantizationConfigMixin):
             for every step, so it queues the next step while the GPU runs this one (same tokens; one extra step is
             run and undone at the end). A caller's own ``grace_quant.deferred_stop_check(...)`` block wins.
             ``False``: ``generate`` as transformers runs it. Default ``True``.
+        fast_generate: GRACE INT4 models loaded (or packed in memory) decode greedy ``generate`` calls through
+            ``grace_quant.grace_greedy`` (one compiled step per token with ``cache_implementation="static"``, none of
+            transformers' per-token host work; the same tokens). Calls it does not cover (sampling, beams, streamers,
+            stop strings, other logits processors, a dynamic cache, ...) run transformers' own loop as before, and so
+            does a call that passes its own ``custom_generate``. ``False``: every call runs transformers' loop.
+            Default ``True``.
         allow_nonfinite: quantize weights holding NaN/inf with those values set to 0, instead of refusing them
             with the layer's name. A loading policy, not a property of the checkpoint: never written to
             ``config.json``. Default ``False``.
@@ -78,6 +84,7 @@ class GraceConfig(QuantizationConfigMixin):
         fuse_projections: bool = True,
         decode_attention: bool = True,
         deferred_stop_check: bool = True,
+        fast_generate: bool = True,
         allow_nonfinite: bool = False,
         quant_method: str = "grace",
         **kwargs: Any,
@@ -93,6 +100,7 @@ class GraceConfig(QuantizationConfigMixin):
         self.fuse_projections = fuse_projections
         self.decode_attention = decode_attention
         self.deferred_stop_check = deferred_stop_check
+        self.fast_generate = fast_generate
         self.allow_nonfinite = allow_nonfinite
         # Keys written by a newer grace-quant are kept (so re-saving does not drop them) but not interpreted.
         self.unknown_keys = {k: v for k, v in kwargs.items() if k != "unknown_keys"}
@@ -129,6 +137,8 @@ class GraceConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"GraceConfig: deferred_stop_check must be True or False, got {self.deferred_stop_check!r}."
             )
+        if not isinstance(self.fast_generate, bool):
+            raise ValueError(f"GraceConfig: fast_generate must be True or False, got {self.fast_generate!r}.")
         if not isinstance(self.allow_nonfinite, bool):
             raise ValueError(f"GraceConfig: allow_nonfinite must be True or False, got {self.allow_nonfinite!r}.")
         if not isinstance(self.format_version, int) or self.format_version < 1:

@@ -17,7 +17,7 @@ ROW_KEYS = {"model", "arm", "batch", "decode_vs_bf16", "ttft_vs_bf16", "peak_vs_
 def test_e2e_smoke_run_writes_the_issue_format(tmp_path):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--device", "cpu", "--tiny", "--new-tokens", "4",
-        "--repeats", "1", "--arms", "bf16", "bf16-grace-attn", "grace", "grace-fast", "grace-nodefer", "--batches", "1", "2", "--host-tweaks",
+        "--repeats", "1", "--arms", "bf16", "bf16-grace-attn", "grace", "grace-loop", "grace-nodefer", "--batches", "1", "2", "--host-tweaks",
         "--out", str(tmp_path / "e2e.md"), "--json", str(tmp_path / "e2e.json"), "--log-dir", str(tmp_path),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

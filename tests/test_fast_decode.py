@@ -12,13 +12,14 @@ import torch
 
 from grace_quant import GraceConfig, quantize_model
 from grace_quant.integrations.fast_decode import grace_greedy
-from grace_quant.testing import tiny_inputs, tiny_model
+from grace_quant.testing import tiny_inputs, tiny_model, tiny_processor
 
 NEW = 12
 
 
 def _grace(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
-    model = quantize_model(tiny_model(name, dtype=dtype).to(device), GraceConfig(mode="packed", group_size=32))
+    config = GraceConfig(mode="packed", group_size=32, fast_generate=False)  # generate() is the reference loop
+    model = quantize_model(tiny_model(name, dtype=dtype).to(device), config)
     return model.eval()
 
 
@@ -41,7 +42,7 @@ def _count_input_preparations(model, monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
+@pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl", "qwen2.5-vl"])
 def test_greedy_tokens_equal_transformers_loop_and_stop_at_eos(name, monkeypatch):
     """Batch of 2, static cache: 12 greedy tokens equal ``_sample``'s; with an EOS token that one row emits at step 4
     that row is padded afterwards as transformers pads it; with both rows' step-4 tokens as EOS both stop there and the
@@ -96,7 +97,7 @@ def test_a_single_new_token_and_eos_on_the_prefill_token():
     assert torch.equal(got, expected) and got.shape[1] == first.shape[1]
 
 
-@pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl"])
+@pytest.mark.parametrize("name", ["llava-untied", "qwen2-vl", "qwen2.5-vl"])
 def test_a_left_padded_batch_decodes_as_transformers_does(name, monkeypatch):
     """A row with its first prompt token padded out: the loop passes the prompt's mask over the whole cache and the
     model builds its masks inside the step; the tokens equal transformers' loop, and differ from the unpadded run."""
@@ -141,6 +142,78 @@ def test_beam_search_is_refused_with_the_fix():
         model.generate(
             **_inputs(model), max_new_tokens=3, num_beams=2, cache_implementation="static", custom_generate=grace_greedy
         )
+
+
+def test_grace_models_decode_greedy_calls_through_it_by_default(monkeypatch):
+    """``GraceConfig(fast_generate=True)`` (the default): a packed model's plain greedy static-cache ``generate`` runs
+    grace_greedy (two input preparations) with transformers' tokens; ``fast_generate=False`` runs transformers' loop
+    (one preparation per token)."""
+    reference = _grace("qwen2-vl")
+    model = quantize_model(
+        tiny_model("qwen2-vl", dtype=torch.bfloat16), GraceConfig(mode="packed", group_size=32)
+    ).eval()  # the same seed-0 weights as the reference's
+    inputs = _inputs(model)
+    kw = {"max_new_tokens": 6, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    expected = reference.generate(**inputs, **kw)
+    calls = _count_input_preparations(model, monkeypatch)
+    assert torch.equal(model.generate(**inputs, **kw), expected)
+    assert len(calls) == 2
+    ref_calls = _count_input_preparations(reference, monkeypatch)
+    reference.generate(**inputs, **kw)
+    assert len(ref_calls) == 6
+
+
+@pytest.mark.parametrize("case", ["beams", "sampling", "streamer", "stop strings", "config with beams", "positional"])
+def test_calls_the_default_leaves_to_transformers(case, monkeypatch):
+    """By default only greedy calls are decoded by grace_greedy: beam search and sampling keep transformers' own
+    loops (no error for beams, unlike an explicit ``custom_generate=grace_greedy``), and calls whose keywords a
+    ``custom_generate`` loop would lose keep transformers' loop and get them: the streamer receives every token,
+    stop strings stop as transformers stops them. Results equal the ``fast_generate=False`` model's."""
+    from transformers import GenerationConfig, TextStreamer
+
+    model = quantize_model(
+        tiny_model("llava-untied", dtype=torch.bfloat16), GraceConfig(mode="packed", group_size=32)
+    ).eval()
+    reference = _grace("llava-untied")
+    inputs = _inputs(model, batch=1)
+    kw = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    args: tuple = ()
+    if case == "beams":
+        kw["num_beams"] = 2
+    elif case == "sampling":
+        kw |= {"do_sample": True, "top_k": 4}
+    elif case == "config with beams":
+        kw = {"generation_config": GenerationConfig(max_new_tokens=5, num_beams=2, pad_token_id=0),
+              "cache_implementation": "static"}  # fmt: skip
+    elif case == "positional":
+        args = (inputs.pop("input_ids"), GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=0))
+    sent: list = []
+    if case == "streamer":
+
+        class Recorder(TextStreamer):
+            def __init__(self):  # no tokenizer: record the ids
+                pass
+
+            def put(self, value):
+                sent.append(value.reshape(-1).tolist())
+
+            def end(self):
+                sent.append("end")
+
+        kw["streamer"] = Recorder()
+    stop = {}
+    if case == "stop strings":
+        stop = {"stop_strings": ["x"], "tokenizer": tiny_processor("llava").tokenizer}
+    torch.manual_seed(3)
+    expected = reference.generate(*args, **inputs, **kw, **stop)
+    stream_expected, sent[:] = list(sent), []
+    calls = _count_input_preparations(model, monkeypatch)
+    torch.manual_seed(3)
+    got = model.generate(*args, **inputs, **kw, **stop)
+    assert torch.equal(got, expected)
+    assert len(calls) > 2  # transformers' loop: one preparation per token
+    if case == "streamer":
+        assert sent == stream_expected and sent[-1] == "end" and len(sent) == 1 + 5 + 1  # prompt, 5 tokens, end
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -13,6 +13,11 @@ the "all finished" flag read one step late (no host sync per token). Its tokens 
 logits processors, streamers, returned dicts or user caches, stop strings, ...) runs transformers' own loop::
 
     out = model.generate(**inputs, max_new_tokens=256, cache_implementation="static", custom_generate=grace_greedy)
+
+GRACE INT4 models pass it for their greedy calls by default (``GraceConfig.fast_generate``,
+``integrations.generation``). Through ``generate``, a callable ``custom_generate`` receives no streamer and no
+tokenizer (transformers 5.17-5.25 hand it only the keywords its signature adds to ``_sample``'s), so a streamer passed
+together with it gets the prompt and nothing more: the default leaves such calls to transformers' loop.
 """
 
 from __future__ import annotations

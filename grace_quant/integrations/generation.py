@@ -8,20 +8,24 @@ on top of the GPU's. transformers has the remedy, ``DeferredStopCheck`` (it read
 pinned copy and an event, runs one step too many at the end and undoes it), but turns it on for Apple's MPS only.
 Within :func:`deferred_stop_check` it is on for CUDA too. Nothing changes outside the block, for any model, except
 GRACE INT4 models loaded with ``GraceConfig(deferred_stop_check=True)`` (the default): their ``generate`` runs inside
-the block (:func:`defer_by_default`) unless the caller's own ``deferred_stop_check(...)`` block says otherwise.
+the block (:func:`install_generate_defaults`) unless the caller's own ``deferred_stop_check(...)`` block says
+otherwise. With ``GraceConfig(fast_generate=True)`` (the default) their greedy calls also decode through
+:func:`~grace_quant.integrations.fast_decode.grace_greedy` (``generate(custom_generate=...)``, transformers' extension
+point for the loop), which takes none of the loop's host work per token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["defer_by_default", "deferred_stop_check", "deferred_stop_check_available"]
+__all__ = ["deferred_stop_check", "deferred_stop_check_available", "install_generate_defaults"]
 
 _ON_CUDA: contextvars.ContextVar[bool | None] = contextvars.ContextVar("grace_deferred_stop_check", default=None)
 """True / False inside a :func:`deferred_stop_check` block; None outside any (a model's default then decides)."""
@@ -78,33 +82,65 @@ def deferred_stop_check(enabled: bool = True) -> Iterator[bool]:
         _ON_CUDA.reset(token)
 
 
-class _DeferringGenerate:
-    """``model.generate`` of a model that defers its stop check by default (:func:`defer_by_default`). An object, not a
-    closure, so that ``copy.deepcopy(model)`` gets one bound to the copy."""
+_NOT_PASSED_ON = ("custom_generate", "assistant_model", "streamer", "synced_gpus", "tokenizer", "assistant_tokenizer")
+"""``generate`` keywords that a callable ``custom_generate`` would lose (transformers 5.17-5.25 hand such a loop only
+the keywords its signature adds to ``_sample``'s: a streamer would get the prompt and no tokens, stop strings would
+miss their tokenizer), or that choose another loop."""
 
-    _grace_defers = True
 
-    def __init__(self, model: nn.Module):
+def _greedy_call(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a ``generate`` call asks for greedy decoding (transformers' ``GREEDY_SEARCH`` mode: no beams, no
+    sampling, no assistant, no custom loop of the caller's), read from its keywords over its generation config without
+    validating or changing either. Calls with more than the input positionally are left to transformers, and so are
+    calls with the keywords that ``generate`` does not hand to a ``custom_generate`` loop (:data:`_NOT_PASSED_ON`)."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    if len(args) > 1 or any(kwargs.get(key) for key in _NOT_PASSED_ON):
+        return False
+    config = copy.copy(kwargs.get("generation_config") or model.generation_config)
+    for key, value in kwargs.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    try:
+        return config.get_generation_mode() == GenerationMode.GREEDY_SEARCH
+    except Exception:  # noqa: BLE001  (an inconsistent config: transformers' generate reports it)
+        return False
+
+
+class _GraceGenerate:
+    """``model.generate`` of a GRACE INT4 model with its generation defaults (:func:`install_generate_defaults`):
+    greedy calls decode through :func:`~grace_quant.integrations.fast_decode.grace_greedy` (``fast``), and the stop
+    check is deferred on CUDA (``defer``) unless the caller's own :func:`deferred_stop_check` block says otherwise. An
+    object, not a closure, so that ``copy.deepcopy(model)`` gets one bound to the copy."""
+
+    def __init__(self, model: nn.Module, defer: bool, fast: bool):
         self.model = model
+        self._grace_defers = defer
+        self._grace_fast = fast
         functools.update_wrapper(self, type(model).generate)
 
     def __call__(self, *args, **kwargs):
         generate = type(self.model).generate.__get__(self.model)
-        if _ON_CUDA.get() is not None:  # inside the caller's own deferred_stop_check(...) block
+        if self._grace_fast and _greedy_call(self.model, args, kwargs):
+            from .fast_decode import grace_greedy
+
+            kwargs["custom_generate"] = grace_greedy
+        if not self._grace_defers or _ON_CUDA.get() is not None:  # off, or inside the caller's own block
             return generate(*args, **kwargs)
         with deferred_stop_check():
             return generate(*args, **kwargs)
 
 
-def defer_by_default(model: nn.Module) -> bool:
-    """``GraceConfig.deferred_stop_check``: ``model.generate`` runs inside :func:`deferred_stop_check` unless the
-    caller's own block (on or off) decides. Once per model; returns whether ``generate`` now defers on CUDA (False
-    where this transformers has no deferred stop check, or where the model's ``generate`` was already replaced on
-    the instance, which is left alone)."""
+def install_generate_defaults(model: nn.Module, defer: bool, fast: bool) -> _GraceGenerate | None:
+    """``GraceConfig.deferred_stop_check`` / ``GraceConfig.fast_generate``: ``model.generate`` defers its stop check
+    on CUDA (where this transformers has the deferred stop check) and decodes greedy calls through ``grace_greedy``.
+    Once per model; a ``generate`` the caller already replaced on the instance is left alone. Returns the installed
+    wrapper (None where neither applies)."""
     own = vars(model).get("generate")
     if own is not None:
-        return isinstance(own, _DeferringGenerate)
-    if not deferred_stop_check_available():
-        return False
-    model.generate = _DeferringGenerate(model)
-    return True
+        return own if isinstance(own, _GraceGenerate) else None
+    defer = bool(defer) and deferred_stop_check_available()
+    if not (defer or fast):
+        return None
+    model.generate = _GraceGenerate(model, defer, bool(fast))
+    return model.generate

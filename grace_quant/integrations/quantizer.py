@@ -98,7 +98,7 @@ class GraceHfQuantizer(HfQuantizer):
             fuse_projections(model)
         if self.layer_kind == "packed":
             enable_decode_attention(model, self.quantization_config)
-            enable_deferred_stop_check(model, self.quantization_config)
+            enable_generate_defaults(model, self.quantization_config)
         publish_grace_card(model)
         return model
 
@@ -200,7 +200,7 @@ def quantize_model(model: nn.Module, config: GraceConfig | None = None) -> nn.Mo
     if config.mode == "packed":
         convert_to_packed(model, config.backend)
         enable_decode_attention(model, config)
-        enable_deferred_stop_check(model, config)
+        enable_generate_defaults(model, config)
     publish_grace_card(model)
     return model
 
@@ -216,14 +216,14 @@ def enable_decode_attention(model: nn.Module, config: GraceConfig) -> bool:
     return use_decode_attention(model)
 
 
-def enable_deferred_stop_check(model: nn.Module, config: GraceConfig) -> bool:
-    """``GraceConfig.deferred_stop_check``: a packed model's ``generate`` reads its stop flag one step late on CUDA
-    (no host sync per token; ``integrations.generation``). Returns whether it was set."""
-    if not getattr(config, "deferred_stop_check", True):
-        return False
-    from .generation import defer_by_default
+def enable_generate_defaults(model: nn.Module, config: GraceConfig) -> bool:
+    """``GraceConfig.deferred_stop_check`` and ``GraceConfig.fast_generate``: a packed model's ``generate`` reads its
+    stop flag one step late on CUDA (no host sync per token) and decodes greedy calls through ``grace_greedy``
+    (``integrations.generation``). Returns whether either was set."""
+    from .generation import install_generate_defaults
 
-    return defer_by_default(model)
+    defer = getattr(config, "deferred_stop_check", True)
+    return install_generate_defaults(model, defer, getattr(config, "fast_generate", True)) is not None
 
 
 def cast_floating_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
