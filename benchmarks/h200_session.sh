@@ -38,7 +38,8 @@
 #            they fail)
 #   ttft-lab   benchmarks/ttft_lab.py: one-token generate calls through grace_greedy and transformers' loop,
 #            interleaved, before and after each loop's compiled decode, then host vs GPU time (torch profiler) and
-#            cProfile: OUT/ttft_lab.txt (~3 min; run J's unexplained batch-1 TTFT, e2e_h200.md)
+#            cProfile: OUT/ttft_lab.txt (~3 min; TTFT_MODEL=qwen2-vl-2b for the other model; run J's unexplained batch-1
+#            TTFT, e2e_h200.md)
 #   e2e-host   --host-tweaks (no min-length processor, deferred stop check), both models, bf16 and GRACE, batch 1:
 #            the generate - tight-loop gap with transformers' host work trimmed   (~5 min)
 #   kernels  benchmarks/bench_kernels.py   (~6 min + GemLite's checks and autotuning, at most 150 s, and its timing;
@@ -225,7 +226,7 @@ for stage in $STAGES; do
         > "$OUT/e2e_fast.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
     ttft-lab)
-      timeout 240 python benchmarks/ttft_lab.py --model ${FAST_MODELS:-llava-1.5-7b} > "$OUT/ttft_lab.txt" 2>&1 ;;
+      timeout 240 python benchmarks/ttft_lab.py --model ${TTFT_MODEL:-llava-1.5-7b} > "$OUT/ttft_lab.txt" 2>&1 ;;
     e2e-defer)
       timeout 580 python benchmarks/e2e.py --models llava-1.5-7b qwen2-vl-2b --arms bf16 grace grace-nodefer --batches 1 8 \
         --repeats 3 --deadline-s 480 --out "$OUT/e2e_defer.md" --json "$OUT/e2e_defer.json" --log-dir "$OUT" \

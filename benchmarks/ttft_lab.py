@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -33,17 +34,39 @@ def one_token(model, inputs, fast: bool, **extra) -> torch.Tensor:
     return e2e.generate(model, inputs, 1, **more, **extra)
 
 
-def interleaved(model, inputs, rounds: int) -> dict[str, float]:
-    """Median TTFT (ms) of each loop, the two alternating call by call."""
+class GcClock:
+    """Time Python's garbage collector spends (all generations), through ``gc.callbacks``."""
+
+    def __init__(self):
+        self.ms, self.runs, self._start = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._start) * 1e3
+            self.runs += 1
+
+
+def interleaved(model, inputs, rounds: int) -> dict[str, str]:
+    """Each loop's one-token calls, the two alternating call by call: median ms, every call's ms, and the garbage
+    collector's runs and ms inside them."""
     times: dict[str, list[float]] = {"loop": [], "fast": []}
+    clocks = {key: GcClock() for key in times}
     for _ in range(rounds):
         for key in times:
             e2e.sync()
+            gc.callbacks.append(clocks[key])
             start = time.perf_counter()
             one_token(model, inputs, key == "fast")
             e2e.sync()
             times[key].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+            gc.callbacks.remove(clocks[key])
+    return {
+        k: f"median {statistics.median(v):.1f} ms, calls {[round(t, 1) for t in v]}, "
+        f"gc {clocks[k].runs} runs {clocks[k].ms:.1f} ms"
+        for k, v in times.items()
+    }
 
 
 def host_and_gpu(model, inputs, fast: bool) -> str:

@@ -35,6 +35,7 @@ def test_defaults_follow_the_method():
         ({"modules_to_not_convert": [3]}, "list of module-name strings"),
         ({"decode_attention": "yes"}, "decode_attention must be True or False, got 'yes'"),
         ({"deferred_stop_check": 1}, "deferred_stop_check must be True or False, got 1"),
+        ({"fast_generate": None}, "fast_generate must be True or False, got None"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs, message):
@@ -93,7 +94,7 @@ def test_from_dict_accepts_quant_method_and_keeps_unknown_keys():
     assert GraceConfig.from_dict(written).to_dict() == config.to_dict()
 
 
-@pytest.mark.parametrize("switch", ["decode_attention", "deferred_stop_check"])
+@pytest.mark.parametrize("switch", ["decode_attention", "deferred_stop_check", "fast_generate"])
 def test_inference_switches_default_on_and_survive_the_round_trip(switch):
     assert getattr(GraceConfig(), switch) is True
     written = json.loads(GraceConfig(**{switch: False}).to_json_string(use_diff=False))

@@ -125,6 +125,7 @@ def test_loading_a_packed_checkpoint_sets_grace_decode_and_sdpa_is_one_call_away
     assert loaded.config.quantization_config.decode_attention is True
     assert loaded.config.get_text_config()._attn_implementation == "grace_decode"
     assert getattr(loaded.generate, "_grace_defers", False) is deferred_stop_check_available()  # deferred_stop_check
+    assert loaded.generate._grace_fast is True  # fast_generate: greedy calls through grace_greedy
     assert loaded.config.vision_config._attn_implementation == "sdpa"
     loaded.set_attn_implementation("sdpa")  # what the README says turns it off for a saved checkpoint
     assert loaded.config.get_text_config()._attn_implementation == "sdpa"
@@ -132,6 +133,7 @@ def test_loading_a_packed_checkpoint_sets_grace_decode_and_sdpa_is_one_call_away
         fp_checkpoint("llava"), quantization_config=GraceConfig(group_size=32)
     )
     assert qat.config.get_text_config()._attn_implementation == "sdpa"  # QAT (training) models are left alone
+    assert "generate" not in vars(qat)  # and generate as transformers runs it
 
 
 def test_any_model_opts_in_by_name_after_import_grace_quant():

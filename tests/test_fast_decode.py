@@ -163,7 +163,9 @@ def test_grace_models_decode_greedy_calls_through_it_by_default(monkeypatch):
     assert len(ref_calls) == 6
 
 
-@pytest.mark.parametrize("case", ["beams", "sampling", "streamer", "stop strings", "config with beams", "positional"])
+@pytest.mark.parametrize(
+    "case", ["beams", "sampling", "streamer", "stop strings", "config with beams", "checkpoint beams", "positional"]
+)
 def test_calls_the_default_leaves_to_transformers(case, monkeypatch):
     """By default only greedy calls are decoded by grace_greedy: beam search and sampling keep transformers' own
     loops (no error for beams, unlike an explicit ``custom_generate=grace_greedy``), and calls whose keywords a
@@ -185,6 +187,10 @@ def test_calls_the_default_leaves_to_transformers(case, monkeypatch):
     elif case == "config with beams":
         kw = {"generation_config": GenerationConfig(max_new_tokens=5, num_beams=2, pad_token_id=0),
               "cache_implementation": "static"}  # fmt: skip
+    elif case == "checkpoint beams":  # a checkpoint's generation config asks for beams, the caller's config is silent
+        for m in (model, reference):
+            m.generation_config.num_beams = 2
+        kw = {"generation_config": GenerationConfig(max_new_tokens=5, pad_token_id=0), "cache_implementation": "static"}
     elif case == "positional":
         args = (inputs.pop("input_ids"), GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=0))
     sent: list = []

@@ -95,9 +95,16 @@ def _greedy_call(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     calls with the keywords that ``generate`` does not hand to a ``custom_generate`` loop (:data:`_NOT_PASSED_ON`)."""
     from transformers.generation.configuration_utils import GenerationMode
 
-    if len(args) > 1 or any(kwargs.get(key) for key in _NOT_PASSED_ON):
+    if len(args) > 1 or any(kwargs.get(key) not in (None, False) for key in _NOT_PASSED_ON):
         return False
-    config = copy.copy(kwargs.get("generation_config") or model.generation_config)
+    # transformers' precedence: keywords > the caller's generation config > the model's (for what the caller's leaves
+    # unset, None)
+    own = kwargs.get("generation_config")
+    config = copy.copy(own if own is not None else model.generation_config)
+    if own is not None:
+        for key, value in vars(model.generation_config).items():
+            if getattr(config, key, None) is None:
+                setattr(config, key, value)
     for key, value in kwargs.items():
         if hasattr(config, key):
             setattr(config, key, value)
