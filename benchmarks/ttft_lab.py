@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import importlib.util
 import io
 import pstats
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +25,9 @@ import torch
 
 from grace_quant import grace_greedy
 
-sys.path.insert(0, str(Path(__file__).parent))  # the benchmarks are scripts, not a package
-import e2e  # noqa: E402
+_E2E = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).with_name("e2e.py"))  # scripts, no package
+e2e = importlib.util.module_from_spec(_E2E)  # models, inputs, arms, generate
+_E2E.loader.exec_module(e2e)
 
 
 def one_token(model, inputs, fast: bool, **extra) -> torch.Tensor:
