@@ -164,7 +164,8 @@ def test_grace_models_decode_greedy_calls_through_it_by_default(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", ["beams", "sampling", "streamer", "stop strings", "config with beams", "checkpoint beams", "positional"]
+    "case",
+    ["beams", "sampling", "streamer", "stop strings", "config with beams", "checkpoint beams", "positional", "2 ranks"],
 )
 def test_calls_the_default_leaves_to_transformers(case, monkeypatch):
     """By default only greedy calls are decoded by grace_greedy: beam search and sampling keep transformers' own
@@ -191,6 +192,9 @@ def test_calls_the_default_leaves_to_transformers(case, monkeypatch):
         for m in (model, reference):
             m.generation_config.num_beams = 2
         kw = {"generation_config": GenerationConfig(max_new_tokens=5, pad_token_id=0), "cache_implementation": "static"}
+    elif case == "2 ranks":  # a process group of two (ZeRO-3 / FSDP would need synced_gpus): transformers decides
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     elif case == "positional":
         args = (inputs.pop("input_ids"), GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=0))
     sent: list = []

@@ -92,11 +92,15 @@ def _greedy_call(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Whether a ``generate`` call asks for greedy decoding (transformers' ``GREEDY_SEARCH`` mode: no beams, no
     sampling, no assistant, no custom loop of the caller's), read from its keywords over its generation config without
     validating or changing either. Calls with more than the input positionally are left to transformers, and so are
-    calls with the keywords that ``generate`` does not hand to a ``custom_generate`` loop (:data:`_NOT_PASSED_ON`)."""
+    calls with the keywords that ``generate`` does not hand to a ``custom_generate`` loop (:data:`_NOT_PASSED_ON`) and
+    calls in a multi-process group (where ``generate`` may turn ``synced_gpus`` on by itself)."""
     from transformers.generation.configuration_utils import GenerationMode
 
     if len(args) > 1 or any(kwargs.get(key) not in (None, False) for key in _NOT_PASSED_ON):
         return False
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        return False  # generate picks synced_gpus itself under ZeRO-3 / FSDP, and would not hand it to a custom loop
     # transformers' precedence: keywords > the caller's generation config > the model's (for what the caller's leaves
     # unset, None)
     own = kwargs.get("generation_config")
