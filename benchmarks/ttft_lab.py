@@ -30,9 +30,9 @@ e2e = importlib.util.module_from_spec(_E2E)  # models, inputs, arms, generate
 _E2E.loader.exec_module(e2e)
 
 
-def one_token(model, inputs, fast: bool, **extra) -> torch.Tensor:
-    more = {"custom_generate": grace_greedy} if fast else {}
-    return e2e.generate(model, inputs, 1, **more, **extra)
+def one_token(model, inputs, fast: bool, new_tokens: int = 1) -> torch.Tensor:
+    """``new_tokens`` greedy tokens (one: the time to first token) through grace_greedy or transformers' loop."""
+    return e2e.generate(model, inputs, new_tokens, **({"custom_generate": grace_greedy} if fast else {}))
 
 
 class GcClock:
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64, help="length of the decode runs that compile each loop")
     parser.add_argument("--quick", action="store_true", help="compile grace_greedy's decode only, profile it only")
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke run on tiny models (--model tiny-llava)")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run on tiny stand-ins of the models")
     args = parser.parse_args()
     e2e.Setup.device, e2e.Setup.tiny = args.device, args.device == "cpu"
     if args.device == "cuda":
@@ -121,7 +121,7 @@ def main() -> None:
     phases = (("grace_greedy", True),) if args.quick else (("transformers' loop", False), ("grace_greedy", True))
     for label, fast in phases:
         for _ in range(2):
-            e2e.generate(model, inputs, args.new_tokens, **({"custom_generate": grace_greedy} if fast else {}))
+            one_token(model, inputs, fast, args.new_tokens)
         print(f"after {label}'s compiled decode:", interleaved(model, inputs, args.rounds), flush=True)
     for fast in (True,) if args.quick else (False, True):
         print(f"\n== {'grace_greedy' if fast else 'loop'}: torch profiler\n{host_and_gpu(model, inputs, fast)}")

@@ -201,16 +201,16 @@ def grace_greedy(
     eos = None if eos is None else eos.to(device)
     pad = None if eos is None else pad.to(device)
     new_tokens = stopping_criteria.max_length - input_ids.shape[1]
-    optimized = getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)
-    with optimized():
-        outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
-        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=device)
-        logits = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32))
-        token, unfinished, done = _select(logits, unfinished, eos, pad)
-        del outputs
-        tokens = [token]
-        if new_tokens > 1 and not (eos is not None and bool(done)):  # one sync, after the prefill
+    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=device)
+    logits = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32))
+    token, unfinished, done = _select(logits, unfinished, eos, pad)
+    del outputs
+    tokens = [token]
+    if new_tokens > 1 and not (eos is not None and bool(done)):  # one sync, after the prefill
+        # the decode steps under transformers' decode-time switches (MoE experts), the prefill outside them, as _sample
+        with getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)():
             tokens += _decode(model, input_ids, token, unfinished, eos, pad, new_tokens - 1, logits_processor,
                               generation_config, model_kwargs)  # fmt: skip
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)

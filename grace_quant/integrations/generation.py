@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .fast_decode import grace_greedy
+
 __all__ = ["deferred_stop_check", "deferred_stop_check_available", "install_generate_defaults"]
 
 _ON_CUDA: contextvars.ContextVar[bool | None] = contextvars.ContextVar("grace_deferred_stop_check", default=None)
@@ -133,8 +135,6 @@ class _GraceGenerate:
     def __call__(self, *args, **kwargs):
         generate = type(self.model).generate.__get__(self.model)
         if self._grace_fast and _greedy_call(self.model, args, kwargs):
-            from .fast_decode import grace_greedy
-
             kwargs["custom_generate"] = grace_greedy
         if not self._grace_defers or _ON_CUDA.get() is not None:  # off, or inside the caller's own block
             return generate(*args, **kwargs)
