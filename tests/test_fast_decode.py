@@ -17,8 +17,9 @@ from grace_quant.testing import tiny_inputs, tiny_model, tiny_processor
 NEW = 12
 
 
-def _grace(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
-    config = GraceConfig(mode="packed", group_size=32, fast_generate=False)  # generate() is the reference loop
+def _grace(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, fast_generate: bool = False):
+    """A packed tiny GRACE model; by default its plain ``generate()`` is transformers' loop (the reference)."""
+    config = GraceConfig(mode="packed", group_size=32, fast_generate=fast_generate)
     model = quantize_model(tiny_model(name, dtype=dtype).to(device), config)
     return model.eval()
 
@@ -149,9 +150,7 @@ def test_grace_models_decode_greedy_calls_through_it_by_default(monkeypatch):
     grace_greedy (two input preparations) with transformers' tokens; ``fast_generate=False`` runs transformers' loop
     (one preparation per token)."""
     reference = _grace("qwen2-vl")
-    model = quantize_model(
-        tiny_model("qwen2-vl", dtype=torch.bfloat16), GraceConfig(mode="packed", group_size=32)
-    ).eval()  # the same seed-0 weights as the reference's
+    model = _grace("qwen2-vl", fast_generate=True)  # the same seed-0 weights as the reference's
     inputs = _inputs(model)
     kw = {"max_new_tokens": 6, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
     expected = reference.generate(**inputs, **kw)
@@ -174,9 +173,7 @@ def test_calls_the_default_leaves_to_transformers(case, monkeypatch):
     stop strings stop as transformers stops them. Results equal the ``fast_generate=False`` model's."""
     from transformers import GenerationConfig, TextStreamer
 
-    model = quantize_model(
-        tiny_model("llava-untied", dtype=torch.bfloat16), GraceConfig(mode="packed", group_size=32)
-    ).eval()
+    model = _grace("llava-untied", fast_generate=True)
     reference = _grace("llava-untied")
     inputs = _inputs(model, batch=1)
     kw = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
