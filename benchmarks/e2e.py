@@ -303,15 +303,37 @@ def generate(model: nn.Module, inputs: dict, new_tokens: int, **extra) -> torch.
         return model.generate(**inputs, **_length(new_tokens), do_sample=False, cache_implementation="static", **extra)
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
+class GcClock:
+    """Time Python's garbage collector spends (all generations), through ``gc.callbacks``."""
+
+    def __init__(self):
+        self.ms, self.runs, self._start = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._start) * 1e3
+            self.runs += 1
+
+
+def timed_calls(calls: dict, repeats: int) -> tuple[dict[str, list[float]], GcClock]:
+    """Each call's seconds, ``repeats`` rounds with the calls alternating, every call after a full collection (so
+    a collection of the objects earlier arms left does not land inside one timed call and not in its neighbour);
+    also the collector's time inside the timed calls."""
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    clock = GcClock()
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, fn in calls.items():
+            gc.collect()
+            sync()
+            gc.callbacks.append(clock)
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - start)
+            gc.callbacks.remove(clock)
+    return times, clock
 
 
 def measure_ttft(model: nn.Module, batch: int, repeats: int) -> dict:
@@ -320,8 +342,11 @@ def measure_ttft(model: nn.Module, batch: int, repeats: int) -> dict:
     for _ in range(2):
         generate(model, inputs, 1)
     reset_peak()
-    first = timed(lambda: generate(model, inputs, 1), repeats)
-    return {"batch": batch, "ttft_ms": first * 1e3, "peak_gib": peak_bytes() / 2**30}
+    times, clock = timed_calls({"first": lambda: generate(model, inputs, 1)}, repeats)
+    return {
+        "batch": batch, "ttft_ms": statistics.median(times["first"]) * 1e3, "peak_gib": peak_bytes() / 2**30,
+        "ttft_calls_ms": [round(t * 1e3, 2) for t in times["first"]], "gc_ms": round(clock.ms, 2),
+    }  # fmt: skip
 
 
 def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
@@ -350,13 +375,18 @@ def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict
     generate(model, inputs, new_tokens)  # compile + CUDA-graph capture, then a warm-up over the full length
     compiled_tokens = generate(model, inputs, new_tokens)[:, prompt:].cpu()
     reset_peak()
-    full = timed(lambda: generate(model, inputs, new_tokens), repeats)
-    peak = peak_bytes()
-    first = timed(lambda: generate(model, inputs, 1), repeats)  # prefill + first token: no decode step runs
+    # the full run and the one-token run (prefill + first token: no decode step runs) alternate, so a state change
+    # between the two series (an allocator or collector event) cannot land in one series only
+    times, clock = timed_calls(
+        {"full": lambda: generate(model, inputs, new_tokens), "first": lambda: generate(model, inputs, 1)}, repeats
+    )
+    full, first = statistics.median(times["full"]), statistics.median(times["first"])
     decode_s = (full - first) / (new_tokens - 1)  # one decode step (all sequences of the batch)
     row = {
         "batch": batch, "attention": attention_of(model), "ttft_ms": first * 1e3,
-        "decode_ms_per_step": decode_s * 1e3, "decode_tok_s": batch / decode_s, "peak_gib": peak / 2**30,
+        "decode_ms_per_step": decode_s * 1e3, "decode_tok_s": batch / decode_s, "peak_gib": peak_bytes() / 2**30,
+        "full_calls_ms": [round(t * 1e3, 2) for t in times["full"]],
+        "ttft_calls_ms": [round(t * 1e3, 2) for t in times["first"]], "gc_ms": round(clock.ms, 2),
     }  # fmt: skip
     for key, check in (
         ("eager_error", lambda: eager_checks(model, inputs, compiled_tokens, prompt)),

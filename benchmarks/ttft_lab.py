@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import importlib.util
 import io
 import pstats
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,39 +35,17 @@ def one_token(model, inputs, fast: bool, new_tokens: int = 1) -> torch.Tensor:
     return e2e.generate(model, inputs, new_tokens, **({"custom_generate": grace_greedy} if fast else {}))
 
 
-class GcClock:
-    """Time Python's garbage collector spends (all generations), through ``gc.callbacks``."""
-
-    def __init__(self):
-        self.ms, self.runs, self._start = 0.0, 0, 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.ms += (time.perf_counter() - self._start) * 1e3
-            self.runs += 1
-
-
 def interleaved(model, inputs, rounds: int) -> dict[str, str]:
     """Each loop's one-token calls, the two alternating call by call: median ms, every call's ms, and the garbage
-    collector's runs and ms inside them."""
-    times: dict[str, list[float]] = {"loop": [], "fast": []}
-    clocks = {key: GcClock() for key in times}
-    for _ in range(rounds):
-        for key in times:
-            e2e.sync()
-            gc.callbacks.append(clocks[key])
-            start = time.perf_counter()
-            one_token(model, inputs, key == "fast")
-            e2e.sync()
-            times[key].append((time.perf_counter() - start) * 1e3)
-            gc.callbacks.remove(clocks[key])
-    return {
-        k: f"median {statistics.median(v):.1f} ms, calls {[round(t, 1) for t in v]}, "
-        f"gc {clocks[k].runs} runs {clocks[k].ms:.1f} ms"
+    collector's ms inside the timed calls."""
+    times, clock = e2e.timed_calls(
+        {key: partial(one_token, model, inputs, key == "fast") for key in ("loop", "fast")}, rounds
+    )
+    out = {
+        k: f"median {statistics.median(v) * 1e3:.1f} ms, calls {[round(t * 1e3, 1) for t in v]}"
         for k, v in times.items()
     }
+    return {**out, "gc": f"{clock.runs} runs {clock.ms:.1f} ms in all timed calls"}
 
 
 def host_and_gpu(model, inputs, fast: bool) -> str:
