@@ -44,6 +44,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -317,23 +318,23 @@ class GcClock:
             self.runs += 1
 
 
-def timed_calls(calls: dict, repeats: int) -> tuple[dict[str, list[float]], GcClock]:
+def timed_calls(calls: dict, repeats: int) -> tuple[dict, dict]:
     """Each call's seconds, ``repeats`` rounds with the calls alternating, every call after a full collection (so
     a collection of the objects earlier arms left does not land inside one timed call and not in its neighbour);
-    also the collector's time inside the timed calls."""
-    times: dict[str, list[float]] = {key: [] for key in calls}
-    clock = GcClock()
+    also the collector's ms inside each call's timed runs."""
+    times: dict = {key: [] for key in calls}
+    clocks = {key: GcClock() for key in calls}
     for _ in range(repeats):
         for key, fn in calls.items():
             gc.collect()
             sync()
-            gc.callbacks.append(clock)
+            gc.callbacks.append(clocks[key])
             start = time.perf_counter()
             fn()
             sync()
             times[key].append(time.perf_counter() - start)
-            gc.callbacks.remove(clock)
-    return times, clock
+            gc.callbacks.remove(clocks[key])
+    return times, {key: clock.ms for key, clock in clocks.items()}
 
 
 def measure_ttft(model: nn.Module, batch: int, repeats: int) -> dict:
@@ -342,10 +343,10 @@ def measure_ttft(model: nn.Module, batch: int, repeats: int) -> dict:
     for _ in range(2):
         generate(model, inputs, 1)
     reset_peak()
-    times, clock = timed_calls({"first": lambda: generate(model, inputs, 1)}, repeats)
+    times, gc_ms = timed_calls({"first": lambda: generate(model, inputs, 1)}, repeats)
     return {
         "batch": batch, "ttft_ms": statistics.median(times["first"]) * 1e3, "peak_gib": peak_bytes() / 2**30,
-        "ttft_calls_ms": [round(t * 1e3, 2) for t in times["first"]], "gc_ms": round(clock.ms, 2),
+        "ttft_calls_ms": [round(t * 1e3, 2) for t in times["first"]], "gc_ms": round(gc_ms["first"], 2),
     }  # fmt: skip
 
 
@@ -369,34 +370,71 @@ def eager_checks(model: nn.Module, inputs: dict, compiled: torch.Tensor, prompt:
     }
 
 
-def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict:
+def warm_up(model: nn.Module, batch: int, new_tokens: int) -> tuple[dict, int, torch.Tensor]:
+    """The batch's inputs, its prompt length and the compiled run's new tokens, after compile + CUDA-graph capture
+    and a warm-up over the full length."""
     inputs = inputs_for(model, batch)
     prompt = inputs["input_ids"].shape[1]
-    generate(model, inputs, new_tokens)  # compile + CUDA-graph capture, then a warm-up over the full length
-    compiled_tokens = generate(model, inputs, new_tokens)[:, prompt:].cpu()
-    reset_peak()
-    # the full run and the one-token run (prefill + first token: no decode step runs) alternate, so a state change
-    # between the two series (an allocator or collector event) cannot land in one series only
-    times, clock = timed_calls(
-        {"full": lambda: generate(model, inputs, new_tokens), "first": lambda: generate(model, inputs, 1)}, repeats
-    )
-    full, first = statistics.median(times["full"]), statistics.median(times["first"])
-    decode_s = (full - first) / (new_tokens - 1)  # one decode step (all sequences of the batch)
-    row = {
-        "batch": batch, "attention": attention_of(model), "ttft_ms": first * 1e3,
-        "decode_ms_per_step": decode_s * 1e3, "decode_tok_s": batch / decode_s, "peak_gib": peak_bytes() / 2**30,
-        "full_calls_ms": [round(t * 1e3, 2) for t in times["full"]],
-        "ttft_calls_ms": [round(t * 1e3, 2) for t in times["first"]], "gc_ms": round(clock.ms, 2),
+    generate(model, inputs, new_tokens)
+    return inputs, prompt, generate(model, inputs, new_tokens)[:, prompt:].cpu()
+
+
+def timing_row(model: nn.Module, batch: int, new_tokens: int, full: list, first: list, gc_ms: float) -> dict:
+    """Decode step and TTFT from the medians of full-length and one-token runs (prefill + first token: no decode
+    step runs), with every call's ms."""
+    decode_s = (statistics.median(full) - statistics.median(first)) / (new_tokens - 1)  # all sequences of the batch
+    return {
+        "batch": batch, "attention": attention_of(model), "ttft_ms": statistics.median(first) * 1e3,
+        "decode_ms_per_step": decode_s * 1e3, "decode_tok_s": batch / decode_s,
+        "full_calls_ms": [round(t * 1e3, 2) for t in full], "ttft_calls_ms": [round(t * 1e3, 2) for t in first],
+        "gc_ms": round(gc_ms, 2),
     }  # fmt: skip
+
+
+def add_checks(row: dict, model: nn.Module, inputs: dict, compiled: torch.Tensor, prompt: int, new_tokens: int,
+               repeats: int) -> dict:  # fmt: skip
+    """The row with the eager-equality and tight-loop columns (a check's failure is reported in its column)."""
     for key, check in (
-        ("eager_error", lambda: eager_checks(model, inputs, compiled_tokens, prompt)),
-        ("tight_error", lambda: tight_loop(model, inputs, new_tokens, repeats, compiled_tokens)),
+        ("eager_error", lambda: eager_checks(model, inputs, compiled, prompt)),
+        ("tight_error", lambda: tight_loop(model, inputs, new_tokens, repeats, compiled)),
     ):
         try:
             row.update(check())
         except Exception as exc:  # noqa: BLE001  (keep the timing; the check's failure is reported in its column)
             row[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return row
+
+
+def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict:
+    inputs, prompt, compiled = warm_up(model, batch, new_tokens)
+    reset_peak()
+    # the full run and the one-token run alternate, so a state change between the two series (an allocator or
+    # collector event) cannot land in one series only
+    times, gc_ms = timed_calls(
+        {"full": lambda: generate(model, inputs, new_tokens), "first": lambda: generate(model, inputs, 1)}, repeats
+    )
+    row = timing_row(model, batch, new_tokens, times["full"], times["first"], gc_ms["full"] + gc_ms["first"])
+    row["peak_gib"] = peak_bytes() / 2**30
+    return add_checks(row, model, inputs, compiled, prompt, new_tokens, repeats)
+
+
+def measure_interleaved(models: dict[str, nn.Module], batch: int, new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Every arm's row with all arms' timed calls alternating round by round (full and one-token runs of each arm
+    in turn), so a host that drifts between minutes moves every arm alike. Peak memory is not measured: the other
+    arms' models are resident."""
+    ready = {arm: warm_up(model, batch, new_tokens) for arm, model in models.items()}
+    calls = {}
+    for arm, model in models.items():
+        calls[arm, "full"] = partial(generate, model, ready[arm][0], new_tokens)
+        calls[arm, "first"] = partial(generate, model, ready[arm][0], 1)
+    times, gc_ms = timed_calls(calls, repeats)
+    rows = {}
+    for arm, model in models.items():
+        inputs, prompt, compiled = ready[arm]
+        row = timing_row(model, batch, new_tokens, times[arm, "full"], times[arm, "first"],
+                         gc_ms[arm, "full"] + gc_ms[arm, "first"])  # fmt: skip
+        rows[arm] = add_checks(row, model, inputs, compiled, prompt, new_tokens, repeats)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -573,6 +611,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="measure time to first token and prefill memory only (no decode, nothing compiled)",
     )
+    parser.add_argument("--interleave", action="store_true",
+                        help="build every arm of a model at once and alternate their timed calls round by round (a "
+                        "host that drifts between minutes then moves every arm alike); no peak memory")  # fmt: skip
     parser.add_argument("--host-tweaks", action="store_true",
                         help="generate without the min-length processor (EOS off) and with the deferred stop check")  # fmt: skip
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -615,9 +656,18 @@ def main(argv: list[str] | None = None) -> dict:
     def late() -> bool:
         return args.deadline_s is not None and time.perf_counter() - began > args.deadline_s
 
+    if args.interleave:
+        for dynamo_limit in ("cache_size_limit", "recompile_limit"):  # every arm's and batch's graphs stay compiled
+            if hasattr(torch._dynamo.config, dynamo_limit):
+                setattr(torch._dynamo.config, dynamo_limit, 64)
     for name in args.models:
         per_arm: dict = {}
         results["models"][name] = per_arm
+        if args.interleave:
+            run_interleaved(name, args, per_arm, late)
+            write_reports(results, args)
+            (log_dir / "e2e_raw.json").write_text(json.dumps(results, indent=1))
+            continue
         for arm in args.arms:
             if late():
                 print(f"deadline reached: {name} {arm} skipped", flush=True)
@@ -661,6 +711,38 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     write_reports(results, args)
     return results
+
+
+def run_interleaved(name: str, args: argparse.Namespace, per_arm: dict, late) -> None:
+    """``--interleave``: every arm of one model built and resident at once, each batch's timed calls alternating
+    across arms (``measure_interleaved``)."""
+    models = {}
+    for arm in args.arms:
+        if late():
+            print(f"deadline reached: {name} {arm} not built", flush=True)
+            continue
+        started = time.perf_counter()
+        try:
+            models[arm] = make_arm(name, arm)
+        except Exception as exc:  # noqa: BLE001  (report the failure, keep the other arms)
+            per_arm[arm] = {"weight_gib": 0.0, "batches": [], "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(name, arm, per_arm[arm]["error"], flush=True)
+            continue
+        per_arm[arm] = {"weight_gib": weight_bytes(models[arm]) / 2**30, "batches": [],
+                        "build_s": time.perf_counter() - started}  # fmt: skip
+    for batch in args.batches:
+        if late():
+            print(f"deadline reached: {name} batch {batch} skipped", flush=True)
+            continue
+        try:
+            rows = measure_interleaved(models, batch, args.new_tokens, args.repeats)
+        except Exception as exc:  # noqa: BLE001  (report the failure, keep the other batches)
+            rows = {arm: {"batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"} for arm in models}
+        for arm, row in rows.items():
+            per_arm[arm]["batches"].append(row)
+            print(name, arm, row, flush=True)
+    models.clear()
+    free_memory()
 
 
 def write_reports(results: dict, args: argparse.Namespace) -> None:
@@ -737,12 +819,14 @@ def report(results: dict, args: argparse.Namespace) -> str:
                 speed = f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}x" if decoded else ""
                 tok_s = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "(not measured)"
                 ttft = f"{r['ttft_ms'] / b['ttft_ms']:.2f}x" if b else ""
-                peak = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if b and b["peak_gib"] else ""
+                peaked = "peak_gib" in r and b is not None and b.get("peak_gib")
+                peak = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if peaked else ""
+                peak_gib = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "(not measured)"
                 tight = f"{r['tight_ms_per_step']:.3f}" if "tight_ms_per_step" in r else r.get("tight_error", "")[:60]
                 gap = f"{r['decode_ms_per_step'] - r['tight_ms_per_step']:.3f}" if "tight_ms_per_step" in r else ""
                 lines.append(
                     f"| {name} | {arm} | {r.get('attention', '')} | {r['batch']} | {tok_s} | {speed} | "
-                    f"{r['ttft_ms']:.1f} | {ttft} | {r['peak_gib']:.2f} | {peak} | {rows['weight_gib']:.2f} | "
+                    f"{r['ttft_ms']:.1f} | {ttft} | {peak_gib} | {peak} | {rows['weight_gib']:.2f} | "
                     f"{_same(r, 'first_mismatch_eager_static')} | {_same(r, 'first_mismatch_eager_dynamic')} | "
                     f"{tight} | {gap} | {_same(r, 'tight_first_mismatch')} |"
                 )

@@ -222,7 +222,7 @@ for stage in $STAGES; do
       timeout 150 python -m pytest -q -m gpu tests/test_fast_decode.py -p no:cacheprovider > "$OUT/fast_tests.log" 2>&1 \
         || { echo "e2e-fast: GPU tests of grace_greedy failed, no run" >&2; continue; }
       timeout 420 python benchmarks/e2e.py --models ${FAST_MODELS:-llava-1.5-7b} --arms bf16 grace grace-loop --batches 1 8 \
-        --repeats 3 --deadline-s 340 --out "$OUT/e2e_fast.md" --json "$OUT/e2e_fast.json" --log-dir "$OUT" \
+        --repeats 3 --interleave --deadline-s 340 --out "$OUT/e2e_fast.md" --json "$OUT/e2e_fast.json" --log-dir "$OUT" \
         > "$OUT/e2e_fast.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
     ttft-lab)

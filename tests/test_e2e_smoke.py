@@ -4,6 +4,8 @@ crash on its first GPU contact."""
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -45,3 +47,47 @@ def test_e2e_smoke_run_writes_the_issue_format(tmp_path):
         [*command, str(tmp_path / "e2e.json"), str(tmp_path / "e2e.json")], cwd=tmp_path, env=env, capture_output=True
     )
     assert proc.returncode == 0 and len(json.loads(merged.read_text())["rows"]) == 2 * len(summary["rows"])
+
+
+def _e2e_module():
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "benchmarks" / "e2e.py")  # a script, no package
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timed_calls_alternate_the_calls_round_by_round_after_a_collection():
+    e2e = _e2e_module()
+    e2e.Setup.device = "cpu"
+    order, collected = [], []
+    gc.callbacks.append(lambda phase, info: collected.append(phase == "start" and info["generation"] == 2))
+    try:
+        times, gc_ms = e2e.timed_calls({key: (lambda key=key: order.append(key)) for key in ("a", "b", "c")}, 3)
+    finally:
+        gc.callbacks.pop()
+    assert order == ["a", "b", "c"] * 3  # round by round, never one series after another
+    assert sum(collected) >= 9  # a full collection before each timed call
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3} and set(gc_ms) == {"a", "b", "c"}
+
+
+def test_e2e_interleaved_run_measures_every_arm_and_batch(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--device", "cpu", "--tiny", "--new-tokens", "4",
+        "--repeats", "2", "--arms", "bf16", "grace", "grace-loop", "--batches", "1", "2", "--interleave",
+        "--models", "qwen2-vl-2b", "--out", str(tmp_path / "e2e.md"), "--json", str(tmp_path / "e2e.json"),
+        "--log-dir", str(tmp_path),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    assert sorted((r["arm"], r["batch"]) for r in rows) == sorted(
+        (arm, batch) for arm in ("bf16", "grace", "grace-loop") for batch in (1, 2)
+    )
+    assert all(r["decode_vs_bf16"] is not None and r["peak_vs_bf16"] is None for r in rows)  # peak: other arms resident
+    raw = json.loads((tmp_path / "e2e_raw.json").read_text())["models"]["qwen2-vl-2b"]
+    for arm, per in raw.items():
+        for r in per["batches"]:
+            assert "error" not in r and "eager_error" not in r and "tight_error" not in r, (arm, r)
+            assert len(r["full_calls_ms"]) == len(r["ttft_calls_ms"]) == 2 and r["first_mismatch_eager_static"] is None
+    assert "(not measured)" in (tmp_path / "e2e.md").read_text()
