@@ -278,6 +278,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 HOST_TWEAKS = False  # --host-tweaks: see the module docstring
+SKIP_CHECKS = False  # --no-checks: timings only (no eager equality, no tight loop)
 
 
 def _length(new_tokens: int) -> dict:
@@ -393,7 +394,10 @@ def timing_row(model: nn.Module, batch: int, new_tokens: int, full: list, first:
 
 def add_checks(row: dict, model: nn.Module, inputs: dict, compiled: torch.Tensor, prompt: int, new_tokens: int,
                repeats: int) -> dict:  # fmt: skip
-    """The row with the eager-equality and tight-loop columns (a check's failure is reported in its column)."""
+    """The row with the eager-equality and tight-loop columns (a check's failure is reported in its column); none
+    under ``--no-checks``."""
+    if SKIP_CHECKS:
+        return row
     for key, check in (
         ("eager_error", lambda: eager_checks(model, inputs, compiled, prompt)),
         ("tight_error", lambda: tight_loop(model, inputs, new_tokens, repeats, compiled)),
@@ -614,6 +618,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interleave", action="store_true",
                         help="build every arm of a model at once and alternate their timed calls round by round (a "
                         "host that drifts between minutes then moves every arm alike); no peak memory")  # fmt: skip
+    parser.add_argument("--no-checks", action="store_true",
+                        help="timings only: no eager-equality columns and no tight loop (a shorter GPU call)")  # fmt: skip
     parser.add_argument("--host-tweaks", action="store_true",
                         help="generate without the min-length processor (EOS off) and with the deferred stop check")  # fmt: skip
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -638,7 +644,7 @@ def merge_json(out: str, sources: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    global HOST_TWEAKS
+    global HOST_TWEAKS, SKIP_CHECKS
     args = parse_args(argv)
     if args.merge_json:
         return merge_json(args.merge_json[0], args.merge_json[1:])
@@ -647,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks/e2e.py needs a CUDA GPU (or --device cpu --tiny for a smoke run).")
         torch.backends.cuda.enable_cudnn_sdp(False)
-    HOST_TWEAKS = args.host_tweaks
+    HOST_TWEAKS, SKIP_CHECKS = args.host_tweaks, args.no_checks
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"models": {}}
