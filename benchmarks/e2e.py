@@ -98,6 +98,10 @@ def peak_bytes() -> int:
     return torch.cuda.max_memory_allocated() if Setup.device == "cuda" else 0
 
 
+def allocated_bytes() -> int:
+    return torch.cuda.memory_allocated() if Setup.device == "cuda" else 0
+
+
 def free_memory() -> None:
     gc.collect()
     if Setup.device == "cuda":
@@ -422,22 +426,40 @@ def measure(model: nn.Module, batch: int, new_tokens: int, repeats: int) -> dict
     return add_checks(row, model, inputs, compiled, prompt, new_tokens, repeats)
 
 
-def measure_interleaved(models: dict[str, nn.Module], batch: int, new_tokens: int, repeats: int) -> dict[str, dict]:
+def measure_interleaved(models: dict[str, nn.Module], resident: dict[str, int], batch: int, new_tokens: int,
+                        repeats: int) -> dict[str, dict]:  # fmt: skip
     """Every arm's row with all arms' timed calls alternating round by round (full and one-token runs of each arm
-    in turn), so a host that drifts between minutes moves every arm alike. Peak memory is not measured: the other
-    arms' models are resident."""
-    ready = {arm: warm_up(model, batch, new_tokens) for arm, model in models.items()}
+    in turn), so a host that drifts between minutes moves every arm alike. ``resident``: the bytes each arm holds
+    between calls (weights, cache, graph pools), kept up to date here; an arm's peak is what its call allocated
+    beyond the memory in use before it, plus its own resident bytes: the peak a process holding this arm alone
+    would report."""
+    ready = {}
+    for arm, model in models.items():
+        before = allocated_bytes()
+        ready[arm] = warm_up(model, batch, new_tokens)
+        resident[arm] += allocated_bytes() - before
+    peaks = dict.fromkeys(models, 0)
+
+    def peaked(arm: str, fn) -> None:
+        reset_peak()
+        base = allocated_bytes()
+        fn()
+        peaks[arm] = max(peaks[arm], peak_bytes() - base + resident[arm])
+
     calls = {}
     for arm, model in models.items():
-        calls[arm, "full"] = partial(generate, model, ready[arm][0], new_tokens)
-        calls[arm, "first"] = partial(generate, model, ready[arm][0], 1)
+        calls[arm, "full"] = partial(peaked, arm, partial(generate, model, ready[arm][0], new_tokens))
+        calls[arm, "first"] = partial(peaked, arm, partial(generate, model, ready[arm][0], 1))
     times, gc_ms = timed_calls(calls, repeats)
     rows = {}
     for arm, model in models.items():
         inputs, prompt, compiled = ready[arm]
         row = timing_row(model, batch, new_tokens, times[arm, "full"], times[arm, "first"],
                          gc_ms[arm, "full"] + gc_ms[arm, "first"])  # fmt: skip
+        row["peak_gib"] = peaks[arm] / 2**30
+        before = allocated_bytes()
         rows[arm] = add_checks(row, model, inputs, compiled, prompt, new_tokens, repeats)
+        resident[arm] += allocated_bytes() - before
     return rows
 
 
@@ -617,7 +639,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--interleave", action="store_true",
                         help="build every arm of a model at once and alternate their timed calls round by round (a "
-                        "host that drifts between minutes then moves every arm alike); no peak memory")  # fmt: skip
+                        "host that drifts between minutes then moves every arm alike)")  # fmt: skip
     parser.add_argument("--no-checks", action="store_true",
                         help="timings only: no eager-equality columns and no tight loop (a shorter GPU call)")  # fmt: skip
     parser.add_argument("--host-tweaks", action="store_true",
@@ -722,14 +744,15 @@ def main(argv: list[str] | None = None) -> dict:
 def run_interleaved(name: str, args: argparse.Namespace, per_arm: dict, late) -> None:
     """``--interleave``: every arm of one model built and resident at once, each batch's timed calls alternating
     across arms (``measure_interleaved``)."""
-    models = {}
+    models, resident = {}, {}
     for arm in args.arms:
         if late():
             print(f"deadline reached: {name} {arm} not built", flush=True)
             continue
-        started = time.perf_counter()
+        started, before = time.perf_counter(), allocated_bytes()
         try:
             models[arm] = make_arm(name, arm)
+            resident[arm] = allocated_bytes() - before
         except Exception as exc:  # noqa: BLE001  (report the failure, keep the other arms)
             per_arm[arm] = {"weight_gib": 0.0, "batches": [], "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(name, arm, per_arm[arm]["error"], flush=True)
@@ -741,7 +764,7 @@ def run_interleaved(name: str, args: argparse.Namespace, per_arm: dict, late) ->
             print(f"deadline reached: {name} batch {batch} skipped", flush=True)
             continue
         try:
-            rows = measure_interleaved(models, batch, args.new_tokens, args.repeats)
+            rows = measure_interleaved(models, resident, batch, args.new_tokens, args.repeats)
         except Exception as exc:  # noqa: BLE001  (report the failure, keep the other batches)
             rows = {arm: {"batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"} for arm in models}
         for arm, row in rows.items():
