@@ -134,23 +134,24 @@
 # the retuned large buckets back to back (0.85x / 0.83x vs 0.87x / 0.81x: level, not shipped), the Gluon GPU tests
 # after the removal (62 passed).
 # Planned next session (30 device minutes, 10 per call; failed machine starts cost 1-5 minutes each, a machine can be
-# taken back mid-call (session 16 lost ~8.5 minutes so), and a machine goes back 30 s after a call: have the next
-# command ready). A call for the nvidia-h200 kind may run on an H100: guard H200-only work with
-# `nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && ...`. In this order:
-#  1) STAGES=ttft-lab (any GPU; ~3 min): is run J's batch-1 TTFT through grace_greedy (103.5 ms vs ~52 ms through
-#     transformers' loop) real? If the lab shows grace_greedy's one-token calls slower, find the cause in its profile
-#     and mend it, or set GraceConfig.fast_generate's default to False until mended;
-#  2) STAGES=small on an H200 (~6 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in
-#     the race, bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table
-#     merged with what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row;
-#  3) STAGES=e2e-fast FAST_MODELS=qwen2-vl-2b (any GPU; ~8 min alone): Qwen2-VL-2B through grace_greedy (the default
-#     now) vs transformers' loop (grace-loop), batches 1 and 8; then the same for LLaVA on an H200;
-#  4) the TTFT verdict on an H200: `python benchmarks/prefill.py --variants --rounds 4` (bf16 vs GRACE interleaved,
-#     both models, ~3-4 min; on an H100 it is GPU-bound at 1.13x or more by the dequantize kernels' time, estimated
-#     ~1.09x on an H200: prefill_h100.md), then STAGES="e2e-llava" and "e2e-qwen" with the new table;
-#  5) STAGES=large on an H200 (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors).
+# taken back mid-call, and a machine goes back 30 s after a call: have the next command ready). A call for the
+# nvidia-h200 kind may run on an H100: guard H200-only work with
+# `nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && ...`. Every e2e number so far is an H100's.
+# On an H200, in this order:
+#  1) issue 16's verdict, one call per model (~5 min LLaVA, ~4.5 min Qwen2-VL):
+#     python benchmarks/e2e.py --models llava-1.5-7b --arms bf16 grace grace-loop --batches 1 8 --repeats 5 \
+#       --interleave --no-checks --deadline-s 470 --out $OUT/e2e_llava.md --json $OUT/e2e_llava.json --log-dir $OUT
+#     (decode, TTFT and peak of every arm, arms interleaved; then the same for qwen2-vl-2b), then
+#     `prefill.py --variants --rounds 4` for the TTFT timeline;
+#  2) STAGES=small (~6 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in the race,
+#     bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table merged with
+#     what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row; then step 1
+#     again if time is left (the GEMV entries shorten decode);
+#  3) STAGES=large (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors).
 #     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11): stream-K, a
 #     converter warpgroup and L2-sized dequantize slabs all lost; the weight repack of section 9 gains 3-8%.
+# On an H100 only: nothing of issue 16 or 15 is open there that an H100 can settle (run K measured both models'
+# decode and TTFT); `e2e.py --interleave` without --no-checks adds the greedy-token checks and the peak column.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -164,6 +165,11 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
 # .whl/ it installs nothing, and the kernels report says GemLite is not installed.
+# Done 2026-12-07, seventeenth session (H100s only; ~25 device minutes of work, the rest in refused starts):
+# ttft_lab (grace_greedy's one-token calls level with transformers' loop: run J's 103.5 ms was the third arm's
+# reading), e2e-fast for Qwen2-VL-2B (grace_greedy 2.63x; its third arm slow in both columns), then e2e run K with the
+# arms interleaved (LLaVA 3.17x / 2.00x, TTFT 1.16x; Qwen2-VL 2.65x / 2.22x, TTFT 1.12x) and prefill run 18
+# (1.25x / 1.09x): e2e_h200.md, prefill_h100.md.
 # Done 2026-12-07, twelfth session (H100s only; two calls, ~11 device minutes of work; ~8.5 minutes went to a machine
 # taken back mid-call and the rest to refused starts): grace_greedy's GPU tests (4 passed; the stage's 100 s limit was
 # too short, now 150 s) and e2e run J (LLaVA-1.5-7B through grace_greedy: 3.25x / 2.15x stock bf16 at batches 1 / 8,
