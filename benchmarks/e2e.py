@@ -27,7 +27,9 @@ with transformers' deferred stop check (which skips the host sync per token; tra
 per-token host bookkeeping of transformers' loop), so the ``grace`` arm runs it; ``grace-loop`` is the same model
 through transformers' loop (``fast_generate=False``) with its deferred stop check (``GraceConfig.deferred_stop_check``,
 the default), and ``grace-nodefer`` through transformers' loop without it (a ``deferred_stop_check(False)`` block
-around ``generate``).
+around ``generate``). Arms run one after another by default; ``--interleave`` keeps every arm of a model resident
+and alternates their timed calls round by round, so that a host whose speed drifts between minutes (the device
+machines' does) moves every arm alike; each arm's peak memory is then counted as a process holding it alone would.
 
     python benchmarks/e2e.py --out benchmarks/results/e2e_h200.md --json benchmarks/results/e2e_h200.json
     python benchmarks/e2e.py --device cpu --tiny --new-tokens 6 --repeats 1   # CPU smoke run of every code path
@@ -325,8 +327,8 @@ class GcClock:
 
 def timed_calls(calls: dict, repeats: int) -> tuple[dict, dict]:
     """Each call's seconds, ``repeats`` rounds with the calls alternating, every call after a full collection (so
-    a collection of the objects earlier arms left does not land inside one timed call and not in its neighbour);
-    also the collector's ms inside each call's timed runs."""
+    a collection set off by garbage from earlier work does not land inside one timed call); also the collector's ms
+    inside each call's timed runs."""
     times: dict = {key: [] for key in calls}
     clocks = {key: GcClock() for key in calls}
     for _ in range(repeats):
@@ -744,6 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run_interleaved(name: str, args: argparse.Namespace, per_arm: dict, late) -> None:
     """``--interleave``: every arm of one model built and resident at once, each batch's timed calls alternating
     across arms (``measure_interleaved``)."""
+    torch._dynamo.reset()  # the previous model's graphs
     models, resident = {}, {}
     for arm in args.arms:
         if late():
