@@ -138,10 +138,8 @@
 # nvidia-h200 kind may run on an H100: guard H200-only work with
 # `nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && ...`. Every e2e number so far is an H100's.
 # On an H200, in this order:
-#  1) issue 16's verdict, one call per model (~5 min LLaVA, ~4.5 min Qwen2-VL):
-#     python benchmarks/e2e.py --models llava-1.5-7b --arms bf16 grace grace-loop --batches 1 8 --repeats 5 \
-#       --interleave --no-checks --deadline-s 470 --out $OUT/e2e_llava.md --json $OUT/e2e_llava.json --log-dir $OUT
-#     (decode, TTFT and peak of every arm, arms interleaved; then the same for qwen2-vl-2b), then
+#  1) issue 16's verdict, one call per model (~5 min LLaVA, ~4.5 min Qwen2-VL): STAGES=verdict-llava, then
+#     STAGES=verdict-qwen (e2e.py --interleave --no-checks: decode, TTFT and each arm's peak, arms interleaved), then
 #     `prefill.py --variants --rounds 4` for the TTFT timeline;
 #  2) STAGES=small (~6 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in the race,
 #     bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table merged with
@@ -231,6 +229,13 @@ for stage in $STAGES; do
         --repeats 3 --interleave --deadline-s 340 --out "$OUT/e2e_fast.md" --json "$OUT/e2e_fast.json" --log-dir "$OUT" \
         > "$OUT/e2e_fast.log" 2>&1
       rm -f "$OUT/e2e_raw.json" ;;
+    verdict-llava|verdict-qwen)
+      # issue 16's numbers in one call per model: arms interleaved (decode, TTFT and each arm's own peak)
+      model=$([ "$stage" = verdict-llava ] && echo llava-1.5-7b || echo qwen2-vl-2b)
+      timeout 560 python benchmarks/e2e.py --models "$model" --arms bf16 grace grace-loop --batches 1 8 --repeats 5 \
+        --interleave --no-checks --deadline-s 470 --out "$OUT/$stage.md" --json "$OUT/$stage.json" --log-dir "$OUT" \
+        > "$OUT/$stage.log" 2>&1
+      rm -f "$OUT/e2e_raw.json" ;;
     ttft-lab)
       timeout 240 python benchmarks/ttft_lab.py --model ${TTFT_MODEL:-llava-1.5-7b} > "$OUT/ttft_lab.txt" 2>&1 ;;
     e2e-defer)
@@ -296,7 +301,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: verdict-llava verdict-qwen tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"
