@@ -315,14 +315,13 @@ class GcClock:
     """Time Python's garbage collector spends (all generations), through ``gc.callbacks``."""
 
     def __init__(self):
-        self.ms, self.runs, self._start = 0.0, 0, 0.0
+        self.ms, self._start = 0.0, 0.0
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._start = time.perf_counter()
         else:
             self.ms += (time.perf_counter() - self._start) * 1e3
-            self.runs += 1
 
 
 def timed_calls(calls: dict, repeats: int) -> tuple[dict, dict]:

@@ -37,15 +37,14 @@ def one_token(model, inputs, fast: bool, new_tokens: int = 1) -> torch.Tensor:
 
 def interleaved(model, inputs, rounds: int) -> dict[str, str]:
     """Each loop's one-token calls, the two alternating call by call: median ms, every call's ms, and the garbage
-    collector's ms inside the timed calls."""
-    times, clock = e2e.timed_calls(
+    collector's ms inside its timed calls."""
+    times, gc_ms = e2e.timed_calls(
         {key: partial(one_token, model, inputs, key == "fast") for key in ("loop", "fast")}, rounds
     )
-    out = {
-        k: f"median {statistics.median(v) * 1e3:.1f} ms, calls {[round(t * 1e3, 1) for t in v]}"
+    return {
+        k: f"median {statistics.median(v) * 1e3:.1f} ms, calls {[round(t * 1e3, 1) for t in v]}, gc {gc_ms[k]:.1f} ms"
         for k, v in times.items()
     }
-    return {**out, "gc": f"{clock.runs} runs {clock.ms:.1f} ms in all timed calls"}
 
 
 def host_and_gpu(model, inputs, fast: bool) -> str:

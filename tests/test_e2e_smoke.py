@@ -131,3 +131,13 @@ def test_interleaved_peak_is_what_a_process_with_that_arm_alone_would_report(mon
     rows = e2e.measure_interleaved({"A": "A", "B": "B"}, resident, 1, 4, 2)
     assert {arm: row["peak_gib"] * 2**30 for arm, row in rows.items()} == {"A": 160, "B": 42}
     assert resident == {"A": 110, "B": 35}
+
+
+def test_ttft_lab_cpu_smoke_run_reports_both_loops():
+    """``benchmarks/ttft_lab.py`` runs on e2e.py's helpers: a tiny CPU run prints both loops' one-token calls."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "ttft_lab.py"), "--device", "cpu", "--quick", "--rounds", "2"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("nothing compiled:", "after "))]
+    assert len(lines) == 2 and all("'loop': 'median" in line and "'fast': 'median" in line for line in lines), lines
