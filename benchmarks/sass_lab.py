@@ -5,12 +5,12 @@ the loop's backward branch and its target, by opcode.
     pip install --no-deps --target /tmp/triton36 triton==3.6.0     # the GPU machine's Triton
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py gemv4 --rows 4 --cols 4
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16
-    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair repacked
+    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair checkpoint
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 128 --stages 5 --ws
 
-``--pair repacked`` compiles the Gluon kernel as ``benchmarks/repack_lab.py`` runs it on nibble-permuted words
-(codes ``2c`` and ``2c + 1`` at nibbles ``c`` and ``c + 4``: one shift and one ``lop3`` per pair instead of two
-shifts and two ``lop3``; ``benchmarks/results/gluon_h200.md``, section 8).
+``--pair checkpoint`` compiles the Gluon kernel as ``benchmarks/repack_lab.py`` runs it on the checkpoint's word
+order (two shifts and two ``lop3`` per pair where the in-memory order that ships needs one of each;
+``benchmarks/results/gluon_h200.md``, sections 8 and 13).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from benchmarks.repack_lab import PERMUTED_LANE_BITS, PERMUTED_PAIR
+from benchmarks.repack_lab import CHECKPOINT_LANE_BITS, CHECKPOINT_PAIR
 from grace_quant.kernels import gluon_gemv, gluon_w4a16
 from grace_quant.kernels.triton_w4a16 import dequant_ptx
 
@@ -50,9 +50,9 @@ def _wgmma(args: argparse.Namespace) -> tuple:
     x_layout, w_layout = gluon_w4a16._shared_layouts(bm, bk, torch.bfloat16)
     sig = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}],{x_layout!r}>", w_desc=f"tensordesc<i32[128, {bk // 8}],{w_layout!r}>",
                s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")  # fmt: skip
-    pair, lane_bits = gluon_w4a16._BF16_PAIR, 8
-    if args.pair == "repacked":
-        pair, lane_bits = triton.language.constexpr(dequant_ptx(PERMUTED_PAIR, "bf16x2")), PERMUTED_LANE_BITS
+    pair, lane_bits = gluon_w4a16._BF16_PAIR, gluon_w4a16.LANE_BITS
+    if args.pair == "checkpoint":
+        pair, lane_bits = triton.language.constexpr(dequant_ptx(CHECKPOINT_PAIR, "bf16x2")), CHECKPOINT_LANE_BITS
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out)  # fmt: skip
     if args.ws:  # the warp-specialized persistent form
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--split", action="store_true")
     parser.add_argument("--block-m", type=int, default=16)
     parser.add_argument("--stages", type=int, default=4)
-    parser.add_argument("--pair", choices=("shipped", "repacked"), default="shipped")
+    parser.add_argument("--pair", choices=("shipped", "checkpoint"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
     args = parser.parse_args()
     fn, sig, consts, warps = (_gemv4 if args.kernel == "gemv4" else _wgmma)(args)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from grace_quant.config import FORMAT_VERSION, check_format_version
+from grace_quant.kernels import from_checkpoint, to_checkpoint
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
 from grace_quant.surgery import grace_layers
 
@@ -34,14 +35,30 @@ def metadata_for(kind: str) -> dict[str, str]:
 
 
 def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every QAT layer replaced by its packed ``weight`` and ``scales``."""
+    """``model.state_dict()`` with every QAT layer replaced by its packed ``weight`` and ``scales``, and every packed
+    ``weight`` in the checkpoint's word order (``kernels.to_checkpoint``): what a ``packed`` checkpoint holds."""
     state = model.state_dict()
     for name, layer in grace_layers(model, GraceQATLinear):
         prefix = f"{name}." if name else ""
         del state[prefix + "log_scale"]
         for key, tensor in layer.packed_tensors().items():
             state[prefix + key] = tensor
+    for name, layer in grace_layers(model):
+        key = f"{name}.weight" if name else "weight"
+        state[key] = to_checkpoint(state[key], layer.bits)
     return state
+
+
+def words_from_checkpoint(model: nn.Module) -> None:
+    """Every packed layer's ``weight`` from the checkpoint's word order into memory's (``kernels.from_checkpoint``),
+    in place: for loaders that assign checkpoint tensors to the modules directly (transformers' ``from_pretrained``).
+    Run it once per load, before :func:`grace_quant.fusion.fuse_projections`."""
+    for _, layer in grace_layers(model, GraceQuantLinear):
+        if layer._fusion is not None:
+            raise RuntimeError(
+                "words_from_checkpoint runs before fuse_projections: the fused copies are made from them"
+            )
+        layer.weight = from_checkpoint(layer.weight, layer.bits)
 
 
 def qat_master_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

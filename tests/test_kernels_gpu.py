@@ -367,11 +367,13 @@ def test_quant_linear_backends_on_cuda():
 
 def test_fused_int4_model_generates_like_eager_when_compiled():
     """A packed, fused tiny VLM on CUDA: fused = unfused logits (to accumulation order), and
-    ``generate(cache_implementation="static")`` (inductor + CUDA graphs) gives the eager greedy tokens."""
+    ``generate(cache_implementation="static")`` (inductor + CUDA graphs: through ``grace_greedy``'s compiled step,
+    a packed model's default for greedy calls) gives the eager greedy tokens."""
     import copy
 
     from grace_quant import GraceConfig, quantize_model
     from grace_quant.fusion import fused_groups
+    from grace_quant.integrations import fast_decode
     from grace_quant.testing import tiny_inputs, tiny_model
 
     fp = tiny_model("qwen2-vl", hidden=128, layers=2, dtype=torch.bfloat16).cuda()
@@ -386,8 +388,9 @@ def test_fused_int4_model_generates_like_eager_when_compiled():
     fused.generation_config.pad_token_id = 0
     settings = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
     eager = fused.generate(**inputs, **settings)
+    fast_decode._COMPILED.clear()
     compiled = fused.generate(**inputs, **settings, cache_implementation="static")
-    assert hasattr(fused, "_compiled_call")
+    assert fast_decode._COMPILED  # the compiled step ran
     assert torch.equal(eager, compiled)
 
 

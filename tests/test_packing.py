@@ -1,19 +1,22 @@
-"""Packing is bit-exact and laid out as docs/FORMAT.md says (checked against a pure-Python bit reference)."""
+"""Packing is bit-exact and laid out as docs/FORMAT.md (checkpoint) and ``kernels.packing`` (memory) say, checked
+against pure-Python bit references."""
 
 import pytest
 import torch
 
-from grace_quant.kernels import code_range, pack, unpack
+from grace_quant.kernels import code_range, from_checkpoint, pack, to_checkpoint, unpack
 
 
-def python_pack_row(codes: list[int], bits: int) -> list[int]:
-    """Independent reference: field i of word j holds codes[j*P+i] + 2**(bits-1), least significant first."""
+def python_pack_row(codes: list[int], bits: int, memory: bool = False) -> list[int]:
+    """Independent reference. Checkpoint (docs/FORMAT.md): field i of word j holds codes[j*P+i] + 2**(bits-1), least
+    significant first. Memory, 4 bits: fields c and c + 4 hold columns 2c and 2c + 1 of the word's eight."""
     per_word, offset = 32 // bits, 1 << (bits - 1)
     words = []
     for start in range(0, len(codes), per_word):
         word = 0
-        for i, code in enumerate(codes[start : start + per_word]):
-            word |= (code + offset) << (i * bits)
+        for column, code in enumerate(codes[start : start + per_word]):
+            field = column // 2 + 4 * (column % 2) if memory and bits == 4 else column
+            word |= (code + offset) << (field * bits)
         words.append(word - (1 << 32) if word >= 1 << 31 else word)  # as a signed int32
     return words
 
@@ -25,9 +28,29 @@ def test_pack_matches_bit_reference_and_round_trips(bits):
     codes = torch.randint(lo, hi + 1, (5, 64), generator=generator, dtype=torch.int8)
     packed = pack(codes, bits)
     assert packed.dtype == torch.int32 and packed.shape == (5, 64 * bits // 32)
+    on_disk = to_checkpoint(packed, bits)
+    assert on_disk.dtype == torch.int32 and on_disk.shape == packed.shape
     for row in range(5):
-        assert packed[row].tolist() == python_pack_row(codes[row].tolist(), bits)
+        assert packed[row].tolist() == python_pack_row(codes[row].tolist(), bits, memory=True)
+        assert on_disk[row].tolist() == python_pack_row(codes[row].tolist(), bits)
     assert torch.equal(unpack(packed, bits), codes)
+    assert torch.equal(from_checkpoint(on_disk, bits), packed)
+    if bits == 4:  # the orders differ (so a missed conversion cannot pass unseen)
+        assert not torch.equal(on_disk, packed)
+
+
+def test_checkpoint_order_conversions_are_inverse_bijections_on_every_bit_pattern():
+    generator = torch.Generator().manual_seed(0)
+    words = torch.randint(-(2**31), 2**31, (3, 257), generator=generator, dtype=torch.int64).to(torch.int32)
+    words[0, :3] = torch.tensor([-1, -(2**31), 0x0F0F0F0F], dtype=torch.int32)
+    assert torch.equal(from_checkpoint(to_checkpoint(words, 4), 4), words)
+    assert torch.equal(to_checkpoint(from_checkpoint(words, 4), 4), words)
+    for bits in (4, 8):  # every set bit lands somewhere: the popcount of each word is kept
+        moved = to_checkpoint(words, bits)
+        popcount = [bin(w & 0xFFFFFFFF).count("1") for w in words.flatten().tolist()]
+        assert [bin(w & 0xFFFFFFFF).count("1") for w in moved.flatten().tolist()] == popcount
+    with pytest.raises(TypeError, match="int32"):
+        to_checkpoint(words.to(torch.int64), 4)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -23,7 +23,7 @@ import torch
 
 from grace_quant.checkpoint import PACKED, metadata_for
 from grace_quant.config import GraceConfig
-from grace_quant.kernels import code_range, pack, unpack
+from grace_quant.kernels import code_range, from_checkpoint, pack, to_checkpoint, unpack
 
 from .checkpoint_files import (
     CheckpointError,
@@ -75,7 +75,7 @@ def _to_fp16(scales: torch.Tensor, lossy: list[str], name: str) -> torch.Tensor:
 def _export_layer(group_size: int, lossy: list[str]):
     def convert(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         packed, scales = tensors.pop(prefix + "weight"), tensors.pop(prefix + "scales")
-        codes = unpack(packed, BITS)  # [out, in] signed
+        codes = unpack(from_checkpoint(packed, BITS), BITS)  # [out, in] signed
         out_features, in_features = codes.shape
         if out_features % PER_WORD:
             raise CheckpointError(
@@ -167,7 +167,7 @@ def _import_layer(group_size: int):
                 "GRACE's symmetric codes"
             )
         codes = (unsigned - ZERO).t().to(torch.int8)  # [out, in] signed
-        return {prefix + "weight": pack(codes, BITS), prefix + "scales": scales.t().contiguous()}
+        return {prefix + "weight": to_checkpoint(pack(codes, BITS), BITS), prefix + "scales": scales.t().contiguous()}
 
     return convert
 

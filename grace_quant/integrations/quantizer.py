@@ -25,6 +25,7 @@ from grace_quant.checkpoint import (
     packed_state_dict,
     qat_master_state_dict,
     save_kind,
+    words_from_checkpoint,
 )
 from grace_quant.config import GraceConfig
 from grace_quant.convert import convert_to_packed
@@ -94,6 +95,8 @@ class GraceHfQuantizer(HfQuantizer):
         if self.pre_quantized and dtype is not None and dtype.is_floating_point:
             # transformers 5.17 keeps a pre-quantized checkpoint in its stored dtype; honour `dtype=` here.
             cast_floating_tensors(model, dtype)
+        if self.pre_quantized and self.layer_kind == "packed":  # the files' word order -> memory's
+            words_from_checkpoint(model)
         if self.layer_kind == "packed" and getattr(self.quantization_config, "fuse_projections", True):
             fuse_projections(model)
         if self.layer_kind == "packed":

@@ -13,7 +13,17 @@ import torch
 
 from .custom_op import decode_attention_op, w4a16_linear_op
 from .dispatch import SUPPORTED_GROUPS
-from .packing import SUPPORTED_BITS, code_range, codes_per_word, group_size_problem, pack, unpack
+from .packing import (
+    NIBBLE_COLUMNS,
+    SUPPORTED_BITS,
+    code_range,
+    codes_per_word,
+    from_checkpoint,
+    group_size_problem,
+    pack,
+    to_checkpoint,
+    unpack,
+)
 from .reference import decode_attention_reference, dequantize, dequantize_codes, quant_linear_reference
 from .runtime import interpreting, kernels_can_run
 
@@ -21,6 +31,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 __all__ = [
     "BACKENDS",
+    "NIBBLE_COLUMNS",
     "SUPPORTED_BITS",
     "SUPPORTED_GROUPS",
     "code_range",
@@ -30,12 +41,14 @@ __all__ = [
     "codes_per_word",
     "dequantize",
     "dequantize_codes",
+    "from_checkpoint",
     "group_size_problem",
     "interpreting",
     "kernels_can_run",
     "pack",
     "quant_linear",
     "quant_linear_reference",
+    "to_checkpoint",
     "unpack",
     "w4a16_linear_op",
 ]

@@ -84,11 +84,11 @@ def _step(acc0, acc1, acc2, acc3, words, sc, xq0, xq1, xq2, xq3, magic, T: gl.co
     d1 = d0
     d2 = d0
     d3 = d0
-    for i in gl.static_range(8):
-        if i < 5:  # codes 0-4 read in place (bits 16-19 still sit inside the mantissa), 5-7 from the high half
-            c = _code(w, 4 * i, magic)
-        else:
-            c = _code(whi, 4 * (i - 4), magic)
+    for i in gl.static_range(8):  # column i of each word sits in field i // 2 + 4 * (i % 2) (kernels.packing)
+        if i // 2 + 4 * (i % 2) < 5:  # fields 0-4 read in place (bits 16-19 still sit inside the mantissa)
+            c = _code(w, 4 * (i // 2 + 4 * (i % 2)), magic)
+        else:  # fields 5-7 from the high half
+            c = _code(whi, 4 * (i // 2), magic)
         d0 = gl.fma(c, x[0][i], d0)
         if T > 1:
             d1 = gl.fma(c, x[1][i], d1)

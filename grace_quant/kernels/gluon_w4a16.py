@@ -5,12 +5,13 @@ stream the weight once with K split over programs to fill the GPU.
 
 ``y^T = W x^T``: each program owns 128 weight rows (two warpgroups of 64) and ``block_m`` tokens. The token tile (the
 MMA's B operand) comes through TMA into a ring of shared-memory stages, the packed words beside it. Each thread turns
-nibbles ``2c`` and ``2c + 1`` of every word of its fragment rows (``c`` its lane in the quad) into one 32-bit pair of
-16-bit floats: exactly the elements ``k = 8 * word + 2c + {0, 1}`` that ``wgmma``'s register A fragment puts in that
-thread (``convert_layout(..., assert_trivial=True)`` proves it at compile time: no data moves). Per pair: a shift,
-one ``lop3`` into the mantissa of 2**7 (bf16) or 2**10 (fp16), one FMA removing the offset exactly and one
-multiplying by the scale (the one rounding ``kernels.reference.dequantize`` makes), so results match dequantize +
-matmul up to the summation order.
+columns ``2c`` and ``2c + 1`` of every word of its fragment rows (``c`` its lane in the quad; in memory they sit in
+fields ``c`` and ``c + 4``, ``kernels.packing``) into one 32-bit pair of 16-bit floats: exactly the elements
+``k = 8 * word + 2c + {0, 1}`` that ``wgmma``'s register A fragment puts in that thread
+(``convert_layout(..., assert_trivial=True)`` proves it at compile time: no data moves). Per pair: a shift by ``4c``,
+one ``lop3`` of both fields into the mantissas of 2**7 (bf16) or 2**10 (fp16), one FMA removing the offset exactly
+and one multiplying by the scale (the one rounding ``kernels.reference.dequantize`` makes), so results match
+dequantize + matmul up to the summation order.
 
 Three forms (``pipe``): 1 keeps one MMA in flight while the next K tile is dequantized (unrolled by two so that a
 tile's A registers are redefined only after the MMA reading them retired; ptxas keeps the MMAs asynchronous only with
@@ -66,20 +67,21 @@ tiles serialize the pipelined loop's MMAs, so they run unpipelined only). ``pipe
 the next dequantization, 1 (True) keeps one in flight, :data:`WS` runs the warp-specialized persistent kernel."""
 _WARPS = 8
 
-# One word shifted right by 8c -> the pair (nibble 0, nibble 1) times the scale pair $3, as two 16-bit floats: nibble 0
-# and nibble 1 (moved to bit 16) into the two mantissas of MAGIC, the offset removed exactly, one rounding by the scale.
+# One word shifted right by 4c -> fields c and c + 4 (columns 2c and 2c + 1 in memory) times the scale pair $3, as two
+# 16-bit floats: both fields into the two mantissas of MAGIC by one lop3, the offset removed exactly, one rounding by
+# the scale.
 _PAIR_PTX = """{
-.reg .b32 a, v, one, off, nz;
+.reg .b32 v, one, off, nz;
 mov.b32 one, ONE;
 mov.b32 off, OFF;
 mov.b32 nz, 0x80008000;
-shl.b32 a, $2, 12;
-lop3.b32 v, $2, 0x0000000F, MAGIC, 0xEA;
-lop3.b32 v, a, 0x000F0000, v, 0xEA;
+lop3.b32 v, $2, 0x000F000F, MAGIC, 0xEA;
 fma.rn.TY v, v, one, off;
 fma.rn.TY v, v, $3, nz;
 mov.b32 {$0, $1}, v;
 }"""
+LANE_BITS = 4
+"""Lane ``c`` of a quad shifts its words right by ``LANE_BITS * c`` before :data:`_PAIR_PTX`."""
 _BF16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "bf16x2"))
 _FP16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "f16x2"))
 
@@ -147,8 +149,8 @@ def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k,
 
 @gluon.jit
 def _lane_shift(WORDS: gl.constexpr, LANE_BITS: gl.constexpr):
-    """``[1, 1, 4]``: lane ``c`` of a quad shifts its words right by ``LANE_BITS * c`` before the pair PTX (8: nibbles
-    ``2c``, ``2c + 1`` of the checkpoint's order; ``benchmarks/repack_lab.py`` tries 4 on words it permuted)."""
+    """``[1, 1, 4]``: lane ``c`` of a quad shifts its words right by ``LANE_BITS * c`` before the pair PTX (4: fields
+    ``c``, ``c + 4`` of the in-memory order; ``benchmarks/repack_lab.py`` runs 8 on the checkpoint's order)."""
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
     return gl.expand_dims(gl.expand_dims(quad, 0), 1) * LANE_BITS
 
@@ -462,7 +464,7 @@ def plan(
     split: int = 1,
     *,
     pair: str | None = None,
-    lane_bits: int = 8,
+    lane_bits: int = LANE_BITS,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an

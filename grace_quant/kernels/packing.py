@@ -1,9 +1,14 @@
-"""The one packing rule of the GRACE checkpoint format v1 (see docs/FORMAT.md).
+"""The one packing rule of GRACE's INT4/INT8 words: in memory (:func:`pack` / :func:`unpack`) and in the
+checkpoint format v1 (:func:`to_checkpoint` / :func:`from_checkpoint`; see docs/FORMAT.md).
 
 Signed codes ``q`` in ``[-2**(bits-1), 2**(bits-1) - 1]`` are stored offset by ``2**(bits-1)`` as unsigned
-``bits``-wide fields, ``32 // bits`` of them per int32 word along the input dimension, least significant
-field first: word ``j`` of row ``r`` holds ``q[r, j*P + i] + offset`` in bits ``[i*bits, (i+1)*bits)``.
-Every writer and reader (save, load, export, kernels, tests) goes through :func:`pack` / :func:`unpack`.
+``bits``-wide fields, ``32 // bits`` of them per int32 word along the input dimension. In a checkpoint, field ``i``
+of word ``j`` holds column ``j*P + i`` (least significant first). In memory, 8-bit words are the same and 4-bit
+words hold columns ``8j + 2c`` and ``8j + 2c + 1`` in fields ``c`` and ``c + 4`` (:data:`NIBBLE_COLUMNS`): a pair of
+neighbouring columns is one shift and one ``lop3`` away from two 16-bit floats, the pair a tensor-core A fragment
+holds (``kernels.gluon_w4a16``). Every in-memory writer and reader (modules, kernels, reference) goes through
+:func:`pack` / :func:`unpack`; every file writer and reader converts with :func:`to_checkpoint` /
+:func:`from_checkpoint`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (4, 8)
+NIBBLE_COLUMNS = (0, 2, 4, 6, 1, 3, 5, 7)
+"""4-bit words in memory: field ``i`` holds column ``8j + NIBBLE_COLUMNS[i]`` of word ``j``'s eight."""
 
 
 def codes_per_word(bits: int) -> int:
@@ -45,8 +52,13 @@ def group_size_problem(group_size: object, bits: int | None = None, in_features:
     return None
 
 
+def _columns(bits: int) -> tuple[int, ...]:
+    """The column (within its word) that each field holds in memory."""
+    return NIBBLE_COLUMNS if bits == 4 else tuple(range(codes_per_word(bits)))
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack signed integer codes ``[..., in]`` into int32 words ``[..., in * bits / 32]``."""
+    """Pack signed integer codes ``[..., in]`` into in-memory int32 words ``[..., in * bits / 32]``."""
     per_word = codes_per_word(bits)
     lo, hi = code_range(bits)
     if codes.shape[-1] % per_word:
@@ -57,7 +69,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"pack expects integer codes, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
         raise ValueError(f"codes must lie in [{lo}, {hi}] for {bits} bits")
-    unsigned = (codes.to(torch.int64) - lo).reshape(*codes.shape[:-1], -1, per_word)
+    unsigned = (codes.to(torch.int64) - lo).reshape(*codes.shape[:-1], -1, per_word)[..., list(_columns(bits))]
     shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
     words = (unsigned << shifts).sum(dim=-1)  # fields do not overlap, so the sum is a bitwise or
     # Reinterpret the low 32 bits as a signed int32 (the top field may set the sign bit).
@@ -66,7 +78,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: int32 words ``[..., n]`` to signed int8 codes ``[..., n * 32 / bits]``."""
+    """Inverse of :func:`pack`: in-memory int32 words ``[..., n]`` to signed int8 codes ``[..., n * 32 / bits]``."""
     per_word = codes_per_word(bits)
     lo, _ = code_range(bits)
     if words.dtype != torch.int32:
@@ -74,4 +86,33 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per_word, device=words.device, dtype=torch.int32) * bits
     mask = (1 << bits) - 1
     fields = (words.unsqueeze(-1) >> shifts) & mask  # arithmetic shift, then mask: sign bits drop out
-    return (fields + lo).to(torch.int8).reshape(*words.shape[:-1], -1)
+    columns = torch.empty_like(fields)
+    columns[..., list(_columns(bits))] = fields
+    return (columns + lo).to(torch.int8).reshape(*words.shape[:-1], -1)
+
+
+def _move_nibbles(words: torch.Tensor, moves: list[tuple[int, int]]) -> torch.Tensor:
+    """Each 4-bit field at ``src`` moved to ``dst`` (a permutation of the 8 fields), as int32."""
+    if words.dtype != torch.int32:
+        raise TypeError(f"expected int32 words, got {words.dtype}")
+    wide = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(wide)
+    for src, dst in moves:
+        out |= ((wide >> (4 * src)) & 0xF) << (4 * dst)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def to_checkpoint(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """In-memory words -> the checkpoint format's (a new tensor; 8-bit words are the same)."""
+    codes_per_word(bits)
+    if bits != 4:
+        return words.clone()
+    return _move_nibbles(words, [(field, column) for field, column in enumerate(NIBBLE_COLUMNS)])
+
+
+def from_checkpoint(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Checkpoint words -> in memory: the inverse of :func:`to_checkpoint`."""
+    codes_per_word(bits)
+    if bits != 4:
+        return words.clone()
+    return _move_nibbles(words, [(column, field) for field, column in enumerate(NIBBLE_COLUMNS)])

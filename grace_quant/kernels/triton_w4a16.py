@@ -24,8 +24,8 @@ calls on one device must therefore not run concurrently on two streams.
 
 Launch parameters come from this GPU's tuned table (``kernels.dispatch``: per M bucket, N, K, group and dtype,
 filled ahead of time by ``kernels.tuner``) where it has an entry, and from fixed heuristics otherwise; nothing is
-tuned during a call. All kernels read the checkpoint layout directly (``packed`` int32 ``[N, K/8]``, ``scales``
-``[N, K/group]``).
+tuned during a call. All kernels read the in-memory layout (``kernels.packing``: ``packed`` int32 ``[N, K/8]``,
+``scales`` ``[N, K/group]``).
 """
 
 from __future__ import annotations
@@ -77,13 +77,14 @@ __all__ = [
 
 @triton.jit
 def _code(w, whi, magic, IDX: tl.constexpr):
-    """Code ``IDX`` (0..7, least significant first) of uint32 words ``w`` as an exact fp32 in [-8, 7].
+    """The code of column ``IDX`` (0..7) of uint32 words ``w`` as an exact fp32 in [-8, 7].
 
-    ``whi = w >> 16`` holds codes 4..7, so every field sits at bit ``4P``, ``P < 4``, inside the 23-bit mantissa:
+    In memory column ``IDX`` sits in field ``IDX // 2 + 4 * (IDX % 2)`` (``kernels.packing.NIBBLE_COLUMNS``).
+    ``whi = w >> 16`` holds fields 4..7, so every field sits at bit ``4P``, ``P < 4``, inside the 23-bit mantissa:
     ``bits(field | 2**23) = 2**23 + u * 2**(4P)``, and ``* 2**-4P - (2**(23-4P) + 8)`` gives ``u - 8`` exactly.
     """
-    P: tl.constexpr = IDX % 4
-    if IDX < 4:
+    P: tl.constexpr = IDX // 2
+    if IDX % 2 == 0:
         v = (w & (0xF << (4 * P))) | magic
     else:
         v = (whi & (0xF << (4 * P))) | magic
@@ -107,10 +108,10 @@ def _codes_joined(words, magic):
     )  # fmt: skip
 
 
-# One 32-bit word -> its 8 codes times the scale, as 16-bit floats, in PTX. Pairs (i, i+4) share a register: lop3
-# ORs nibbles i and i+4 (bits 4i and 16+4i after a shift) into the mantissas of ``magic`` (2**7 in bf16, 2**10 in
-# fp16, whose unit in the last place is 1), an FMA subtracts ``magic + 8`` exactly, another multiplies by the
-# scale (one rounding of the exact product), and the pair is split into the two outputs.
+# One 32-bit word -> its 8 codes times the scale, as 16-bit floats, in PTX. Fields (i, i+4), which hold columns 2i
+# and 2i + 1 in memory, share a register: lop3 ORs them (bits 4i and 16+4i after a shift) into the mantissas of
+# ``magic`` (2**7 in bf16, 2**10 in fp16, whose unit in the last place is 1), an FMA subtracts ``magic + 8`` exactly,
+# another multiplies by the scale (one rounding of the exact product), and the pair is split into outputs i, i + 4.
 _DEQUANT_PTX = """{
 .reg .b32 w1, w2, w3, p0, p1, p2, p3, one, off, nz;
 mov.b32 one, ONE;
@@ -180,7 +181,7 @@ def _dequant_tile(words, sc, magic, BLOCK_K: tl.constexpr, OUT: tl.constexpr, MO
             v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
                 _FP16_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, s2], dtype=(tl.int16,) * 8, is_pure=True, pack=1
             )
-        w = tl.reshape(_join8(v0, v1, v2, v3, v4, v5, v6, v7), [BN, BLOCK_K]).to(OUT, bitcast=True)
+        w = tl.reshape(_join8(v0, v4, v1, v5, v2, v6, v3, v7), [BN, BLOCK_K]).to(OUT, bitcast=True)  # by field
     return w
 
 
