@@ -90,6 +90,7 @@ def test_int4_model_with_grace_decode_generates_like_eager_when_compiled(name):
     """A packed tiny VLM on CUDA gets ``grace_decode`` by default; 32 greedy tokens of the compiled static-cache run
     equal eager decoding, and sdpa's own tokens, up to a near-tie where rounding may pick the other token."""
     from grace_quant import GraceConfig, quantize_model
+    from grace_quant.integrations import fast_decode
     from grace_quant.testing import tiny_inputs, tiny_model
 
     model = tiny_model(name, hidden=128, layers=2, dtype=torch.bfloat16).cuda()
@@ -98,8 +99,9 @@ def test_int4_model_with_grace_decode_generates_like_eager_when_compiled(name):
     inputs = {k: v.cuda() for k, v in tiny_inputs(model, batch=1).items() if k != "labels"}
     model.generation_config.pad_token_id = 0
     settings = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, cache_implementation="static")
-    compiled = model.generate(**inputs, **settings)
-    assert hasattr(model, "_compiled_call")
+    fast_decode._COMPILED.clear()
+    compiled = model.generate(**inputs, **settings)  # a packed model's default: grace_greedy's compiled step
+    assert fast_decode._COMPILED
     scored = dict(output_scores=True, return_dict_in_generate=True, disable_compile=True)
     eager = model.generate(**inputs, **settings, **scored)
     assert _first_split_is_a_near_tie(compiled, eager)

@@ -52,9 +52,12 @@ def group_size_problem(group_size: object, bits: int | None = None, in_features:
     return None
 
 
-def _columns(bits: int) -> tuple[int, ...]:
-    """The column (within its word) that each field holds in memory."""
-    return NIBBLE_COLUMNS if bits == 4 else tuple(range(codes_per_word(bits)))
+def _column_shifts(bits: int, device: torch.device) -> torch.Tensor:
+    """Bit offset of each column's field within its word, in memory: ``bits * field``, as int32 on ``device`` (built
+    by arithmetic on the device, so readers stay safe under CUDA-graph capture)."""
+    column = torch.arange(codes_per_word(bits), device=device, dtype=torch.int32)
+    field = column // 2 + 4 * (column % 2) if bits == 4 else column  # NIBBLE_COLUMNS inverted
+    return field * bits
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -69,9 +72,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"pack expects integer codes, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
         raise ValueError(f"codes must lie in [{lo}, {hi}] for {bits} bits")
-    unsigned = (codes.to(torch.int64) - lo).reshape(*codes.shape[:-1], -1, per_word)[..., list(_columns(bits))]
-    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
-    words = (unsigned << shifts).sum(dim=-1)  # fields do not overlap, so the sum is a bitwise or
+    unsigned = (codes.to(torch.int64) - lo).reshape(*codes.shape[:-1], -1, per_word)
+    words = (unsigned << _column_shifts(bits, codes.device).to(torch.int64)).sum(dim=-1)  # disjoint fields: an or
     # Reinterpret the low 32 bits as a signed int32 (the top field may set the sign bit).
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
@@ -79,15 +81,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`: in-memory int32 words ``[..., n]`` to signed int8 codes ``[..., n * 32 / bits]``."""
-    per_word = codes_per_word(bits)
     lo, _ = code_range(bits)
     if words.dtype != torch.int32:
         raise TypeError(f"unpack expects int32 words, got {words.dtype}")
-    shifts = torch.arange(per_word, device=words.device, dtype=torch.int32) * bits
     mask = (1 << bits) - 1
-    fields = (words.unsqueeze(-1) >> shifts) & mask  # arithmetic shift, then mask: sign bits drop out
-    columns = torch.empty_like(fields)
-    columns[..., list(_columns(bits))] = fields
+    columns = (words.unsqueeze(-1) >> _column_shifts(bits, words.device)) & mask  # arithmetic shift, then mask
     return (columns + lo).to(torch.int8).reshape(*words.shape[:-1], -1)
 
 
