@@ -62,7 +62,7 @@ def _converter(s_ptr, ready, converted, q_smem, w_smem, M, N, KG, K_TILES, STAGE
                BK: gl.constexpr, GROUP: gl.constexpr, PAIR: gl.constexpr, WORDS: gl.constexpr):  # fmt: skip
     tiles_m = gl.cdiv(M, BM)
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * 8
+    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * gw.LANE_BITS
     it = 0
     for t in range(gl.program_id(0), tiles_m * (N // 128), gl.num_programs(0)):
         srows = (t // tiles_m) * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
@@ -162,7 +162,7 @@ def _feeder(x_desc, q_desc, s_ptr, ready, converted, empty, x_smem, q_smem, w_sm
     tiles_m = gl.cdiv(M, BM)
     total = gl.cdiv(tiles_m * (N // 128) - gl.program_id(0), gl.num_programs(0)) * K_TILES
     quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS)))
-    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * 8
+    shift = gl.expand_dims(gl.expand_dims(quad, 0), 1) * gw.LANE_BITS
     rows = gl.arange(0, 128, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS)))
     for j in range(gl.minimum(total, STAGES - 1)):
         _feed(x_desc, q_desc, ready, empty, x_smem, q_smem, j, tiles_m, K_TILES, STAGES, BM, BK)

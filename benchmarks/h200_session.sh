@@ -145,7 +145,9 @@
 #     bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table merged with
 #     what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row; then step 1
 #     again if time is left (the GEMV entries shorten decode);
-#  3) STAGES=large (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors).
+#  3) STAGES=large (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors). Every table
+#     was tuned on the checkpoint's word order; the in-memory order (gluon_h200.md section 13) may move the Gluon
+#     tiles' keys, so steps 2 and 3 retune on it.
 #     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11): stream-K, a
 #     converter warpgroup and L2-sized dequantize slabs all lost; the weight repack of section 9 gains 3-8%.
 # On an H100 only: nothing of issue 16 or 15 is open there that an H100 can settle (run K measured both models'
@@ -163,6 +165,12 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
 # .whl/ it installs nothing, and the kernels report says GemLite is not installed.
+# Done 2026-12-07, eighteenth session (H100s only; the H200 kind was asked for five times: two refused starts, three
+# H100s lent under that name): the in-memory word order (kernels.packing.NIBBLE_COLUMNS) built offline and checked on
+# the GPU: test_kernels_gpu.py, repack_lab.py (both orders in one process: memory order 3-9% faster on the Gluon tiles),
+# pytest -m gpu (187 passed; 5 failures fixed: unpack's index list inside CUDA-graph capture, stale _compiled_call
+# checks; the 21 tests around them passed), bench_kernels.py at M = 1-64, 256, 2048 (kernels_h100_memory_order.md),
+# and the old and new code back to back at M = 1-4 (level at the GEMVs, 4-6% faster at M = 4): gluon_h200.md section 13.
 # Done 2026-12-07, seventeenth session (H100s only; ~25 device minutes of work, the rest in refused starts):
 # ttft_lab (grace_greedy's one-token calls level with transformers' loop: run J's 103.5 ms was the third arm's
 # reading), e2e-fast for Qwen2-VL-2B (grace_greedy 2.63x; its third arm slow in both columns), then e2e run K with the
