@@ -80,7 +80,7 @@ fma.rn.TY v, v, one, off;
 fma.rn.TY v, v, $3, nz;
 mov.b32 {$0, $1}, v;
 }"""
-LANE_BITS = gl.constexpr(4)
+LANE_BITS = 4
 """Lane ``c`` of a quad shifts its words right by ``LANE_BITS * c`` before :data:`_PAIR_PTX`."""
 _BF16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "bf16x2"))
 _FP16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "f16x2"))
