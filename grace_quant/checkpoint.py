@@ -18,7 +18,7 @@ from torch import nn
 from grace_quant.config import FORMAT_VERSION, check_format_version
 from grace_quant.kernels import from_checkpoint, to_checkpoint
 from grace_quant.modules import GraceQATLinear, GraceQuantLinear
-from grace_quant.surgery import grace_layers
+from grace_quant.surgery import GRACE_LAYERS, grace_layers
 
 FORMAT_KEY = "grace_format"
 KIND_KEY = "grace_checkpoint"
@@ -43,9 +43,15 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         del state[prefix + "log_scale"]
         for key, tensor in layer.packed_tensors().items():
             state[prefix + key] = tensor
-    for name, layer in grace_layers(model):
-        key = f"{name}.weight" if name else "weight"
-        state[key] = to_checkpoint(state[key], layer.bits)
+    converted: dict[tuple, torch.Tensor] = {}  # one conversion per storage: keys that shared words still share them
+    for name, layer in model.named_modules(remove_duplicate=False):  # every name a shared layer is saved under
+        if isinstance(layer, GRACE_LAYERS):
+            key = f"{name}.weight" if name else "weight"
+            words = state[key]
+            same = (words.device, words.data_ptr(), tuple(words.shape), words.stride())
+            if same not in converted:
+                converted[same] = to_checkpoint(words, layer.bits)
+            state[key] = converted[same]
     return state
 
 

@@ -76,3 +76,36 @@ def test_bad_inputs_are_refused():
         pack(torch.zeros(1, 8), 4)
     with pytest.raises(TypeError, match="int32"):
         unpack(torch.zeros(1, 1, dtype=torch.int64), 4)
+
+
+def test_packed_state_dict_writes_the_checkpoint_order_once_per_shared_layer_and_loading_restores_memory_order():
+    """What ``save_pretrained`` writes (``packed_state_dict``) holds the checkpoint's words under every name a layer is
+    saved under (shared layers keep one tensor), QAT layers included; ``words_from_checkpoint`` puts files' words
+    back in memory order, and refuses to run after fusion (the fused copies would keep the files' order)."""
+    from torch import nn
+
+    from grace_quant.checkpoint import packed_state_dict, words_from_checkpoint
+    from grace_quant.fusion import fuse_projections
+    from grace_quant.modules import GraceQATLinear, GraceQuantLinear
+
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(-8, 8, (8, 64), generator=generator, dtype=torch.int8)
+    model = nn.Module()
+    model.packed = GraceQuantLinear(64, 8, bias=False, group_size=32)
+    model.packed.weight = pack(codes, 4)
+    model.alias = model.packed
+    model.qat = GraceQATLinear(64, 8, bias=False, group_size=32)
+    state = packed_state_dict(model)
+    expected = torch.tensor([python_pack_row(row, 4) for row in codes.tolist()], dtype=torch.int32)
+    assert torch.equal(state["packed.weight"], expected) and state["alias.weight"] is state["packed.weight"]
+    qat_words = model.qat.packed_tensors()["weight"]
+    assert torch.equal(state["qat.weight"], to_checkpoint(qat_words, 4))
+    model.packed.weight = state["packed.weight"]  # what from_pretrained assigns
+    words_from_checkpoint(model)
+    assert torch.equal(unpack(model.packed.weight, 4), codes)
+
+    layer = nn.Module()
+    layer.q_proj, layer.k_proj, layer.v_proj = (GraceQuantLinear(64, 8, bias=False, group_size=32) for _ in range(3))
+    fuse_projections(layer)
+    with pytest.raises(RuntimeError, match="before fuse_projections"):
+        words_from_checkpoint(layer)
