@@ -89,28 +89,45 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     return (columns + lo).to(torch.int8).reshape(*words.shape[:-1], -1)
 
 
-def _move_nibbles(words: torch.Tensor, moves: list[tuple[int, int]]) -> torch.Tensor:
-    """Each 4-bit field at ``src`` moved to ``dst`` (a permutation of the 8 fields), as int32."""
+def _checked_words(words: torch.Tensor) -> torch.Tensor:
+    """``words`` if they are int32 (the only dtype packed words have)."""
     if words.dtype != torch.int32:
         raise TypeError(f"expected int32 words, got {words.dtype}")
-    wide = words.to(torch.int64) & 0xFFFFFFFF
-    out = torch.zeros_like(wide)
-    for src, dst in moves:
-        out |= ((wide >> (4 * src)) & 0xF) << (4 * dst)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return words
+
+
+def _compress_nibbles(x: torch.Tensor) -> torch.Tensor:
+    """The low nibbles of the 4 bytes of int32 ``x`` (all else zero) -> bits 0-15, in byte order (in place)."""
+    x |= x >> 4
+    x &= 0x00FF00FF
+    x |= x >> 8
+    return x.bitwise_and_(0x0000FFFF)
+
+
+def _spread_nibbles(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_compress_nibbles`: bits 0-15 of int32 ``x`` -> the low nibbles of its 4 bytes (in place)."""
+    x |= x << 8
+    x &= 0x00FF00FF
+    x |= x << 4
+    return x.bitwise_and_(0x0F0F0F0F)
 
 
 def to_checkpoint(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """In-memory words -> the checkpoint format's (a new tensor; 8-bit words are the same)."""
+    """In-memory words -> the checkpoint format's (a new tensor; 8-bit words are the same): the even columns (bits
+    0-15 in memory) go to the low nibble of each byte, the odd ones (bits 16-31) to the high nibble."""
     codes_per_word(bits)
+    words = _checked_words(words)
     if bits != 4:
         return words.clone()
-    return _move_nibbles(words, [(field, column) for field, column in enumerate(NIBBLE_COLUMNS)])
+    high = _spread_nibbles((words >> 16).bitwise_and_(0xFFFF)).bitwise_left_shift_(4)
+    return _spread_nibbles(words & 0xFFFF).bitwise_or_(high)
 
 
 def from_checkpoint(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Checkpoint words -> in memory: the inverse of :func:`to_checkpoint`."""
     codes_per_word(bits)
+    words = _checked_words(words)
     if bits != 4:
         return words.clone()
-    return _move_nibbles(words, [(column, field) for field, column in enumerate(NIBBLE_COLUMNS)])
+    odd = _compress_nibbles((words >> 4).bitwise_and_(0x0F0F0F0F)).bitwise_left_shift_(16)
+    return _compress_nibbles(words & 0x0F0F0F0F).bitwise_or_(odd)
