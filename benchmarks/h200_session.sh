@@ -150,8 +150,10 @@
 #     tiles' keys, so steps 2 and 3 retune on it.
 #     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11): stream-K, a
 #     converter warpgroup and L2-sized dequantize slabs all lost; the weight repack of section 9 gains 3-8%.
-# On an H100 only: nothing of issue 16 or 15 is open there that an H100 can settle (run K measured both models'
-# decode and TTFT); `e2e.py --interleave` without --no-checks adds the greedy-token checks and the peak column.
+# On an H100 only: STAGES=large for the H100 table on the new word order (the warp-specialized 128-token tile now runs
+# gate|up at 600 tokens at 0.72x cuBLAS against ~0.62x for dequantize + cuBLAS: LLaVA's ~600-token prefill keys, bucket
+# 1024, may move), then `e2e.py --interleave` (without --no-checks: adds the greedy-token checks and the peak column)
+# for decode and TTFT on the new order. Nothing of issue 16 or 15 can be settled there.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
