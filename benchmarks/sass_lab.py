@@ -84,7 +84,8 @@ def _loop(sass: str) -> tuple[list[str], int]:
     return opcodes, best[0]
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The kernel and its constexprs, from the command line (or ``argv``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kernel", choices=("gemv4", "wgmma"))
     parser.add_argument("--rows", type=int, default=4)
@@ -97,7 +98,11 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--pair", choices=("shipped", "checkpoint"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def compile_kernel(args: argparse.Namespace):
+    """The kernel compiled for sm_90 by the installed Triton (its own ptxas; no GPU needed)."""
     fn, sig, consts, warps = (_gemv4 if args.kernel == "gemv4" else _wgmma)(args)
     sig |= {name: "constexpr" for name in consts}
     attrs = {
@@ -107,17 +112,30 @@ def main() -> None:
     options = {"num_warps": warps} | (
         {"maxnreg": gluon_w4a16._WS_MAXNREG} if args.kernel == "wgmma" and args.ws else {}
     )
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass_of(kernel) -> tuple[str, str]:
+    """(SASS, resource usage) of a compiled kernel, by the ``cuobjdump`` in the Triton wheel."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
         sass = subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    return sass, usage
+
+
+def main() -> None:
+    args = parse()
+    kernel = compile_kernel(args)
+    sass, usage = sass_of(kernel)
     opcodes, mmas = _loop(sass)
     regs = re.search(r"REG:(\d+)", usage)
     spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
-    print(f"{args.kernel} {consts if args.kernel == 'gemv4' else (args.block_m, args.stages, args.pair)}: "
+    gemv = dict(rows=args.rows, cols=args.cols, warps=args.warps, tokens=args.tokens, fp16=args.fp16, split=args.split)
+    what = gemv if args.kernel == "gemv4" else (args.block_m, args.stages, args.pair)
+    print(f"{args.kernel} {what}: "
           f"{regs[1] if regs else '?'} registers, {spills} local loads/stores, {kernel.metadata.shared} B shared, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip
     print("  " + ", ".join(f"{op} {n}" for op, n in collections.Counter(opcodes).most_common(14)))
 

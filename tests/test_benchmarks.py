@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,25 @@ def test_prefill_benchmark_smoke_run_reports_every_arm(tmp_path):
         assert r["ttft_ms"] > 0 and 0 < r["host_ms"] <= r["forward_ms"]
     assert "generate" in (tmp_path / "prefill_cprofile_llava-1.5-7b_grace.txt").read_text()
     assert "| llava-1.5-7b | grace |" in (tmp_path / "p.md").read_text()
+
+
+GLUON_BUILDS = (
+    ["wgmma", "--block-m", "256", "--stages", "3"],
+    ["wgmma", "--block-m", "16", "--stages", "4", "--split"],
+    ["wgmma", "--block-m", "128", "--stages", "5", "--ws"],
+    ["gemv4", "--tokens", "4", "--split"],
+)
+
+
+@pytest.mark.parametrize("argv", GLUON_BUILDS, ids=[" ".join(a) for a in GLUON_BUILDS])
+def test_gluon_kernels_compile_for_hopper_with_the_installed_triton(argv, tmp_path, monkeypatch):
+    """The Gluon kernels have no CPU interpreter, and Gluon's API moves between Triton releases (the GPU machine runs
+    3.6; ``pip install torch`` brings 3.7-3.9): each compiles for sm_90 with the installed Triton (its own ``ptxas``,
+    no GPU), the tile kernels with their ``wgmma`` instructions and without spills."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile now, not a cached binary of other code
+    sass_lab = load_script("sass_lab")
+    kernel = sass_lab.compile_kernel(sass_lab.parse(argv))
+    sass, _ = sass_lab.sass_of(kernel)
+    assert "HGMMA" in sass if argv[0] == "wgmma" else "FFMA" in sass
+    assert not re.search(r"\b(?:STL|LDL)\b", sass)

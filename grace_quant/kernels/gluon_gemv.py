@@ -27,6 +27,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from .gluon_api import cta_barrier
 from .launch import DirectLauncher, _arg_key
 from .triton_w4a16 import _MAGIC, _outputs
 
@@ -214,7 +215,7 @@ def _gemv_kernel(
         _finish(acc3, 3, ws_ptr, y_ptr, b_ptr, rows, r_mask, pid_k, M, N, stride_ym, SPLIT, HAS_BIAS)
     if SPLIT:
         # the last split to arrive adds the partials in split order, stores y and resets the counter for the next call
-        gl.thread_barrier()  # every thread's partial is written before the release below
+        cta_barrier()  # every thread's partial is written before the release below
         count = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if count == gl.num_programs(1) - 1:
             for t in range(0, M):

@@ -41,12 +41,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .gluon_api import cta_barrier, tma_load
 from .launch import DirectLauncher
 from .triton_w4a16 import _num_sms, _outputs, dequant_ptx
 
@@ -124,8 +124,8 @@ def _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, STAGES: gl.
     """TMA the token and word tiles of this program's K tile ``kt`` (``k0 + kt`` of the matrix) into its ring slot."""
     slot = kt % STAGES
     mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(x_desc, [m0, (k0 + kt) * BK], bars.index(slot), x_smem.index(slot))
-    tma.async_copy_global_to_shared(w_desc, [n0, (k0 + kt) * (BK // 8)], bars.index(slot), w_smem.index(slot))
+    tma_load(x_desc, [m0, (k0 + kt) * BK], bars.index(slot), x_smem.index(slot))
+    tma_load(w_desc, [n0, (k0 + kt) * (BK // 8)], bars.index(slot), w_smem.index(slot))
 
 
 @gluon.jit
@@ -140,7 +140,7 @@ def _pipe_step(acc, x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt, num_k,
     a = gl.convert_layout(w, DOT, assert_trivial=True)
     acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(1, deps=[acc])
-    gl.thread_barrier()  # the other warpgroup has retired tile kt - 1 too: its slot may be overwritten
+    cta_barrier()  # the other warpgroup has retired tile kt - 1 too: its slot may be overwritten
     if kt >= 1:
         if kt - 1 + STAGES < num_k:
             _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt - 1 + STAGES, STAGES, BK)
@@ -251,7 +251,7 @@ def _kernel(
         # bias, stores y and resets the tile's counter for the next call
         ws_tile = ws_ptr + gl.expand_dims(om, 0) * N + gl.expand_dims(on, 1)
         gl.store(ws_tile + pid_k * M * N, out, mask=m_mask)
-        gl.thread_barrier()  # every thread's partial is written before the release below
+        cta_barrier()  # every thread's partial is written before the release below
         tile = pid_n * gl.num_programs(0) + pid_m
         count = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if count == gl.num_programs(2) - 1:
@@ -282,8 +282,8 @@ def _ws_loader(x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAG
             slot = it % STAGES
             mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
             mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [m0, kt * BK], ready.index(slot), x_smem.index(slot))
-            tma.async_copy_global_to_shared(w_desc, [n0, kt * (BK // 8)], ready.index(slot), w_smem.index(slot))
+            tma_load(x_desc, [m0, kt * BK], ready.index(slot), x_smem.index(slot))
+            tma_load(w_desc, [n0, kt * (BK // 8)], ready.index(slot), w_smem.index(slot))
             it += 1
 
 
