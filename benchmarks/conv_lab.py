@@ -30,7 +30,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -38,6 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from benchmarks.gluon_profile import checked_ratio
 from grace_quant.kernels import gluon_w4a16 as gw
+from grace_quant.kernels.gluon_api import tma_load
 from grace_quant.kernels.gluon_w4a16 import _dequant_tile, _scales, _store_tile, _ws_loader
 from grace_quant.kernels.reference import dequantize
 from grace_quant.kernels.timing import random_w4
@@ -148,8 +148,8 @@ def _feed(x_desc, q_desc, ready, empty, x_smem, q_smem, j, tiles_m, K_TILES, STA
     mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes + q_desc.block_type.nbytes)
     kt = j % K_TILES
-    tma.async_copy_global_to_shared(x_desc, [(t % tiles_m) * BM, kt * BK], ready.index(slot), x_smem.index(slot))
-    tma.async_copy_global_to_shared(q_desc, [(t // tiles_m) * 128, kt * (BK // 8)], ready.index(slot),
+    tma_load(x_desc, [(t % tiles_m) * BM, kt * BK], ready.index(slot), x_smem.index(slot))
+    tma_load(q_desc, [(t // tiles_m) * 128, kt * (BK // 8)], ready.index(slot),
                                     q_smem.index(slot))  # fmt: skip
 
 

@@ -89,11 +89,13 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     return (columns + lo).to(torch.int8).reshape(*words.shape[:-1], -1)
 
 
-def _checked_words(words: torch.Tensor) -> torch.Tensor:
-    """``words`` if they are int32 (the only dtype packed words have)."""
+def _permuted(words: torch.Tensor, bits: int) -> bool:
+    """Whether ``bits``-bit words differ between memory and checkpoint (4 bits; 8-bit words are the same), after
+    checking ``bits`` and that ``words`` are int32 (the only dtype packed words have)."""
+    codes_per_word(bits)
     if words.dtype != torch.int32:
         raise TypeError(f"expected int32 words, got {words.dtype}")
-    return words
+    return bits == 4
 
 
 def _compress_nibbles(x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +117,7 @@ def _spread_nibbles(x: torch.Tensor) -> torch.Tensor:
 def to_checkpoint(words: torch.Tensor, bits: int) -> torch.Tensor:
     """In-memory words -> the checkpoint format's (a new tensor; 8-bit words are the same): the even columns (bits
     0-15 in memory) go to the low nibble of each byte, the odd ones (bits 16-31) to the high nibble."""
-    codes_per_word(bits)
-    words = _checked_words(words)
-    if bits != 4:
+    if not _permuted(words, bits):
         return words.clone()
     high = _spread_nibbles((words >> 16).bitwise_and_(0xFFFF)).bitwise_left_shift_(4)
     return _spread_nibbles(words & 0xFFFF).bitwise_or_(high)
@@ -125,9 +125,7 @@ def to_checkpoint(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def from_checkpoint(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Checkpoint words -> in memory: the inverse of :func:`to_checkpoint`."""
-    codes_per_word(bits)
-    words = _checked_words(words)
-    if bits != 4:
+    if not _permuted(words, bits):
         return words.clone()
     odd = _compress_nibbles((words >> 4).bitwise_and_(0x0F0F0F0F)).bitwise_left_shift_(16)
     return _compress_nibbles(words & 0x0F0F0F0F).bitwise_or_(odd)
