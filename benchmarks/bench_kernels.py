@@ -116,12 +116,19 @@ def gemv_forced(x, p, s):
 
 
 def path_of(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
-    """The kernel the dispatch runs for this call: above M = 64 the tuned race's winner, if this GPU has one."""
+    """The kernel the dispatch runs for this call: the tuned table's entry for it if this GPU has one (named as
+    ``grace_quant/kernels/configs/README.md`` names entries), else the path's built-in heuristic."""
     path = dispatch.path_for(m)
-    if path != "large":
-        return path
     config = tables.table(tables.device_name(torch.device("cuda"))).get(dispatch.key_for(m, n, k, GROUP, dtype))
-    return "tc (tuned)" if config and config.get("tc") else "deq+cuBLAS"
+    if config:
+        if config.get("wgmma"):
+            return f"gluon {config['block_m']}-token tile" + (", warp-specialized" if config.get("pipe") == 2 else "")
+        if config.get("gemv4"):
+            return "gluon gemv"
+        if "tc" in config:
+            return "tc (tuned)" if config["tc"] else "deq+cuBLAS"
+        return "gemv (tuned)"
+    return "deq+cuBLAS" if path == "large" else path
 
 
 # ----------------------------------------------------------------------------------------------------------------

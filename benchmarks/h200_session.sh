@@ -150,10 +150,9 @@
 #     tiles' keys, so steps 2 and 3 retune on it.
 #     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11): stream-K, a
 #     converter warpgroup and L2-sized dequantize slabs all lost; the weight repack of section 9 gains 3-8%.
-# On an H100 only: STAGES=large for the H100 table on the new word order (the warp-specialized 128-token tile now runs
-# gate|up at 600 tokens at 0.72x cuBLAS against ~0.62x for dequantize + cuBLAS: LLaVA's ~600-token prefill keys, bucket
-# 1024, may move), then `e2e.py --interleave` (without --no-checks: adds the greedy-token checks and the peak column)
-# for decode and TTFT on the new order. Nothing of issue 16 or 15 can be settled there.
+# On an H100 only (its large buckets were retuned on the new word order in the nineteenth session): STAGES=small for
+# its M = 1-64 buckets on the new order, then `e2e.py --interleave` without --no-checks (the greedy-token checks) on a
+# host whose bf16 TTFT reads ~44 ms (run K), not ~80 (run L). Nothing of issue 16 or 15 can be settled there.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -167,6 +166,11 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
 # .whl/ it installs nothing, and the kernels report says GemLite is not installed.
+# Done 2026-12-07, nineteenth session (H100s only; the H200 kind was asked for: two refused starts, then an H100):
+# STAGES=large on the H100 (45 GPU tests passed; retune of buckets 128-2048, shipped for 128-1024), verdict-llava and
+# verdict-qwen with that table (e2e_h200.md run L: a slow host, peaks -65% / -43%), to_checkpoint / from_checkpoint on
+# the GPU (equal to the CPU's bits), prefill.py with the retuned and shipped tables in turn (26.3 vs 27.0 ms of GPU
+# time per LLaVA forward: prefill_h100.md run 19).
 # Done 2026-12-07, eighteenth session (H100s only; the H200 kind was asked for five times: two refused starts, three
 # H100s lent under that name): the in-memory word order (kernels.packing.NIBBLE_COLUMNS) built offline and checked on
 # the GPU: test_kernels_gpu.py, repack_lab.py (both orders in one process: memory order 3-9% faster on the Gluon tiles),

@@ -19,6 +19,7 @@ def load_script(name: str):
     """A benchmark script as a module (``benchmarks/`` is not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
     spec.loader.exec_module(module)
     return module
 
@@ -69,6 +70,35 @@ def test_trainer_step_summary_ratios():
     assert record["plain_ms"] == 100.0 and record["floor_ms"] == 160.0
     assert (record["qat_vs_plain"], record["grace_vs_floor"], record["grace_peak_vs_floor"]) == (1.1, 1.25, 1.1)
     assert script.summary({"plain": rows["plain"]}, "GPU X")["grace_vs_floor"] is None
+
+
+def test_bench_kernels_names_the_kernel_each_tuned_entry_picks(monkeypatch):
+    """The per-linear table's "ours path" column names the kernel of the GPU table's entry for the call (a Gluon entry
+    was reported as dequantize + cuBLAS before), and the path's heuristic where there is none."""
+    import torch
+
+    from grace_quant.kernels import dispatch
+
+    bench = load_script("bench_kernels")
+    entries = {
+        (600, 22016, 4096): {"wgmma": 1, "block_m": 128, "block_k": 128, "stages": 4, "pipe": 2, "split": 1},
+        (256, 4096, 4096): {"wgmma": 1, "block_m": 256, "block_k": 128, "stages": 3, "pipe": 1, "split": 1},
+        (2048, 4096, 4096): {"tc": 0},
+        (512, 4096, 4096): {"tc": 1, "block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3},
+        (1, 4096, 4096): {"gemv4": 1, "rows": 2, "cols": 4, "warps": 4, "split": 1},
+        (2, 4096, 4096): {"block_n": 4, "step_k": 1024, "num_warps": 4, "target_programs_per_sm": 0},
+    }
+    table = {dispatch.key_for(m, n, k, bench.GROUP, torch.bfloat16): c for (m, n, k), c in entries.items()}
+    monkeypatch.setattr(bench.tables, "device_name", lambda device=None: "a GPU")
+    monkeypatch.setattr(bench.tables, "table", lambda name: table if name == "a GPU" else {})
+    assert bench.path_of(600, 22016, 4096) == "gluon 128-token tile, warp-specialized"
+    assert bench.path_of(256, 4096, 4096) == "gluon 256-token tile"
+    assert bench.path_of(2048, 4096, 4096) == "deq+cuBLAS"
+    assert bench.path_of(512, 4096, 4096) == "tc (tuned)"
+    assert bench.path_of(1, 4096, 4096) == "gluon gemv"
+    assert bench.path_of(2, 4096, 4096) == "gemv (tuned)"
+    assert bench.path_of(1024, 4096, 4096) == "deq+cuBLAS"  # no entry: the large path's heuristic
+    assert bench.path_of(16, 4096, 4096) == "tc"
 
 
 def test_fake_quant_benchmark_runs_both_tables_on_cpu(tmp_path):
