@@ -167,7 +167,7 @@
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
 # .whl/ it installs nothing, and the kernels report says GemLite is not installed.
 # Done 2026-12-07, nineteenth session (H100s only; the H200 kind was asked for: two refused starts, then an H100):
-# STAGES=large on the H100 (45 GPU tests passed; retune of buckets 128-2048, shipped for 128-1024), verdict-llava and
+# STAGES=large on the H100 (45 GPU tests passed; retune of buckets 128-2048, shipped), verdict-llava and
 # verdict-qwen with that table (e2e_h200.md run L: a slow host, peaks -65% / -43%), to_checkpoint / from_checkpoint on
 # the GPU (equal to the CPU's bits), prefill.py with the retuned and shipped tables in turn (26.3 vs 27.0 ms of GPU
 # time per LLaVA forward: prefill_h100.md run 19).
