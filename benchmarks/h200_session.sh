@@ -150,6 +150,11 @@
 #     tiles' keys, so steps 2 and 3 retune on it.
 #     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11): stream-K, a
 #     converter warpgroup and L2-sized dequantize slabs all lost; the weight repack of section 9 gains 3-8%.
+#  4) STAGES=offset (~6 min: its GPU tests, then benchmarks/offset_lab.py): the small tiles' offset-MMA form (built
+#     offline in the nineteenth session: 395 instead of 489 loop instructions per two K tiles of the 16-token tile),
+#     which targets the H200's small-M rows, where the issue rate, not the memory, bounds the tiles. If it wins, give
+#     the tuner's WGMMA_SMALL_SPACE its entries ("offset": 1 in a wgmma entry, read by triton_w4a16._gluon_launch) and
+#     retune the small buckets (step 2). On an H100 the same stage is worth running first if no H200 comes.
 # On an H100 only (its large buckets were retuned on the new word order in the nineteenth session): STAGES=small for
 # its M = 1-64 buckets on the new order, then `e2e.py --interleave` without --no-checks (the greedy-token checks) on a
 # host whose bf16 TTFT reads ~44 ms (run K), not ~80 (run L). Nothing of issue 16 or 15 can be settled there.
@@ -300,6 +305,10 @@ for stage in $STAGES; do
       timeout 300 python benchmarks/gemv_lab.py > "$OUT/gemv_lab.txt" 2>&1 ;;
     repack)
       timeout 480 python benchmarks/repack_lab.py > "$OUT/repack_lab.txt" 2>&1 ;;
+    offset)
+      timeout 150 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "offset_mma or wgmma_kernel_matches" \
+        -p no:cacheprovider > "$OUT/offset_tests.log" 2>&1 || { echo "offset: GPU tests failed, no lab run" >&2; continue; }
+      timeout 420 python benchmarks/offset_lab.py --deadline-s 380 > "$OUT/offset_lab.txt" 2>&1 ;;
     slab)
       timeout 300 python benchmarks/slab_lab.py --ms 600,2048,1024,256 --deadline-s 270 > "$OUT/slab_lab.txt" 2>&1 ;;
     large)
@@ -315,7 +324,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: verdict-llava verdict-qwen tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: verdict-llava verdict-qwen tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large slab gluon-ncu conv gemv repack offset sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

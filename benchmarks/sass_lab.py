@@ -53,6 +53,8 @@ def _wgmma(args: argparse.Namespace) -> tuple:
     pair, lane_bits = gluon_w4a16._BF16_PAIR, gluon_w4a16.LANE_BITS
     if args.pair == "checkpoint":
         pair, lane_bits = triton.language.constexpr(dequant_ptx(CHECKPOINT_PAIR, "bf16x2")), CHECKPOINT_LANE_BITS
+    if args.offset_mma:
+        pair = gluon_w4a16._BF16_RAW
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out)  # fmt: skip
     if args.ws:  # the warp-specialized persistent form
@@ -60,7 +62,8 @@ def _wgmma(args: argparse.Namespace) -> tuple:
         consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
         return gluon_w4a16._ws_kernel, sig, consts, 8
     sig |= dict(ws_ptr="*fp32", cnt_ptr="*i32") | {name: "i32" for name in ("M", "N", "KW", "KG", "stride_ym", "K_PER")}
-    consts |= dict(PIPE=True, SPLIT=args.split, LANE_BITS=lane_bits)
+    offset = gluon_w4a16.RAW_OFFSET[torch.bfloat16] if args.offset_mma else 0.0
+    consts |= dict(PIPE=True, SPLIT=args.split, LANE_BITS=lane_bits, OFFSET_MMA=args.offset_mma, RAW_OFF=offset)
     return gluon_w4a16._kernel, sig, consts, 8
 
 
@@ -98,6 +101,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--pair", choices=("shipped", "checkpoint"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
+    parser.add_argument(
+        "--offset-mma", action="store_true", help="wgmma: the offset-MMA form (benchmarks/offset_lab.py)"
+    )
     return parser.parse_args(argv)
 
 
@@ -134,7 +140,9 @@ def main() -> None:
     regs = re.search(r"REG:(\d+)", usage)
     spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     gemv = dict(rows=args.rows, cols=args.cols, warps=args.warps, tokens=args.tokens, fp16=args.fp16, split=args.split)
-    what = gemv if args.kernel == "gemv4" else (args.block_m, args.stages, args.pair)
+    what = (
+        gemv if args.kernel == "gemv4" else (args.block_m, args.stages, "offset-mma" if args.offset_mma else args.pair)
+    )
     print(f"{args.kernel} {what}: "
           f"{regs[1] if regs else '?'} registers, {spills} local loads/stores, {kernel.metadata.shared} B shared, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip
     print("  " + ", ".join(f"{op} {n}" for op, n in collections.Counter(opcodes).most_common(14)))

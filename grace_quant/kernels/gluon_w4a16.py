@@ -25,6 +25,10 @@ one, and the tile, is the tuner's choice per shape
 (``kernels.tuner.WGMMA_SPACE`` in the large buckets up to ``WGMMA_MAX_M``, ``WGMMA_SMALL_SPACE`` up to 64 tokens);
 dequantize + cuBLAS and the Triton kernels stay the fallbacks.
 
+A lab form of the pipelined tiles (``plan(..., offset_mma=True)``, ``benchmarks/offset_lab.py``; not in the tuner's
+race until a GPU run says it pays) puts only ``magic + u`` into A (a shift and a ``lop3`` per pair), subtracts the
+offset with a second MMA whose A is the constant ``-(magic + 8)`` and scales each K tile's fp32 product per row.
+
 Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this kernel is checked on GPUs only
 (``tests/test_kernels_gpu.py``); it is imported only where a tuned entry names it.
 """
@@ -84,6 +88,15 @@ LANE_BITS = 4
 """Lane ``c`` of a quad shifts its words right by ``LANE_BITS * c`` before :data:`_PAIR_PTX`."""
 _BF16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "bf16x2"))
 _FP16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "f16x2"))
+
+# The offset-MMA form (lab, ``offset_mma`` of :func:`plan`): the pair is the two codes in MAGIC's mantissas and nothing
+# more (magic + u, exact); a second MMA with a constant A of -(magic + 8) subtracts the offset, and each K tile's fp32
+# product is scaled per row as it is added to the accumulator (one scale per tile: groups span whole K tiles).
+_RAW_PTX = "lop3.b32 $0, $1, 0x000F000F, MAGIC, 0xEA;"
+_BF16_RAW = gl.constexpr(dequant_ptx(_RAW_PTX, "bf16x2"))
+_FP16_RAW = gl.constexpr(dequant_ptx(_RAW_PTX, "f16x2"))
+RAW_OFFSET = {torch.bfloat16: -136.0, torch.float16: -1032.0}
+"""-(magic + 8) per dtype: with the raw pair's ``magic + u``, ``u - 8`` (exact in both 16-bit floats)."""
 
 
 @functools.cache
@@ -193,11 +206,73 @@ def _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0,
 
 
 @gluon.jit
+def _raw_tile(words_smem, shift, PAIR: gl.constexpr, WORDS: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+              dtype: gl.constexpr):  # fmt: skip
+    """One ``[BN, BK]`` tile of ``magic + u`` (the codes unscaled, offset kept) in the A fragment's order."""
+    words = gl.expand_dims(words_smem.load(gl.SliceLayout(2, WORDS)), 2)
+    v = gl.inline_asm_elementwise(PAIR, "=r,r", [words >> shift], dtype=gl.int32, is_pure=True, pack=1)
+    e0 = v.to(gl.int16)
+    e1 = (v >> 16).to(gl.int16)
+    return gl.reshape(gl.join(e0, e1), [BN, BK]).to(dtype, bitcast=True)
+
+
+@gluon.jit
+def _offset_mma(x_desc, bars, x_smem, w_smem, kt, shift, off, t0, STAGES: gl.constexpr, BK: gl.constexpr,
+                PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
+    """K tile ``kt``'s product ``(u - 8) x`` unscaled, as two asynchronous MMAs: the raw tile, then the constant
+    ``off`` (-(magic + 8)) into the same fresh accumulator. Returns it in flight, with the A registers it reads."""
+    stage = kt % STAGES
+    mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
+    w = _raw_tile(w_smem.index(stage), shift, PAIR, WORDS, 128, BK, x_desc.dtype)
+    a = gl.convert_layout(w, DOT, assert_trivial=True)
+    xt = x_smem.index(stage).permute((1, 0))
+    t = warpgroup_mma(a, xt, t0, use_acc=False, is_async=True)
+    t = warpgroup_mma(off, xt, t, is_async=True)
+    return t, a
+
+
+@gluon.jit
+def _offset_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_acc, srows, m0, n0, k0, k_end, shift,
+                 STAGES: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, PAIR: gl.constexpr,
+                 WORDS: gl.constexpr, DOT: gl.constexpr, OFF: gl.constexpr):  # fmt: skip
+    """The offset-MMA form's loop over K tiles ``k0 .. k_end - 1`` in pairs: tile ``kt + 1`` is dequantized while tile
+    ``kt``'s MMAs run; each tile's product is retired, then added to ``acc`` times its rows' scales (zero past
+    ``k_end``, so an odd count's extra tile adds nothing); nothing is in flight across the loop's back edge."""
+    num_k = (k_end - k0 + 1) // 2 * 2
+    # the constant A in shared memory, written once (in registers ptxas rebuilds it every iteration)
+    fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    off_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BK], x_desc.dtype)
+    off = gl.allocate_shared_memory(x_desc.dtype, [128, BK], off_layout, gl.full([128, BK], OFF, x_desc.dtype, fill))
+    fence_async_shared()  # visible to the MMAs (the async proxy) ...
+    cta_barrier()  # ... once every thread has written its part
+    t0 = gl.zeros_like(acc)
+    for s in gl.static_range(STAGES):
+        if s < num_k:
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, s, STAGES, BK)
+    for kp in range(num_k // 2):
+        kt = 2 * kp
+        s0 = _scales(s_acc, srows, k0 + kt, k_end, BK, GROUP).to(gl.float32)
+        s1 = _scales(s_acc, srows, k0 + kt + 1, k_end, BK, GROUP).to(gl.float32)
+        ta, aa = _offset_mma(x_desc, bars, x_smem, w_smem, kt, shift, off, t0, STAGES, BK, PAIR, WORDS, DOT)
+        tb, ab = _offset_mma(x_desc, bars, x_smem, w_smem, kt + 1, shift, off, t0, STAGES, BK, PAIR, WORDS, DOT)
+        ta, aa = warpgroup_mma_wait(2, deps=[ta, aa])
+        acc = acc + gl.expand_dims(s0, 1) * ta
+        tb, ab = warpgroup_mma_wait(0, deps=[tb, ab])
+        acc = acc + gl.expand_dims(s1, 1) * tb
+        cta_barrier()  # both warpgroups have retired tiles kt and kt + 1: their slots may be refilled
+        if kt + STAGES < num_k:
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + STAGES, STAGES, BK)
+        if kt + 1 + STAGES < num_k:
+            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1 + STAGES, STAGES, BK)
+    return acc
+
+
+@gluon.jit
 def _kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KW, KG, stride_ym, K_PER,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    PIPE: gl.constexpr, SPLIT: gl.constexpr, LANE_BITS: gl.constexpr,
+    PIPE: gl.constexpr, SPLIT: gl.constexpr, LANE_BITS: gl.constexpr, OFFSET_MMA: gl.constexpr, RAW_OFF: gl.constexpr,
 ):  # fmt: skip
     BN: gl.constexpr = 128
     pid_m = gl.program_id(0)  # token tiles fastest: programs in flight share weight rows (read once into L2)
@@ -216,7 +291,11 @@ def _kernel(
     shift = _lane_shift(WORDS, LANE_BITS)
     x_smem, w_smem, bars = _ring(x_desc, w_desc, BM, BK, STAGES)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    if PIPE:
+    if OFFSET_MMA:  # lab: the scales in the accumulator's row layout
+        arows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+        acc = _offset_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_ptr + arows * KG, arows, m0, n0, k0, k_end,
+                           shift, STAGES, BK, GROUP, PAIR, WORDS, DOT, RAW_OFF)  # fmt: skip
+    elif PIPE:
         # register A with one MMA in flight; every slot refilled only once both warpgroups have retired its tile
         acc = _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, sc_next, sc_after,
                          shift, STAGES, BK, GROUP, PAIR, WORDS, DOT)  # fmt: skip
@@ -465,14 +544,18 @@ def plan(
     *,
     pair: str | None = None,
     lane_bits: int = LANE_BITS,
+    offset_mma: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
     integer on), so a call costs the host two descriptors, the outputs' allocation and the launch. Callers check
     :func:`supports` first. Labs only: ``pair``, another pair-making PTX template (placeholders as
     :data:`_PAIR_PTX`'s), and ``lane_bits``, its per-lane shift (``benchmarks/repack_lab.py``,
-    ``benchmarks/gluon_profile.py --probe``)."""
+    ``benchmarks/gluon_profile.py --probe``); ``offset_mma``, the offset-MMA form of a pipelined tile
+    (:data:`_RAW_PTX`, ``benchmarks/offset_lab.py``)."""
     block_m, block_k, stages, pipe = _checked(tile)
+    if offset_mma and (pipe != 1 or pair is not None):
+        raise ValueError(f"offset_mma runs pipelined tiles (pipe = 1) with its own pair PTX; got pipe = {pipe}")
     if split < 1 or (pipe == WS and split > 1):
         raise ValueError(
             f"split = {split}: K is split over at least one program (1 for no split), and the warp-specialized "
@@ -486,12 +569,15 @@ def plan(
     ptx = _BF16_PAIR if dtype == torch.bfloat16 else _FP16_PAIR
     if pair is not None:
         ptx = gl.constexpr(dequant_ptx(pair, "bf16x2" if dtype == torch.bfloat16 else "f16x2"))
+    if offset_mma:
+        ptx = _BF16_RAW if dtype == torch.bfloat16 else _FP16_RAW
     common = dict(BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias, PAIR=ptx, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out, LANE_BITS=lane_bits, num_warps=_WARPS)  # fmt: skip
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
         launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
     else:
-        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1)
+        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1, OFFSET_MMA=offset_mma,
+                                             RAW_OFF=RAW_OFFSET[dtype] if offset_mma else 0.0)  # fmt: skip
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
 
     def run(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
