@@ -30,8 +30,10 @@ LAYERS = {  # (N, K) of one decoder layer's linears, with how many of each (q, k
     "LLaVA-1.5-7B": ((4096, 4096, 4), (11008, 4096, 2), (4096, 11008, 1)),
     "Qwen2-VL-2B": ((1536, 1536, 2), (256, 1536, 2), (8960, 1536, 2), (1536, 8960, 1)),
 }
-MS = (1, 2, 4, 8, 16, 32, 64)
+MS = (4, 16, 1, 64, 2, 8, 32)
 SPLITS = (1, 2, 4, 8)
+ARMS = {"shipped": 0, "offset-MMA x2": 2, "offset-MMA x4": 4}
+"""The forms raced: the shipped tiles, the offset-MMA form with 2 and with 4 K tiles per loop iteration."""
 
 
 def tiles_for(m: int) -> tuple[tuple[int, int, int, bool], ...]:
@@ -41,7 +43,7 @@ def tiles_for(m: int) -> tuple[tuple[int, int, int, bool], ...]:
     return ((m, 128, 4, True), (m // 2, 128, 4, True)) if m in (32, 64) else ()
 
 
-def best_us(n: int, k: int, m: int, offset_mma: bool, copies, x, ref) -> tuple[float, str]:
+def best_us(n: int, k: int, m: int, offset_mma: int, copies, x, ref) -> tuple[float, str]:
     """The fastest (tile, split) of one form for this shape: (us per call, which); wrong candidates are reported."""
     best, which = float("inf"), ""
     for tile in tiles_for(m):
@@ -68,7 +70,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: us per call (CUDA-graph replay past L2), ratio to cuBLAS bf16", flush=True)
     for m in (int(v) for v in args.ms.split(",")):
         for model, layer in LAYERS.items():
-            sums = [0.0, 0.0, 0.0]
+            sums = [0.0] * (1 + len(ARMS))
             for n, k, count in layer:
                 if time.time() - start > args.deadline_s:
                     print("deadline reached", flush=True)
@@ -77,14 +79,16 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = x.float() @ dequantize(*copies[0], 128, 4).float().T
                 base = dense_time_us(n, k, m, torch.bfloat16)
-                shipped, s_which = best_us(n, k, m, False, copies, x, ref)
-                offset, o_which = best_us(n, k, m, True, copies, x, ref)
-                for i, us in enumerate((base, shipped, offset)):
+                results = [best_us(n, k, m, unroll, copies, x, ref) for unroll in ARMS.values()]
+                for i, us in enumerate([base] + [us for us, _ in results]):
                     sums[i] += count * us
-                print(f"M={m} {model} N={n} K={k}: cuBLAS {base:.1f} | shipped {shipped:.1f} ({base / shipped:.2f}x, "
-                      f"{s_which}) | offset-MMA {offset:.1f} ({base / offset:.2f}x, {o_which})", flush=True)  # fmt: skip
-            print(f"M={m} {model} layer: cuBLAS {sums[0]:.1f} us | shipped {sums[0] / sums[1]:.2f}x | "
-                  f"offset-MMA {sums[0] / sums[2]:.2f}x", flush=True)  # fmt: skip
+                cells = " | ".join(
+                    f"{arm} {us:.1f} ({base / us:.2f}x, {which})"
+                    for arm, (us, which) in zip(ARMS, results, strict=True)
+                )
+                print(f"M={m} {model} N={n} K={k}: cuBLAS {base:.1f} | {cells}", flush=True)
+            ratios = " | ".join(f"{arm} {sums[0] / us:.2f}x" for arm, us in zip(ARMS, sums[1:], strict=True))
+            print(f"M={m} {model} layer: cuBLAS {sums[0]:.1f} us | {ratios}", flush=True)
 
 
 if __name__ == "__main__":

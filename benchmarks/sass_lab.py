@@ -102,8 +102,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pair", choices=("shipped", "checkpoint"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
     parser.add_argument(
-        "--offset-mma", action="store_true", help="wgmma: the offset-MMA form (benchmarks/offset_lab.py)"
-    )
+        "--offset-mma", type=int, default=0, choices=(0, 2, 4),
+        help="wgmma: the offset-MMA form with this many K tiles per iteration (benchmarks/offset_lab.py)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -141,7 +142,9 @@ def main() -> None:
     spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     gemv = dict(rows=args.rows, cols=args.cols, warps=args.warps, tokens=args.tokens, fp16=args.fp16, split=args.split)
     what = (
-        gemv if args.kernel == "gemv4" else (args.block_m, args.stages, "offset-mma" if args.offset_mma else args.pair)
+        gemv
+        if args.kernel == "gemv4"
+        else (args.block_m, args.stages, f"offset-mma {args.offset_mma}" if args.offset_mma else args.pair)
     )
     print(f"{args.kernel} {what}: "
           f"{regs[1] if regs else '?'} registers, {spills} local loads/stores, {kernel.metadata.shared} B shared, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip

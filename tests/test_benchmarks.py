@@ -152,7 +152,8 @@ GLUON_BUILDS = (
     ["wgmma", "--block-m", "16", "--stages", "4", "--split"],
     ["wgmma", "--block-m", "128", "--stages", "5", "--ws"],
     ["gemv4", "--tokens", "4", "--split"],
-    ["wgmma", "--block-m", "16", "--stages", "4", "--split", "--offset-mma"],
+    ["wgmma", "--block-m", "16", "--stages", "4", "--split", "--offset-mma", "2"],
+    ["wgmma", "--block-m", "32", "--stages", "4", "--offset-mma", "4"],
 )
 
 
@@ -171,13 +172,15 @@ def test_gluon_kernels_compile_for_hopper_with_the_installed_triton(argv, tmp_pa
 
 
 def test_offset_mma_form_is_refused_outside_pipelined_tiles():
-    """The offset-MMA form replaces the pipelined loop only: a warp-specialized or unpipelined tile, or another pair
-    PTX with it, is refused before anything compiles."""
+    """The offset-MMA form replaces the pipelined loop only: a warp-specialized or unpipelined tile, another pair PTX
+    with it, or an unroll other than 2 or 4, is refused before anything compiles."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     import torch
 
     from grace_quant.kernels import gluon_w4a16 as gw
 
-    for tile, pair in (((128, 128, 4, gw.WS), None), ((128, 64, 4, False), None), ((16, 128, 4, True), "{}")):
+    cases = (((128, 128, 4, gw.WS), None, 2), ((128, 64, 4, False), None, 2), ((16, 128, 4, True), "{}", 2),
+             ((16, 128, 4, True), None, 3))  # fmt: skip
+    for tile, pair, unroll in cases:
         with pytest.raises(ValueError, match="offset_mma runs pipelined tiles"):
-            gw.plan(torch.bfloat16, 256, 1024, 128, False, tile, 1, pair=pair, offset_mma=True)
+            gw.plan(torch.bfloat16, 256, 1024, 128, False, tile, 1, pair=pair, offset_mma=unroll)

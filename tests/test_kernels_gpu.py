@@ -496,27 +496,29 @@ def test_split_k_wgmma_kernel_matches_the_fp64_reference(case):
         assert torch.equal(gw.wgmma_w4a16(x, packed, scales, b, 128, **config, split=split), y)
 
 
-_OFFSET_CASES = [  # dtype, bias, M, N, K, group, block_m, stages, split (the offset-MMA form, benchmarks/offset_lab.py)
-    (torch.bfloat16, True, 1, 256, 1024, 128, 16, 4, 1),  # one row, 8 tiles: pairs only
-    (torch.float16, False, 13, 384, 1152, 128, 16, 8, 1),  # 9 tiles: an odd count runs a zero-scaled tile
-    (torch.bfloat16, False, 29, 128, 4096, 256, 32, 4, 1),  # groups of two tiles
-    (torch.bfloat16, True, 50, 256, 640, 128, 64, 4, 1),  # a token tail in a 64-token tile
-    (torch.bfloat16, True, 1, 256, 4096, 128, 16, 8, 8),  # decode: 4 tiles per split
-    (torch.float16, False, 7, 128, 1408, 128, 16, 4, 4),  # 11 tiles: 3 + 3 + 3 + 2 (the odd split's extra tile is
-    # the next split's first: its scale is zeroed, not its words)
+_OFFSET_CASES = [  # dtype, bias, M, N, K, group, block_m, stages, split, K tiles per iteration (benchmarks/offset_lab.py)
+    (torch.bfloat16, True, 1, 256, 1024, 128, 16, 4, 1, 2),  # one row, 8 tiles
+    (torch.float16, False, 13, 384, 1152, 128, 16, 8, 1, 2),  # 9 tiles: the count rounded up runs a zero-scaled tile
+    (torch.bfloat16, False, 29, 128, 4096, 256, 32, 4, 1, 4),  # groups of two tiles
+    (torch.bfloat16, True, 50, 256, 640, 128, 64, 4, 1, 4),  # a token tail; 5 tiles rounded up to 8
+    (torch.bfloat16, True, 1, 256, 4096, 128, 16, 8, 8, 4),  # decode: 4 tiles per split
+    (torch.float16, False, 7, 128, 1408, 128, 16, 4, 4, 2),  # 11 tiles: 3 + 3 + 3 + 2; a split's extra tile is the
+    # next split's first: its scale is zeroed, not its words
 ]
 
 
-@pytest.mark.parametrize("case", _OFFSET_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-k{c[4]}-bm{c[6]}-split{c[8]}")
+@pytest.mark.parametrize(
+    "case", _OFFSET_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-k{c[4]}-bm{c[6]}-split{c[8]}-unroll{c[9]}"
+)
 def test_offset_mma_form_matches_the_fp64_reference(case):
     """The offset-MMA form (raw codes in the A fragment, the offset subtracted by a second MMA with a constant A, each
     K tile's fp32 product scaled per row): against fp64, and the same bits on a repeat call."""
     gw = _gluon_kernel()
-    dtype, bias, m, n, k, group, bm, stages, split = case
+    dtype, bias, m, n, k, group, bm, stages, split, unroll = case
     torch.manual_seed(m + k)
     packed, scales, b = make(n, k, group, dtype, bias)
     x = torch.randn(m, k, device="cuda").to(dtype)
-    run = gw.plan(dtype, n, k, group, bias, (bm, 128, stages, True), split, offset_mma=True)
+    run = gw.plan(dtype, n, k, group, bias, (bm, 128, stages, True), split, offset_mma=unroll)
     poison()
     y = run(x, packed, scales, b)
     assert rel_err(y, ref_fp64(x, packed, scales, b, group)) < TOL[dtype]

@@ -25,7 +25,7 @@ one, and the tile, is the tuner's choice per shape
 (``kernels.tuner.WGMMA_SPACE`` in the large buckets up to ``WGMMA_MAX_M``, ``WGMMA_SMALL_SPACE`` up to 64 tokens);
 dequantize + cuBLAS and the Triton kernels stay the fallbacks.
 
-A lab form of the pipelined tiles (``plan(..., offset_mma=True)``, ``benchmarks/offset_lab.py``; not in the tuner's
+A lab form of the pipelined tiles (``plan(..., offset_mma=2)``, ``benchmarks/offset_lab.py``; not in the tuner's
 race until a GPU run says it pays) puts only ``magic + u`` into A (a shift and a ``lop3`` per pair), subtracts the
 offset with a second MMA whose A is the constant ``-(magic + 8)`` and scales each K tile's fp32 product per row.
 
@@ -234,11 +234,12 @@ def _offset_mma(x_desc, bars, x_smem, w_smem, kt, shift, off, t0, STAGES: gl.con
 @gluon.jit
 def _offset_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_acc, srows, m0, n0, k0, k_end, shift,
                  STAGES: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, PAIR: gl.constexpr,
-                 WORDS: gl.constexpr, DOT: gl.constexpr, OFF: gl.constexpr):  # fmt: skip
-    """The offset-MMA form's loop over K tiles ``k0 .. k_end - 1`` in pairs: tile ``kt + 1`` is dequantized while tile
-    ``kt``'s MMAs run; each tile's product is retired, then added to ``acc`` times its rows' scales (zero past
-    ``k_end``, so an odd count's extra tile adds nothing); nothing is in flight across the loop's back edge."""
-    num_k = (k_end - k0 + 1) // 2 * 2
+                 WORDS: gl.constexpr, DOT: gl.constexpr, OFF: gl.constexpr, UNROLL: gl.constexpr):  # fmt: skip
+    """The offset-MMA form's loop over K tiles ``k0 .. k_end - 1``, ``UNROLL`` tiles per iteration: each tile is
+    dequantized while the previous one's MMAs run; a tile's product, once retired, is added to ``acc`` times its rows'
+    scales (zero past ``k_end``, so the tiles that round the count up add nothing) and its slot refilled. Nothing is
+    in flight across the loop's back edge (a loop-carried in-flight product is what ptxas may copy before it lands)."""
+    num_k = (k_end - k0 + UNROLL - 1) // UNROLL * UNROLL
     # the constant A in shared memory, written once (in registers ptxas rebuilds it every iteration)
     fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
     off_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BK], x_desc.dtype)
@@ -249,21 +250,25 @@ def _offset_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_acc, srows, m0, n0
     for s in gl.static_range(STAGES):
         if s < num_k:
             _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, s, STAGES, BK)
-    for kp in range(num_k // 2):
-        kt = 2 * kp
-        s0 = _scales(s_acc, srows, k0 + kt, k_end, BK, GROUP).to(gl.float32)
-        s1 = _scales(s_acc, srows, k0 + kt + 1, k_end, BK, GROUP).to(gl.float32)
-        ta, aa = _offset_mma(x_desc, bars, x_smem, w_smem, kt, shift, off, t0, STAGES, BK, PAIR, WORDS, DOT)
-        tb, ab = _offset_mma(x_desc, bars, x_smem, w_smem, kt + 1, shift, off, t0, STAGES, BK, PAIR, WORDS, DOT)
-        ta, aa = warpgroup_mma_wait(2, deps=[ta, aa])
-        acc = acc + gl.expand_dims(s0, 1) * ta
-        tb, ab = warpgroup_mma_wait(0, deps=[tb, ab])
-        acc = acc + gl.expand_dims(s1, 1) * tb
-        cta_barrier()  # both warpgroups have retired tiles kt and kt + 1: their slots may be refilled
-        if kt + STAGES < num_k:
-            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + STAGES, STAGES, BK)
-        if kt + 1 + STAGES < num_k:
-            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + 1 + STAGES, STAGES, BK)
+    for it in range(num_k // UNROLL):
+        kt = it * UNROLL
+        t, a = _offset_mma(x_desc, bars, x_smem, w_smem, kt, shift, off, t0, STAGES, BK, PAIR, WORDS, DOT)
+        sc = _scales(s_acc, srows, k0 + kt, k_end, BK, GROUP).to(gl.float32)
+        for j in gl.static_range(1, UNROLL + 1):
+            if j < UNROLL:
+                t_next, a_next = _offset_mma(x_desc, bars, x_smem, w_smem, kt + j, shift, off, t0, STAGES, BK, PAIR,
+                                             WORDS, DOT)  # fmt: skip
+                t, a = warpgroup_mma_wait(2, deps=[t, a])  # tile kt + j - 1 retired; kt + j's MMAs may run
+            else:
+                t, a = warpgroup_mma_wait(0, deps=[t, a])
+            acc = acc + gl.expand_dims(sc, 1) * t
+            cta_barrier()  # both warpgroups have retired tile kt + j - 1: its slot may be refilled
+            if kt + j - 1 + STAGES < num_k:
+                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + j - 1 + STAGES, STAGES, BK)
+            if j < UNROLL:
+                t = t_next
+                a = a_next
+                sc = _scales(s_acc, srows, k0 + kt + j, k_end, BK, GROUP).to(gl.float32)
     return acc
 
 
@@ -291,10 +296,10 @@ def _kernel(
     shift = _lane_shift(WORDS, LANE_BITS)
     x_smem, w_smem, bars = _ring(x_desc, w_desc, BM, BK, STAGES)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    if OFFSET_MMA:  # lab: the scales in the accumulator's row layout
+    if OFFSET_MMA > 0:  # lab (OFFSET_MMA tiles per iteration): the scales in the accumulator's row layout
         arows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
         acc = _offset_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_ptr + arows * KG, arows, m0, n0, k0, k_end,
-                           shift, STAGES, BK, GROUP, PAIR, WORDS, DOT, RAW_OFF)  # fmt: skip
+                           shift, STAGES, BK, GROUP, PAIR, WORDS, DOT, RAW_OFF, OFFSET_MMA)  # fmt: skip
     elif PIPE:
         # register A with one MMA in flight; every slot refilled only once both warpgroups have retired its tile
         acc = _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, sc_next, sc_after,
@@ -544,18 +549,21 @@ def plan(
     *,
     pair: str | None = None,
     lane_bits: int = LANE_BITS,
-    offset_mma: bool = False,
+    offset_mma: int = 0,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
     integer on), so a call costs the host two descriptors, the outputs' allocation and the launch. Callers check
     :func:`supports` first. Labs only: ``pair``, another pair-making PTX template (placeholders as
     :data:`_PAIR_PTX`'s), and ``lane_bits``, its per-lane shift (``benchmarks/repack_lab.py``,
-    ``benchmarks/gluon_profile.py --probe``); ``offset_mma``, the offset-MMA form of a pipelined tile
-    (:data:`_RAW_PTX`, ``benchmarks/offset_lab.py``)."""
+    ``benchmarks/gluon_profile.py --probe``); ``offset_mma`` (2 or 4: K tiles per loop iteration; 0: off), the
+    offset-MMA form of a pipelined tile (:data:`_RAW_PTX`, ``benchmarks/offset_lab.py``)."""
     block_m, block_k, stages, pipe = _checked(tile)
-    if offset_mma and (pipe != 1 or pair is not None):
-        raise ValueError(f"offset_mma runs pipelined tiles (pipe = 1) with its own pair PTX; got pipe = {pipe}")
+    if offset_mma and (pipe != 1 or pair is not None or offset_mma not in (2, 4)):
+        raise ValueError(
+            f"offset_mma runs pipelined tiles (pipe = 1) with its own pair PTX, 2 or 4 K tiles per iteration; got "
+            f"pipe = {pipe}, offset_mma = {offset_mma}"
+        )
     if split < 1 or (pipe == WS and split > 1):
         raise ValueError(
             f"split = {split}: K is split over at least one program (1 for no split), and the warp-specialized "
@@ -576,7 +584,7 @@ def plan(
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
         launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
     else:
-        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1, OFFSET_MMA=offset_mma,
+        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1, OFFSET_MMA=int(offset_mma),
                                              RAW_OFF=RAW_OFFSET[dtype] if offset_mma else 0.0)  # fmt: skip
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
 
