@@ -523,6 +523,10 @@ def test_offset_mma_form_matches_the_fp64_reference(case):
     y = run(x, packed, scales, b)
     assert rel_err(y, ref_fp64(x, packed, scales, b, group)) < TOL[dtype]
     assert torch.equal(run(x, packed, scales, b), y)
+    # a table entry with "offset" runs this form through the dispatch
+    config = {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": stages, "pipe": 1, "split": split, "offset": unroll}
+    path = "gemv" if m <= 2 else "tc"
+    assert torch.equal(TW.linear_with_config(x, packed, scales, b, group, path, config), y)
 
 
 def test_every_checked_wgmma_tile_is_tested_and_tuned():
