@@ -64,12 +64,14 @@ def best_us(n: int, k: int, m: int, offset_mma: int, copies, x, ref) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ms", default=",".join(map(str, MS)), help="token counts, comma-separated")
+    parser.add_argument("--models", nargs="+", choices=tuple(LAYERS), default=tuple(LAYERS))
     parser.add_argument("--deadline-s", type=float, default=400)
     args = parser.parse_args()
     start = time.time()
     print(f"{torch.cuda.get_device_name()}: us per call (CUDA-graph replay past L2), ratio to cuBLAS bf16", flush=True)
     for m in (int(v) for v in args.ms.split(",")):
-        for model, layer in LAYERS.items():
+        for model in args.models:
+            layer = LAYERS[model]
             sums = [0.0] * (1 + len(ARMS))
             for n, k, count in layer:
                 if time.time() - start > args.deadline_s:
