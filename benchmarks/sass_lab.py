@@ -7,10 +7,12 @@ the loop's backward branch and its target, by opcode.
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair checkpoint
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 128 --stages 5 --ws
+    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16 --offset-mma 2
 
 ``--pair checkpoint`` compiles the Gluon kernel as ``benchmarks/repack_lab.py`` runs it on the checkpoint's word
 order (two shifts and two ``lop3`` per pair where the in-memory order that ships needs one of each;
-``benchmarks/results/gluon_h200.md``, sections 8 and 13).
+``benchmarks/results/gluon_h200.md``, sections 8 and 13); ``--offset-mma U`` the small tiles' offset-MMA form with
+``U`` K tiles per iteration (section 14).
 """
 
 from __future__ import annotations
