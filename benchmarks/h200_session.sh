@@ -153,7 +153,7 @@
 #  4) STAGES=offset (~6 min: its GPU tests, then benchmarks/offset_lab.py): the small tiles' offset-MMA form (built
 #     offline in the nineteenth session: 395 instead of 489 loop instructions per two K tiles of the 16-token tile),
 #     which targets the H200's small-M rows, where the issue rate, not the memory, bounds the tiles. If it wins, give
-#     the tuner's WGMMA_SMALL_SPACE its entries ("offset": 1 in a wgmma entry, read by triton_w4a16._gluon_launch) and
+#     the tuner's WGMMA_SMALL_SPACE its entries ("offset": 2 or 4 in a wgmma entry, read by triton_w4a16._wgmma) and
 #     retune the small buckets (step 2). On an H100 the same stage is worth running first if no H200 comes.
 # On an H100 only (its large buckets were retuned on the new word order in the nineteenth session): STAGES=small for
 # its M = 1-64 buckets on the new order, then `e2e.py --interleave` without --no-checks (the greedy-token checks) on a
