@@ -23,41 +23,40 @@ import time
 import torch
 
 from grace_quant.kernels import gluon_w4a16 as gw
+from grace_quant.kernels.dispatch import m_bucket
 from grace_quant.kernels.reference import dequantize
 from grace_quant.kernels.timing import dense_time_us, graph_time_us, w4_copies
+from grace_quant.kernels.tuner import WGMMA_SMALL_SPACE
 
 LAYERS = {  # (N, K) of one decoder layer's linears, with how many of each (q, k, v, o / gate, up / down)
     "LLaVA-1.5-7B": ((4096, 4096, 4), (11008, 4096, 2), (4096, 11008, 1)),
     "Qwen2-VL-2B": ((1536, 1536, 2), (256, 1536, 2), (8960, 1536, 2), (1536, 8960, 1)),
 }
 MS = (4, 16, 1, 64, 2, 8, 32)
-SPLITS = (1, 2, 4, 8)
 ARMS = {"shipped": 0, "offset-MMA x2": 2, "offset-MMA x4": 4}
 """The forms raced: the shipped tiles, the offset-MMA form with 2 and with 4 K tiles per loop iteration."""
 
 
-def tiles_for(m: int) -> tuple[tuple[int, int, int, bool], ...]:
-    """The checked pipelined tiles the tuner races at ``m`` tokens (``kernels.tuner.WGMMA_SMALL_SPACE``)."""
-    if m <= 16:
-        return ((16, 128, 4, True), (16, 128, 8, True))
-    return ((m, 128, 4, True), (m // 2, 128, 4, True)) if m in (32, 64) else ()
+def candidates(m: int) -> list[tuple[tuple[int, int, int, int], int]]:
+    """The ``(tile, split)`` pairs the tuner races for the Gluon kernel at ``m`` tokens
+    (``kernels.tuner.WGMMA_SMALL_SPACE``): every form is timed on the same ones."""
+    return [(gw.tile_of(config), config.get("split", 1)) for config in WGMMA_SMALL_SPACE[m_bucket(m)]]
 
 
 def best_us(n: int, k: int, m: int, offset_mma: int, copies, x, ref) -> tuple[float, str]:
     """The fastest (tile, split) of one form for this shape: (us per call, which); wrong candidates are reported."""
     best, which = float("inf"), ""
-    for tile in tiles_for(m):
-        for split in SPLITS:
-            if split > k // 128:
-                continue
-            run = gw.plan(torch.bfloat16, n, k, 128, False, tile, split, offset_mma=offset_mma)
-            err = ((run(x, *copies[0], None).float() - ref).norm() / ref.norm()).item()
-            if not err < 1e-2:
-                print(f"  WRONG: M={m} N={n} K={k} tile {tile[:3]} split {split} offset_mma={offset_mma}: {err:.1e}")
-                continue
-            us = graph_time_us([lambda p=p, s=s, r=run: r(x, p, s, None) for p, s in copies])
-            if us < best:
-                best, which = us, f"{tile[0]}/{tile[2]}/s{split}"
+    for tile, split in candidates(m):
+        if split > k // 128:
+            continue
+        run = gw.plan(torch.bfloat16, n, k, 128, False, tile, split, offset_mma=offset_mma)
+        err = ((run(x, *copies[0], None).float() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            print(f"  WRONG: M={m} N={n} K={k} tile {tile[:3]} split {split} offset_mma={offset_mma}: {err:.1e}")
+            continue
+        us = graph_time_us([lambda p=p, s=s, r=run: r(x, p, s, None) for p, s in copies])
+        if us < best:
+            best, which = us, f"{tile[0]}/{tile[2]}/s{split}"
     return best, which
 
 

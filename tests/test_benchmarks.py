@@ -188,12 +188,12 @@ def test_offset_mma_form_is_refused_outside_pipelined_tiles():
 
 def test_offset_lab_races_only_checked_tiles():
     """``benchmarks/offset_lab.py`` (a GPU lab) asks ``gluon_w4a16.plan`` for checked pipelined tiles only, at every M
-    it runs (an unchecked tile raises on the GPU machine, costing the session its device time)."""
+    it runs (an unchecked tile raises on the GPU machine, and the offset-MMA form takes pipelined tiles only)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from grace_quant.kernels import gluon_w4a16 as gw
 
     lab = load_script("offset_lab")
     for m in lab.MS:
-        tiles = lab.tiles_for(m)
-        assert tiles and all(tile in gw.TILES and tile[3] is True for tile in tiles), (m, tiles)
-        assert all(tile[0] >= min(m, 16) for tile in tiles)
+        pairs = lab.candidates(m)
+        assert pairs and all(tile in gw.TILES and tile[3] == 1 and split >= 1 for tile, split in pairs), (m, pairs)
+        assert all(tile[0] >= min(m, 16) for tile, _ in pairs)

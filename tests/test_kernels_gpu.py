@@ -525,7 +525,7 @@ def test_offset_mma_form_matches_the_fp64_reference(case):
     assert torch.equal(run(x, packed, scales, b), y)
     # a table entry with "offset" runs this form through the dispatch
     config = {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": stages, "pipe": 1, "split": split, "offset": unroll}
-    path = "gemv" if m <= 2 else "tc"
+    path = importlib.import_module("grace_quant.kernels.dispatch").path_for(m)
     assert torch.equal(TW.linear_with_config(x, packed, scales, b, group, path, config), y)
 
 
