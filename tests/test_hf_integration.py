@@ -275,3 +275,29 @@ def test_packed_checkpoint_says_packed_and_an_old_qat_label_still_loads(fp_check
         assert_clean_report(info)
         assert all(isinstance(layer, GraceQuantLinear) for _, layer in grace_layers(model))
         assert torch.equal(logits(model, inputs), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
+def test_int4_checkpoint_loaded_onto_cuda_and_saved_from_it_keeps_its_bytes(name, fp_checkpoint, tmp_path):
+    """A packed checkpoint loaded onto CUDA (words put in the kernels' memory order there) and saved from it (put back
+    in the file's order there) is the same file's tensors; loading the copy serves the same words and logits."""
+    from safetensors.torch import load_file
+
+    cpu_model, _ = load(fp_checkpoint(name), quantization_config=GraceConfig(group_size=32, mode="packed"))
+    cpu_model.to(torch.bfloat16).save_pretrained(tmp_path / "cpu")
+    on_gpu, info = load(tmp_path / "cpu", dtype=torch.bfloat16, device_map="cuda")
+    assert_clean_report(info)
+    assert all(layer.weight.is_cuda for _, layer in grace_layers(on_gpu))
+    on_gpu.save_pretrained(tmp_path / "gpu")
+    written = load_file(tmp_path / "cpu" / "model.safetensors")
+    copied = load_file(tmp_path / "gpu" / "model.safetensors")
+    assert written.keys() == copied.keys()
+    assert all(torch.equal(written[k], copied[k]) for k in written)
+
+    reloaded, info = load(tmp_path / "gpu", dtype=torch.bfloat16, device_map="cuda")
+    assert_clean_report(info)
+    for (_, a), (_, b) in zip(grace_layers(reloaded), grace_layers(on_gpu), strict=True):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.scales, b.scales)
+    inputs = {k: v.cuda() for k, v in tiny_inputs(on_gpu).items()}
+    assert torch.equal(logits(reloaded, inputs), logits(on_gpu, inputs))
