@@ -57,6 +57,9 @@
 #            ~1 min; first GPU run: its warp specialization asks for registers no run has tried yet)
 #   gemv     the Gluon GEMV's GPU tests, then benchmarks/gemv_lab.py: its shapes and splits against cuBLAS bf16 and the
 #            shipped dispatch at 1-4 tokens on both models' shapes (OUT/gemv_lab.txt; ~2 min)
+#   fence    the Gluon tiles' GPU tests, then benchmarks/gluon_profile.py --fence: the warp-specialized tiles with and
+#            without the proxy fence before each slot's release (MEMBAR.ALL.CTA in SASS, between a K tile's MMA issue
+#            and the next tile's dequantization) at M = 2048, 600, 256 on LLaVA-1.5-7B's shapes: OUT/fence_lab.txt (~3 min)
 #   repack   benchmarks/repack_lab.py: the Gluon tiles on nibble-permuted words (one shift and one lop3 per pair of codes)
 #            and on permuted activations against the checkpoint's layout, same tile and split, all checked
 #            (OUT/repack_lab.txt; ~3 min; ran 2026-12-07 on an H100: gluon_h200.md section 9)
@@ -309,6 +312,10 @@ for stage in $STAGES; do
       timeout 150 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "offset_mma or wgmma_kernel_matches" \
         -p no:cacheprovider > "$OUT/offset_tests.log" 2>&1 || { echo "offset: GPU tests failed, no lab run" >&2; continue; }
       timeout 420 python benchmarks/offset_lab.py --deadline-s 380 > "$OUT/offset_lab.txt" 2>&1 ;;
+    fence)
+      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or gluon" -p no:cacheprovider \
+        > "$OUT/fence_tests.log" 2>&1 || { echo "fence: GPU tests failed, no lab run" >&2; continue; }
+      timeout 300 python benchmarks/gluon_profile.py --fence "${FENCE_MS:-2048,600,256}" > "$OUT/fence_lab.txt" 2>&1 ;;
     slab)
       timeout 300 python benchmarks/slab_lab.py --ms 600,2048,1024,256 --deadline-s 270 > "$OUT/slab_lab.txt" 2>&1 ;;
     large)
@@ -324,7 +331,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: verdict-llava verdict-qwen tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large slab gluon-ncu conv gemv repack offset sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: verdict-llava verdict-qwen tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large fence slab gluon-ncu conv gemv repack offset sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

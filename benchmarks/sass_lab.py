@@ -61,7 +61,7 @@ def _wgmma(args: argparse.Namespace) -> tuple:
                   WORDS=words, OUT=out)  # fmt: skip
     if args.ws:  # the warp-specialized persistent form
         sig |= {name: "i32" for name in ("M", "N", "KG", "stride_ym", "K_TILES", "K_ITERS")}
-        consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
+        consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits, PROXY_FENCE=not args.no_proxy_fence)
         return gluon_w4a16._ws_kernel, sig, consts, 8
     sig |= dict(ws_ptr="*fp32", cnt_ptr="*i32") | {name: "i32" for name in ("M", "N", "KW", "KG", "stride_ym", "K_PER")}
     offset = gluon_w4a16.RAW_OFFSET[torch.bfloat16] if args.offset_mma else 0.0
@@ -103,6 +103,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--pair", choices=("shipped", "checkpoint"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
+    parser.add_argument(
+        "--no-proxy-fence", action="store_true", help="wgmma --ws: without the proxy fence before each slot's release"
+    )
     parser.add_argument(
         "--offset-mma", type=int, default=0, choices=(0, 2, 4),
         help="wgmma: the offset-MMA form with this many K tiles per iteration (benchmarks/offset_lab.py)",

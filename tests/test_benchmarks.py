@@ -154,6 +154,7 @@ GLUON_BUILDS = (
     ["gemv4", "--tokens", "4", "--split"],
     ["wgmma", "--block-m", "16", "--stages", "4", "--split", "--offset-mma", "2"],
     ["wgmma", "--block-m", "32", "--stages", "4", "--offset-mma", "4"],
+    ["wgmma", "--block-m", "256", "--stages", "3", "--ws", "--no-proxy-fence"],
 )
 
 
@@ -169,6 +170,18 @@ def test_gluon_kernels_compile_for_hopper_with_the_installed_triton(argv, tmp_pa
     sass, _ = sass_lab.sass_of(kernel)
     assert "HGMMA" in sass if argv[0] == "wgmma" else "FFMA" in sass
     assert not re.search(r"\b(?:STL|LDL)\b", sass)
+
+
+def test_proxy_fence_switch_is_refused_outside_warp_specialized_tiles():
+    """``proxy_fence=False`` (the fence lab) applies to the warp-specialized tiles only: the pipelined tiles' fence is
+    Triton's own, so a plan for one of them with the switch is refused before anything compiles."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    import torch
+
+    from grace_quant.kernels import gluon_w4a16 as gw
+
+    with pytest.raises(ValueError, match="proxy_fence=False is a lab switch"):
+        gw.plan(torch.bfloat16, 4096, 4096, 128, False, (256, 128, 3, True), proxy_fence=False)
 
 
 def test_offset_mma_form_is_refused_outside_pipelined_tiles():

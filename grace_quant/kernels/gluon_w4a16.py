@@ -373,16 +373,18 @@ def _ws_loader(x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAG
 
 @gluon.jit
 def _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc, shift, STAGES: gl.constexpr, BK: gl.constexpr,
-             PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
+             PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr, dtype: gl.constexpr,
+             PROXY_FENCE: gl.constexpr):  # fmt: skip
     """Ring entry ``it`` (K tile ``kt``): dequantize it while the previous MMA runs, issue its MMA, retire the previous
-    one and hand that one's slot back to the loader."""
+    one and hand that one's slot back to the loader (``PROXY_FENCE`` off, a lab form: no proxy fence before it)."""
     slot = it % STAGES
     mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
     w = _dequant_tile(w_smem.index(slot), sc, shift, PAIR, WORDS, 128, BK, dtype)
     a = gl.convert_layout(w, DOT, assert_trivial=True)
     acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(1, deps=[acc])
-    fence_async_shared()  # the words were read through the generic proxy; TMA (the async proxy) overwrites them next
+    if PROXY_FENCE:  # the words were read through the generic proxy; TMA (the async proxy) overwrites them next
+        fence_async_shared()
     mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kt > 0)  # after every compute warp got here
     return acc
 
@@ -392,7 +394,7 @@ def _ws_compute(s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, str
                 BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
                 HAS_BIAS: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr,
                 WORDS: gl.constexpr, OUT: gl.constexpr, DIRECT: gl.constexpr, dtype: gl.constexpr,
-                LANE_BITS: gl.constexpr):  # fmt: skip
+                LANE_BITS: gl.constexpr, PROXY_FENCE: gl.constexpr):  # fmt: skip
     """The compute warpgroups of :func:`_ws_kernel`: per output tile, the pipelined loop of :func:`_pipe_step` fed by
     the loader warp, then the epilogue (while the loader already fills the next tile's stages)."""
     BN: gl.constexpr = 128
@@ -413,9 +415,10 @@ def _ws_compute(s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, str
             sc1 = sc_after
             sc_next = _scales(s_rows, srows, kt + 2, K_TILES, BK, GROUP)
             sc_after = _scales(s_rows, srows, kt + 3, K_TILES, BK, GROUP)
-            acc = _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc0, shift, STAGES, BK, PAIR, WORDS, DOT, dtype)
+            acc = _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc0, shift, STAGES, BK, PAIR, WORDS, DOT, dtype,
+                           PROXY_FENCE)  # fmt: skip
             acc = _ws_step(acc, ready, empty, x_smem, w_smem, it + 1, kt + 1, sc1, shift, STAGES, BK, PAIR, WORDS,
-                           DOT, dtype)  # fmt: skip
+                           DOT, dtype, PROXY_FENCE)  # fmt: skip
             it += 2
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
@@ -442,7 +445,7 @@ def _ws_kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KG, stride_ym, K_TILES, K_ITERS,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    DIRECT: gl.constexpr, LANE_BITS: gl.constexpr,
+    DIRECT: gl.constexpr, LANE_BITS: gl.constexpr, PROXY_FENCE: gl.constexpr,
 ):  # fmt: skip
     """Warp-specialized, persistent form of :func:`_kernel` (``pipe`` 2): one loader warp keeps the ring full across
     output tiles while the two compute warpgroups only wait on its barriers, dequantize and issue MMAs (no refill and
@@ -459,7 +462,7 @@ def _ws_kernel(
         [
             (_ws_compute, (s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, stride_ym, K_TILES, K_ITERS,
                            BM, BK, GROUP, STAGES, HAS_BIAS, PAIR, MMA, DOT, WORDS, OUT, DIRECT, x_desc.dtype,
-                           LANE_BITS)),
+                           LANE_BITS, PROXY_FENCE)),
             (_ws_loader, (x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAGES, BM, BK)),
         ],
         [1],
@@ -550,6 +553,7 @@ def plan(
     pair: str | None = None,
     lane_bits: int = LANE_BITS,
     offset_mma: int = 0,
+    proxy_fence: bool = True,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
@@ -557,12 +561,17 @@ def plan(
     :func:`supports` first. Labs only: ``pair``, another pair-making PTX template (placeholders as
     :data:`_PAIR_PTX`'s), and ``lane_bits``, its per-lane shift (``benchmarks/repack_lab.py``,
     ``benchmarks/gluon_profile.py --probe``); ``offset_mma`` (2 or 4: K tiles per loop iteration; 0: off), the
-    offset-MMA form of a pipelined tile (:data:`_RAW_PTX`, ``benchmarks/offset_lab.py``)."""
+    offset-MMA form of a pipelined tile (:data:`_RAW_PTX`, ``benchmarks/offset_lab.py``); ``proxy_fence=False``, the
+    warp-specialized tiles without the proxy fence before each slot's release (``gluon_profile.py --fence``)."""
     block_m, block_k, stages, pipe = _checked(tile)
     if offset_mma and (pipe != 1 or pair is not None or offset_mma not in (2, 4)):
         raise ValueError(
             f"offset_mma runs pipelined tiles (pipe = 1) with its own pair PTX, 2 or 4 K tiles per iteration; got "
             f"pipe = {pipe}, offset_mma = {offset_mma}"
+        )
+    if not proxy_fence and pipe != WS:
+        raise ValueError(
+            f"proxy_fence=False is a lab switch of the warp-specialized tiles (pipe {WS}); got pipe {pipe}"
         )
     if split < 1 or (pipe == WS and split > 1):
         raise ValueError(
@@ -582,7 +591,8 @@ def plan(
     common = dict(BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias, PAIR=ptx, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out, LANE_BITS=lane_bits, num_warps=_WARPS)  # fmt: skip
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
-        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
+        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG,
+                                                PROXY_FENCE=bool(proxy_fence))  # fmt: skip
     else:
         launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1, OFFSET_MMA=int(offset_mma),
                                              RAW_OFF=RAW_OFFSET[dtype] if offset_mma else 0.0)  # fmt: skip
