@@ -182,6 +182,7 @@ def main() -> None:
         ("cublas-bf16", lambda: F.linear(x, dense)),
         ("gluon-128x128x4-pipe", lambda: gw.wgmma_w4a16(x, packed, scales, None, group, block_m=128, stages=4)),
         ("gluon-256x128x3-pipe", lambda: gw.wgmma_w4a16(x, packed, scales, None, group, block_m=256, stages=3)),
+        ("gluon-256x128x3-ws", lambda: gw.wgmma_w4a16(x, packed, scales, None, group, block_m=256, stages=3, pipe=2)),
     ]
     for _, fn in arms:
         fn()
