@@ -13,12 +13,6 @@ arithmetic is no faster, the dequantization is not what bounds it.
 ``--ws``: the warp-specialized persistent kernel (``pipe`` 2) against the pipelined one and cuBLAS bf16 on the
 LLaVA-1.5-7B prefill shapes (256-2048 tokens), each arm checked against dequantize + matmul.
 
-``--fence``: the warp-specialized tiles with and without the proxy fence that orders each K tile's word reads (generic
-proxy) before the loader's TMA refills the slot (async proxy). ptxas emits it as ``MEMBAR.ALL.CTA`` +
-``FENCE.VIEW.ASYNC.S`` between the MMA's issue and the next tile's dequantization; if the membar waits for the MMA in
-flight, it serializes MMA and dequantization (what the timings of section 1 of ``gluon_h200.md`` look like). The
-pipelined tiles carry the same fence, inserted by Triton before each refill, as a reference.
-
 ``--small``: the same kernel on token tiles of 16-64 (the weight-streaming regime of decode and small batches) with
 split-K, checked against dequantize + matmul and timed against cuBLAS bf16 and the shipped dispatch.
 """
@@ -108,37 +102,6 @@ def _ws() -> None:
         print("".join(line), flush=True)
 
 
-def _fence(ms: list[int]) -> None:
-    """Warp-specialized tiles with and without the proxy fence on the LLaVA-1.5-7B shapes: error vs dequantize +
-    matmul (fp32), time vs cuBLAS bf16; the pipelined 256-token tile (its fence inserted by Triton) beside them."""
-    from grace_quant.kernels.reference import dequantize
-
-    dtype, group = torch.bfloat16, 128
-    bench = functools.partial(triton.testing.do_bench, warmup=25, rep=150)
-    tiles = [t for t in sorted(gw.TILES) if t[3] == gw.WS and t[2] > 2]
-    print(
-        f"{torch.cuda.get_device_name()}: ratio to cuBLAS bf16 (do_bench, L2 flushed); tiles (bm/stages), fence on|off"
-    )
-    for m in ms:
-        for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
-            packed, scales = random_w4(n, k, group, dtype, "cuda")
-            dense = dequantize(packed, scales, group, 4)
-            x = torch.randn(m, k, device="cuda", dtype=dtype)
-            ref = x.float() @ dense.float().T
-            base = bench(functools.partial(F.linear, x, dense))
-            pipelined = functools.partial(gw.wgmma_w4a16, x, packed, scales, None, group, block_m=256, stages=3)
-            line = [
-                f"M={m} N={n} K={k}: cuBLAS {base * 1e3:.1f} us |"
-                + checked_ratio("256/3/p1", pipelined, ref, base, bench)
-            ]
-            for tile in tiles:
-                for fence in (True, False):
-                    run = gw.plan(dtype, n, k, group, False, tile, proxy_fence=fence)
-                    label = f"{tile[0]}/{tile[2]}/{'fence' if fence else 'nofence'}"
-                    line.append(checked_ratio(label, functools.partial(run, x, packed, scales, None), ref, base, bench))
-            print("".join(line), flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--m", type=int, default=2048)
@@ -146,9 +109,6 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--small", action="store_true", help="small token tiles with split-K at M = 1-64")
     parser.add_argument("--ws", action="store_true", help="warp-specialized vs pipelined tiles at 256-2048 tokens")
-    parser.add_argument(
-        "--fence", default=None, metavar="MS", help="warp-specialized tiles with and without the proxy fence at these M"
-    )
     parser.add_argument(
         "--probe", action="store_true", help="time the tiles with and without the dequantization's math"
     )
@@ -158,9 +118,6 @@ def main() -> None:
         return
     if args.ws:
         _ws()
-        return
-    if args.fence:
-        _fence([int(m) for m in args.fence.split(",")])
         return
     dtype, group = torch.bfloat16, 128
     packed, scales = random_w4(args.n, args.k, group, dtype, "cuda")

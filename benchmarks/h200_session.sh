@@ -57,9 +57,6 @@
 #            ~1 min; first GPU run: its warp specialization asks for registers no run has tried yet)
 #   gemv     the Gluon GEMV's GPU tests, then benchmarks/gemv_lab.py: its shapes and splits against cuBLAS bf16 and the
 #            shipped dispatch at 1-4 tokens on both models' shapes (OUT/gemv_lab.txt; ~2 min)
-#   fence    the Gluon tiles' GPU tests, then benchmarks/gluon_profile.py --fence: the warp-specialized tiles with and
-#            without the proxy fence before each slot's release (MEMBAR.ALL.CTA in SASS, between a K tile's MMA issue
-#            and the next tile's dequantization) at M = 2048, 600, 256 on LLaVA-1.5-7B's shapes: OUT/fence_lab.txt (~3 min)
 #   repack   benchmarks/repack_lab.py: the Gluon tiles on nibble-permuted words (one shift and one lop3 per pair of codes)
 #            and on permuted activations against the checkpoint's layout, same tile and split, all checked
 #            (OUT/repack_lab.txt; ~3 min; ran 2026-12-07 on an H100: gluon_h200.md section 9)
@@ -141,26 +138,22 @@
 # nvidia-h200 kind may run on an H100: guard H200-only work with
 # `nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && ...`. Every e2e number so far is an H100's.
 # On an H200, in this order:
-#  1) issue 16's verdict, one call per model (~5 min LLaVA, ~4.5 min Qwen2-VL): STAGES=verdict-llava, then
+#  1) issue 16's verdict, one call per model (~8 min LLaVA, ~7.5 min Qwen2-VL): STAGES=verdict-llava, then
 #     STAGES=verdict-qwen (e2e.py --interleave --no-checks: decode, TTFT and each arm's peak, arms interleaved), then
 #     `prefill.py --variants --rounds 4` for the TTFT timeline;
-#  2) STAGES=small (~6 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in the race,
+#  2) STAGES=small (~5 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in the race,
 #     bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table merged with
-#     what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row; then step 1
-#     again if time is left (the GEMV entries shorten decode);
-#  3) STAGES=large (~4 min): the large buckets retuned, bench at 256 / 2048 (issue 15's 0.95x floors). Every table
-#     was tuned on the checkpoint's word order; the in-memory order (gluon_h200.md section 13) may move the Gluon
-#     tiles' keys, so steps 2 and 3 retune on it.
-#     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11): stream-K, a
-#     converter warpgroup and L2-sized dequantize slabs all lost; the weight repack of section 9 gains 3-8%.
-#  4) STAGES=offset (~6 min: its GPU tests, then benchmarks/offset_lab.py): the small tiles' offset-MMA form (built
-#     offline in the nineteenth session: 395 instead of 489 loop instructions per two K tiles of the 16-token tile),
-#     which targets the H200's small-M rows, where the issue rate, not the memory, bounds the tiles. If it wins, give
-#     the tuner's WGMMA_SMALL_SPACE its entries ("offset": 2 or 4 in a wgmma entry, read by triton_w4a16._wgmma) and
-#     retune the small buckets (step 2). On an H100 the same stage is worth running first if no H200 comes.
-# On an H100 only (its large buckets were retuned on the new word order in the nineteenth session): STAGES=small for
-# its M = 1-64 buckets on the new order, then `e2e.py --interleave` without --no-checks (the greedy-token checks) on a
-# host whose bf16 TTFT reads ~44 ms (run K), not ~80 (run L). Nothing of issue 16 or 15 can be settled there.
+#     what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row; then run
+#     bench_kernels.py with the old table in the same machine session (the comparison), and step 1 again if time is
+#     left (the GEMV entries shorten decode);
+#  3) STAGES=large (~4 min): the large buckets retuned on the in-memory word order, bench at 256 / 2048 (issue 15's
+#     0.95x floors).
+#     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11, 15): stream-K, a
+#     converter warpgroup, L2-sized dequantize slabs and dropping the proxy fence all lost or changed nothing; the
+#     offset-MMA form lost at small M (section 14).
+# On an H100 only (its tables were retuned on the new word order in the nineteenth and twentieth sessions):
+# `e2e.py --interleave` without --no-checks (the greedy-token checks) on a host whose bf16 TTFT reads ~44 ms (run K),
+# not ~80 (run L). Nothing of issue 16 or 15 can be settled there.
 # Host-bound numbers (trainer steps, time to first token) need a quiet machine: run stages one after another,
 # never beside another GPU job on the same host.
 #
@@ -174,6 +167,11 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
 # .whl/ it installs nothing, and the kernels report says GemLite is not installed.
+# Done 2026-12-07, twentieth session (H100 only; the H200 kind was asked for ~10 times: refused starts and back-offs
+# cost ~10 device minutes): STAGES=fence (the warp-specialized tiles without the proxy fence: level, dropped;
+# gluon_h200.md section 15), STAGES=offset (the offset-MMA form: correct, 15% slower at M = 1-16, dropped; section
+# 14), STAGES=gluon-ncu with the warp-specialized tile (section 15), STAGES=small (H100 M = 1-64 retuned on the new
+# word order, shipped: kernels_h100_small_*_2026-12-07.md), the GPU round trip of an INT4 checkpoint (2 passed).
 # Done 2026-12-07, nineteenth session (H100s only; the H200 kind was asked for: two refused starts, then an H100):
 # STAGES=large on the H100 (45 GPU tests passed; retune of buckets 128-2048, shipped), verdict-llava and
 # verdict-qwen with that table (e2e_h200.md run L: a slow host, peaks -65% / -43%), to_checkpoint / from_checkpoint on
@@ -308,14 +306,6 @@ for stage in $STAGES; do
       timeout 300 python benchmarks/gemv_lab.py > "$OUT/gemv_lab.txt" 2>&1 ;;
     repack)
       timeout 480 python benchmarks/repack_lab.py > "$OUT/repack_lab.txt" 2>&1 ;;
-    offset)
-      timeout 150 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "offset_mma or wgmma_kernel_matches" \
-        -p no:cacheprovider > "$OUT/offset_tests.log" 2>&1 || { echo "offset: GPU tests failed, no lab run" >&2; continue; }
-      timeout 420 python benchmarks/offset_lab.py --deadline-s 380 > "$OUT/offset_lab.txt" 2>&1 ;;
-    fence)
-      timeout 120 python -m pytest -q -m gpu tests/test_kernels_gpu.py -k "wgmma or gluon" -p no:cacheprovider \
-        > "$OUT/fence_tests.log" 2>&1 || { echo "fence: GPU tests failed, no lab run" >&2; continue; }
-      timeout 300 python benchmarks/gluon_profile.py --fence "${FENCE_MS:-2048,600,256}" > "$OUT/fence_lab.txt" 2>&1 ;;
     slab)
       timeout 300 python benchmarks/slab_lab.py --ms 600,2048,1024,256 --deadline-s 270 > "$OUT/slab_lab.txt" 2>&1 ;;
     large)
@@ -331,7 +321,7 @@ for stage in $STAGES; do
     fake-quant)
       timeout 300 python benchmarks/fake_quant.py --tokens "${FQ_TOKENS:-2048}" --out "$OUT/fake_quant.md" > "$OUT/fake_quant.log" 2>&1 ;;
     *)
-      echo "unknown stage '$stage' (choose from: verdict-llava verdict-qwen tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large fence slab gluon-ncu conv gemv repack offset sweep ttft prefill qwen-profile fake-quant)" >&2
+      echo "unknown stage '$stage' (choose from: verdict-llava verdict-qwen tests trainer trainer-profile trainer-test trainer-extra trainer-linear e2e e2e-llava e2e-qwen e2e-defer e2e-fast ttft-lab e2e-host kernels tune small large slab gluon-ncu conv gemv repack sweep ttft prefill qwen-profile fake-quant)" >&2
       exit 2 ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - start )) s"

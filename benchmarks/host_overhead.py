@@ -101,7 +101,7 @@ def _gluon_arms(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
             gw.TensorDescriptor.from_tensor(packed, [128, 16], w_layout),
             scales, y, y, y, counters, x.shape[0], N, K // 8, K // GROUP, N, K // 128,
             BM=128, BK=128, GROUP=GROUP, STAGES=4, HAS_BIAS=False, PAIR=gw._BF16_PAIR, MMA=mma, DOT=dot, WORDS=words,
-            OUT=out, PIPE=True, SPLIT=False, LANE_BITS=gw.LANE_BITS, OFFSET_MMA=False, RAW_OFF=0.0, num_warps=8,
+            OUT=out, PIPE=True, SPLIT=False, LANE_BITS=gw.LANE_BITS, num_warps=8,
         )  # fmt: skip
         return y
 

@@ -7,12 +7,10 @@ the loop's backward branch and its target, by opcode.
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 256 --stages 3 --pair checkpoint
     PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 128 --stages 5 --ws
-    PYTHONPATH=/tmp/triton36:$PWD python benchmarks/sass_lab.py wgmma --block-m 16 --offset-mma 2
 
 ``--pair checkpoint`` compiles the Gluon kernel as ``benchmarks/repack_lab.py`` runs it on the checkpoint's word
 order (two shifts and two ``lop3`` per pair where the in-memory order that ships needs one of each;
-``benchmarks/results/gluon_h200.md``, sections 8 and 13); ``--offset-mma U`` the small tiles' offset-MMA form with
-``U`` K tiles per iteration (section 14).
+``benchmarks/results/gluon_h200.md``, sections 8 and 13).
 """
 
 from __future__ import annotations
@@ -55,17 +53,14 @@ def _wgmma(args: argparse.Namespace) -> tuple:
     pair, lane_bits = gluon_w4a16._BF16_PAIR, gluon_w4a16.LANE_BITS
     if args.pair == "checkpoint":
         pair, lane_bits = triton.language.constexpr(dequant_ptx(CHECKPOINT_PAIR, "bf16x2")), CHECKPOINT_LANE_BITS
-    if args.offset_mma:
-        pair = gluon_w4a16._BF16_RAW
     consts = dict(BM=bm, BK=bk, GROUP=128, STAGES=args.stages, HAS_BIAS=False, PAIR=pair, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out)  # fmt: skip
     if args.ws:  # the warp-specialized persistent form
         sig |= {name: "i32" for name in ("M", "N", "KG", "stride_ym", "K_TILES", "K_ITERS")}
-        consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits, PROXY_FENCE=not args.no_proxy_fence)
+        consts |= dict(DIRECT=bm > 128, LANE_BITS=lane_bits)
         return gluon_w4a16._ws_kernel, sig, consts, 8
     sig |= dict(ws_ptr="*fp32", cnt_ptr="*i32") | {name: "i32" for name in ("M", "N", "KW", "KG", "stride_ym", "K_PER")}
-    offset = gluon_w4a16.RAW_OFFSET[torch.bfloat16] if args.offset_mma else 0.0
-    consts |= dict(PIPE=True, SPLIT=args.split, LANE_BITS=lane_bits, OFFSET_MMA=args.offset_mma, RAW_OFF=offset)
+    consts |= dict(PIPE=True, SPLIT=args.split, LANE_BITS=lane_bits)
     return gluon_w4a16._kernel, sig, consts, 8
 
 
@@ -103,13 +98,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--pair", choices=("shipped", "checkpoint"), default="shipped")
     parser.add_argument("--ws", action="store_true", help="wgmma: the warp-specialized persistent form")
-    parser.add_argument(
-        "--no-proxy-fence", action="store_true", help="wgmma --ws: without the proxy fence before each slot's release"
-    )
-    parser.add_argument(
-        "--offset-mma", type=int, default=0, choices=(0, 2, 4),
-        help="wgmma: the offset-MMA form with this many K tiles per iteration (benchmarks/offset_lab.py)",
-    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -146,11 +134,7 @@ def main() -> None:
     regs = re.search(r"REG:(\d+)", usage)
     spills = len(re.findall(r"\b(?:STL|LDL)\b", sass))
     gemv = dict(rows=args.rows, cols=args.cols, warps=args.warps, tokens=args.tokens, fp16=args.fp16, split=args.split)
-    what = (
-        gemv
-        if args.kernel == "gemv4"
-        else (args.block_m, args.stages, f"offset-mma {args.offset_mma}" if args.offset_mma else args.pair)
-    )
+    what = gemv if args.kernel == "gemv4" else (args.block_m, args.stages, args.pair)
     print(f"{args.kernel} {what}: "
           f"{regs[1] if regs else '?'} registers, {spills} local loads/stores, {kernel.metadata.shared} B shared, loop of {len(opcodes)} instructions ({mmas} MMAs)")  # fmt: skip
     print("  " + ", ".join(f"{op} {n}" for op, n in collections.Counter(opcodes).most_common(14)))

@@ -152,9 +152,6 @@ GLUON_BUILDS = (
     ["wgmma", "--block-m", "16", "--stages", "4", "--split"],
     ["wgmma", "--block-m", "128", "--stages", "5", "--ws"],
     ["gemv4", "--tokens", "4", "--split"],
-    ["wgmma", "--block-m", "16", "--stages", "4", "--split", "--offset-mma", "2"],
-    ["wgmma", "--block-m", "32", "--stages", "4", "--offset-mma", "4"],
-    ["wgmma", "--block-m", "256", "--stages", "3", "--ws", "--no-proxy-fence"],
 )
 
 
@@ -170,43 +167,3 @@ def test_gluon_kernels_compile_for_hopper_with_the_installed_triton(argv, tmp_pa
     sass, _ = sass_lab.sass_of(kernel)
     assert "HGMMA" in sass if argv[0] == "wgmma" else "FFMA" in sass
     assert not re.search(r"\b(?:STL|LDL)\b", sass)
-
-
-def test_proxy_fence_switch_is_refused_outside_warp_specialized_tiles():
-    """``proxy_fence=False`` (the fence lab) applies to the warp-specialized tiles only: the pipelined tiles' fence is
-    Triton's own, so a plan for one of them with the switch is refused before anything compiles."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    import torch
-
-    from grace_quant.kernels import gluon_w4a16 as gw
-
-    with pytest.raises(ValueError, match="proxy_fence=False is a lab switch"):
-        gw.plan(torch.bfloat16, 4096, 4096, 128, False, (256, 128, 3, True), proxy_fence=False)
-
-
-def test_offset_mma_form_is_refused_outside_pipelined_tiles():
-    """The offset-MMA form replaces the pipelined loop only: a warp-specialized or unpipelined tile, another pair PTX
-    with it, or an unroll other than 2 or 4, is refused before anything compiles."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    import torch
-
-    from grace_quant.kernels import gluon_w4a16 as gw
-
-    cases = (((128, 128, 4, gw.WS), None, 2), ((128, 64, 4, False), None, 2), ((16, 128, 4, True), "{}", 2),
-             ((16, 128, 4, True), None, 3))  # fmt: skip
-    for tile, pair, unroll in cases:
-        with pytest.raises(ValueError, match="offset_mma runs pipelined tiles"):
-            gw.plan(torch.bfloat16, 256, 1024, 128, False, tile, 1, pair=pair, offset_mma=unroll)
-
-
-def test_offset_lab_races_only_checked_tiles():
-    """``benchmarks/offset_lab.py`` (a GPU lab) asks ``gluon_w4a16.plan`` for checked pipelined tiles only, at every M
-    it runs (an unchecked tile raises on the GPU machine, and the offset-MMA form takes pipelined tiles only)."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    from grace_quant.kernels import gluon_w4a16 as gw
-
-    lab = load_script("offset_lab")
-    for m in lab.MS:
-        pairs = lab.candidates(m)
-        assert pairs and all(tile in gw.TILES and tile[3] == 1 and split >= 1 for tile, split in pairs), (m, pairs)
-        assert all(tile[0] >= min(m, 16) for tile, _ in pairs)

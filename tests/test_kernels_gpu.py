@@ -496,39 +496,6 @@ def test_split_k_wgmma_kernel_matches_the_fp64_reference(case):
         assert torch.equal(gw.wgmma_w4a16(x, packed, scales, b, 128, **config, split=split), y)
 
 
-_OFFSET_CASES = [  # dtype, bias, M, N, K, group, block_m, stages, split, K tiles per iteration (benchmarks/offset_lab.py)
-    (torch.bfloat16, True, 1, 256, 1024, 128, 16, 4, 1, 2),  # one row, 8 tiles
-    (torch.float16, False, 13, 384, 1152, 128, 16, 8, 1, 2),  # 9 tiles: the count rounded up runs a zero-scaled tile
-    (torch.bfloat16, False, 29, 128, 4096, 256, 32, 4, 1, 4),  # groups of two tiles
-    (torch.bfloat16, True, 50, 256, 640, 128, 64, 4, 1, 4),  # a token tail; 5 tiles rounded up to 8
-    (torch.bfloat16, True, 1, 256, 4096, 128, 16, 8, 8, 4),  # decode: 4 tiles per split
-    (torch.float16, False, 7, 128, 1408, 128, 16, 4, 4, 2),  # 11 tiles: 3 + 3 + 3 + 2; a split's extra tile is the
-    # next split's first: its scale is zeroed, not its words
-]
-
-
-@pytest.mark.parametrize(
-    "case", _OFFSET_CASES, ids=lambda c: f"{str(c[0])[6:]}-m{c[2]}-k{c[4]}-bm{c[6]}-split{c[8]}-unroll{c[9]}"
-)
-def test_offset_mma_form_matches_the_fp64_reference(case):
-    """The offset-MMA form (raw codes in the A fragment, the offset subtracted by a second MMA with a constant A, each
-    K tile's fp32 product scaled per row): against fp64, and the same bits on a repeat call."""
-    gw = _gluon_kernel()
-    dtype, bias, m, n, k, group, bm, stages, split, unroll = case
-    torch.manual_seed(m + k)
-    packed, scales, b = make(n, k, group, dtype, bias)
-    x = torch.randn(m, k, device="cuda").to(dtype)
-    run = gw.plan(dtype, n, k, group, bias, (bm, 128, stages, True), split, offset_mma=unroll)
-    poison()
-    y = run(x, packed, scales, b)
-    assert rel_err(y, ref_fp64(x, packed, scales, b, group)) < TOL[dtype]
-    assert torch.equal(run(x, packed, scales, b), y)
-    # a table entry with "offset" runs this form through the dispatch
-    config = {"wgmma": 1, "block_m": bm, "block_k": 128, "stages": stages, "pipe": 1, "split": split, "offset": unroll}
-    path = importlib.import_module("grace_quant.kernels.dispatch").path_for(m)
-    assert torch.equal(TW.linear_with_config(x, packed, scales, b, group, path, config), y)
-
-
 def test_every_checked_wgmma_tile_is_tested_and_tuned():
     """Each checked tile has a case above (that the tuner races only checked tiles, and never splits K for the
     warp-specialized form, ``tests/test_tuning.py`` checks on every machine)."""

@@ -25,10 +25,6 @@ one, and the tile, is the tuner's choice per shape
 (``kernels.tuner.WGMMA_SPACE`` in the large buckets up to ``WGMMA_MAX_M``, ``WGMMA_SMALL_SPACE`` up to 64 tokens);
 dequantize + cuBLAS and the Triton kernels stay the fallbacks.
 
-A lab form of the pipelined tiles (``plan(..., offset_mma=2)``, ``benchmarks/offset_lab.py``; not in the tuner's
-race until a GPU run says it pays) puts only ``magic + u`` into A (a shift and a ``lop3`` per pair), subtracts the
-offset with a second MMA whose A is the constant ``-(magic + 8)`` and scales each K tile's fp32 product per row.
-
 Gluon is Triton's layout-explicit dialect; it has no CPU interpreter, so this kernel is checked on GPUs only
 (``tests/test_kernels_gpu.py``); it is imported only where a tuned entry names it.
 """
@@ -88,15 +84,6 @@ LANE_BITS = 4
 """Lane ``c`` of a quad shifts its words right by ``LANE_BITS * c`` before :data:`_PAIR_PTX`."""
 _BF16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "bf16x2"))
 _FP16_PAIR = gl.constexpr(dequant_ptx(_PAIR_PTX, "f16x2"))
-
-# The offset-MMA form (lab, ``offset_mma`` of :func:`plan`): the pair is the two codes in MAGIC's mantissas and nothing
-# more (magic + u, exact); a second MMA with a constant A of -(magic + 8) subtracts the offset, and each K tile's fp32
-# product is scaled per row as it is added to the accumulator (one scale per tile: groups span whole K tiles).
-_RAW_PTX = "lop3.b32 $0, $1, 0x000F000F, MAGIC, 0xEA;"
-_BF16_RAW = gl.constexpr(dequant_ptx(_RAW_PTX, "bf16x2"))
-_FP16_RAW = gl.constexpr(dequant_ptx(_RAW_PTX, "f16x2"))
-RAW_OFFSET = {torch.bfloat16: -136.0, torch.float16: -1032.0}
-"""-(magic + 8) per dtype: with the raw pair's ``magic + u``, ``u - 8`` (exact in both 16-bit floats)."""
 
 
 @functools.cache
@@ -206,78 +193,11 @@ def _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0,
 
 
 @gluon.jit
-def _raw_tile(words_smem, shift, PAIR: gl.constexpr, WORDS: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-              dtype: gl.constexpr):  # fmt: skip
-    """One ``[BN, BK]`` tile of ``magic + u`` (the codes unscaled, offset kept) in the A fragment's order."""
-    words = gl.expand_dims(words_smem.load(gl.SliceLayout(2, WORDS)), 2)
-    v = gl.inline_asm_elementwise(PAIR, "=r,r", [words >> shift], dtype=gl.int32, is_pure=True, pack=1)
-    e0 = v.to(gl.int16)
-    e1 = (v >> 16).to(gl.int16)
-    return gl.reshape(gl.join(e0, e1), [BN, BK]).to(dtype, bitcast=True)
-
-
-@gluon.jit
-def _offset_mma(x_desc, bars, x_smem, w_smem, kt, shift, off, t0, STAGES: gl.constexpr, BK: gl.constexpr,
-                PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr):  # fmt: skip
-    """K tile ``kt``'s product ``(u - 8) x`` unscaled, as two asynchronous MMAs: the raw tile, then the constant
-    ``off`` (-(magic + 8)) into the same fresh accumulator. Returns it in flight, with the A registers it reads."""
-    stage = kt % STAGES
-    mbarrier.wait(bars.index(stage), (kt // STAGES) & 1)
-    w = _raw_tile(w_smem.index(stage), shift, PAIR, WORDS, 128, BK, x_desc.dtype)
-    a = gl.convert_layout(w, DOT, assert_trivial=True)
-    xt = x_smem.index(stage).permute((1, 0))
-    t = warpgroup_mma(a, xt, t0, use_acc=False, is_async=True)
-    t = warpgroup_mma(off, xt, t, is_async=True)
-    return t, a
-
-
-@gluon.jit
-def _offset_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_acc, srows, m0, n0, k0, k_end, shift,
-                 STAGES: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, PAIR: gl.constexpr,
-                 WORDS: gl.constexpr, DOT: gl.constexpr, OFF: gl.constexpr, UNROLL: gl.constexpr):  # fmt: skip
-    """The offset-MMA form's loop over K tiles ``k0 .. k_end - 1``, ``UNROLL`` tiles per iteration: each tile is
-    dequantized while the previous one's MMAs run; a tile's product, once retired, is added to ``acc`` times its rows'
-    scales (zero past ``k_end``, so the tiles that round the count up add nothing) and its slot refilled. Nothing is
-    in flight across the loop's back edge (a loop-carried in-flight product is what ptxas may copy before it lands)."""
-    num_k = (k_end - k0 + UNROLL - 1) // UNROLL * UNROLL
-    # the constant A in shared memory, written once (in registers ptxas rebuilds it every iteration)
-    fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-    off_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BK], x_desc.dtype)
-    off = gl.allocate_shared_memory(x_desc.dtype, [128, BK], off_layout, gl.full([128, BK], OFF, x_desc.dtype, fill))
-    fence_async_shared()  # visible to the MMAs (the async proxy) ...
-    cta_barrier()  # ... once every thread has written its part
-    t0 = gl.zeros_like(acc)
-    for s in gl.static_range(STAGES):
-        if s < num_k:
-            _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, s, STAGES, BK)
-    for it in range(num_k // UNROLL):
-        kt = it * UNROLL
-        t, a = _offset_mma(x_desc, bars, x_smem, w_smem, kt, shift, off, t0, STAGES, BK, PAIR, WORDS, DOT)
-        sc = _scales(s_acc, srows, k0 + kt, k_end, BK, GROUP).to(gl.float32)
-        for j in gl.static_range(1, UNROLL + 1):
-            if j < UNROLL:
-                t_next, a_next = _offset_mma(x_desc, bars, x_smem, w_smem, kt + j, shift, off, t0, STAGES, BK, PAIR,
-                                             WORDS, DOT)  # fmt: skip
-                t, a = warpgroup_mma_wait(2, deps=[t, a])  # tile kt + j - 1 retired; kt + j's MMAs may run
-            else:
-                t, a = warpgroup_mma_wait(0, deps=[t, a])
-            acc = acc + gl.expand_dims(sc, 1) * t
-            cta_barrier()  # both warpgroups have retired tile kt + j - 1: its slot may be refilled
-            if kt + j - 1 + STAGES < num_k:
-                _load_tile(x_desc, w_desc, bars, x_smem, w_smem, m0, n0, k0, kt + j - 1 + STAGES, STAGES, BK)
-            if j < UNROLL:
-                t = t_next
-                a = a_next
-                sc = _scales(s_acc, srows, k0 + kt + j, k_end, BK, GROUP).to(gl.float32)
-    return acc
-
-
-@gluon.jit
 def _kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KW, KG, stride_ym, K_PER,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    PIPE: gl.constexpr, SPLIT: gl.constexpr, LANE_BITS: gl.constexpr, OFFSET_MMA: gl.constexpr, RAW_OFF: gl.constexpr,
+    PIPE: gl.constexpr, SPLIT: gl.constexpr, LANE_BITS: gl.constexpr,
 ):  # fmt: skip
     BN: gl.constexpr = 128
     pid_m = gl.program_id(0)  # token tiles fastest: programs in flight share weight rows (read once into L2)
@@ -296,11 +216,7 @@ def _kernel(
     shift = _lane_shift(WORDS, LANE_BITS)
     x_smem, w_smem, bars = _ring(x_desc, w_desc, BM, BK, STAGES)
     acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
-    if OFFSET_MMA > 0:  # lab (OFFSET_MMA tiles per iteration): the scales in the accumulator's row layout
-        arows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-        acc = _offset_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_ptr + arows * KG, arows, m0, n0, k0, k_end,
-                           shift, STAGES, BK, GROUP, PAIR, WORDS, DOT, RAW_OFF, OFFSET_MMA)  # fmt: skip
-    elif PIPE:
+    if PIPE:
         # register A with one MMA in flight; every slot refilled only once both warpgroups have retired its tile
         acc = _pipe_loop(acc, x_desc, w_desc, bars, x_smem, w_smem, s_rows, srows, m0, n0, k0, k_end, sc_next, sc_after,
                          shift, STAGES, BK, GROUP, PAIR, WORDS, DOT)  # fmt: skip
@@ -373,18 +289,16 @@ def _ws_loader(x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAG
 
 @gluon.jit
 def _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc, shift, STAGES: gl.constexpr, BK: gl.constexpr,
-             PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr, dtype: gl.constexpr,
-             PROXY_FENCE: gl.constexpr):  # fmt: skip
+             PAIR: gl.constexpr, WORDS: gl.constexpr, DOT: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
     """Ring entry ``it`` (K tile ``kt``): dequantize it while the previous MMA runs, issue its MMA, retire the previous
-    one and hand that one's slot back to the loader (``PROXY_FENCE`` off, a lab form: no proxy fence before it)."""
+    one and hand that one's slot back to the loader."""
     slot = it % STAGES
     mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
     w = _dequant_tile(w_smem.index(slot), sc, shift, PAIR, WORDS, 128, BK, dtype)
     a = gl.convert_layout(w, DOT, assert_trivial=True)
     acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(1, deps=[acc])
-    if PROXY_FENCE:  # the words were read through the generic proxy; TMA (the async proxy) overwrites them next
-        fence_async_shared()
+    fence_async_shared()  # the words were read through the generic proxy; TMA (the async proxy) overwrites them next
     mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kt > 0)  # after every compute warp got here
     return acc
 
@@ -394,7 +308,7 @@ def _ws_compute(s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, str
                 BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr,
                 HAS_BIAS: gl.constexpr, PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr,
                 WORDS: gl.constexpr, OUT: gl.constexpr, DIRECT: gl.constexpr, dtype: gl.constexpr,
-                LANE_BITS: gl.constexpr, PROXY_FENCE: gl.constexpr):  # fmt: skip
+                LANE_BITS: gl.constexpr):  # fmt: skip
     """The compute warpgroups of :func:`_ws_kernel`: per output tile, the pipelined loop of :func:`_pipe_step` fed by
     the loader warp, then the epilogue (while the loader already fills the next tile's stages)."""
     BN: gl.constexpr = 128
@@ -415,10 +329,9 @@ def _ws_compute(s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, str
             sc1 = sc_after
             sc_next = _scales(s_rows, srows, kt + 2, K_TILES, BK, GROUP)
             sc_after = _scales(s_rows, srows, kt + 3, K_TILES, BK, GROUP)
-            acc = _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc0, shift, STAGES, BK, PAIR, WORDS, DOT, dtype,
-                           PROXY_FENCE)  # fmt: skip
+            acc = _ws_step(acc, ready, empty, x_smem, w_smem, it, kt, sc0, shift, STAGES, BK, PAIR, WORDS, DOT, dtype)
             acc = _ws_step(acc, ready, empty, x_smem, w_smem, it + 1, kt + 1, sc1, shift, STAGES, BK, PAIR, WORDS,
-                           DOT, dtype, PROXY_FENCE)  # fmt: skip
+                           DOT, dtype)  # fmt: skip
             it += 2
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
@@ -445,7 +358,7 @@ def _ws_kernel(
     x_desc, w_desc, s_ptr, b_ptr, y_ptr, M, N, KG, stride_ym, K_TILES, K_ITERS,
     BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     PAIR: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, WORDS: gl.constexpr, OUT: gl.constexpr,
-    DIRECT: gl.constexpr, LANE_BITS: gl.constexpr, PROXY_FENCE: gl.constexpr,
+    DIRECT: gl.constexpr, LANE_BITS: gl.constexpr,
 ):  # fmt: skip
     """Warp-specialized, persistent form of :func:`_kernel` (``pipe`` 2): one loader warp keeps the ring full across
     output tiles while the two compute warpgroups only wait on its barriers, dequantize and issue MMAs (no refill and
@@ -462,7 +375,7 @@ def _ws_kernel(
         [
             (_ws_compute, (s_ptr, b_ptr, y_ptr, ready, empty, x_smem, w_smem, M, N, KG, stride_ym, K_TILES, K_ITERS,
                            BM, BK, GROUP, STAGES, HAS_BIAS, PAIR, MMA, DOT, WORDS, OUT, DIRECT, x_desc.dtype,
-                           LANE_BITS, PROXY_FENCE)),
+                           LANE_BITS)),
             (_ws_loader, (x_desc, w_desc, ready, empty, x_smem, w_smem, M, N, K_ITERS, STAGES, BM, BK)),
         ],
         [1],
@@ -552,27 +465,14 @@ def plan(
     *,
     pair: str | None = None,
     lane_bits: int = LANE_BITS,
-    offset_mma: int = 0,
-    proxy_fence: bool = True,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """``run(x2, packed, scales, bias)`` for every call of this weight shape and tile: layouts, constexprs and the
     split resolved once, the kernel launched through a bound runner per class of M (what Triton specializes an
     integer on), so a call costs the host two descriptors, the outputs' allocation and the launch. Callers check
     :func:`supports` first. Labs only: ``pair``, another pair-making PTX template (placeholders as
     :data:`_PAIR_PTX`'s), and ``lane_bits``, its per-lane shift (``benchmarks/repack_lab.py``,
-    ``benchmarks/gluon_profile.py --probe``); ``offset_mma`` (2 or 4: K tiles per loop iteration; 0: off), the
-    offset-MMA form of a pipelined tile (:data:`_RAW_PTX`, ``benchmarks/offset_lab.py``); ``proxy_fence=False``, the
-    warp-specialized tiles without the proxy fence before each slot's release (``gluon_profile.py --fence``)."""
+    ``benchmarks/gluon_profile.py --probe``)."""
     block_m, block_k, stages, pipe = _checked(tile)
-    if offset_mma and (pipe != 1 or pair is not None or offset_mma not in (2, 4)):
-        raise ValueError(
-            f"offset_mma runs pipelined tiles (pipe = 1) with its own pair PTX, 2 or 4 K tiles per iteration; got "
-            f"pipe = {pipe}, offset_mma = {offset_mma}"
-        )
-    if not proxy_fence and pipe != WS:
-        raise ValueError(
-            f"proxy_fence=False is a lab switch of the warp-specialized tiles (pipe {WS}); got pipe {pipe}"
-        )
     if split < 1 or (pipe == WS and split > 1):
         raise ValueError(
             f"split = {split}: K is split over at least one program (1 for no split), and the warp-specialized "
@@ -586,16 +486,12 @@ def plan(
     ptx = _BF16_PAIR if dtype == torch.bfloat16 else _FP16_PAIR
     if pair is not None:
         ptx = gl.constexpr(dequant_ptx(pair, "bf16x2" if dtype == torch.bfloat16 else "f16x2"))
-    if offset_mma:
-        ptx = _BF16_RAW if dtype == torch.bfloat16 else _FP16_RAW
     common = dict(BM=block_m, BK=block_k, GROUP=group, STAGES=stages, HAS_BIAS=has_bias, PAIR=ptx, MMA=mma, DOT=dot,
                   WORDS=words, OUT=out, LANE_BITS=lane_bits, num_warps=_WARPS)  # fmt: skip
     if pipe == WS:  # a 256-token tile's ring leaves no room for the epilogue's layout change through shared memory
-        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG,
-                                                PROXY_FENCE=bool(proxy_fence))  # fmt: skip
+        launcher, constexprs = _launch_ws, dict(common, DIRECT=block_m > 128, maxnreg=_WS_MAXNREG)
     else:
-        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1, OFFSET_MMA=int(offset_mma),
-                                             RAW_OFF=RAW_OFFSET[dtype] if offset_mma else 0.0)  # fmt: skip
+        launcher, constexprs = _launch, dict(common, PIPE=bool(pipe), SPLIT=splits > 1)
     bound: dict[tuple[bool, ...], Callable[..., None]] = {}
 
     def run(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

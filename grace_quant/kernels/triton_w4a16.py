@@ -791,14 +791,13 @@ def _gluon_launch(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
 
 def _wgmma(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group: int,
            config: dict[str, int]) -> _Plan | None:  # fmt: skip
-    """The Gluon kernel's ``run(x2, packed, scales, bias)`` for a ``"wgmma"`` entry (``"offset"``: its offset-MMA
-    form, that many K tiles per iteration), or None where it does not take this call."""
+    """The Gluon kernel's ``run(x2, packed, scales, bias)`` for a ``"wgmma"`` entry, or None where it does not take
+    this call."""
     gluon = _gluon()
     if gluon is None or not gluon.supports(x2, packed, scales, group, config.get("block_k", 128)):
         return None
     n, kw = packed.shape
-    tile, split = gluon.tile_of(config), config.get("split", 1)
-    return gluon.plan(x2.dtype, n, kw * 8, group, bias is not None, tile, split, offset_mma=config.get("offset", 0))
+    return gluon.plan(x2.dtype, n, kw * 8, group, bias is not None, gluon.tile_of(config), config.get("split", 1))
 
 
 def linear_with_config(
