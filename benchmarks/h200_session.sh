@@ -143,9 +143,9 @@
 #     `prefill.py --variants --rounds 4` for the TTFT timeline;
 #  2) STAGES=small (~5 min, alone: the Gluon tests incl. the GEMV's, retune M = 1-64 with the Gluon GEMV in the race,
 #     bench M = 1-64); copy OUT/kernels/NVIDIA_H200.json into configs/ (the tuner writes the shipped table merged with
-#     what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row; then run
-#     bench_kernels.py with the old table in the same machine session (the comparison), and step 1 again if time is
-#     left (the GEMV entries shorten decode);
+#     what it tuned), update kernels_h200.md/json (keep its M = 256 / 2048 rows) and the README row if it beats the
+#     shipped table's bench in OUT/shipped/ (same call, same machine); then step 1 again if time is left (the GEMV
+#     entries shorten decode);
 #  3) STAGES=large (~4 min): the large buckets retuned on the in-memory word order, bench at 256 / 2048 (issue 15's
 #     0.95x floors).
 #     What is left at large M is the tile kernel's own efficiency (gluon_h200.md sections 1-4, 9-11, 15): stream-K, a
@@ -277,7 +277,10 @@ for stage in $STAGES; do
       GRACE_QUANT_CACHE="$OUT" timeout 290 python benchmarks/tune_kernels.py --retune --ms 1,2,4,8,16,32,64 \
         > "$OUT/tune.log" 2>&1
       GRACE_QUANT_CACHE="$OUT" timeout 150 python benchmarks/bench_kernels.py --ms 1,2,4,8,16,64 --no-gemlite \
-        --out "$OUT" > "$OUT/kernels.log" 2>&1 ;;
+        --out "$OUT" > "$OUT/kernels.log" 2>&1
+      # the shipped table on the same machine right after: the comparison that decides whether the retune ships
+      timeout 150 python benchmarks/bench_kernels.py --ms 1,2,4,8,16,64 --no-gemlite --out "$OUT/shipped" \
+        > "$OUT/kernels_shipped.log" 2>&1 ;;
     gluon-ncu)
       ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       timeout 200 "$ncu" --clock-control none --profile-from-start off --set full --import-source no \
@@ -314,7 +317,9 @@ for stage in $STAGES; do
       GRACE_QUANT_CACHE="$OUT" timeout 240 python benchmarks/tune_kernels.py --retune \
         --ms 128,256,512,1024,2048 > "$OUT/tune_large.log" 2>&1
       GRACE_QUANT_CACHE="$OUT" timeout 150 python benchmarks/bench_kernels.py --ms 256,2048 --no-gemlite \
-        --out "$OUT/large" > "$OUT/kernels_large.log" 2>&1 ;;
+        --out "$OUT/large" > "$OUT/kernels_large.log" 2>&1
+      timeout 150 python benchmarks/bench_kernels.py --ms 256,2048 --no-gemlite --out "$OUT/large_shipped" \
+        > "$OUT/kernels_large_shipped.log" 2>&1 ;;
     sweep)
       GRACE_QUANT_CACHE="$OUT" timeout 420 python benchmarks/sweep_kernels.py --ms 1,4,16,64,256,2048 --out "$OUT" \
         --deadline-s 330 > "$OUT/sweep.log" 2>&1 ;;
