@@ -48,8 +48,8 @@
 #            grace_quant/kernels/configs/
 #   small    the Gluon kernels' GPU tests (small token tiles, the Gluon GEMV, split-K, CUDA graphs), then tune_kernels.py
 #            --retune for M <= 64 (the small tiles and the Gluon GEMV race the Triton GEMVs and tensor-core kernel) and
-#            bench_kernels.py at M = 1-64 with that table (OUT/kernels_h200.{md,json}, OUT/kernels/<GPU>.json); the
-#            tuning stops if the tests fail   (~9 min: alone in one call)
+#            bench_kernels.py at M = 1-64 with that table (OUT/kernels_h200.{md,json}, OUT/kernels/<GPU>.json), then with
+#            the shipped table (OUT/shipped/); the tuning stops if the tests fail   (~5-6 min on an H100: alone in one call)
 #   gluon-ncu  Nsight Compute on gluon_profile.py at 2048 x 22016 x 4096: every section with the warp-stall sample
 #            counts, then per-SASS-instruction stall samples as CSV (OUT/gluon_ncu.txt, OUT/gluon_ncu_sass.csv)
 #   conv     benchmarks/conv_lab.py: the lab kernels with a converter warpgroup (bf16 weight tiles in shared memory,
@@ -65,7 +65,8 @@
 #            ~1 min; ran 2026-12-07 on an H100: lost everywhere, gluon_h200.md section 11)
 #   large    the Gluon kernel's GPU tests (tiles, splits, the tuner's correctness check; stops if any fails), then a
 #            retune of the large buckets (M = 128-2048) and bench_kernels.py at M = 256 and 2048 with that table
-#            (OUT/kernels/<GPU>.json, OUT/large/kernels_h200.{md,json})   (~3-4 min on an H100)
+#            (OUT/kernels/<GPU>.json, OUT/large/kernels_h200.{md,json}), then with the shipped table (OUT/large_shipped/)
+#            (~4 min on an H100)
 #   sweep    benchmarks/sweep_kernels.py: every candidate of the tuning space vs cuBLAS bf16 for the 7-linear layer
 #            shapes at M = 1, 4, 16, 64, 256, 2048 (OUT/sweep.json; winners to OUT/kernels/<GPU>.json)   (~5 min)
 #   ttft     time to first token only, both models, batch 1/8/32, nothing compiled   (~2 min)
@@ -168,8 +169,8 @@
 # (where pip is missing it unzips the wheels into /tmp/site instead: a pure-Python wheel needs nothing more). Without
 # .whl/ it installs nothing, and the kernels report says GemLite is not installed.
 # Done 2026-12-07, twentieth session (H100 only; the H200 kind was asked for ~10 times: refused starts and back-offs
-# cost ~10 device minutes): STAGES=fence (the warp-specialized tiles without the proxy fence: level, dropped;
-# gluon_h200.md section 15), STAGES=offset (the offset-MMA form: correct, 15% slower at M = 1-16, dropped; section
+# cost ~8 device minutes): STAGES=fence (the warp-specialized tiles without the proxy fence: level, dropped;
+# gluon_h200.md section 15), STAGES=offset (the offset-MMA form: correct, 12-24% slower at M = 1-64, dropped; section
 # 14), STAGES=gluon-ncu with the warp-specialized tile (section 15), STAGES=small (H100 M = 1-64 retuned on the new
 # word order, shipped: kernels_h100_small_*_2026-12-07.md), the GPU round trip of an INT4 checkpoint (2 passed).
 # Done 2026-12-07, nineteenth session (H100s only; the H200 kind was asked for: two refused starts, then an H100):

@@ -279,7 +279,7 @@ def test_packed_checkpoint_says_packed_and_an_old_qat_label_still_loads(fp_check
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
-def test_int4_checkpoint_loaded_onto_cuda_and_saved_from_it_keeps_its_bytes(name, fp_checkpoint, tmp_path):
+def test_int4_checkpoint_loaded_onto_cuda_and_saved_from_it_keeps_its_tensors(name, fp_checkpoint, tmp_path):
     """A packed checkpoint loaded onto CUDA (words put in the kernels' memory order there) and saved from it (put back
     in the file's order there) is the same file's tensors; loading the copy serves the same words and logits."""
     from safetensors.torch import load_file
